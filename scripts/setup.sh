@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what eqat needs to build, on a fresh Debian 12 machine. Idempotent: a second run only checks.
+#   - Debian packages (apt-get): compilers' friends and the C++ libraries eqat links.
+#   - LibTorch: the PyPI torch wheel pinned to TORCH_VERSION, in a git-ignored venv (.venv), found by CMake
+#     through torch.utils.cmake_prefix_path. Skipped when the user points EQAT_TORCH_DIR at their own LibTorch.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
+VENV="${EQAT_VENV:-$ROOT/.venv}"
+PKGS=(build-essential cmake ninja-build ccache pkg-config python3-venv
+      libopencv-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ -n "${EQAT_TORCH_DIR:-}" ]]; then
+  echo "setup: using LibTorch at EQAT_TORCH_DIR=$EQAT_TORCH_DIR" >&2
+  exit 0
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "setup: creating venv $VENV" >&2
+  python3 -m venv "$VENV"
+fi
+have="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+if [[ "$have" != "$TORCH_VERSION" ]]; then
+  echo "setup: installing torch==$TORCH_VERSION into $VENV (LibTorch for the C++ build; a few GB the first time)" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi

@@ -1,0 +1,94 @@
+// Model configuration: config.json (HF layout) -> validated plain structs (HOUSE_STYLE.md rule 7).
+// JSON is touched only in config.cpp. Every optional key takes transformers' default (LLAVA.md §1.2);
+// note LlamaConfig's defaults rms_norm_eps 1e-6 and max_position_embeddings 2048 differ from Vicuna's.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace eqat {
+
+// rope_scaling as HF writes it; type "none" when absent.
+struct RopeScaling {
+  std::string type = "none";  // none | linear | dynamic | llama3
+  double factor = 1.0;
+  double low_freq_factor = 1.0;                    // llama3 only
+  double high_freq_factor = 4.0;                   // llama3 only
+  int64_t original_max_position_embeddings = 8192;  // llama3 only
+};
+
+struct LlamaConfig {
+  int64_t vocab_size = 32000;
+  int64_t hidden_size = 4096;         // n_embd
+  int64_t intermediate_size = 11008;  // ff hidden
+  int64_t num_hidden_layers = 32;     // n_layer
+  int64_t num_attention_heads = 32;   // n_head
+  int64_t num_key_value_heads = 32;   // n_kv_head (defaults to n_head)
+  int64_t head_dim = 128;             // defaults to hidden_size / n_head
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  std::string hidden_act = "silu";
+  int64_t bos_token_id = 1;
+  int64_t eos_token_id = 2;
+  int64_t pad_token_id = -1;  // -1: none
+  std::string torch_dtype = "float32";
+};
+
+struct VisionConfig {
+  int64_t hidden_size = 768;
+  int64_t intermediate_size = 3072;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 12;
+  int64_t image_size = 224;
+  int64_t patch_size = 32;
+  int64_t num_channels = 3;
+  double layer_norm_eps = 1e-5;
+  std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
+  int64_t num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
+};
+
+// GPTQ-style quantization_config (present on quantized checkpoints).
+struct QuantizationConfig {
+  bool present = false;
+  std::string quant_method;  // "gptq"
+  int64_t bits = 0;
+  int64_t group_size = -1;  // -1: per channel
+  bool sym = false;
+  bool desc_act = false;
+  std::string checkpoint_format = "gptq";  // gptq (v1) | gptq_v2
+};
+
+enum class Arch { kLlama, kLlava, kCount };
+
+struct ModelConfig {
+  Arch arch = Arch::kLlama;
+  LlamaConfig text;  // the decoder (text_config for LLaVA)
+  // LLaVA only:
+  VisionConfig vision;
+  int64_t image_token_index = 32000;
+  std::string projector_hidden_act = "gelu";
+  int64_t vision_feature_layer = -2;
+  std::string vision_feature_select_strategy = "default";  // default (drop CLS) | full
+  int64_t image_seq_length = 576;
+  bool multimodal_projector_bias = true;
+  QuantizationConfig quant;
+  std::string source_path;  // the config.json this came from, for messages
+};
+
+// Parses and validates `dir`/config.json (or a config.json path). InputError naming the file on any problem:
+// missing, malformed JSON, unknown architecture, inconsistent dims (e.g. n_head % n_kv_head != 0).
+ModelConfig load_model_config(const std::string& dir_or_file);
+// Same, from JSON text; `source` names the origin in messages. Entry point of the config fuzzer.
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source);
+// Serialises back to HF-style JSON (used by converters and exporters).
+std::string model_config_to_json(const ModelConfig& cfg);
+
+const char* arch_name(Arch a);
+
+}  // namespace eqat

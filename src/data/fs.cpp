@@ -1,0 +1,105 @@
+#include "data/fs.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "data/error.h"
+
+namespace eqat {
+namespace fs = std::filesystem;
+
+namespace {
+std::string temp_sibling(const std::string& path) {
+  std::random_device rd;
+  return str_cat(path, ".tmp.", ::getpid(), ".", rd() % 1000000);
+}
+
+void fsync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+}  // namespace
+
+std::string read_file(const std::string& path) {
+  EQAT_CHECK(file_exists(path), path, ": no such file");
+  EQAT_CHECK(!is_directory(path), path, ": is a directory, expected a file");
+  std::ifstream in(path, std::ios::binary);
+  EQAT_CHECK(in.good(), path, ": cannot open for reading (", std::strerror(errno), ")");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file_atomic(const std::string& path, const std::function<void(const std::string&)>& write) {
+  const std::string tmp = temp_sibling(path);
+  try {
+    write(tmp);
+    fsync_path(tmp);
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    EQAT_CHECK(!ec, path, ": cannot rename temp file into place (", ec.message(), ")");
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  }
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  write_file_atomic(path, [&](const std::string& tmp) {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    EQAT_CHECK(out.good(), tmp, ": cannot open for writing (", std::strerror(errno), ")");
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    EQAT_CHECK(out.good(), tmp, ": write failed (disk full?)");
+  });
+}
+
+void write_dir_atomic(const std::string& dir, const std::function<void(const std::string&)>& fill) {
+  fs::path target = fs::absolute(dir);
+  if (target.has_parent_path()) {
+    std::error_code ec;
+    fs::create_directories(target.parent_path(), ec);
+    EQAT_CHECK(!ec, dir, ": cannot create parent directory (", ec.message(), ")");
+  }
+  const std::string tmp = temp_sibling(target.lexically_normal().string());
+  std::error_code ec;
+  fs::create_directories(tmp, ec);
+  EQAT_CHECK(!ec, dir, ": cannot create temp directory ", tmp, " (", ec.message(), ")");
+  try {
+    fill(tmp);
+    const std::string old = tmp + ".old";
+    bool had_old = fs::exists(target);
+    if (had_old) fs::rename(target, old);
+    fs::rename(tmp, target);
+    if (had_old) fs::remove_all(old);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+bool file_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string path_join(const std::string& a, const std::string& b) { return (fs::path(a) / b).string(); }
+
+}  // namespace eqat

@@ -1,0 +1,30 @@
+// Small filesystem helpers shared by every writer: whole-file reads and atomic writes
+// (temp name in the same directory, fsync, rename), so a killed run never leaves a half-written output.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace eqat {
+
+// Reads a whole file; InputError naming the file when it is missing or unreadable.
+std::string read_file(const std::string& path);
+
+// Writes `path` atomically: `write` receives an open temp path next to `path`; on success the temp file is
+// fsynced and renamed over `path`; on any exception the temp file is removed and the exception rethrown.
+void write_file_atomic(const std::string& path, const std::function<void(const std::string& tmp_path)>& write);
+
+// Convenience: atomically writes `bytes` to `path`.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// Creates a directory for outputs atomically: `fill` populates a temp sibling directory, which is then renamed
+// to `dir` (an existing `dir` is replaced only after `fill` succeeded).
+void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp_dir)>& fill);
+
+bool file_exists(const std::string& path);
+bool is_directory(const std::string& path);
+std::string path_join(const std::string& a, const std::string& b);
+
+}  // namespace eqat

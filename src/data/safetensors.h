@@ -1,0 +1,89 @@
+// safetensors reading (mmap, zero-copy) and writing (atomic, sharded).
+// Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:[b,e]},
+// "__metadata__": {str: str}}, then the data; offsets are relative to the first byte after the header.
+// The reader validates everything before any tensor is handed out: header length within the file, JSON object,
+// known dtype, shape product x dtype size == byte range, ranges inside the data area and non-overlapping.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace eqat {
+
+struct TensorInfo {
+  std::string dtype;             // safetensors spelling: F32, F16, BF16, I64, I32, I16, I8, U8, BOOL
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;   // byte range relative to the data area
+  std::string file;              // which file holds it
+};
+
+// One .safetensors file, memory-mapped. Tensors returned by get() alias the mapping (copy-on-write private
+// mapping, so writes never reach the file) and keep it alive.
+class SafetensorsFile {
+ public:
+  static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  at::Tensor get(const std::string& name) const;  // InputError naming file + tensor when absent
+  const std::string& path() const { return path_; }
+  uint64_t file_size() const { return size_; }
+  ~SafetensorsFile();
+
+ private:
+  SafetensorsFile() = default;
+  std::string path_;
+  void* map_ = nullptr;
+  uint64_t size_ = 0;
+  uint64_t data_start_ = 0;
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+  friend std::shared_ptr<SafetensorsFile> open_safetensors_impl(const std::string&);
+};
+
+// Validates a header (the bytes after the 8-byte length) against a data area of `data_size` bytes. Used by the
+// reader and by the header fuzzer. Throws InputError naming `source`.
+void parse_safetensors_header(const std::string& header_json, uint64_t data_size, const std::string& source,
+                              std::map<std::string, TensorInfo>* tensors,
+                              std::map<std::string, std::string>* metadata);
+
+// A checkpoint: one model.safetensors, or shards listed by model.safetensors.index.json, or an explicit file.
+class Checkpoint {
+ public:
+  static Checkpoint open(const std::string& dir_or_file);
+  bool has(const std::string& name) const { return index_.count(name) != 0; }
+  at::Tensor get(const std::string& name) const;
+  const TensorInfo& info(const std::string& name) const;
+  std::vector<std::string> names() const;
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+  uint64_t total_bytes() const;  // sum of file sizes
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t> index_;  // tensor name -> files_ index
+};
+
+// Writes one safetensors file atomically. Tensors are written contiguous, in the given order, CPU.
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// Writes `dir`/model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when the
+// total exceeds `max_shard_bytes`. Each file is written atomically; `dir` must exist.
+void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      uint64_t max_shard_bytes = 5ull << 30,
+                      const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+// dtype helpers: safetensors spelling <-> ATen scalar type.
+std::string dtype_to_safetensors(c10::ScalarType t);
+c10::ScalarType dtype_from_safetensors(const std::string& s);  // InputError on unknown
+size_t dtype_size(const std::string& safetensors_dtype);          // 0 when unknown
+
+}  // namespace eqat

@@ -1,0 +1,70 @@
+// Llama-family tokenizer: a SentencePiece model (tokenizer.model) plus the added tokens that HF keeps beside it
+// (tokenizer.json "added_tokens", added_tokens.json, tokenizer_config.json "added_tokens_decoder"), e.g. <image>
+// and <pad> in llava-hf. Encoding follows HF's slow LlamaTokenizer with legacy=True: the text is split on added
+// tokens (and on the special-token texts <s> </s> <unk>), each remaining chunk is SentencePiece-encoded on its
+// own (each gets the dummy-prefix "▁"), BOS is prepended when asked, no EOS (LLAVA.md §4.2).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace eqat {
+
+class Tokenizer {
+ public:
+  // `dir` holds tokenizer.model and optionally the HF JSON files. InputError naming the file when missing/corrupt.
+  static Tokenizer load(const std::string& dir);
+  // From a tokenizer.model path alone (no added tokens).
+  static Tokenizer from_model_file(const std::string& path);
+
+  std::vector<int64_t> encode(const std::string& text, bool add_bos) const;
+  // Decodes ids to text; special/control tokens (BOS, EOS, pad, added special tokens) are dropped when
+  // skip_special. Like HF decode(...).strip() is NOT applied here.
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special = true) const;
+  // The piece string of one id (for --print-prompt).
+  std::string id_to_piece(int64_t id) const;
+  int64_t piece_to_id(const std::string& piece) const;  // -1 when unknown (added tokens included)
+
+  int64_t vocab_size() const;  // SentencePiece pieces + added tokens beyond them
+  int64_t bos_id() const { return bos_id_; }
+  int64_t eos_id() const { return eos_id_; }
+  int64_t pad_id() const { return pad_id_; }      // -1 when none
+  int64_t unk_id() const { return unk_id_; }
+  // Id of an added token by content, -1 when absent (e.g. "<image>").
+  int64_t added_token_id(const std::string& content) const;
+  const std::map<std::string, int64_t>& added_tokens() const { return added_; }
+
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+  ~Tokenizer();
+
+ private:
+  Tokenizer();
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::map<std::string, int64_t> added_;   // content -> id (beyond or inside the SP vocab)
+  std::map<int64_t, bool> added_special_;  // id -> special
+  int64_t bos_id_ = 1, eos_id_ = 2, pad_id_ = -1, unk_id_ = 0;
+};
+
+// Incremental detokenizer for streaming: feed ids one by one, get the newly completed text (never splits a
+// UTF-8 sequence, handles SentencePiece's leading-space rule the way full decode() does).
+class TokenStreamer {
+ public:
+  explicit TokenStreamer(const Tokenizer& tok) : tok_(tok) {}
+  std::string push(int64_t id);
+  std::string finish();  // whatever is still pending
+
+ private:
+  const Tokenizer& tok_;
+  std::vector<int64_t> ids_;
+  size_t emitted_ = 0;  // bytes of decode(ids_) already returned
+};
+
+}  // namespace eqat

@@ -1,0 +1,27 @@
+// Helpers shared by the test areas.
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace eqat_test {
+
+inline std::string data_path(const std::string& rel) { return std::string(EQAT_TEST_DATA) + "/" + rel; }
+
+// A fresh empty directory under the system temp dir, removed by the destructor.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    char tmpl[] = "/tmp/eqat_test_XXXXXX";
+    path = ::mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string str(const std::string& rel = "") const { return rel.empty() ? path.string() : (path / rel).string(); }
+};
+
+}  // namespace eqat_test
