@@ -1,0 +1,190 @@
+// eqat ask / eqat generate: prompt building, streaming generation, --print-prompt and --dump-logits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <iostream>
+
+#include "args.h"
+#include "commands.h"
+#include "data/error.h"
+#include "data/fs.h"
+#include "data/safetensors.h"
+#include "llm/generate.h"
+#include "llm/prompt.h"
+#include "vision/llava.h"
+
+namespace eqat {
+
+namespace {
+
+std::vector<FlagSpec> generation_flags(const std::string& default_template) {
+  return {
+      {"max-new-tokens", "N", "maximum number of tokens to generate", "256"},
+      {"temperature", "T", "sampling temperature; 0 = greedy (deterministic)", "0"},
+      {"top-k", "K", "sample only from the K most likely tokens (0 = off)", "0"},
+      {"top-p", "P", "nucleus sampling mass (1 = off)", "1"},
+      {"seed", "S", "random seed for sampling", "0"},
+      {"template", "NAME", "prompt template: llava-1.5 | hf | none", default_template},
+      {"print-prompt", "", "print the exact prompt text and token ids on stderr", ""},
+      {"dump-logits", "FILE", "write the logits of the prompt's last position and of every step (safetensors)", ""},
+      {"device", "DEV", "cpu | cuda[:N]", "cpu"},
+      {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
+      {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
+  };
+}
+
+GenerateOptions generate_options(const ParsedArgs& a, const Model& m) {
+  GenerateOptions o;
+  o.max_new_tokens = a.i64("max-new-tokens");
+  EQAT_CHECK(o.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", o.max_new_tokens);
+  o.sampling.temperature = a.f64("temperature");
+  o.sampling.top_k = a.i64("top-k");
+  o.sampling.top_p = a.f64("top-p");
+  o.sampling.seed = static_cast<uint64_t>(a.i64("seed"));
+  o.stop_ids = {m.tok->eos_id()};
+  if (m.cfg.text.eos_token_id >= 0 && m.cfg.text.eos_token_id != m.tok->eos_id())
+    o.stop_ids.push_back(m.cfg.text.eos_token_id);
+  o.keep_logits = a.has("dump-logits");
+  return o;
+}
+
+void apply_threads(const ParsedArgs& a) {
+  const int64_t n = a.i64("threads");
+  EQAT_CHECK(n >= 0, "--threads must be >= 0, got ", n);
+  if (n > 0) at::set_num_threads(static_cast<int>(n));
+}
+
+// The template a model's own files name ("conv_template" in config.json), else `fallback`.
+std::string model_template(const std::string& dir, const std::string& fallback) {
+  const std::string path = path_join(dir, "config.json");
+  std::string text = read_file(path);
+  size_t p = text.find("\"conv_template\"");
+  if (p == std::string::npos) return fallback;
+  size_t q1 = text.find('"', text.find(':', p) + 1), q2 = text.find('"', q1 + 1);
+  if (q1 == std::string::npos || q2 == std::string::npos) return fallback;
+  return text.substr(q1 + 1, q2 - q1 - 1);
+}
+
+void print_prompt(const Model& m, const std::string& prompt, const std::vector<int64_t>& ids) {
+  std::cerr << "prompt: " << prompt << "\n";
+  std::cerr << "prompt ids (" << ids.size() << "):";
+  int64_t img = m.image_token_id();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] == img && i > 0 && ids[i - 1] == img) continue;
+    if (ids[i] == img) {
+      size_t n = 0;
+      while (i + n < ids.size() && ids[i + n] == img) ++n;
+      std::cerr << " " << img << "x" << n;
+    } else {
+      std::cerr << " " << ids[i];
+    }
+  }
+  std::cerr << std::endl;
+}
+
+void dump_logits(const std::string& path, const std::vector<int64_t>& prompt_ids, const GenerateResult& r) {
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  t.emplace_back("prompt_ids", at::tensor(prompt_ids, at::kLong));
+  t.emplace_back("generated_ids", at::tensor(r.tokens[0], at::kLong));
+  if (!r.step_logits.empty()) t.emplace_back("logits", at::cat(r.step_logits, 0));  // [steps, V]
+  write_safetensors(path, t, {{"format", "pt"}, {"producer", "eqat"}});
+}
+
+// Runs one prompt with streaming output; returns the generated ids.
+int run_single(Model& m, const ParsedArgs& a, const std::string& prompt, const at::Tensor& pixels) {
+  const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
+  std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, m.image_token_id(), img_tokens);
+  if (a.flag("print-prompt")) print_prompt(m, prompt, ids);
+  EQAT_CHECK(static_cast<int64_t>(ids.size()) <= m.cfg.text.max_position_embeddings, "prompt: ", ids.size(),
+             " tokens (image positions included) exceed the model's context of ",
+             m.cfg.text.max_position_embeddings);
+  GenerateOptions opts = generate_options(a, m);
+  at::Tensor embeds = embed_prompt(m, ids, pixels);
+  at::Tensor valid = at::ones({1, embeds.size(1)}, at::kBool);
+  TokenStreamer streamer(*m.tok);
+  bool started = false;
+  auto on_step = [&](const std::vector<int64_t>& step) {
+    if (step[0] < 0) return;
+    std::string piece = streamer.push(step[0]);
+    if (!started) {  // LLaVA strips the answer: drop leading whitespace
+      size_t b = piece.find_first_not_of(" \n\t");
+      piece = b == std::string::npos ? "" : piece.substr(b);
+      started = !piece.empty();
+    }
+    std::cout << piece << std::flush;
+  };
+  GenerateResult r = generate(m.lm, embeds, valid, opts, on_step);
+  std::cout << streamer.finish() << std::endl;
+  const double tps = r.decode_steps > 0 ? r.decode_steps / r.decode_seconds : 0.0;
+  std::cerr << "[" << ids.size() << " prompt tokens, prefill " << static_cast<int>(r.prefill_seconds * 1000)
+            << " ms; " << r.tokens[0].size() << " new tokens, " << static_cast<int>(tps * 10) / 10.0
+            << " tok/s decode]" << std::endl;
+  if (a.has("dump-logits")) dump_logits(a.str("dump-logits"), ids, r);
+  return 0;
+}
+
+LoadOptions load_options(const ParsedArgs& a) {
+  LoadOptions lo;
+  lo.device = a.str("device");
+  lo.dtype = a.str("dtype");
+  return lo;
+}
+
+}  // namespace
+
+int cmd_ask(const Argv& argv) {
+  CommandSpec spec{"ask", "eqat ask [--model DIR] --image FILE [options] \"QUESTION\"",
+                   "Answers a question about an image with a LLaVA model; the answer streams to stdout.", {}, 1, 1};
+  spec.flags = {{"model", "DIR", "LLaVA model directory (default: the embedded default model)", ""},
+                {"image", "FILE", "image file (JPEG, PNG, BMP, GIF)", ""}};
+  for (auto& f : generation_flags("llava-1.5")) spec.flags.push_back(f);
+  ParsedArgs a = parse_args(spec, argv);
+  const std::string image = a.require("image");
+  const std::string question = a.positional()[0];
+  EQAT_CHECK(!question.empty(), "QUESTION is empty");
+  apply_threads(a);
+  Image decoded = load_image(image);  // bad images fail before the model is loaded
+  const std::string dir = resolve_model_dir(a.str("model"), "ask");
+  Model m = load_model(dir, load_options(a));
+  EQAT_CHECK(m.multimodal(), dir, ": is a text-only model (", arch_name(m.cfg.arch),
+             "); use 'eqat generate' for it");
+  PromptTemplate tmpl = parse_template(a.has("template") ? a.str("template") : model_template(dir, "llava-1.5"));
+  std::string prompt = render_prompt(tmpl, question, /*with_image=*/true);
+  EQAT_CHECK(count_image_markers(prompt) == 1, "QUESTION: with --template none the prompt must contain exactly one ",
+             "<image> marker, found ", count_image_markers(prompt));
+  at::Tensor pixels = preprocess_image(decoded, m.image_cfg).unsqueeze(0);
+  return run_single(m, a, prompt, pixels);
+}
+
+int cmd_generate(const Argv& argv) {
+  CommandSpec spec{"generate", "eqat generate --model DIR [options] \"PROMPT\"",
+                   "Generates text from a prompt (text only). An empty prompt starts from BOS.", {}, 1, 1};
+  spec.flags = {{"model", "DIR", "model directory (Llama or LLaVA)", ""}};
+  for (auto& f : generation_flags("none")) spec.flags.push_back(f);
+  ParsedArgs a = parse_args(spec, argv);
+  apply_threads(a);
+  const std::string dir = resolve_model_dir(a.str("model"), "generate");
+  Model m = load_model(dir, load_options(a));
+  PromptTemplate tmpl = parse_template(a.str("template"));
+  std::string prompt = render_prompt(tmpl, a.positional()[0], /*with_image=*/false);
+  EQAT_CHECK(count_image_markers(prompt) == 0, "PROMPT contains <image> but 'eqat generate' takes no image; use ",
+             "'eqat ask --image FILE'");
+  return run_single(m, a, prompt, at::Tensor());
+}
+
+std::string default_model_dir() {
+  if (const char* env = std::getenv("EQAT_DEFAULT_MODEL")) return env;
+  const std::string dir = std::string(EQAT_SOURCE_DIR) + "/models/shapes-llava";
+  return is_directory(dir) ? dir : "";
+}
+
+std::string resolve_model_dir(const std::string& flag_value, const std::string& command) {
+  if (!flag_value.empty()) return flag_value;
+  const std::string d = default_model_dir();
+  EQAT_CHECK(!d.empty(), "no --model given and the embedded default model (models/shapes-llava) is not in this ",
+             "build yet; pass --model DIR (see eqat ", command, " --help)");
+  return d;
+}
+
+}  // namespace eqat

@@ -1,0 +1,105 @@
+#include "llm/generate.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "data/error.h"
+
+namespace eqat {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int64_t>>& rows, int64_t pad_id) {
+  EQAT_ASSERT(!rows.empty(), "no prompt rows");
+  size_t T = 0;
+  for (const auto& r : rows) T = std::max(T, r.size());
+  const int64_t B = static_cast<int64_t>(rows.size());
+  at::Tensor ids = at::full({B, static_cast<int64_t>(T)}, pad_id < 0 ? 0 : pad_id, at::kLong);
+  at::Tensor valid = at::zeros({B, static_cast<int64_t>(T)}, at::kBool);
+  auto ida = ids.accessor<int64_t, 2>();
+  auto va = valid.accessor<bool, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& r = rows[b];
+    const size_t off = T - r.size();
+    for (size_t t = 0; t < r.size(); ++t) {
+      ida[b][off + t] = r[t];
+      va[b][off + t] = true;
+    }
+  }
+  return {ids, valid};
+}
+
+GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, const at::Tensor& prompt_valid,
+                        const GenerateOptions& opts, const TokenCallback& on_step) {
+  c10::NoGradGuard no_grad;
+  const LlamaConfig& cfg = lm->config();
+  const int64_t B = prompt_embeds.size(0), T = prompt_embeds.size(1);
+  EQAT_CHECK(opts.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", opts.max_new_tokens);
+  const int64_t capacity = T + std::max<int64_t>(opts.max_new_tokens, 1);
+  EQAT_CHECK(T <= cfg.max_position_embeddings, "prompt of ", T,
+             " positions is longer than the model's context (max_position_embeddings = ",
+             cfg.max_position_embeddings, ")");
+  const int64_t max_new = std::min(opts.max_new_tokens, cfg.max_position_embeddings - T);
+  const auto device = prompt_embeds.device();
+
+  GenerateResult res;
+  res.tokens.resize(B);
+  res.prompt_len = T;
+  Sampler sampler(opts.sampling);
+  KVCache cache = KVCache::create(cfg, B, capacity, prompt_embeds.scalar_type(), device);
+
+  at::Tensor valid = prompt_valid.to(device, at::kBool);
+  std::vector<bool> done(B, false);
+  auto is_stop = [&](int64_t id) {
+    return std::find(opts.stop_ids.begin(), opts.stop_ids.end(), id) != opts.stop_ids.end();
+  };
+
+  // Prefill: the whole prompt in one forward; only the last position's logits are needed.
+  auto t0 = std::chrono::steady_clock::now();
+  at::Tensor pos = positions_from_valid(valid);
+  bool any_pad = !valid.all().item<bool>();
+  at::Tensor mask = any_pad ? make_attention_mask(valid, 0, T) : at::Tensor();
+  at::Tensor logits = lm->forward(prompt_embeds, pos, mask, &cache, /*last_only=*/true).select(1, 0);
+  res.prefill_seconds = seconds_since(t0);
+
+  at::Tensor next_pos = pos.select(1, T - 1).unsqueeze(1) + 1;  // [B,1]
+  t0 = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < max_new; ++step) {
+    if (opts.keep_logits) res.step_logits.push_back(logits.to(at::kCPU, at::kFloat));
+    at::Tensor chosen = sampler.sample(logits);
+    auto ca = chosen.accessor<int64_t, 1>();
+    std::vector<int64_t> step_tokens(B, -1);
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      if (done[b]) continue;
+      const int64_t id = ca[b];
+      if (is_stop(id)) {
+        done[b] = true;
+      } else {
+        res.tokens[b].push_back(id);
+        step_tokens[b] = id;
+      }
+      all_done = all_done && done[b];
+    }
+    if (on_step) on_step(step_tokens);
+    if (all_done || step + 1 == max_new) break;
+    // Decode step: one new position per row. Finished rows keep running (cheap, batch shape stays fixed).
+    at::Tensor ids = chosen.to(device).view({B, 1});
+    valid = at::cat({valid, at::ones({B, 1}, valid.options())}, 1);
+    at::Tensor step_mask = any_pad ? make_attention_mask(valid, cache.length, 1) : at::Tensor();
+    logits = lm->forward(lm->embed(ids), next_pos, step_mask, &cache, true).select(1, 0);
+    next_pos = next_pos + 1;
+    res.decode_steps++;
+  }
+  res.decode_seconds = seconds_since(t0);
+  return res;
+}
+
+}  // namespace eqat

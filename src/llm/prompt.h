@@ -1,0 +1,36 @@
+// Prompt templates and prompt tokenization (LLAVA.md §4).
+//   llava-1.5 — LLaVA's vicuna_v1 conversation (what every published LLaVA-1.5 score used):
+//               "{system} USER: <image>\n{q} ASSISTANT:"
+//   hf        — the llava-hf chat template: "USER: <image>\n{q} ASSISTANT:" (no system prompt)
+//   none      — the prompt exactly as given; "<image>" marks where the image goes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/tokenizer.h"
+
+namespace eqat {
+
+enum class PromptTemplate { kLlava15, kHf, kNone, kCount };
+
+extern const char* const kVicunaSystem;
+inline constexpr const char* kImageMarker = "<image>";
+
+PromptTemplate parse_template(const std::string& name);  // InputError naming --template on a bad value
+const char* template_name(PromptTemplate t);
+
+// Renders one user turn. With an image, LLaVA's normalisation applies: "<image>\n" + q without any "<image>",
+// stripped (llava-1.5 and hf); `none` returns `text` unchanged.
+std::string render_prompt(PromptTemplate t, const std::string& text, bool with_image);
+
+// Tokenizes a rendered prompt the way LLaVA's tokenizer_image_token does: split on "<image>", encode each chunk
+// separately (each chunk gets SentencePiece's dummy prefix), one BOS at the start, and every "<image>" becomes
+// `image_tokens` copies of `image_token_id` (the positions the projector's features fill).
+std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& prompt, int64_t image_token_id,
+                                     int64_t image_tokens);
+
+size_t count_image_markers(const std::string& prompt);
+
+}  // namespace eqat

@@ -1,0 +1,79 @@
+// LLaVA composition (HF LlavaForConditionalGeneration, LLAVA.md §2) and model loading for both LLaVA and plain
+// Llama directories. Module names mirror the llava-hf ("old") checkpoint layout:
+//   vision_tower.vision_model.…, multi_modal_projector.linear_{1,2}.…, language_model.model.…, language_model.lm_head
+// The loader also reads the newer transformers layout (model.language_model.…, model.vision_tower.…, lm_head) via
+// one prefix-rewrite table.
+//
+// Legend: N images, F feature rows per image (image_seq_length), E vision width, C decoder width, B, T as in llama.h.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/config.h"
+#include "data/image.h"
+#include "data/tokenizer.h"
+#include "llm/llama.h"
+#include "vision/clip.h"
+
+namespace eqat {
+
+class LlavaForConditionalGenerationImpl : public torch::nn::Module {
+ public:
+  explicit LlavaForConditionalGenerationImpl(const ModelConfig& cfg);
+  // pixels [N,3,S,S] -> projected features [N,F,C]: CLIP hidden_states[vision_feature_layer], CLS dropped for
+  // strategy "default", then the projector.
+  at::Tensor image_features(const at::Tensor& pixels);
+  // Embeds ids [B,T] and overwrites, in order, the rows whose id is the image token with `features` [N,F,C]
+  // (N·F must equal the number of image-token positions).
+  at::Tensor embed_with_images(const at::Tensor& ids, const at::Tensor& features);
+
+  CLIPVisionTransformer vision_model{nullptr};  // registered as vision_tower.vision_model
+  LlavaProjector multi_modal_projector{nullptr};
+  LlamaForCausalLM language_model{nullptr};
+
+ private:
+  ModelConfig cfg_;
+};
+TORCH_MODULE(LlavaForConditionalGeneration);
+
+struct LoadOptions {
+  std::string device = "cpu";  // cpu | cuda[:i]
+  std::string dtype = "auto";  // auto (stored dtype; fp16 on CPU runs as fp32) | float32 | bfloat16 | float16
+  bool need_tokenizer = true;
+};
+
+// Everything needed to run a model directory.
+struct Model {
+  std::string dir;
+  ModelConfig cfg;
+  std::shared_ptr<Tokenizer> tok;  // null when !need_tokenizer
+  ImageProcessorConfig image_cfg;
+  LlamaForCausalLM lm{nullptr};                    // the decoder (inside `llava` for LLaVA)
+  LlavaForConditionalGeneration llava{nullptr};    // LLaVA only
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  c10::Device device = c10::Device(c10::DeviceType::CPU);
+  bool multimodal() const { return static_cast<bool>(llava); }
+  int64_t image_token_id() const;  // -1 for text-only models
+};
+
+// Loads config, tokenizer, image processor config and weights (zero-copy from the mmap when the stored dtype
+// is the compute dtype on CPU). InputError naming the directory/tensor on a missing tensor or a shape that
+// disagrees with the config.
+Model load_model(const std::string& dir, const LoadOptions& opts = {});
+
+c10::ScalarType parse_dtype(const std::string& name);  // InputError naming --dtype
+const char* dtype_name(c10::ScalarType t);
+
+// Preprocesses one image file for `model` -> [1,3,S,S] float32.
+at::Tensor load_pixels(const Model& model, const std::string& image_path);
+
+// Prompt ids (with image positions expanded) -> embeddings [1,T,C] in the model's dtype/device; `pixels` may be
+// undefined for text-only prompts.
+at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const at::Tensor& pixels);
+
+}  // namespace eqat
