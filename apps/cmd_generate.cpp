@@ -140,6 +140,7 @@ int cmd_ask(const Argv& argv) {
                 {"image", "FILE", "image file (JPEG, PNG, BMP, GIF)", ""}};
   for (auto& f : generation_flags("llava-1.5")) spec.flags.push_back(f);
   ParsedArgs a = parse_args(spec, argv);
+  if (a.has("dump-logits")) check_output_path(a.str("dump-logits"), "--dump-logits");
   const std::string image = a.require("image");
   const std::string question = a.positional()[0];
   EQAT_CHECK(!question.empty(), "QUESTION is empty");
@@ -163,6 +164,7 @@ int cmd_generate(const Argv& argv) {
   spec.flags = {{"model", "DIR", "model directory (Llama or LLaVA)", ""}};
   for (auto& f : generation_flags("none")) spec.flags.push_back(f);
   ParsedArgs a = parse_args(spec, argv);
+  if (a.has("dump-logits")) check_output_path(a.str("dump-logits"), "--dump-logits");
   apply_threads(a);
   const std::string dir = resolve_model_dir(a.str("model"), "generate");
   Model m = load_model(dir, load_options(a));
@@ -171,6 +173,14 @@ int cmd_generate(const Argv& argv) {
   EQAT_CHECK(count_image_markers(prompt) == 0, "PROMPT contains <image> but 'eqat generate' takes no image; use ",
              "'eqat ask --image FILE'");
   return run_single(m, a, prompt, at::Tensor());
+}
+
+void check_output_path(const std::string& path, const std::string& flag) {
+  EQAT_CHECK(!path.empty(), flag, ": empty path");
+  const size_t slash = path.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  EQAT_CHECK(is_directory(parent), flag, ": directory '", parent, "' of ", path, " does not exist");
+  EQAT_CHECK(!is_directory(path), flag, ": ", path, " is a directory");
 }
 
 std::string default_model_dir() {

@@ -28,6 +28,7 @@ int cmd_preprocess(const Argv& argv) {
                    0, 0};
   ParsedArgs a = parse_args(spec, argv);
   const std::string image = a.require("image"), out = a.require("out");
+  check_output_path(out, "--out");
   Image img = load_image(image);
   ImageProcessorConfig ipc;
   std::string dir = a.str("model");
@@ -151,6 +152,7 @@ int cmd_convert(const Argv& argv) {
   const std::string kind = a.positional()[0];
   EQAT_CHECK(kind == "llama2c", "convert: unknown source format '", kind, "' (supported: llama2c)");
   const std::string out = a.require("out");
+  check_output_path(out, "--out");
   convert_llama2c(a.require("checkpoint"), a.require("tokenizer"), out);
   std::cerr << "wrote " << out << std::endl;
   return 0;

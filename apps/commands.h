@@ -20,4 +20,7 @@ std::string default_model_dir();
 // --model when given, else the default model, else an InputError explaining what to pass.
 std::string resolve_model_dir(const std::string& flag_value, const std::string& command);
 
+// Fails early (before any work) when an output path's directory does not exist; `flag` names the argument.
+void check_output_path(const std::string& path, const std::string& flag);
+
 }  // namespace eqat

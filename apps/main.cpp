@@ -48,8 +48,7 @@ int main(int argc, char** argv) {
   }
   auto it = commands().find(cmd);
   if (it == commands().end()) {
-    std::fprintf(stderr, "eqat: unknown command '%s'\n", cmd.c_str());
-    print_usage(stderr);
+    std::fprintf(stderr, "eqat: error: unknown command '%s' (see eqat --help)\n", cmd.c_str());
     return 2;
   }
   eqat::Argv args(argv + 2, argv + argc);

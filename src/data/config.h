@@ -53,7 +53,9 @@ struct VisionConfig {
   int64_t num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
 };
 
-// GPTQ-style quantization_config (present on quantized checkpoints).
+// GPTQ-style quantization_config (present on quantized checkpoints). The defaults below describe "absent";
+// keys missing from a present quantization_config take transformers' GPTQConfig defaults (group_size 128,
+// sym true, desc_act false, checkpoint_format "gptq"; "format" is accepted as GPTQModel's alias).
 struct QuantizationConfig {
   bool present = false;
   std::string quant_method;  // "gptq"
@@ -75,7 +77,7 @@ struct ModelConfig {
   std::string projector_hidden_act = "gelu";
   int64_t vision_feature_layer = -2;
   std::string vision_feature_select_strategy = "default";  // default (drop CLS) | full
-  int64_t image_seq_length = 576;
+  int64_t image_seq_length = 576;  // absent: derived from the vision geometry (576 for ViT-L/14-336, default)
   bool multimodal_projector_bias = true;
   QuantizationConfig quant;
   std::string source_path;  // the config.json this came from, for messages

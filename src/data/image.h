@@ -24,6 +24,9 @@ struct Image {
 // convert('RGB')). InputError naming the file for missing, truncated, corrupt, non-image or 0x0 input.
 Image load_image(const std::string& path);
 Image decode_image(const std::string& bytes, const std::string& source);
+// Which library decodes JPEG: "stb_image" (default; differs from Pillow by up to 3 levels on some pixels) or
+// "libjpeg-turbo" (built with EQAT_WITH_LIBJPEG=1 and linked to libjpeg: Pillow's decoder, bit-exact).
+const char* jpeg_decoder();
 
 // Pillow Image.resize(..., BICUBIC) exactly (22-bit fixed point, horizontal first, uint8 intermediate).
 Image resize_bicubic_pil(const Image& img, int out_w, int out_h);
@@ -35,6 +38,8 @@ Image center_crop(const Image& img, int crop_w, int crop_h);
 // preprocessor_config.json (CLIPImageProcessor fields) + the LLaVA aspect mode.
 struct ImageProcessorConfig {
   int64_t shortest_edge = 336;
+  // size {"height", "width"}: resize to exactly this (ignoring the aspect ratio) instead; 0 = unused.
+  int64_t resize_height = 0, resize_width = 0;
   int64_t crop_height = 336, crop_width = 336;
   bool do_resize = true, do_center_crop = true, do_rescale = true, do_normalize = true;
   double rescale_factor = 0.00392156862745098;

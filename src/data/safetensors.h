@@ -14,14 +14,9 @@
 #include <utility>
 #include <vector>
 
-namespace eqat {
+#include "data/safetensors_header.h"  // TensorInfo, parse_safetensors_header, dtype_size
 
-struct TensorInfo {
-  std::string dtype;             // safetensors spelling: F32, F16, BF16, I64, I32, I16, I8, U8, BOOL
-  std::vector<int64_t> shape;
-  uint64_t begin = 0, end = 0;   // byte range relative to the data area
-  std::string file;              // which file holds it
-};
+namespace eqat {
 
 // One .safetensors file, memory-mapped. Tensors returned by get() alias the mapping (copy-on-write private
 // mapping, so writes never reach the file) and keep it alive.
@@ -37,9 +32,10 @@ class SafetensorsFile {
   ~SafetensorsFile();
 
  private:
+  struct Mapping;  // the mmap; shared with every tensor handed out, so it outlives this object if they do
   SafetensorsFile() = default;
   std::string path_;
-  void* map_ = nullptr;
+  std::shared_ptr<Mapping> map_;
   uint64_t size_ = 0;
   uint64_t data_start_ = 0;
   std::map<std::string, TensorInfo> tensors_;
@@ -47,13 +43,10 @@ class SafetensorsFile {
   friend std::shared_ptr<SafetensorsFile> open_safetensors_impl(const std::string&);
 };
 
-// Validates a header (the bytes after the 8-byte length) against a data area of `data_size` bytes. Used by the
-// reader and by the header fuzzer. Throws InputError naming `source`.
-void parse_safetensors_header(const std::string& header_json, uint64_t data_size, const std::string& source,
-                              std::map<std::string, TensorInfo>* tensors,
-                              std::map<std::string, std::string>* metadata);
-
-// A checkpoint: one model.safetensors, or shards listed by model.safetensors.index.json, or an explicit file.
+// A checkpoint: a directory holding model.safetensors (preferred, as in transformers) or
+// model.safetensors.index.json + its shards; or an explicit .safetensors file; or an explicit index .json path.
+// With an index, each shard is mapped once and only the tensors the weight_map lists are visible; a listed tensor
+// missing from its shard is an InputError naming both files.
 class Checkpoint {
  public:
   static Checkpoint open(const std::string& dir_or_file);
@@ -71,7 +64,10 @@ class Checkpoint {
   std::map<std::string, size_t> index_;  // tensor name -> files_ index
 };
 
-// Writes one safetensors file atomically. Tensors are written contiguous, in the given order, CPU.
+// Writes one safetensors file atomically. The header lists tensors in the given order; the data area holds them
+// contiguous and without holes (the format forbids holes), stably sorted by element size, largest first, so that
+// every tensor starts aligned for its dtype (the header is padded to a multiple of 8) and maps zero-copy.
+// Tensors may live on any device / be non-contiguous; they are copied to contiguous CPU first.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
@@ -81,9 +77,8 @@ void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::s
                       uint64_t max_shard_bytes = 5ull << 30,
                       const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
-// dtype helpers: safetensors spelling <-> ATen scalar type.
-std::string dtype_to_safetensors(c10::ScalarType t);
+// dtype helpers: safetensors spelling <-> ATen scalar type (dtype_size is in safetensors_header.h).
+std::string dtype_to_safetensors(c10::ScalarType t);  // InputError for types safetensors cannot hold
 c10::ScalarType dtype_from_safetensors(const std::string& s);  // InputError on unknown
-size_t dtype_size(const std::string& safetensors_dtype);          // 0 when unknown
 
 }  // namespace eqat

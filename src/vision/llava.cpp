@@ -92,7 +92,13 @@ void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, const std::
                   c10::ScalarType dtype, c10::Device device, const std::string& dir) {
   c10::NoGradGuard no_grad;
   for (auto& item : module.named_parameters(/*recurse=*/true)) {
-    const std::string key = rewrite_key(item.key(), layout);
+    std::string key = rewrite_key(item.key(), layout);
+    // transformers 5 saves the CLIP tower without the inner "vision_model." level.
+    if (!ckpt.has(key) && key.find("vision_tower.vision_model.") != std::string::npos) {
+      std::string alt = key;
+      alt.erase(alt.find("vision_model."), std::string("vision_model.").size());
+      if (ckpt.has(alt)) key = alt;
+    }
     EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
     at::Tensor t = ckpt.get(key);
     at::Tensor& p = item.value();

@@ -1,0 +1,474 @@
+// Image decoding with stb_image and the LLaVA/CLIP preprocessing chain, arithmetic copied from the Python
+// references so PNG inputs reproduce Pillow + CLIPImageProcessor bit for bit (LLAVA.md §3.2, §3.3, §3.5).
+#include "data/image.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "data/error.h"
+#include "data/fs.h"
+
+#if EQAT_WITH_LIBJPEG
+#include <csetjmp>
+#include <cstdio>
+
+#include <jpeglib.h>
+
+// After jpeglib.h, which it needs.
+#include <jerror.h>
+#endif
+
+// stb_image is compiled into this translation unit only. No stdio: every read goes through read_file so the
+// errors name the file consistently.
+#define STB_IMAGE_IMPLEMENTATION
+#define STBI_NO_STDIO
+#define STBI_FAILURE_USERMSG
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#endif
+#include <stb_image.h>
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+namespace eqat {
+namespace {
+
+// Larger sides are not photographs a VLM would see; refusing them before decoding bounds memory
+// (16384² × 3 bytes = 768 MiB) for hostile or corrupt headers.
+constexpr int kMaxImageSide = 16384;
+
+// Pillow's fixed point (libImaging/Resample.c): 32 bits minus 8 for the pixel minus 2 of headroom.
+constexpr int kPrecisionBits = 22;
+
+// Keys cubic with a = -0.5 in Pillow's nested evaluation order (the order matters for bit-exact weights).
+double bicubic_filter(double x) {
+  constexpr double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+// Fixed-point taps of one axis: output o reads inputs [first[o], first[o] + count[o]) with weights
+// k[o * ksize + t]. Mirrors Pillow's precompute_coeffs + normalize_coeffs_8bpc.
+struct AxisCoeffs {
+  int ksize = 0;
+  std::vector<int> first, count;
+  std::vector<int32_t> k;
+};
+
+AxisCoeffs precompute_coeffs(int in_size, int out_size) {
+  constexpr double kSupport = 2.0;  // bicubic
+  const double scale = static_cast<double>(in_size) / out_size;
+  // Downscaling widens the kernel by the scale: that is Pillow's antialiasing.
+  const double filterscale = std::max(scale, 1.0);
+  const double support = kSupport * filterscale;
+  AxisCoeffs c;
+  c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  c.first.resize(out_size);
+  c.count.resize(out_size);
+  c.k.assign(static_cast<size_t>(out_size) * c.ksize, 0);
+  std::vector<double> w(c.ksize);
+  const double ss = 1.0 / filterscale;  // Pillow multiplies by the reciprocal; dividing could change an ulp
+  for (int o = 0; o < out_size; ++o) {
+    const double center = (o + 0.5) * scale;
+    // (int) truncates toward zero, as in C; the clamps make the sign irrelevant.
+    int xmin = static_cast<int>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = static_cast<int>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double ww = 0.0;
+    for (int t = 0; t < xmax; ++t) {
+      w[t] = bicubic_filter((t + xmin - center + 0.5) * ss);
+      ww += w[t];
+    }
+    for (int t = 0; t < xmax; ++t) {
+      if (ww != 0.0) w[t] /= ww;
+      // Round half away from zero, then truncate to int, exactly as normalize_coeffs_8bpc.
+      const double scaled = w[t] * (1 << kPrecisionBits);
+      c.k[static_cast<size_t>(o) * c.ksize + t] = static_cast<int32_t>(w[t] < 0 ? -0.5 + scaled : 0.5 + scaled);
+    }
+    c.first[o] = xmin;
+    c.count[o] = xmax;
+  }
+  return c;
+}
+
+inline uint8_t clip8(int64_t acc) {
+  // acc carries the 2^(P-1) rounding bias; >> floors like Pillow's arithmetic shift.
+  if (acc >= (int64_t{1} << kPrecisionBits << 8)) return 255;
+  if (acc <= 0) return 0;
+  return static_cast<uint8_t>(acc >> kPrecisionBits);
+}
+
+std::string image_context(const std::string& source) { return source.empty() ? "<image bytes>" : source; }
+
+#if EQAT_WITH_LIBJPEG
+// JPEG through libjpeg-turbo with its defaults (islow IDCT, fancy upsampling), i.e. Pillow's decoder: on the
+// shared photos the system libjpeg-turbo 2.1 and Pillow's bundled one agree bit for bit, while stb_image
+// differs by up to 3 levels on ~4 % of values (different IDCT/colour-conversion rounding).
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+[[noreturn]] void jpeg_fail(j_common_ptr cinfo) {
+  auto* err = reinterpret_cast<JpegError*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, err->message);
+  std::longjmp(err->jump, 1);
+}
+
+void jpeg_message(j_common_ptr cinfo, int level) {
+  // Running out of data is a truncated file (Pillow: "image file is truncated"); libjpeg would only warn and
+  // fill the rest with grey. Other warnings (e.g. extraneous bytes) are ignored, as Pillow ignores them.
+  if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_fail(cinfo);
+}
+
+// Returns false when the stream is CMYK/YCCK (left to stb_image); throws InputError for corrupt input. Kept
+// free of objects with destructors between setjmp and longjmp.
+bool decode_jpeg_libjpeg(const std::string& bytes, const std::string& name, Image* img) {
+  jpeg_decompress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_fail;
+  err.mgr.emit_message = jpeg_message;
+  err.message[0] = '\0';
+  int dims_w = 0, dims_h = 0;
+  bool too_large = false, cmyk = false;
+  if (setjmp(err.jump) == 0) {
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()),
+                 static_cast<unsigned long>(bytes.size()));
+    jpeg_read_header(&cinfo, TRUE);
+    dims_w = static_cast<int>(cinfo.image_width);
+    dims_h = static_cast<int>(cinfo.image_height);
+    too_large = cinfo.image_width > static_cast<unsigned>(kMaxImageSide) ||
+                cinfo.image_height > static_cast<unsigned>(kMaxImageSide);
+    cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+    if (!too_large && !cmyk) {
+      cinfo.out_color_space = JCS_RGB;  // gray is replicated, like PIL convert('RGB')
+      jpeg_start_decompress(&cinfo);
+      img->width = static_cast<int>(cinfo.output_width);
+      img->height = static_cast<int>(cinfo.output_height);
+      img->rgb.resize(static_cast<size_t>(img->width) * img->height * 3);
+      while (cinfo.output_scanline < cinfo.output_height) {
+        JSAMPROW row = &img->rgb[static_cast<size_t>(cinfo.output_scanline) * img->width * 3];
+        jpeg_read_scanlines(&cinfo, &row, 1);
+      }
+      jpeg_finish_decompress(&cinfo);
+    }
+    jpeg_destroy_decompress(&cinfo);
+  } else {
+    jpeg_destroy_decompress(&cinfo);
+    EQAT_CHECK(false, name, ": cannot decode JPEG (", err.message, ")");
+  }
+  EQAT_CHECK(!too_large, name, ": image is ", dims_w, "x", dims_h, ", larger than the ", kMaxImageSide,
+             " pixels per side this tool accepts");
+  if (cmyk) return false;
+  EQAT_CHECK(img->width > 0 && img->height > 0, name, ": image has no pixels");
+  return true;
+}
+#endif
+
+}  // namespace
+
+const char* jpeg_decoder() {
+#if EQAT_WITH_LIBJPEG
+  return "libjpeg-turbo";
+#else
+  return "stb_image";
+#endif
+}
+
+Image decode_image(const std::string& bytes, const std::string& source) {
+  const std::string name = image_context(source);
+  EQAT_CHECK(!bytes.empty(), name, ": empty file, not an image");
+  EQAT_CHECK(bytes.size() <= static_cast<size_t>(INT32_MAX), name, ": file too large (", bytes.size(), " bytes)");
+#if EQAT_WITH_LIBJPEG
+  if (bytes.size() >= 3 && bytes.compare(0, 3, "\xFF\xD8\xFF") == 0) {  // JPEG SOI + first marker
+    Image img;
+    if (decode_jpeg_libjpeg(bytes, name, &img)) return img;
+  }
+#endif
+  const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
+  const int len = static_cast<int>(bytes.size());
+  int w = 0, h = 0, comp = 0;
+  // Header first: refuse absurd sizes before stb allocates for them.
+  EQAT_CHECK(stbi_info_from_memory(data, len, &w, &h, &comp), name, ": cannot decode image (",
+             stbi_failure_reason(), ")");
+  EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
+  EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
+             kMaxImageSide, " pixels per side this tool accepts");
+  // 3 requested channels = PIL convert('RGB') for the modes that matter: gray replicated, alpha dropped (not
+  // composited), palette expanded. GIF: the first frame.
+  stbi_uc* pixels = stbi_load_from_memory(data, len, &w, &h, &comp, 3);
+  EQAT_CHECK(pixels != nullptr, name, ": cannot decode image (", stbi_failure_reason(), ")");
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.rgb.assign(pixels, pixels + static_cast<size_t>(w) * h * 3);
+  stbi_image_free(pixels);
+  return img;
+}
+
+Image load_image(const std::string& path) { return decode_image(read_file(path), path); }
+
+Image resize_bicubic_pil(const Image& img, int out_w, int out_h) {
+  EQAT_CHECK(out_w > 0 && out_h > 0, "cannot resize an image to ", out_w, "x", out_h);
+  EQAT_ASSERT(img.width > 0 && img.height > 0 && img.rgb.size() == static_cast<size_t>(img.width) * img.height * 3);
+  // Pillow returns a plain copy when the size does not change (no filtering at all).
+  if (out_w == img.width && out_h == img.height) return img;
+  const bool need_h = out_w != img.width;
+  const bool need_v = out_h != img.height;
+  const AxisCoeffs hc = precompute_coeffs(img.width, out_w);
+  const AxisCoeffs vc = precompute_coeffs(img.height, out_h);
+
+  // Horizontal pass first, into a uint8 image holding only the source rows the vertical pass reads. The
+  // rounding to uint8 between the passes is part of Pillow's result (LLAVA.md §3.5).
+  const int row_first = vc.first[0];
+  const int row_last = vc.first[out_h - 1] + vc.count[out_h - 1];
+  Image tmp;
+  if (need_h) {
+    tmp.width = out_w;
+    tmp.height = row_last - row_first;
+    tmp.rgb.resize(static_cast<size_t>(tmp.width) * tmp.height * 3);
+    for (int y = 0; y < tmp.height; ++y) {
+      const uint8_t* src = &img.rgb[static_cast<size_t>(y + row_first) * img.width * 3];
+      uint8_t* dst = &tmp.rgb[static_cast<size_t>(y) * out_w * 3];
+      for (int x = 0; x < out_w; ++x) {
+        const int32_t* k = &hc.k[static_cast<size_t>(x) * hc.ksize];
+        const uint8_t* s = src + static_cast<size_t>(hc.first[x]) * 3;
+        for (int ch = 0; ch < 3; ++ch) {
+          int64_t acc = int64_t{1} << (kPrecisionBits - 1);
+          for (int t = 0; t < hc.count[x]; ++t) acc += static_cast<int64_t>(s[t * 3 + ch]) * k[t];
+          dst[x * 3 + ch] = clip8(acc);
+        }
+      }
+    }
+  } else {
+    tmp = img;  // rows are then indexed from 0, not row_first
+  }
+  if (!need_v) return tmp;
+
+  const int row_offset = need_h ? row_first : 0;
+  Image out;
+  out.width = out_w;
+  out.height = out_h;
+  out.rgb.resize(static_cast<size_t>(out_w) * out_h * 3);
+  const size_t stride = static_cast<size_t>(out_w) * 3;
+  for (int y = 0; y < out_h; ++y) {
+    const int32_t* k = &vc.k[static_cast<size_t>(y) * vc.ksize];
+    const uint8_t* src = &tmp.rgb[static_cast<size_t>(vc.first[y] - row_offset) * stride];
+    uint8_t* dst = &out.rgb[y * stride];
+    for (size_t i = 0; i < stride; ++i) {
+      int64_t acc = int64_t{1} << (kPrecisionBits - 1);
+      for (int t = 0; t < vc.count[y]; ++t) acc += static_cast<int64_t>(src[t * stride + i]) * k[t];
+      dst[i] = clip8(acc);
+    }
+  }
+  return out;
+}
+
+Image expand_to_square(const Image& img, std::array<uint8_t, 3> bg) {
+  if (img.width == img.height) return img;
+  const int side = std::max(img.width, img.height);
+  // Floor offsets: an odd surplus row/column goes to the bottom/right, as LLaVA's (W - H) // 2.
+  const int x0 = (side - img.width) / 2;
+  const int y0 = (side - img.height) / 2;
+  Image out;
+  out.width = out.height = side;
+  out.rgb.resize(static_cast<size_t>(side) * side * 3);
+  for (size_t i = 0; i < out.rgb.size(); i += 3) std::copy(bg.begin(), bg.end(), out.rgb.begin() + i);
+  for (int y = 0; y < img.height; ++y)
+    std::copy_n(&img.rgb[static_cast<size_t>(y) * img.width * 3], static_cast<size_t>(img.width) * 3,
+                &out.rgb[(static_cast<size_t>(y + y0) * side + x0) * 3]);
+  return out;
+}
+
+Image center_crop(const Image& img, int crop_w, int crop_h) {
+  EQAT_CHECK(crop_w > 0 && crop_h > 0, "cannot crop an image to ", crop_w, "x", crop_h);
+  if (crop_w == img.width && crop_h == img.height) return img;
+  // HF center_crop: a larger axis starts at (orig - crop) // 2; a smaller one is zero-padded with the image at
+  // ceil((crop - orig) / 2). Both reduce to one signed source offset per axis.
+  const auto offset = [](int orig, int crop) { return orig >= crop ? (orig - crop) / 2 : -((crop - orig + 1) / 2); };
+  const int ox = offset(img.width, crop_w);
+  const int oy = offset(img.height, crop_h);
+  Image out;
+  out.width = crop_w;
+  out.height = crop_h;
+  out.rgb.assign(static_cast<size_t>(crop_w) * crop_h * 3, 0);
+  for (int y = 0; y < crop_h; ++y) {
+    const int sy = y + oy;
+    if (sy < 0 || sy >= img.height) continue;
+    const int x_begin = std::max(0, -ox), x_end = std::min(crop_w, img.width - ox);
+    if (x_begin >= x_end) continue;
+    std::copy_n(&img.rgb[(static_cast<size_t>(sy) * img.width + x_begin + ox) * 3],
+                static_cast<size_t>(x_end - x_begin) * 3, &out.rgb[(static_cast<size_t>(y) * crop_w + x_begin) * 3]);
+  }
+  return out;
+}
+
+namespace {
+
+using json = nlohmann::json;
+
+int64_t positive_int(const json& v, const std::string& source, const std::string& key) {
+  EQAT_CHECK(v.is_number_integer() && v.get<int64_t>() > 0 && v.get<int64_t>() <= kMaxImageSide, source, ": \"",
+             key, "\" must be a positive integer up to ", kMaxImageSide);
+  return v.get<int64_t>();
+}
+
+bool bool_field(const json& j, const char* key, bool fallback, const std::string& source) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  EQAT_CHECK(it->is_boolean(), source, ": \"", key, "\" must be true or false");
+  return it->get<bool>();
+}
+
+std::array<double, 3> triple(const json& j, const char* key, std::array<double, 3> fallback,
+                             const std::string& source) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  // A scalar means the same value for all channels (HF accepts both).
+  if (it->is_number()) return {it->get<double>(), it->get<double>(), it->get<double>()};
+  EQAT_CHECK(it->is_array() && it->size() == 3, source, ": \"", key, "\" must be a number or a list of 3 numbers");
+  std::array<double, 3> out{};
+  for (int c = 0; c < 3; ++c) {
+    EQAT_CHECK((*it)[c].is_number(), source, ": \"", key, "\" must contain numbers");
+    out[c] = (*it)[c].get<double>();
+  }
+  return out;
+}
+
+}  // namespace
+
+ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t image_size) {
+  EQAT_CHECK(image_size > 0, "image size must be positive, got ", image_size);
+  ImageProcessorConfig cfg;
+  cfg.shortest_edge = cfg.crop_height = cfg.crop_width = image_size;
+  const std::string path = path_join(dir, "preprocessor_config.json");
+  if (!file_exists(path)) return cfg;
+
+  const json j = json::parse(read_file(path), nullptr, /*allow_exceptions=*/false);
+  EQAT_CHECK(!j.is_discarded() && j.is_object(), path, ": not a JSON object");
+  if (j.contains("crop_size") && !j["crop_size"].is_null()) {
+    const json& c = j["crop_size"];
+    if (c.is_object()) {
+      EQAT_CHECK(c.contains("height") && c.contains("width"), path, ": \"crop_size\" needs \"height\" and \"width\"");
+      cfg.crop_height = positive_int(c["height"], path, "crop_size.height");
+      cfg.crop_width = positive_int(c["width"], path, "crop_size.width");
+    } else {
+      cfg.crop_height = cfg.crop_width = positive_int(c, path, "crop_size");
+    }
+  }
+  if (j.contains("size") && !j["size"].is_null()) {
+    const json& s = j["size"];
+    if (s.is_object() && s.contains("shortest_edge")) {
+      cfg.shortest_edge = positive_int(s["shortest_edge"], path, "size.shortest_edge");
+    } else if (s.is_object()) {
+      EQAT_CHECK(s.contains("height") && s.contains("width"), path,
+                 ": \"size\" needs \"shortest_edge\" or \"height\" and \"width\"");
+      cfg.resize_height = positive_int(s["height"], path, "size.height");
+      cfg.resize_width = positive_int(s["width"], path, "size.width");
+    } else {
+      // CLIPImageProcessor reads a bare int as {"shortest_edge": n} (default_to_square=False).
+      cfg.shortest_edge = positive_int(s, path, "size");
+    }
+  }
+  cfg.do_resize = bool_field(j, "do_resize", cfg.do_resize, path);
+  cfg.do_center_crop = bool_field(j, "do_center_crop", cfg.do_center_crop, path);
+  cfg.do_rescale = bool_field(j, "do_rescale", cfg.do_rescale, path);
+  cfg.do_normalize = bool_field(j, "do_normalize", cfg.do_normalize, path);
+  if (j.contains("rescale_factor") && !j["rescale_factor"].is_null()) {
+    EQAT_CHECK(j["rescale_factor"].is_number(), path, ": \"rescale_factor\" must be a number");
+    cfg.rescale_factor = j["rescale_factor"].get<double>();
+  }
+  cfg.image_mean = triple(j, "image_mean", cfg.image_mean, path);
+  cfg.image_std = triple(j, "image_std", cfg.image_std, path);
+  for (double s : cfg.image_std) EQAT_CHECK(s > 0, path, ": \"image_std\" values must be positive");
+  for (double m : cfg.image_mean) EQAT_CHECK(m >= 0 && m <= 1, path, ": \"image_mean\" values must lie in [0, 1]");
+
+  // The aspect mode is not a CLIPImageProcessor field: LLaVA keeps it in the model config
+  // (image_aspect_ratio), llava-hf's LlavaImageProcessor spells it do_pad.
+  if (j.contains("do_pad") && !j["do_pad"].is_null())
+    cfg.aspect_mode = bool_field(j, "do_pad", true, path) ? "pad" : "crop";
+  if (j.contains("image_aspect_ratio") && !j["image_aspect_ratio"].is_null()) {
+    EQAT_CHECK(j["image_aspect_ratio"].is_string(), path, ": \"image_aspect_ratio\" must be a string");
+    const std::string mode = j["image_aspect_ratio"].get<std::string>();
+    // LLaVA treats every value except "pad" (and "anyres", a LLaVA-NeXT mode) as the processor's crop path.
+    EQAT_CHECK(mode == "pad" || mode == "crop" || mode == "square", path, ": \"image_aspect_ratio\" \"", mode,
+               "\" is not supported (use \"pad\" or \"crop\")");
+    cfg.aspect_mode = mode == "pad" ? "pad" : "crop";
+  }
+  return cfg;
+}
+
+at::Tensor preprocess_image(const Image& img, const ImageProcessorConfig& cfg) {
+  EQAT_CHECK(cfg.aspect_mode == "pad" || cfg.aspect_mode == "crop", "unknown image aspect mode \"", cfg.aspect_mode,
+             "\" (use \"pad\" or \"crop\")");
+  EQAT_ASSERT(img.width > 0 && img.height > 0 && img.rgb.size() == static_cast<size_t>(img.width) * img.height * 3);
+  Image cur;
+  const Image* src = &img;
+  if (cfg.aspect_mode == "pad") {
+    // LLaVA's background: tuple(int(x * 255) for x in image_mean), i.e. truncation -> (122, 116, 104).
+    std::array<uint8_t, 3> bg{};
+    for (int c = 0; c < 3; ++c) bg[c] = static_cast<uint8_t>(std::clamp(cfg.image_mean[c] * 255, 0.0, 255.0));
+    cur = expand_to_square(*src, bg);
+    src = &cur;
+  }
+  if (cfg.do_resize) {
+    int out_w, out_h;
+    if (cfg.resize_height > 0) {
+      out_w = static_cast<int>(cfg.resize_width);
+      out_h = static_cast<int>(cfg.resize_height);
+    } else {
+      // HF get_resize_output_image_size: new_long = int(size * long / short) — an integer product, a true
+      // division in double, truncation.
+      const int64_t shorter = std::min(src->width, src->height), longer = std::max(src->width, src->height);
+      const int64_t new_long =
+          static_cast<int64_t>(static_cast<double>(cfg.shortest_edge * longer) / static_cast<double>(shorter));
+      EQAT_CHECK(new_long <= kMaxImageSide, "image ", src->width, "x", src->height, " would resize to a side of ",
+                 new_long, " pixels");
+      out_w = static_cast<int>(src->width <= src->height ? cfg.shortest_edge : new_long);
+      out_h = static_cast<int>(src->width <= src->height ? new_long : cfg.shortest_edge);
+    }
+    cur = resize_bicubic_pil(*src, out_w, out_h);
+    src = &cur;
+  }
+  if (cfg.do_center_crop) {
+    cur = center_crop(*src, static_cast<int>(cfg.crop_width), static_cast<int>(cfg.crop_height));
+    src = &cur;
+  }
+
+  // Rescale and normalise with numpy's dtypes: float32(float64(u8) * factor), then float32 (x - mean) / std.
+  // A 256-entry table per channel gives the same values as computing them per pixel.
+  const int h = src->height, w = src->width;
+  at::Tensor out = at::empty({3, h, w}, at::kFloat);
+  float* dst = out.data_ptr<float>();
+  for (int c = 0; c < 3; ++c) {
+    float lut[256];
+    const float mean = static_cast<float>(cfg.image_mean[c]);
+    const float std = static_cast<float>(cfg.image_std[c]);
+    for (int v = 0; v < 256; ++v) {
+      float x = cfg.do_rescale ? static_cast<float>(static_cast<double>(v) * cfg.rescale_factor)
+                               : static_cast<float>(v);
+      if (cfg.do_normalize) x = (x - mean) / std;
+      lut[v] = x;
+    }
+    float* plane = dst + static_cast<size_t>(c) * h * w;
+    for (size_t i = 0; i < static_cast<size_t>(h) * w; ++i) plane[i] = lut[src->rgb[i * 3 + c]];
+  }
+  return out;
+}
+
+}  // namespace eqat

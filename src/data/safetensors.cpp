@@ -1,0 +1,345 @@
+// safetensors reader (mmap, zero-copy) and writer (atomic, sharded). Header validation lives in
+// safetensors_header.cpp; by the time a SafetensorsFile exists every tensor's byte range is known to be inside the
+// mapping, so get() does no further bounds checks.
+#include "data/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "data/error.h"
+#include "data/fs.h"
+
+namespace eqat {
+namespace {
+
+using json = nlohmann::json;
+using ordered_json = nlohmann::ordered_json;
+
+struct DtypePair {
+  const char* name;
+  c10::ScalarType type;
+};
+// Must agree with kDtypes in safetensors_header.cpp (checked by the round-trip test over every dtype).
+constexpr DtypePair kDtypePairs[] = {
+    {"F64", c10::kDouble}, {"F32", c10::kFloat},    {"F16", c10::kHalf},     {"BF16", c10::kBFloat16},
+    {"I64", c10::kLong},   {"I32", c10::kInt},      {"I16", c10::kShort},    {"I8", c10::kChar},
+    {"U8", c10::kByte},    {"U16", c10::kUInt16},   {"U32", c10::kUInt32},   {"U64", c10::kUInt64},
+    {"BOOL", c10::kBool},
+};
+
+// Shard file names come from an index json; refuse anything that would leave the checkpoint directory.
+bool is_plain_relative(const std::string& name) {
+  std::filesystem::path p(name);
+  if (name.empty() || p.is_absolute()) return false;
+  for (const auto& part : p)
+    if (part == "..") return false;
+  return true;
+}
+
+void write_all(std::FILE* f, const void* data, size_t n, const std::string& path) {
+  EQAT_CHECK(n == 0 || std::fwrite(data, 1, n, f) == n, path, ": write failed (", std::strerror(errno),
+             "; disk full?)");
+}
+
+}  // namespace
+
+// The mapping is private (copy-on-write) and writable, so callers may modify the tensors in place (e.g.
+// quantize-in-place) without the changes ever reaching the file, and ATen never sees a read-only page.
+struct SafetensorsFile::Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr != nullptr) ::munmap(addr, size);
+  }
+};
+
+SafetensorsFile::~SafetensorsFile() = default;
+
+std::shared_ptr<SafetensorsFile> open_safetensors_impl(const std::string& path) {
+  EQAT_CHECK(file_exists(path), path, ": no such file");
+  EQAT_CHECK(!is_directory(path), path, ": is a directory, expected a .safetensors file");
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  EQAT_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    EQAT_CHECK(false, path, ": cannot stat (", std::strerror(err), ")");
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size < 8) {  // mmap of 0 bytes fails; report the real problem instead
+    ::close(fd);
+    EQAT_CHECK(false, path, ": file is ", size, " bytes, too short for the 8-byte header length");
+  }
+  auto map = std::make_shared<SafetensorsFile::Mapping>();
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  const int map_err = errno;
+  ::close(fd);  // the mapping keeps its own reference to the file
+  EQAT_CHECK(addr != MAP_FAILED, path, ": mmap failed (", std::strerror(map_err), ")");
+  map->addr = addr;
+  map->size = size;
+
+  SafetensorsLayout layout = parse_safetensors_buffer(addr, size, path);
+  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = path;
+  f->map_ = std::move(map);
+  f->size_ = size;
+  f->data_start_ = layout.data_start;
+  f->tensors_ = std::move(layout.tensors);
+  f->metadata_ = std::move(layout.metadata);
+  return f;
+}
+
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) { return open_safetensors_impl(path); }
+
+at::Tensor SafetensorsFile::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  EQAT_CHECK(it != tensors_.end(), path_, ": no tensor '", name, "' (file holds ", tensors_.size(), " tensors)");
+  const TensorInfo& info = it->second;
+  const auto opts = at::TensorOptions().dtype(dtype_from_safetensors(info.dtype)).device(at::kCPU);
+  if (info.end == info.begin) return at::empty(info.shape, opts);  // no bytes to alias
+
+  char* ptr = static_cast<char*>(map_->addr) + data_start_ + info.begin;
+  const size_t elem = dtype_size(info.dtype);
+  if (reinterpret_cast<uintptr_t>(ptr) % elem != 0) {
+    // Misaligned for its dtype (a header length not a multiple of 8, or a writer that packs odd-sized tensors
+    // first): ATen kernels assume natural alignment, so hand out an aligned copy instead of an alias.
+    at::Tensor t = at::empty(info.shape, opts);
+    std::memcpy(t.data_ptr(), ptr, info.end - info.begin);
+    return t;
+  }
+  std::shared_ptr<Mapping> keep = map_;
+  return at::from_blob(ptr, info.shape, [keep](void*) mutable { keep.reset(); }, opts);
+}
+
+// ------------------------------------------------------------------------------------------------ Checkpoint
+
+Checkpoint Checkpoint::open(const std::string& dir_or_file) {
+  Checkpoint ck;
+  ck.path_ = dir_or_file;
+  EQAT_CHECK(file_exists(dir_or_file), dir_or_file, ": no such file or directory");
+
+  std::string single, index;
+  if (is_directory(dir_or_file)) {
+    // Same precedence as transformers: a single model.safetensors wins over an index.
+    const std::string s = path_join(dir_or_file, "model.safetensors");
+    const std::string i = path_join(dir_or_file, "model.safetensors.index.json");
+    if (file_exists(s)) {
+      single = s;
+    } else if (file_exists(i)) {
+      index = i;
+    } else {
+      EQAT_CHECK(false, dir_or_file, ": no model.safetensors or model.safetensors.index.json");
+    }
+  } else if (dir_or_file.size() >= 5 && dir_or_file.compare(dir_or_file.size() - 5, 5, ".json") == 0) {
+    index = dir_or_file;
+  } else {
+    single = dir_or_file;
+  }
+
+  if (!single.empty()) {
+    ck.files_.push_back(SafetensorsFile::open(single));
+    for (const auto& kv : ck.files_[0]->tensors()) ck.index_[kv.first] = 0;
+    return ck;
+  }
+
+  const std::string text = read_file(index);
+  json j;
+  try {
+    j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  } catch (const json::exception&) {
+    j = json(json::value_t::discarded);
+  }
+  EQAT_CHECK(!j.is_discarded(), index, ": not valid JSON");
+  EQAT_CHECK(j.is_object(), index, ": must be a JSON object");
+  auto wm = j.find("weight_map");
+  EQAT_CHECK(wm != j.end() && wm->is_object(), index, ": missing 'weight_map' object");
+  EQAT_CHECK(!wm->empty(), index, ": 'weight_map' is empty");
+  const std::string dir = std::filesystem::path(index).parent_path().string();
+
+  std::map<std::string, size_t> shard_index;  // shard file name -> files_ index; each shard is mapped once
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    EQAT_CHECK(it.value().is_string(), index, ": weight_map entry for '", it.key(), "' must be a file name");
+    const std::string shard = it.value().get<std::string>();
+    EQAT_CHECK(is_plain_relative(shard), index, ": weight_map entry for '", it.key(), "' names '", shard,
+               "', which is not a path inside the checkpoint directory");
+    auto s = shard_index.find(shard);
+    if (s == shard_index.end()) {
+      const std::string shard_path = dir.empty() ? shard : path_join(dir, shard);
+      EQAT_CHECK(file_exists(shard_path), index, ": shard '", shard, "' (listed for '", it.key(),
+                 "') does not exist");
+      ck.files_.push_back(SafetensorsFile::open(shard_path));
+      s = shard_index.emplace(shard, ck.files_.size() - 1).first;
+    }
+    EQAT_CHECK(ck.files_[s->second]->has(it.key()), index, ": tensor '", it.key(), "' is listed for shard '", shard,
+               "' but ", ck.files_[s->second]->path(), " does not contain it");
+    ck.index_[it.key()] = s->second;
+  }
+  // Tensors a shard holds but the index does not list are ignored, as transformers' sharded loading does.
+  return ck;
+}
+
+const TensorInfo& Checkpoint::info(const std::string& name) const {
+  auto it = index_.find(name);
+  EQAT_CHECK(it != index_.end(), path_, ": no tensor '", name, "' in checkpoint (", index_.size(), " tensors)");
+  return files_[it->second]->tensors().at(name);
+}
+
+at::Tensor Checkpoint::get(const std::string& name) const {
+  auto it = index_.find(name);
+  EQAT_CHECK(it != index_.end(), path_, ": no tensor '", name, "' in checkpoint (", index_.size(), " tensors)");
+  return files_[it->second]->get(name);
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  out.reserve(index_.size());
+  for (const auto& kv : index_) out.push_back(kv.first);
+  return out;
+}
+
+uint64_t Checkpoint::total_bytes() const {
+  uint64_t total = 0;
+  for (const auto& f : files_) total += f->file_size();
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------------ dtypes
+
+std::string dtype_to_safetensors(c10::ScalarType t) {
+  for (const DtypePair& d : kDtypePairs)
+    if (d.type == t) return d.name;
+  EQAT_CHECK(false, "dtype ", c10::toString(t), " cannot be stored in safetensors by eqat");
+  return {};
+}
+
+c10::ScalarType dtype_from_safetensors(const std::string& s) {
+  for (const DtypePair& d : kDtypePairs)
+    if (s == d.name) return d.type;
+  EQAT_CHECK(false, "unknown safetensors dtype '", s, "'");
+  return c10::kFloat;
+}
+
+// ------------------------------------------------------------------------------------------------ writer
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<at::Tensor> cpu;
+  cpu.reserve(tensors.size());
+  std::set<std::string> names;
+  for (const auto& [name, t] : tensors) {
+    EQAT_CHECK(name != "__metadata__", path, ": '__metadata__' is reserved and cannot name a tensor");
+    EQAT_CHECK(names.insert(name).second, path, ": tensor '", name, "' given twice");
+    EQAT_CHECK(t.defined(), path, ": tensor '", name, "' is undefined");
+    dtype_to_safetensors(t.scalar_type());  // reject unsupported dtypes before writing anything
+    cpu.push_back(t.to(at::kCPU).contiguous());
+  }
+
+  // Data order: stable sort by element size, largest first. With the header padded to 8 bytes this aligns every
+  // tensor without holes (sizes of 8-byte tensors are multiples of 8, then 4, ...).
+  std::vector<size_t> order(tensors.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return cpu[a].element_size() > cpu[b].element_size(); });
+  std::vector<std::pair<uint64_t, uint64_t>> offs(tensors.size());
+  uint64_t pos = 0;
+  for (size_t i : order) {
+    offs[i] = {pos, pos + cpu[i].nbytes()};
+    pos += cpu[i].nbytes();
+  }
+
+  ordered_json h = ordered_json::object();
+  if (!metadata.empty()) {
+    ordered_json m = ordered_json::object();
+    for (const auto& [k, v] : metadata) m[k] = v;
+    h["__metadata__"] = std::move(m);
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    ordered_json e = ordered_json::object();
+    e["dtype"] = dtype_to_safetensors(cpu[i].scalar_type());
+    e["shape"] = cpu[i].sizes().vec();
+    e["data_offsets"] = {offs[i].first, offs[i].second};
+    h[tensors[i].first] = std::move(e);
+  }
+  std::string header;
+  try {
+    header = h.dump(-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::strict);
+  } catch (const json::type_error&) {
+    EQAT_CHECK(false, path, ": a tensor name or metadata string is not valid UTF-8");
+  }
+  header.append((8 - header.size() % 8) % 8, ' ');  // spaces are JSON whitespace; keeps the data area 8-aligned
+  const uint64_t n = header.size();
+  unsigned char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+
+  write_file_atomic(path, [&](const std::string& tmp) {
+    std::FILE* f = std::fopen(tmp.c_str(), "wb");
+    EQAT_CHECK(f != nullptr, tmp, ": cannot open for writing (", std::strerror(errno), ")");
+    try {
+      write_all(f, len, 8, path);
+      write_all(f, header.data(), header.size(), path);
+      for (size_t i : order) write_all(f, cpu[i].data_ptr(), cpu[i].nbytes(), path);
+    } catch (...) {
+      std::fclose(f);
+      throw;
+    }
+    EQAT_CHECK(std::fclose(f) == 0, path, ": close failed (", std::strerror(errno), "; disk full?)");
+  });
+}
+
+void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      uint64_t max_shard_bytes, const std::map<std::string, std::string>& metadata) {
+  EQAT_CHECK(is_directory(dir), dir, ": output directory does not exist");
+  EQAT_CHECK(max_shard_bytes > 0, dir, ": max_shard_bytes must be positive");
+  uint64_t total = 0;
+  for (const auto& kv : tensors) total += kv.second.defined() ? kv.second.nbytes() : 0;
+  // A leftover file of the other layout would shadow or contradict the new one (Checkpoint::open prefers
+  // model.safetensors), so it is removed once the new files are in place.
+  std::error_code ec;
+  if (total <= max_shard_bytes) {
+    write_safetensors(path_join(dir, "model.safetensors"), tensors, metadata);
+    std::filesystem::remove(path_join(dir, "model.safetensors.index.json"), ec);
+    return;
+  }
+
+  // Greedy split in the given order, as transformers' shard_checkpoint does: a new shard starts when the next
+  // tensor would overflow the current one; a tensor larger than the limit gets a shard of its own.
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
+  uint64_t cur = 0;
+  for (const auto& kv : tensors) {
+    const uint64_t b = kv.second.defined() ? kv.second.nbytes() : 0;
+    if (!shards.back().empty() && cur + b > max_shard_bytes) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(kv);
+    cur += b;
+  }
+  const size_t n = shards.size();
+  json weight_map = json::object();
+  for (size_t i = 0; i < n; ++i) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, n);
+    write_safetensors(path_join(dir, name), shards[i], metadata);
+    for (const auto& kv : shards[i]) weight_map[kv.first] = name;
+  }
+  // The index goes last, so its presence implies every shard it names is complete.
+  json index = {{"metadata", {{"total_size", total}}}, {"weight_map", std::move(weight_map)}};
+  write_file_atomic(path_join(dir, "model.safetensors.index.json"), index.dump(2) + "\n");
+  std::filesystem::remove(path_join(dir, "model.safetensors"), ec);
+}
+
+}  // namespace eqat

@@ -1,0 +1,231 @@
+// End-to-end tests of the eqat binary: outputs on the fixtures, and the bad-input contract — one line on stderr
+// naming the file/argument, exit code 2, no crash, no partial output.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <sys/wait.h>
+
+#include "data/safetensors.h"
+#include "model_test_util.h"
+
+using namespace eqat;
+using namespace eqat_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct RunResult {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += (c == '\'') ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+RunResult run_eqat(const std::vector<std::string>& args) {
+  TempDir io;
+  std::string cmd = quote(EQAT_BIN);
+  for (const auto& a : args) cmd += " " + quote(a);
+  cmd += " >" + io.str("out") + " 2>" + io.str("err");
+  int st = std::system(cmd.c_str());
+  RunResult r;
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  r.out = slurp(io.str("out"));
+  r.err = slurp(io.str("err"));
+  return r;
+}
+
+// The contract for bad input: exit 2 and exactly one line on stderr that mentions `needle`.
+void expect_input_error(const RunResult& r, const std::string& needle) {
+  EXPECT_EQ(r.code, 2) << r.err;
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err << " lacks " << needle;
+}
+
+std::string copy_fixture(const TempDir& t, const std::string& name) {
+  fs::path dst = t.path / name;
+  fs::copy(fixture(name), dst, fs::copy_options::recursive);
+  return dst.string();
+}
+
+void write_text(const std::string& path, const std::string& s) {
+  std::ofstream(path, std::ios::binary) << s;
+}
+
+std::string strip(const std::string& s) {
+  size_t b = s.find_first_not_of(" \n"), e = s.find_last_not_of(" \n");
+  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+}
+
+}  // namespace
+
+TEST(Cli, UsageAndHelp) {
+  EXPECT_EQ(run_eqat({}).code, 2);
+  EXPECT_EQ(run_eqat({"--help"}).code, 0);
+  RunResult h = run_eqat({"ask", "--help"});
+  EXPECT_EQ(h.code, 0);
+  EXPECT_NE(h.out.find("--image"), std::string::npos);
+  expect_input_error(run_eqat({"frobnicate"}), "frobnicate");
+  expect_input_error(run_eqat({"generate", "--model", fixture("tiny_llama"), "--bogus", "x"}), "--bogus");
+  expect_input_error(run_eqat({"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "abc", "hi"}),
+                     "--max-new-tokens");
+}
+
+TEST(Cli, AskAnswersLikeTransformersAndDumpsLogits) {
+  TempDir t;
+  auto meta = load_json(fixture("tiny_llava/golden.json"));
+  RunResult r = run_eqat({"ask", "--model", fixture("tiny_llava"), "--image", fixture("tiny_llava/image.png"),
+                          "--max-new-tokens", "12", "--dump-logits", t.str("logits.safetensors"), "--print-prompt",
+                          "What is in the picture?"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(strip(r.out), strip(meta["prompts"]["p0"]["greedy_text"].get<std::string>()));
+  EXPECT_NE(r.err.find("prompt ids"), std::string::npos);
+  auto dump = Checkpoint::open(t.str("logits.safetensors"));
+  auto golden = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
+  EXPECT_EQ(to_ids(dump.get("prompt_ids")), to_ids(golden.get("p0.input_ids")));
+  EXPECT_LE(max_abs_diff(dump.get("logits"), golden.get("p0.greedy_logits")), kLogitTol);
+}
+
+TEST(Cli, GenerateIsDeterministicAndMatchesTransformers) {
+  auto meta = load_json(fixture("tiny_llama/golden.json"));
+  std::vector<std::string> args{"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "16",
+                                meta["prompt"]["text"].get<std::string>()};
+  RunResult a = run_eqat(args), b = run_eqat(args);
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_EQ(strip(a.out), strip(meta["prompt"]["greedy_text"].get<std::string>()));
+  RunResult empty = run_eqat({"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "4", ""});
+  EXPECT_EQ(empty.code, 0) << empty.err;
+}
+
+TEST(Cli, PreprocessWritesThePixelTensor) {
+  TempDir t;
+  RunResult r = run_eqat({"preprocess", "--model", fixture("tiny_llava"), "--image", fixture("tiny_llava/image.png"),
+                          "--out", t.str("px.safetensors")});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto px = Checkpoint::open(t.str("px.safetensors"));
+  auto golden = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
+  EXPECT_TRUE(at::equal(px.get("pixel_values"), golden.get("pixel_values")));
+}
+
+TEST(Cli, InspectDescribesTheModel) {
+  RunResult r = run_eqat({"inspect", fixture("tiny_llava"), "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["architecture"], "LlavaForConditionalGeneration");
+  EXPECT_EQ(j["text"]["num_key_value_heads"], 2);
+  EXPECT_GT(j["parameters"].get<int64_t>(), 0);
+}
+
+TEST(Cli, BadCheckpointFiles) {
+  TempDir t;
+  const std::string dir = copy_fixture(t, "tiny_llama");
+  const std::string st = dir + "/model.safetensors";
+  const std::string good = slurp(st);
+  auto ask = [&] { return run_eqat({"generate", "--model", dir, "--max-new-tokens", "2", "hi"}); };
+
+  write_text(st, good.substr(0, good.size() / 2));  // truncated data
+  expect_input_error(ask(), "model.safetensors");
+  write_text(st, good.substr(0, 5));  // shorter than the length prefix
+  expect_input_error(ask(), "model.safetensors");
+  std::string huge = good;
+  huge[7] = '\x7f';  // header length beyond the file
+  write_text(st, huge);
+  expect_input_error(ask(), "model.safetensors");
+  std::string garbage = good;
+  garbage[8] = '#';  // header is not JSON
+  write_text(st, garbage);
+  expect_input_error(ask(), "model.safetensors");
+
+  // A missing tensor, and a shape the config disagrees with.
+  {
+    auto ck = Checkpoint::open(fixture("tiny_llama"));
+    std::vector<std::pair<std::string, at::Tensor>> ts;
+    for (const auto& n : ck.names())
+      if (n != "model.norm.weight") ts.emplace_back(n, ck.get(n).clone());
+    write_safetensors(st, ts);
+    expect_input_error(ask(), "model.norm.weight");
+    ts.emplace_back("model.norm.weight", at::ones({7}));
+    write_safetensors(st, ts);
+    expect_input_error(ask(), "model.norm.weight");
+  }
+}
+
+TEST(Cli, BadConfigAndTokenizer) {
+  TempDir t;
+  const std::string dir = copy_fixture(t, "tiny_llama");
+  auto ask = [&] { return run_eqat({"generate", "--model", dir, "--max-new-tokens", "2", "hi"}); };
+  const std::string cfg = slurp(dir + "/config.json");
+  write_text(dir + "/config.json", "{\"architectures\": [\"LlamaForCausalLM\"], ");
+  expect_input_error(ask(), "config.json");
+  fs::remove(dir + "/config.json");
+  expect_input_error(ask(), "config.json");
+  write_text(dir + "/config.json", cfg);
+  fs::remove(dir + "/tokenizer.model");
+  expect_input_error(ask(), "tokenizer");
+}
+
+TEST(Cli, BadImagesAndPrompts) {
+  TempDir t;
+  write_text(t.str("notes.png"), "this is not an image\n");
+  const std::string png = slurp(fixture("tiny_llava/image.png"));
+  write_text(t.str("trunc.png"), png.substr(0, png.size() / 3));
+  write_text(t.str("empty.jpg"), "");
+  for (const char* bad : {"notes.png", "trunc.png", "empty.jpg", "missing.png"}) {
+    RunResult r = run_eqat({"ask", "--model", fixture("tiny_llava"), "--image", t.str(bad), "What?"});
+    expect_input_error(r, bad);
+    RunResult p = run_eqat({"preprocess", "--model", fixture("tiny_llava"), "--image", t.str(bad), "--out",
+                            t.str("px.safetensors")});
+    expect_input_error(p, bad);
+    EXPECT_FALSE(fs::exists(t.str("px.safetensors"))) << "partial output after a failed run";
+  }
+  // A prompt longer than the context (tiny_llama: 256 positions).
+  std::string long_prompt;
+  for (int i = 0; i < 300; ++i) long_prompt += "word ";
+  expect_input_error(run_eqat({"generate", "--model", fixture("tiny_llama"), long_prompt}), "context");
+  // A text-only model cannot take an image.
+  expect_input_error(run_eqat({"ask", "--model", fixture("tiny_llama"), "--image", fixture("tiny_llava/image.png"),
+                               "What?"}),
+                     "text-only");
+  // Output into a missing directory fails cleanly and leaves nothing behind.
+  expect_input_error(run_eqat({"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "2",
+                               "--dump-logits", t.str("no/such/dir/l.safetensors"), "hi"}),
+                     "l.safetensors");
+}
+
+TEST(Cli, ConvertLlama2cBadInput) {
+  TempDir t;
+  write_text(t.str("bad.bin"), std::string(10, '\0'));
+  RunResult r = run_eqat({"convert", "llama2c", "--checkpoint", t.str("bad.bin"), "--tokenizer",
+                          data_path("models/stories260K/tok512.bin"), "--out", t.str("out")});
+  expect_input_error(r, "bad.bin");
+  EXPECT_FALSE(fs::exists(t.str("out")));
+}
+
+TEST(Cli, Stories260KConvertsAndTellsAStory) {
+  // The real pretrained llama2.c model: Karpathy's published greedy output from BOS begins with this sentence.
+  TempDir t;
+  RunResult c = run_eqat({"convert", "llama2c", "--checkpoint", data_path("models/stories260K/stories260K.bin"),
+                          "--tokenizer", data_path("models/stories260K/tok512.bin"), "--out", t.str("stories")});
+  ASSERT_EQ(c.code, 0) << c.err;
+  RunResult g = run_eqat({"generate", "--model", t.str("stories"), "--max-new-tokens", "40", ""});
+  ASSERT_EQ(g.code, 0) << g.err;
+  EXPECT_EQ(g.out.rfind("Once upon a time, there was a little girl named Lily. She loved to play outside in the park.", 0),
+            0u)
+      << g.out;
+}
