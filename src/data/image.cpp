@@ -11,15 +11,12 @@
 #include "data/error.h"
 #include "data/fs.h"
 
-#if EQAT_WITH_LIBJPEG
-#include <csetjmp>
-#include <cstdio>
-
-#include <jpeglib.h>
-
-// After jpeglib.h, which it needs.
-#include <jerror.h>
-#endif
+// JPEG goes through OpenCV's imdecode, i.e. the system libjpeg-turbo with its defaults (islow IDCT, fancy
+// upsampling) — Pillow's decoder: bit-identical on the shared photos, while stb_image differs by up to 3 levels on
+// ~4 % of values (different IDCT / colour-conversion rounding).
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 // stb_image is compiled into this translation unit only. No stdio: every read goes through read_file so the
 // errors name the file consistently.
@@ -112,94 +109,54 @@ inline uint8_t clip8(int64_t acc) {
 
 std::string image_context(const std::string& source) { return source.empty() ? "<image bytes>" : source; }
 
-#if EQAT_WITH_LIBJPEG
-// JPEG through libjpeg-turbo with its defaults (islow IDCT, fancy upsampling), i.e. Pillow's decoder: on the
-// shared photos the system libjpeg-turbo 2.1 and Pillow's bundled one agree bit for bit, while stb_image
-// differs by up to 3 levels on ~4 % of values (different IDCT/colour-conversion rounding).
-struct JpegError {
-  jpeg_error_mgr mgr;
-  std::jmp_buf jump;
-  char message[JMSG_LENGTH_MAX];
-};
-
-[[noreturn]] void jpeg_fail(j_common_ptr cinfo) {
-  auto* err = reinterpret_cast<JpegError*>(cinfo->err);
-  (*cinfo->err->format_message)(cinfo, err->message);
-  std::longjmp(err->jump, 1);
+// True when the JPEG stream ends properly: an EOI marker (FF D9) after the last start-of-scan (FF DA). Inside
+// entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an FF D9 there is a real EOI; EXIF
+// thumbnails (with their own EOI) sit before the first SOS. libjpeg would only warn on a truncated stream and
+// fill the rest with grey; Pillow reports "image file is truncated" — so do we.
+bool jpeg_is_complete(const std::string& bytes) {
+  const size_t sos = bytes.rfind("\xFF\xDA");
+  return sos != std::string::npos && bytes.find("\xFF\xD9", sos) != std::string::npos;
 }
 
-void jpeg_message(j_common_ptr cinfo, int level) {
-  // Running out of data is a truncated file (Pillow: "image file is truncated"); libjpeg would only warn and
-  // fill the rest with grey. Other warnings (e.g. extraneous bytes) are ignored, as Pillow ignores them.
-  if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_fail(cinfo);
-}
-
-// Returns false when the stream is CMYK/YCCK (left to stb_image); throws InputError for corrupt input. Kept
-// free of objects with destructors between setjmp and longjmp.
-bool decode_jpeg_libjpeg(const std::string& bytes, const std::string& name, Image* img) {
-  jpeg_decompress_struct cinfo;
-  JpegError err;
-  cinfo.err = jpeg_std_error(&err.mgr);
-  err.mgr.error_exit = jpeg_fail;
-  err.mgr.emit_message = jpeg_message;
-  err.message[0] = '\0';
-  int dims_w = 0, dims_h = 0;
-  bool too_large = false, cmyk = false;
-  if (setjmp(err.jump) == 0) {
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()),
-                 static_cast<unsigned long>(bytes.size()));
-    jpeg_read_header(&cinfo, TRUE);
-    dims_w = static_cast<int>(cinfo.image_width);
-    dims_h = static_cast<int>(cinfo.image_height);
-    too_large = cinfo.image_width > static_cast<unsigned>(kMaxImageSide) ||
-                cinfo.image_height > static_cast<unsigned>(kMaxImageSide);
-    cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
-    if (!too_large && !cmyk) {
-      cinfo.out_color_space = JCS_RGB;  // gray is replicated, like PIL convert('RGB')
-      jpeg_start_decompress(&cinfo);
-      img->width = static_cast<int>(cinfo.output_width);
-      img->height = static_cast<int>(cinfo.output_height);
-      img->rgb.resize(static_cast<size_t>(img->width) * img->height * 3);
-      while (cinfo.output_scanline < cinfo.output_height) {
-        JSAMPROW row = &img->rgb[static_cast<size_t>(cinfo.output_scanline) * img->width * 3];
-        jpeg_read_scanlines(&cinfo, &row, 1);
-      }
-      jpeg_finish_decompress(&cinfo);
-    }
-    jpeg_destroy_decompress(&cinfo);
-  } else {
-    jpeg_destroy_decompress(&cinfo);
-    EQAT_CHECK(false, name, ": cannot decode JPEG (", err.message, ")");
-  }
-  EQAT_CHECK(!too_large, name, ": image is ", dims_w, "x", dims_h, ", larger than the ", kMaxImageSide,
-             " pixels per side this tool accepts");
-  if (cmyk) return false;
-  EQAT_CHECK(img->width > 0 && img->height > 0, name, ": image has no pixels");
+// Returns false for streams OpenCV cannot decode as 8-bit colour (left to stb_image for its error message).
+bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image* img) {
+  cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8UC1, const_cast<char*>(bytes.data()));
+  // IGNORE_ORIENTATION: PIL/LLaVA/transformers never apply EXIF rotation (LLAVA.md §3.1).
+  cv::Mat bgr = cv::imdecode(buf, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
+  if (bgr.empty() || bgr.type() != CV_8UC3) return false;
+  EQAT_CHECK(bgr.cols <= kMaxImageSide && bgr.rows <= kMaxImageSide, name, ": image is ", bgr.cols, "x", bgr.rows,
+             ", larger than the ", kMaxImageSide, " pixels per side this tool accepts");
+  cv::Mat rgb;
+  cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
+  img->width = rgb.cols;
+  img->height = rgb.rows;
+  img->rgb.resize(static_cast<size_t>(img->width) * img->height * 3);
+  for (int y = 0; y < rgb.rows; ++y)
+    std::copy(rgb.ptr<uint8_t>(y), rgb.ptr<uint8_t>(y) + rgb.cols * 3, img->rgb.data() + static_cast<size_t>(y) * rgb.cols * 3);
   return true;
 }
-#endif
 
 }  // namespace
 
-const char* jpeg_decoder() {
-#if EQAT_WITH_LIBJPEG
-  return "libjpeg-turbo";
-#else
-  return "stb_image";
-#endif
-}
+const char* jpeg_decoder() { return "libjpeg-turbo"; }  // through OpenCV's imdecode
 
 Image decode_image(const std::string& bytes, const std::string& source) {
   const std::string name = image_context(source);
   EQAT_CHECK(!bytes.empty(), name, ": empty file, not an image");
   EQAT_CHECK(bytes.size() <= static_cast<size_t>(INT32_MAX), name, ": file too large (", bytes.size(), " bytes)");
-#if EQAT_WITH_LIBJPEG
   if (bytes.size() >= 3 && bytes.compare(0, 3, "\xFF\xD8\xFF") == 0) {  // JPEG SOI + first marker
+    int w = 0, h = 0, comp = 0;
+    // Header first (stb), so absurd sizes are refused before anything allocates for them.
+    EQAT_CHECK(stbi_info_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()), static_cast<int>(bytes.size()),
+                                     &w, &h, &comp),
+               name, ": cannot decode JPEG (", stbi_failure_reason(), ")");
+    EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
+    EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
+               kMaxImageSide, " pixels per side this tool accepts");
+    EQAT_CHECK(jpeg_is_complete(bytes), name, ": JPEG file is truncated (no end-of-image marker after the last scan)");
     Image img;
-    if (decode_jpeg_libjpeg(bytes, name, &img)) return img;
+    if (decode_jpeg_opencv(bytes, name, &img)) return img;
   }
-#endif
   const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
   const int len = static_cast<int>(bytes.size());
   int w = 0, h = 0, comp = 0;

@@ -24,8 +24,8 @@ struct Image {
 // convert('RGB')). InputError naming the file for missing, truncated, corrupt, non-image or 0x0 input.
 Image load_image(const std::string& path);
 Image decode_image(const std::string& bytes, const std::string& source);
-// Which library decodes JPEG: "stb_image" (default; differs from Pillow by up to 3 levels on some pixels) or
-// "libjpeg-turbo" (built with EQAT_WITH_LIBJPEG=1 and linked to libjpeg: Pillow's decoder, bit-exact).
+// Which library decodes JPEG: "libjpeg-turbo" through OpenCV's imdecode (Pillow's decoder: bit-exact). Other
+// formats use stb_image (lossless formats decode identically everywhere).
 const char* jpeg_decoder();
 
 // Pillow Image.resize(..., BICUBIC) exactly (22-bit fixed point, horizontal first, uint8 intermediate).
