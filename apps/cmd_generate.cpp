@@ -139,6 +139,11 @@ LoadOptions load_options(const ParsedArgs& a) {
 
 }  // namespace
 
+int cmd_ask(const Argv& argv);
+int cmd_generate(const Argv& argv);
+const bool kRegistered = register_command("ask", cmd_ask, "answer a question about an image (LLaVA models)") &&
+                         register_command("generate", cmd_generate, "generate text from a prompt (Llama/LLaVA)");
+
 int cmd_ask(const Argv& argv) {
   CommandSpec spec{"ask", "eqat ask [--model DIR] --image FILE [options] \"QUESTION\"",
                    "Answers a question about an image with a LLaVA model; the answer streams to stdout.", {}, 1, 1};

@@ -17,6 +17,16 @@
 
 namespace eqat {
 
+int cmd_preprocess(const Argv& argv);
+int cmd_inspect(const Argv& argv);
+int cmd_convert(const Argv& argv);
+namespace {
+const bool kRegistered =
+    register_command("preprocess", cmd_preprocess, "write the pixel tensor exactly as the model sees it") &&
+    register_command("inspect", cmd_inspect, "describe a model directory") &&
+    register_command("convert", cmd_convert, "convert llama2.c checkpoints into an HF-style directory");
+}  // namespace
+
 int cmd_preprocess(const Argv& argv) {
   CommandSpec spec{"preprocess", "eqat preprocess [--model DIR] --image FILE --out FILE.safetensors",
                    "Writes the pixel tensor [1,3,S,S] float32 exactly as the model sees it (key 'pixel_values').",

@@ -8,12 +8,12 @@
 namespace eqat {
 
 using Argv = std::vector<std::string>;
+using CommandFn = int (*)(const Argv&);
 
-int cmd_ask(const Argv& args);
-int cmd_generate(const Argv& args);
-int cmd_preprocess(const Argv& args);
-int cmd_inspect(const Argv& args);
-int cmd_convert(const Argv& args);
+// Self-registration: each apps/cmd_*.cpp registers its subcommands with a file-scope
+//   static const bool registered = register_command("name", fn, "one-line summary");
+// so adding a command touches no shared file.
+bool register_command(const std::string& name, CommandFn fn, const std::string& summary);
 
 // The embedded default model directory (models/ in the source tree, or $EQAT_DEFAULT_MODEL); empty when absent.
 std::string default_model_dir();

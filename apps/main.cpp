@@ -14,27 +14,26 @@
 namespace {
 
 struct Entry {
-  int (*fn)(const eqat::Argv&);
-  const char* summary;
+  eqat::CommandFn fn;
+  std::string summary;
 };
 
-const std::map<std::string, Entry>& commands() {
-  static const std::map<std::string, Entry> m = {
-      {"ask", {eqat::cmd_ask, "answer a question about an image (LLaVA models)"}},
-      {"generate", {eqat::cmd_generate, "generate text from a prompt (any Llama/LLaVA model)"}},
-      {"preprocess", {eqat::cmd_preprocess, "write the pixel tensor exactly as the model sees it"}},
-      {"inspect", {eqat::cmd_inspect, "describe a model directory"}},
-      {"convert", {eqat::cmd_convert, "convert other formats (llama2.c) into an HF-style directory"}},
-  };
+std::map<std::string, Entry>& commands() {
+  static std::map<std::string, Entry> m;
   return m;
 }
 
 void print_usage(std::FILE* f) {
   std::fprintf(f, "usage: eqat <command> [options]   (eqat <command> --help for details)\n\ncommands:\n");
-  for (const auto& [name, e] : commands()) std::fprintf(f, "  %-12s %s\n", name.c_str(), e.summary);
+  for (const auto& [name, e] : commands()) std::fprintf(f, "  %-12s %s\n", name.c_str(), e.summary.c_str());
 }
 
 }  // namespace
+
+bool eqat::register_command(const std::string& name, CommandFn fn, const std::string& summary) {
+  commands()[name] = Entry{fn, summary};
+  return true;
+}
 
 int main(int argc, char** argv) {
   if (argc < 2) {
