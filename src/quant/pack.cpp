@@ -1,0 +1,119 @@
+#include "quant/pack.h"
+
+#include <ATen/ATen.h>
+
+#include "data/error.h"
+
+namespace eqat {
+
+bool packable_bits(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+
+void check_packable(int64_t N, int64_t K, int bits, int64_t group_size, const std::string& what) {
+  EQAT_CHECK(packable_bits(bits), what, ": bits must be 2, 3, 4 or 8 for packing, got ", bits);
+  EQAT_CHECK(group_size > 0 && K % group_size == 0, what, ": group size ", group_size,
+             " does not divide in_features ", K);
+  EQAT_CHECK((K * bits) % 32 == 0, what, ": in_features ", K, " x ", bits, " bits is not a multiple of 32 (",
+             "GPTQ packs whole int32 words along K)");
+  EQAT_CHECK((N * bits) % 32 == 0, what, ": out_features ", N, " x ", bits, " bits is not a multiple of 32 (",
+             "GPTQ packs zero points in whole int32 words along N)");
+}
+
+at::Tensor pack_rows(const at::Tensor& values, int bits) {
+  EQAT_ASSERT(values.dim() == 2 && packable_bits(bits), "pack_rows: values must be 2-D, bits 2/3/4/8");
+  const int64_t R = values.size(0), C = values.size(1);
+  EQAT_ASSERT((R * bits) % 32 == 0, "pack_rows: ", R, " rows x ", bits, " bits is not whole words");
+  at::Tensor v = values.to(at::kLong).contiguous();
+  at::Tensor out = at::zeros({R * bits / 32, C}, at::kInt);
+  const int64_t* src = v.data_ptr<int64_t>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t bit = r * bits, word = bit / 32, off = bit % 32;
+    for (int64_t c = 0; c < C; ++c) {
+      const uint32_t x = static_cast<uint32_t>(src[r * C + c]) & mask;
+      dst[word * C + c] |= x << off;
+      if (off + bits > 32) dst[(word + 1) * C + c] |= x >> (32 - off);  // straddles (3-bit only)
+    }
+  }
+  return out;
+}
+
+at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t rows) {
+  EQAT_ASSERT(packed.dim() == 2 && packable_bits(bits), "unpack_rows: packed must be 2-D, bits 2/3/4/8");
+  EQAT_ASSERT(packed.size(0) * 32 == rows * bits, "unpack_rows: ", packed.size(0), " words do not hold ", rows,
+              " rows of ", bits, " bits");
+  const int64_t C = packed.size(1);
+  at::Tensor p = packed.to(at::kInt).contiguous();
+  at::Tensor out = at::empty({rows, C}, at::kInt);
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>());
+  int32_t* dst = out.data_ptr<int32_t>();
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t bit = r * bits, word = bit / 32, off = bit % 32;
+    for (int64_t c = 0; c < C; ++c) {
+      uint32_t x = src[word * C + c] >> off;
+      if (off + bits > 32) x |= src[(word + 1) * C + c] << (32 - off);
+      dst[r * C + c] = static_cast<int32_t>(x & mask);
+    }
+  }
+  return out;
+}
+
+GptqTensors pack_gptq(const at::Tensor& q, const at::Tensor& zeros, const at::Tensor& scales, int bits,
+                      int64_t group_size, c10::ScalarType scale_dtype) {
+  EQAT_ASSERT(q.dim() == 2, "q must be [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  check_packable(N, K, bits, group_size, "pack");
+  const int64_t G = K / group_size;
+  EQAT_ASSERT(zeros.sizes() == at::IntArrayRef({N, G}) && scales.sizes() == at::IntArrayRef({N, G}),
+              "zeros/scales must be [N, G] = [", N, ", ", G, "]");
+  const int64_t qmax = (1 << bits) - 1;
+  auto check_range = [&](const at::Tensor& t, const char* what) {
+    at::Tensor tl = t.to(at::kLong);
+    EQAT_CHECK(!t.is_floating_point() || at::equal(t, t.round()), "pack: ", what, " are not integers");
+    EQAT_CHECK(tl.min().item<int64_t>() >= 0 && tl.max().item<int64_t>() <= qmax, "pack: ", what,
+               " outside [0, ", qmax, "] for ", bits, "-bit (min ", tl.min().item<int64_t>(), ", max ",
+               tl.max().item<int64_t>(), ")");
+  };
+  check_range(q, "weight integers");
+  check_range(zeros, "zero points");
+  GptqTensors t;
+  t.qweight = pack_rows(q.t(), bits);      // [K·b/32, N]
+  t.qzeros = pack_rows(zeros, bits).t().contiguous();  // [G, N·b/32]
+  t.scales = scales.t().contiguous().to(scale_dtype);  // [G, N]
+  t.g_idx = at::arange(K, at::kLong).div(group_size, "floor").to(at::kInt);
+  return t;
+}
+
+std::pair<at::Tensor, at::Tensor> unpack_gptq(const GptqTensors& t, int bits) {
+  const int64_t N = t.qweight.size(1), K = t.qweight.size(0) * 32 / bits;
+  at::Tensor q = unpack_rows(t.qweight, bits, K).t().contiguous();                 // [N, K]
+  at::Tensor z = unpack_rows(t.qzeros.t().contiguous(), bits, N).contiguous();      // [N, G]
+  return {q, z};
+}
+
+at::Tensor dequantize_gptq(const GptqTensors& t, int bits) {
+  auto [q, z] = unpack_gptq(t, bits);  // [N, K], [N, G]
+  at::Tensor gi = t.g_idx.to(at::kLong);
+  at::Tensor zk = z.index_select(1, gi).to(at::kFloat);                    // [N, K]
+  at::Tensor sk = t.scales.t().to(at::kFloat).index_select(1, gi);          // [N, K]
+  return (q.to(at::kFloat) - zk) * sk;
+}
+
+at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, const std::string& what) {
+  const int64_t G = qzeros_v2.size(0), N = qzeros_v2.size(1) * 32 / bits;
+  at::Tensor z = unpack_rows(qzeros_v2.t().contiguous(), bits, N);  // [N, G]
+  EQAT_CHECK(z.min().item<int>() >= 1, what, ": a zero point of 0 cannot be stored in GPTQ v1 (it stores zero − 1); ",
+             "use --format gptq-v2 (the default)");
+  (void)G;
+  return pack_rows(z - 1, bits).t().contiguous();
+}
+
+at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits) {
+  const int64_t N = qzeros_v1.size(1) * 32 / bits;
+  at::Tensor z = unpack_rows(qzeros_v1.t().contiguous(), bits, N);
+  // v1 of a zero point Z stores (Z − 1) mod 2^b; adding 1 back wraps the same way.
+  return pack_rows((z + 1).remainder(1 << bits), bits).t().contiguous();
+}
+
+}  // namespace eqat

@@ -1,0 +1,80 @@
+// GPTQ packing: bit-exact round trips, the documented 3-bit word layout, range checks, v1/v2 zero conversion.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "data/error.h"
+#include "quant/pack.h"
+
+using namespace eqat;
+
+namespace {
+at::Tensor rand_ints(int64_t r, int64_t c, int bits, uint64_t seed) {
+  at::manual_seed(seed);
+  return at::randint(0, 1 << bits, {r, c}, at::kInt);
+}
+}  // namespace
+
+TEST(Pack, RoundTripIsBitExactForEveryWidth) {
+  for (int bits : {2, 3, 4, 8}) {
+    const int64_t N = 96, K = 128, g = 32, G = K / g;
+    at::Tensor q = rand_ints(N, K, bits, bits), z = rand_ints(N, G, bits, 100 + bits);
+    at::Tensor s = at::rand({N, G}) + 0.01;
+    GptqTensors t = pack_gptq(q, z, s, bits, g);
+    EXPECT_EQ(t.qweight.sizes(), at::IntArrayRef({K * bits / 32, N}));
+    EXPECT_EQ(t.qzeros.sizes(), at::IntArrayRef({G, N * bits / 32}));
+    EXPECT_EQ(t.scales.scalar_type(), at::kHalf);
+    auto [q2, z2] = unpack_gptq(t, bits);
+    EXPECT_TRUE(at::equal(q2, q)) << bits;
+    EXPECT_TRUE(at::equal(z2, z)) << bits;
+    // Dequant formula: W[n,k] = s[n,k/g]·(q[n,k] − z[n,k/g]) with fp16-rounded scales.
+    at::Tensor gi = at::arange(K, at::kLong).div(g, "floor");
+    at::Tensor ref = (q.to(at::kFloat) - z.index_select(1, gi).to(at::kFloat)) *
+                     s.to(at::kHalf).to(at::kFloat).index_select(1, gi);
+    EXPECT_TRUE(at::equal(dequantize_gptq(t, bits), ref)) << bits;
+  }
+}
+
+TEST(Pack, FourBitNibblesAreLsbFirst) {
+  at::Tensor q = at::arange(8, at::kInt).view({1, 8}).repeat({32, 1});  // column n = values 0..7 along K
+  GptqTensors t = pack_gptq(q, at::zeros({32, 1}, at::kInt), at::ones({32, 1}), 4, 8);
+  EXPECT_EQ(static_cast<uint32_t>(t.qweight[0][0].item<int32_t>()), 0x76543210u);
+}
+
+TEST(Pack, ThreeBitUsesGptqDenseLayout) {
+  // 32 values of 3 bits in 3 words: value 10 straddles words 0/1 (low 2 bits at bits 30-31 of word 0, top bit at
+  // bit 0 of word 1); value 21 straddles words 1/2 (low bit at bit 31 of word 1, top 2 bits at bits 0-1 of word 2).
+  at::Tensor col = at::zeros({32, 1}, at::kInt);
+  col[10][0] = 0b101;
+  col[21][0] = 0b011;
+  at::Tensor q = col.t().repeat({32, 1});  // [N=32, K=32]
+  GptqTensors t = pack_gptq(q, at::zeros({32, 1}, at::kInt), at::ones({32, 1}), 3, 32);
+  ASSERT_EQ(t.qweight.size(0), 3);
+  auto w = [&](int i) { return static_cast<uint32_t>(t.qweight[i][0].item<int32_t>()); };
+  EXPECT_EQ(w(0), 0b01u << 30);
+  EXPECT_EQ(w(1), (1u << 0) | (1u << 31));
+  EXPECT_EQ(w(2), 0b01u);
+}
+
+TEST(Pack, OutOfRangeIntegersAreRejected) {
+  at::Tensor q = at::full({32, 32}, 4, at::kInt);  // 4 does not fit in 2 bits
+  EXPECT_THROW(pack_gptq(q, at::zeros({32, 1}, at::kInt), at::ones({32, 1}), 2, 32), InputError);
+  EXPECT_THROW(pack_gptq(at::zeros({32, 32}, at::kInt), at::full({32, 1}, -1, at::kInt), at::ones({32, 1}), 2, 32),
+               InputError);
+  EXPECT_THROW(check_packable(32, 100, 4, 32, "layer"), InputError);  // group does not divide K
+  EXPECT_THROW(check_packable(20, 64, 3, 32, "layer"), InputError);   // 20·3 bits not whole words
+}
+
+TEST(Pack, ZeroPointFormatConversion) {
+  const int bits = 2;
+  at::Tensor z = at::randint(1, 4, {64, 2}, at::kInt);
+  GptqTensors t = pack_gptq(at::zeros({64, 64}, at::kInt), z, at::ones({64, 2}), bits, 32);
+  at::Tensor v1 = qzeros_v2_to_v1(t.qzeros, bits, "layer");
+  EXPECT_TRUE(at::equal(qzeros_v1_to_v2(v1, bits), t.qzeros));
+  // Symmetric-style zero 2 stores 1 in every 2-bit field of v1: 0x55555555.
+  GptqTensors sym = pack_gptq(at::zeros({64, 64}, at::kInt), at::full({64, 2}, 2, at::kInt), at::ones({64, 2}), 2, 32);
+  EXPECT_EQ(static_cast<uint32_t>(qzeros_v2_to_v1(sym.qzeros, 2, "x")[0][0].item<int32_t>()), 0x55555555u);
+  at::Tensor z0 = z.clone();
+  z0[3][1] = 0;
+  GptqTensors t0 = pack_gptq(at::zeros({64, 64}, at::kInt), z0, at::ones({64, 2}), bits, 32);
+  EXPECT_THROW(qzeros_v2_to_v1(t0.qzeros, bits, "layer"), InputError);
+}
