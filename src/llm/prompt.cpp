@@ -73,4 +73,26 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
   return ids;
 }
 
+TokenizedConversation tokenize_conversation(const Tokenizer& tok, const std::vector<Turn>& turns, bool with_image,
+                                            int64_t image_token_id, int64_t image_tokens) {
+  EQAT_CHECK(!turns.empty(), "conversation has no turns");
+  TokenizedConversation out;
+  for (size_t i = 0; i < turns.size(); ++i) {
+    std::vector<int64_t> prompt_ids;
+    if (i == 0) {
+      prompt_ids = tokenize_prompt(tok, render_prompt(PromptTemplate::kLlava15, turns[0].user, with_image),
+                                   image_token_id, image_tokens);
+    } else {
+      prompt_ids = tok.encode("USER: " + turns[i].user + " ASSISTANT:", /*add_bos=*/false);
+    }
+    out.ids.insert(out.ids.end(), prompt_ids.begin(), prompt_ids.end());
+    out.is_answer.insert(out.is_answer.end(), prompt_ids.size(), 0);
+    std::vector<int64_t> answer = tok.encode(turns[i].assistant, /*add_bos=*/false);
+    answer.push_back(tok.eos_id());
+    out.ids.insert(out.ids.end(), answer.begin(), answer.end());
+    out.is_answer.insert(out.is_answer.end(), answer.size(), 1);
+  }
+  return out;
+}
+
 }  // namespace eqat

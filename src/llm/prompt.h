@@ -33,4 +33,22 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
 
 size_t count_image_markers(const std::string& prompt);
 
+// One user/assistant exchange of a conversation (LLaVA instruction JSON: human/gpt turns).
+struct Turn {
+  std::string user;
+  std::string assistant;
+};
+struct TokenizedConversation {
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> is_answer;  // 1 on assistant tokens (answer + its EOS): the positions trained on
+};
+// THE tokenization for training and calibration on instruction data (train-tiny, Block-AP calibration, E2E-QP),
+// so training and inference prompts agree. Renders LLaVA-1.5's vicuna_v1 conversation:
+//   "{system} USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>…"
+// The first user turn gets "<image>\n" when with_image (its own "<image>" markers are removed). Each prompt part
+// ("… ASSISTANT:") is tokenized with tokenize_prompt rules, each answer separately (its dummy-prefix ▁ is the space
+// after "ASSISTANT:"), followed by EOS. The prefix of turn 1 is exactly what `eqat ask` feeds the model.
+TokenizedConversation tokenize_conversation(const Tokenizer& tok, const std::vector<Turn>& turns, bool with_image,
+                                            int64_t image_token_id, int64_t image_tokens);
+
 }  // namespace eqat

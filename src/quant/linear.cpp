@@ -1,6 +1,7 @@
 #include "quant/linear.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include "data/error.h"
 
@@ -13,12 +14,117 @@ QuantLinearImpl::QuantLinearImpl(int64_t in_features, int64_t out_features, bool
   if (with_bias) bias = register_parameter("bias", at::empty({out_features}));
 }
 
+at::Tensor QuantLinearImpl::set_tensor(const std::string& name, const at::Tensor& value, bool is_buffer) {
+  auto dict = is_buffer ? named_buffers(false) : named_parameters(false);  // shallow handles to the registered tensors
+  at::Tensor* existing = dict.find(name);
+  if (existing) {
+    c10::NoGradGuard g;
+    existing->set_data(value);
+    existing->set_requires_grad(!is_buffer && value.requires_grad());
+    return *existing;
+  }
+  return is_buffer ? register_buffer(name, value) : register_parameter(name, value, value.requires_grad());
+}
+
 at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
+  if (input_observer) input_observer(x);
+  const c10::optional<at::Tensor> b = bias.defined() ? c10::optional<at::Tensor>(bias.to(x.scalar_type())) : c10::nullopt;
   switch (mode_) {
     case LinearMode::kFloat:
-      return at::linear(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+      return at::linear(x, weight, b);
+    case LinearMode::kFakeQuant:
+      return at::linear(x, fake_quantize(weight, weight_scale, weight_zero, spec_).to(x.scalar_type()), b);
+    case LinearMode::kPacked:
+      return at::linear(x, packed_weight(x.scalar_type()), b);
     case LinearMode::kCount:
       break;
+  }
+  EQAT_ASSERT(false, "invalid linear mode");
+}
+
+at::Tensor QuantLinearImpl::packed_weight(c10::ScalarType dtype) {
+  if (scales.requires_grad()) {
+    // E2E-QP: Ŵ = (q − z)·s with s trainable; (q − z) is fixed, so cache it once.
+    if (!q_minus_z_.defined()) {
+      c10::NoGradGuard g;
+      auto [q, z] = unpack_gptq(packed(), spec_.bits);
+      at::Tensor gi = g_idx.to(at::kLong);
+      q_minus_z_ = (q.to(at::kFloat) - z.index_select(1, gi).to(at::kFloat)).to(scales.device());
+    }
+    return (q_minus_z_ * scales.t().index_select(1, g_idx.to(at::kLong).to(scales.device()))).to(dtype);
+  }
+  if (!dequant_.defined() || dequant_.scalar_type() != dtype) {
+    c10::NoGradGuard g;
+    dequant_ = dequantize_gptq(packed(), spec_.bits).to(qweight.device(), dtype);
+  }
+  return dequant_;
+}
+
+void QuantLinearImpl::to_fake_quant(const QuantSpec& spec) {
+  EQAT_ASSERT(mode_ == LinearMode::kFloat, "to_fake_quant from a non-float linear");
+  spec_ = spec;
+  auto [s, z] = minmax_init(weight.detach(), spec);
+  weight_scale = set_tensor("weight_scale", s, false);
+  weight_zero = set_tensor("weight_zero", z, false);
+  mode_ = LinearMode::kFakeQuant;
+}
+
+void QuantLinearImpl::to_packed(c10::ScalarType scale_dtype) {
+  c10::NoGradGuard g;
+  EQAT_ASSERT(mode_ == LinearMode::kFakeQuant, "to_packed needs fake-quant mode (call to_fake_quant first)");
+  QuantizedWeight qw = quantize_integers(weight, weight_scale, weight_zero, spec_);
+  GptqTensors t = pack_gptq(qw.q, qw.zero, qw.scale, spec_.bits, spec_.group_for(in_features_), scale_dtype);
+  set_packed(t, spec_);
+}
+
+void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
+  c10::NoGradGuard g;
+  spec_ = spec;
+  const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
+  check_packable(N, K, spec.bits, spec.group_for(K), "linear");
+  EQAT_CHECK(t.qweight.sizes() == at::IntArrayRef({K * spec.bits / 32, N}) &&
+                 t.qzeros.sizes() == at::IntArrayRef({G, N * spec.bits / 32}) &&
+                 t.scales.sizes() == at::IntArrayRef({G, N}) && t.g_idx.sizes() == at::IntArrayRef({K}),
+             "packed tensors do not match a ", N, "x", K, " linear at ", spec.tag());
+  const auto dev = weight.device();
+  qweight = set_tensor("qweight", t.qweight.to(dev), true);
+  qzeros = set_tensor("qzeros", t.qzeros.to(dev), true);
+  g_idx = set_tensor("g_idx", t.g_idx.to(dev), true);
+  scales = set_tensor("scales", t.scales.to(dev).detach(), false);
+  scales.set_requires_grad(false);
+  weight.set_data(at::empty({0}, weight.options()));
+  weight.set_requires_grad(false);
+  if (weight_scale.defined()) {
+    weight_scale.set_data(at::empty({0}, weight_scale.options()));
+    weight_zero.set_data(at::empty({0}, weight_zero.options()));
+    weight_scale.set_requires_grad(false);
+    weight_zero.set_requires_grad(false);
+  }
+  q_minus_z_ = at::Tensor();
+  dequant_ = at::Tensor();
+  mode_ = LinearMode::kPacked;
+}
+
+void QuantLinearImpl::init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype) {
+  const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
+  GptqTensors t{at::zeros({K * spec.bits / 32, N}, at::kInt), at::zeros({G, N * spec.bits / 32}, at::kInt),
+                at::ones({G, N}, scale_dtype), at::arange(K, at::kLong).div(spec.group_for(K), "floor").to(at::kInt)};
+  set_packed(t, spec);
+}
+
+void QuantLinearImpl::set_float_weight(const at::Tensor& W) {
+  EQAT_ASSERT(W.sizes() == at::IntArrayRef({out_features_, in_features_}), "set_float_weight shape");
+  c10::NoGradGuard g;
+  weight.set_data(W);
+  mode_ = LinearMode::kFloat;
+}
+
+at::Tensor QuantLinearImpl::effective_weight() {
+  switch (mode_) {
+    case LinearMode::kFloat: return weight;
+    case LinearMode::kFakeQuant: return fake_quantize(weight, weight_scale, weight_zero, spec_);
+    case LinearMode::kPacked: return packed_weight(at::kFloat);
+    case LinearMode::kCount: break;
   }
   EQAT_ASSERT(false, "invalid linear mode");
 }

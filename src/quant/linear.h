@@ -1,19 +1,25 @@
 // QuantLinear: the one pluggable linear layer of eqat (HOUSE_STYLE.md rule 4). Every linear in the Llama decoder,
 // the CLIP tower and the projector is a QuantLinear, so the same model code runs in every mode:
-//   kFloat      — y = x·Wᵀ + b with a float weight (the reference; what checkpoints load into).
-// The quantization issue adds kFakeQuant (learnable W, s, z; Block-AP) and kPacked (frozen integers, learnable
-// scales; E2E-QP and serving) to this module — parameter names stay HF's (`weight`, `bias`), so
-// named_parameters() equals the checkpoint key set in float mode.
+//   kFloat      y = x·Wᵀ + b. Parameters: weight [N, K], bias [N]. What checkpoints load into.
+//   kFakeQuant  y = x·Ŵᵀ + b, Ŵ = fake_quantize(W, s, z) (Block-AP: W, s, z all trainable).
+//               Extra parameters: weight_scale, weight_zero [N, G].
+//   kPacked     frozen integers in the GPTQ layout (pack.h): buffers qweight, qzeros, g_idx; parameter scales [G, N]
+//               (trainable in E2E-QP; ∂Ŵ/∂s = q − z). `weight` is emptied. Names match GPTQ checkpoints.
+// Legend: N out_features, K in_features, G groups per row.
 #pragma once
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <functional>
+
+#include "quant/pack.h"
+#include "quant/quantizer.h"
 
 namespace eqat {
 
-enum class LinearMode { kFloat, kCount };
+enum class LinearMode { kFloat, kFakeQuant, kPacked, kCount };
 
 class QuantLinearImpl : public torch::nn::Module {
  public:
@@ -21,19 +27,46 @@ class QuantLinearImpl : public torch::nn::Module {
   // checkpoint, which replaces them, or initialised explicitly by a trainer.
   QuantLinearImpl(int64_t in_features, int64_t out_features, bool bias);
 
-  // x: [..., in] -> [..., out]
+  // x: [..., K] -> [..., N]
   at::Tensor forward(const at::Tensor& x);
+
+  // float -> fake-quant: s, z from min–max over the current weight (computed in the weight's dtype).
+  void to_fake_quant(const QuantSpec& spec);
+  // fake-quant (or float: round-to-nearest with min–max) -> packed. Scales are kept in `scale_dtype`.
+  void to_packed(c10::ScalarType scale_dtype);
+  // Packed mode from given integers (GPTQ baseline, checkpoint load). Shapes are checked against the module.
+  void set_packed(const GptqTensors& t, const QuantSpec& spec);
+  // Packed mode with empty tensors of the right shapes, to be filled by the checkpoint loader.
+  void init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype);
+  // Back to float mode with a given weight (e.g. GPTQ's updated weights during calibration).
+  void set_float_weight(const at::Tensor& W);
+
+  // The weight this module effectively multiplies by, [N, K] (dequantized in packed mode, Ŵ in fake-quant).
+  at::Tensor effective_weight();
+  GptqTensors packed() const { return {qweight, qzeros, scales, g_idx}; }
 
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
   LinearMode mode() const { return mode_; }
+  const QuantSpec& spec() const { return spec_; }
 
-  at::Tensor weight;  // [out, in]
-  at::Tensor bias;    // [out] or undefined
+  // Optional tap on the input of every forward (GPTQ collects its Hessian from it).
+  std::function<void(const at::Tensor& x)> input_observer;
+
+  at::Tensor weight;  // [N, K] (empty in packed mode)
+  at::Tensor bias;    // [N] or undefined
+  at::Tensor weight_scale, weight_zero;          // fake-quant: [N, G]
+  at::Tensor qweight, qzeros, g_idx, scales;     // packed: GPTQ layout, scales [G, N]
 
  private:
+  at::Tensor set_tensor(const std::string& name, const at::Tensor& value, bool is_buffer);
+  at::Tensor packed_weight(c10::ScalarType dtype);
+
   int64_t in_features_, out_features_;
   LinearMode mode_ = LinearMode::kFloat;
+  QuantSpec spec_;
+  at::Tensor q_minus_z_;  // packed: (q − z) [N, K] float, cached for training scales
+  at::Tensor dequant_;    // packed: cached dequantized weight for inference (CPU reference path)
 };
 TORCH_MODULE(QuantLinear);
 

@@ -1,0 +1,45 @@
+// EfficientQAT's quantizer (EFFICIENTQAT.md §1): asymmetric, unsigned, per-group along the input dimension.
+//   groups: contiguous runs of g input columns of one output row; W [N, K] -> G = K/g groups per row.
+//   init (min–max, in the weight's own dtype): s = clamp((max−min)/(2^b−1), 1e-4, 1e4), z = round(clamp(−min/s, ±1e4))
+//   fake quant (Block-AP):  s' = ste_clamp(s, 1e-4, 1e4); z' = ste_clamp(ste_round(z), 0, qmax)
+//                           q = clamp(ste_round(W/s') + z', 0, qmax)   (a real clamp: zero gradient outside)
+//                           Ŵ = (q − z')·s'
+// Legend: N out_features, K in_features, g group size, G = K/g.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace eqat {
+
+struct QuantSpec {
+  int bits = 4;
+  int64_t group_size = 128;  // -1: per channel (one group per output row)
+  int64_t qmax() const { return (int64_t{1} << bits) - 1; }
+  // The concrete group length for in_features K.
+  int64_t group_for(int64_t K) const { return group_size < 0 ? K : group_size; }
+  std::string tag() const;  // e.g. "w4g128", "w2g-1"
+};
+
+constexpr double kScaleMin = 1e-4, kScaleMax = 1e4;
+
+// Min–max initialisation. W [N, K] (any float dtype; arithmetic in that dtype, as the reference does in fp16).
+// Returns (s, z) each [N, G] in W's dtype; z is rounded but NOT clamped to [0, qmax] (the forward clamps it).
+std::pair<at::Tensor, at::Tensor> minmax_init(const at::Tensor& W, const QuantSpec& spec);
+
+// Differentiable fake quantization (STE rules above). W [N, K], s/z [N, G] -> Ŵ [N, K].
+at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
+
+// The integers the fake quantizer produces, for packing: q [N, K] int32 in [0, qmax], zero [N, G] int32 in
+// [0, qmax] (clamped — the reference's packer does not clamp, pitfall P6), scale [N, G] (clamped to its range).
+struct QuantizedWeight {
+  at::Tensor q, zero, scale;
+};
+QuantizedWeight quantize_integers(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
+
+// Ŵ from integers: (q − zero)·scale, [N, K] float32.
+at::Tensor dequantize_integers(const QuantizedWeight& qw, int64_t group_size);
+
+}  // namespace eqat
