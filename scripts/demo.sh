@@ -13,9 +13,10 @@ hr() { printf '\n== %s ==\n' "$1"; }
 if [[ -d "$ROOT/models/shapes-llava" ]]; then
   hr "eqat ask with the embedded default model"
   for img in "$ROOT"/models/shapes-llava/demo/*.png; do
-    q="What shapes are in the picture?"
-    printf 'image: %s\nQ: %s\nA: ' "${img#$ROOT/}" "$q"
-    "$EQAT" ask --image "$img" --max-new-tokens 48 "$q" 2>/dev/null
+    for q in "Describe the image in one sentence." "How many shapes are there?"; do
+      printf 'image: %s\nQ: %s\nA: ' "${img#$ROOT/}" "$q"
+      "$EQAT" ask --image "$img" --max-new-tokens 48 "$q" 2>/dev/null
+    done
   done
 else
   hr "embedded default model"

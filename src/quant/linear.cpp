@@ -44,6 +44,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
 
 at::Tensor QuantLinearImpl::packed_weight(c10::ScalarType dtype) {
   if (scales.requires_grad()) {
+    dequant_ = at::Tensor();  // the scales are changing: the inference cache is stale
     // E2E-QP: Ŵ = (q − z)·s with s trainable; (q − z) is fixed, so cache it once.
     if (!q_minus_z_.defined()) {
       c10::NoGradGuard g;
@@ -82,8 +83,8 @@ void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
   spec_ = spec;
   const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
   check_packable(N, K, spec.bits, spec.group_for(K), "linear");
-  EQAT_CHECK(t.qweight.sizes() == at::IntArrayRef({K * spec.bits / 32, N}) &&
-                 t.qzeros.sizes() == at::IntArrayRef({G, N * spec.bits / 32}) &&
+  EQAT_CHECK(t.qweight.sizes() == at::IntArrayRef({packed_words(K, spec.bits), N}) &&
+                 t.qzeros.sizes() == at::IntArrayRef({G, packed_words(N, spec.bits)}) &&
                  t.scales.sizes() == at::IntArrayRef({G, N}) && t.g_idx.sizes() == at::IntArrayRef({K}),
              "packed tensors do not match a ", N, "x", K, " linear at ", spec.tag());
   const auto dev = weight.device();
@@ -107,7 +108,7 @@ void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
 
 void QuantLinearImpl::init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype) {
   const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
-  GptqTensors t{at::zeros({K * spec.bits / 32, N}, at::kInt), at::zeros({G, N * spec.bits / 32}, at::kInt),
+  GptqTensors t{at::zeros({packed_words(K, spec.bits), N}, at::kInt), at::zeros({G, packed_words(N, spec.bits)}, at::kInt),
                 at::ones({G, N}, scale_dtype), at::arange(K, at::kLong).div(spec.group_for(K), "floor").to(at::kInt)};
   set_packed(t, spec);
 }

@@ -12,18 +12,16 @@ void check_packable(int64_t N, int64_t K, int bits, int64_t group_size, const st
   EQAT_CHECK(packable_bits(bits), what, ": bits must be 2, 3, 4 or 8 for packing, got ", bits);
   EQAT_CHECK(group_size > 0 && K % group_size == 0, what, ": group size ", group_size,
              " does not divide in_features ", K);
-  EQAT_CHECK((K * bits) % 32 == 0, what, ": in_features ", K, " x ", bits, " bits is not a multiple of 32 (",
-             "GPTQ packs whole int32 words along K)");
-  EQAT_CHECK((N * bits) % 32 == 0, what, ": out_features ", N, " x ", bits, " bits is not a multiple of 32 (",
-             "GPTQ packs zero points in whole int32 words along N)");
+  EQAT_CHECK(N > 0 && K > 0, what, ": empty weight ", N, "x", K);
 }
+
+int64_t packed_words(int64_t rows, int bits) { return (rows * bits + 31) / 32; }
 
 at::Tensor pack_rows(const at::Tensor& values, int bits) {
   EQAT_ASSERT(values.dim() == 2 && packable_bits(bits), "pack_rows: values must be 2-D, bits 2/3/4/8");
   const int64_t R = values.size(0), C = values.size(1);
-  EQAT_ASSERT((R * bits) % 32 == 0, "pack_rows: ", R, " rows x ", bits, " bits is not whole words");
   at::Tensor v = values.to(at::kLong).contiguous();
-  at::Tensor out = at::zeros({R * bits / 32, C}, at::kInt);
+  at::Tensor out = at::zeros({packed_words(R, bits), C}, at::kInt);  // a partial last word is zero-filled
   const int64_t* src = v.data_ptr<int64_t>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const uint32_t mask = (1u << bits) - 1u;
@@ -40,8 +38,8 @@ at::Tensor pack_rows(const at::Tensor& values, int bits) {
 
 at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t rows) {
   EQAT_ASSERT(packed.dim() == 2 && packable_bits(bits), "unpack_rows: packed must be 2-D, bits 2/3/4/8");
-  EQAT_ASSERT(packed.size(0) * 32 == rows * bits, "unpack_rows: ", packed.size(0), " words do not hold ", rows,
-              " rows of ", bits, " bits");
+  EQAT_ASSERT(packed.size(0) == packed_words(rows, bits), "unpack_rows: ", packed.size(0), " words do not hold ",
+              rows, " rows of ", bits, " bits");
   const int64_t C = packed.size(1);
   at::Tensor p = packed.to(at::kInt).contiguous();
   at::Tensor out = at::empty({rows, C}, at::kInt);
@@ -86,7 +84,7 @@ GptqTensors pack_gptq(const at::Tensor& q, const at::Tensor& zeros, const at::Te
 }
 
 std::pair<at::Tensor, at::Tensor> unpack_gptq(const GptqTensors& t, int bits) {
-  const int64_t N = t.qweight.size(1), K = t.qweight.size(0) * 32 / bits;
+  const int64_t N = t.scales.size(1), K = t.g_idx.size(0);
   at::Tensor q = unpack_rows(t.qweight, bits, K).t().contiguous();                 // [N, K]
   at::Tensor z = unpack_rows(t.qzeros.t().contiguous(), bits, N).contiguous();      // [N, G]
   return {q, z};
@@ -100,17 +98,14 @@ at::Tensor dequantize_gptq(const GptqTensors& t, int bits) {
   return (q.to(at::kFloat) - zk) * sk;
 }
 
-at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, const std::string& what) {
-  const int64_t G = qzeros_v2.size(0), N = qzeros_v2.size(1) * 32 / bits;
+at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, int64_t N, const std::string& what) {
   at::Tensor z = unpack_rows(qzeros_v2.t().contiguous(), bits, N);  // [N, G]
   EQAT_CHECK(z.min().item<int>() >= 1, what, ": a zero point of 0 cannot be stored in GPTQ v1 (it stores zero − 1); ",
              "use --format gptq-v2 (the default)");
-  (void)G;
   return pack_rows(z - 1, bits).t().contiguous();
 }
 
-at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits) {
-  const int64_t N = qzeros_v1.size(1) * 32 / bits;
+at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits, int64_t N) {
   at::Tensor z = unpack_rows(qzeros_v1.t().contiguous(), bits, N);
   // v1 of a zero point Z stores (Z − 1) mod 2^b; adding 1 back wraps the same way.
   return pack_rows((z + 1).remainder(1 << bits), bits).t().contiguous();

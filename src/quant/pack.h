@@ -1,10 +1,10 @@
 // GPTQ packed-weight layout (the export format and what the kernels consume; KERNELS.md §3.1).
 // For a linear W [N=out, K=in] quantized with b bits in groups of g input columns (G = K/g groups):
-//   qweight int32 [K·b/32, N]  input rows packed into a dense LSB-first bitstream per output column: value k of
+//   qweight int32 [⌈K·b/32⌉, N]  input rows packed into a dense LSB-first bitstream per output column: value k of
 //                              column n occupies bits [k·b, k·b+b) of the stream made of words qweight[:, n].
 //                              For b = 2/4/8 that is 32/b whole values per word; for b = 3 it is GPTQ's dense
 //                              3-bit packing (32 values in 3 words, values 10 and 21 straddle word boundaries).
-//   qzeros  int32 [G, N·b/32]  zero points, packed the same way along N per group row.
+//   qzeros  int32 [G, ⌈N·b/32⌉]  zero points, packed the same way along N per group row.
 //   scales  fp16  [G, N]       step sizes.
 //   g_idx   int32 [K]          group of each input row (k / g; no act-order).
 // Dequant: W[n, k] = scales[g_idx[k], n] · (q[k, n] − Z[g_idx[k], n]), where Z is the stored zero in
@@ -29,7 +29,11 @@ struct GptqTensors {
 // True when `bits` has a packed layout (2, 3, 4, 8).
 bool packable_bits(int bits);
 
-// Checks that a [N, K] weight can be packed with `bits`/`group_size` (K % g == 0, K·b and N·b multiples of 32).
+// Words needed for `rows` values of `bits`: ceil(rows·b/32). Dimensions that are not whole words (e.g. stories260K's
+// 172-wide FFN) get a zero-filled partial last word, as EfficientQAT's ceil(K/(32/b)) rows do.
+int64_t packed_words(int64_t rows, int bits);
+
+// Checks that a [N, K] weight can be packed with `bits`/`group_size` (K % g == 0).
 // InputError naming `what` (e.g. the module name) otherwise.
 void check_packable(int64_t N, int64_t K, int bits, int64_t group_size, const std::string& what);
 
@@ -50,7 +54,8 @@ at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t rows);
 
 // v2 <-> v1 zero conversion on packed qzeros: v1 stores Z − 1. v2→v1 requires every Z ≥ 1 (InputError otherwise,
 // naming `what`); v1→v2 adds 1 back.
-at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, const std::string& what);
-at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits);
+// N = out_features (the number of fields; a partial last word holds padding).
+at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, int64_t N, const std::string& what);
+at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits, int64_t N);
 
 }  // namespace eqat

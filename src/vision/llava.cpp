@@ -88,28 +88,71 @@ std::string shape_str(at::IntArrayRef s) {
   return out + "]";
 }
 
-void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, const std::string& layout,
-                  c10::ScalarType dtype, c10::Device device, const std::string& dir) {
-  c10::NoGradGuard no_grad;
-  for (auto& item : module.named_parameters(/*recurse=*/true)) {
-    std::string key = rewrite_key(item.key(), layout);
-    // transformers 5 saves the CLIP tower without the inner "vision_model." level.
-    if (!ckpt.has(key) && key.find("vision_tower.vision_model.") != std::string::npos) {
-      std::string alt = key;
-      alt.erase(alt.find("vision_model."), std::string("vision_model.").size());
-      if (ckpt.has(alt)) key = alt;
-    }
-    EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
-    at::Tensor t = ckpt.get(key);
-    at::Tensor& p = item.value();
-    EQAT_CHECK(t.sizes() == p.sizes(), dir, ": tensor '", key, "' has shape ", shape_str(t.sizes()),
-               ", the config expects ", shape_str(p.sizes()));
+}  // namespace
+
+std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key, bool multimodal) {
+  if (!multimodal) return module_key;
+  const std::string layout = ckpt.has("model.language_model.embed_tokens.weight") ? "hf-new" : "hf-old";
+  std::string key = rewrite_key(module_key, layout);
+  // transformers 5 saves the CLIP tower without the inner "vision_model." level.
+  if (!ckpt.has(key) && key.find("vision_tower.vision_model.") != std::string::npos) {
+    std::string alt = key;
+    alt.erase(alt.find("vision_model."), std::string("vision_model.").size());
+    if (ckpt.has(alt)) key = alt;
+  }
+  return key;
+}
+
+namespace {
+
+void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, c10::ScalarType dtype,
+                 c10::Device device, const std::string& dir) {
+  EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
+  at::Tensor t = ckpt.get(key);
+  EQAT_CHECK(t.sizes() == p.sizes(), dir, ": tensor '", key, "' has shape ", shape_str(t.sizes()),
+             ", the config expects ", shape_str(p.sizes()));
+  if (p.is_floating_point()) {
     EQAT_CHECK(at::isFloatingType(t.scalar_type()), dir, ": tensor '", key, "' has dtype ",
                c10::toString(t.scalar_type()), ", expected a floating-point dtype");
-    // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size).
-    if (t.scalar_type() != dtype || device != t.device()) t = t.to(device, dtype);
-    p.set_data(t);
-    p.set_requires_grad(false);
+  } else {
+    EQAT_CHECK(t.scalar_type() == p.scalar_type(), dir, ": tensor '", key, "' has dtype ",
+               c10::toString(t.scalar_type()), ", expected ", c10::toString(p.scalar_type()));
+    dtype = p.scalar_type();
+  }
+  // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size).
+  if (t.scalar_type() != dtype || device != t.device()) t = t.to(device, dtype);
+  const bool grad = p.requires_grad();
+  p.set_data(t);
+  p.set_requires_grad(grad && p.is_floating_point());
+}
+
+// Walks the module tree: packed QuantLinears load qweight/qzeros/scales/g_idx (+bias), everything else its own
+// parameters and buffers (non-recursively, per module).
+void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multimodal, c10::ScalarType dtype,
+                  c10::Device device, const std::string& dir, int gptq_v1_bits) {
+  c10::NoGradGuard no_grad;
+  for (auto& item : module.named_modules("", /*include_self=*/true)) {
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    torch::nn::Module& mod = *item.value();
+    auto* lin = dynamic_cast<QuantLinearImpl*>(&mod);
+    if (lin && lin->mode() == LinearMode::kPacked) {
+      auto bufs = mod.named_buffers(false);  // shallow handles to the registered buffers
+      for (const char* n : {"qweight", "qzeros", "g_idx"}) {
+        at::Tensor& b = *bufs.find(n);
+        load_tensor(b, ckpt, checkpoint_key(ckpt, prefix + n, multimodal), dtype, device, dir);
+      }
+      if (gptq_v1_bits > 0) lin->qzeros.set_data(qzeros_v1_to_v2(lin->qzeros, gptq_v1_bits, lin->out_features()));
+      load_tensor(lin->scales, ckpt, checkpoint_key(ckpt, prefix + "scales", multimodal), dtype, device, dir);
+      lin->scales.set_requires_grad(false);
+      if (lin->bias.defined())
+        load_tensor(lin->bias, ckpt, checkpoint_key(ckpt, prefix + "bias", multimodal), dtype, device, dir);
+      continue;
+    }
+    for (auto& p : mod.named_parameters(/*recurse=*/false)) {
+      if (p.value().numel() == 0 && p.key() != "weight") continue;  // unused fake-quant slots
+      load_tensor(p.value(), ckpt, checkpoint_key(ckpt, prefix + p.key(), multimodal), dtype, device, dir);
+      p.value().set_requires_grad(false);
+    }
   }
 }
 
@@ -125,6 +168,18 @@ c10::ScalarType stored_dtype(const Checkpoint& ckpt) {
   return at::kFloat;
 }
 }  // namespace
+
+void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType dtype) {
+  QuantSpec spec;
+  spec.bits = static_cast<int>(cfg.quant.bits);
+  spec.group_size = cfg.quant.group_size;
+  for (size_t i = 0; i < lm->model->layers->size(); ++i) {
+    auto* l = lm->model->layers[i]->as<LlamaDecoderLayerImpl>();
+    for (QuantLinear* q : {&l->self_attn->q_proj, &l->self_attn->k_proj, &l->self_attn->v_proj, &l->self_attn->o_proj,
+                           &l->mlp->gate_proj, &l->mlp->up_proj, &l->mlp->down_proj})
+      (*q)->init_packed(spec, dtype);
+  }
+}
 
 Model load_model(const std::string& dir, const LoadOptions& opts) {
   EQAT_CHECK(is_directory(dir), dir, ": not a model directory");
@@ -144,16 +199,23 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
     m.dtype = parse_dtype(opts.dtype);
   }
   if (opts.need_tokenizer) m.tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
+  int v1_bits = 0;
+  if (m.cfg.quant.present) {
+    EQAT_CHECK(m.cfg.quant.quant_method == "gptq" && !m.cfg.quant.desc_act, dir,
+               ": only GPTQ checkpoints without act-order are supported (quant_method gptq, desc_act false)");
+    if (m.cfg.quant.checkpoint_format != "gptq_v2") v1_bits = static_cast<int>(m.cfg.quant.bits);
+  }
 
   if (m.cfg.arch == Arch::kLlava) {
     m.llava = LlavaForConditionalGeneration(m.cfg);
-    const std::string layout = ckpt.has("model.language_model.embed_tokens.weight") ? "hf-new" : "hf-old";
-    load_weights(*m.llava, ckpt, layout, m.dtype, m.device, dir);
+    if (m.cfg.quant.present) pack_decoder(m.llava->language_model, m.cfg, m.dtype);
+    load_weights(*m.llava, ckpt, true, m.dtype, m.device, dir, v1_bits);
     m.lm = m.llava->language_model;
     m.image_cfg = load_image_processor_config(dir, m.cfg.vision.image_size);
   } else {
     m.lm = LlamaForCausalLM(m.cfg.text);
-    load_weights(*m.lm, ckpt, "hf-old", m.dtype, m.device, dir);
+    if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
+    load_weights(*m.lm, ckpt, false, m.dtype, m.device, dir, v1_bits);
   }
   if (m.tok) {
     EQAT_CHECK(m.tok->vocab_size() <= m.cfg.text.vocab_size, dir, ": the tokenizer has ", m.tok->vocab_size(),

@@ -66,6 +66,12 @@ struct Model {
 // disagrees with the config.
 Model load_model(const std::string& dir, const LoadOptions& opts = {});
 
+// The checkpoint key of a module tensor name (llava-hf old layout names) in `ckpt`'s layout.
+class Checkpoint;
+std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key, bool multimodal);
+// Switches the decoder's block linears to packed mode (empty tensors shaped by cfg.quant), ready to load.
+void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType dtype);
+
 c10::ScalarType parse_dtype(const std::string& name);  // InputError naming --dtype
 const char* dtype_name(c10::ScalarType t);
 

@@ -61,20 +61,34 @@ TEST(Pack, OutOfRangeIntegersAreRejected) {
   EXPECT_THROW(pack_gptq(at::zeros({32, 32}, at::kInt), at::full({32, 1}, -1, at::kInt), at::ones({32, 1}), 2, 32),
                InputError);
   EXPECT_THROW(check_packable(32, 100, 4, 32, "layer"), InputError);  // group does not divide K
-  EXPECT_THROW(check_packable(20, 64, 3, 32, "layer"), InputError);   // 20·3 bits not whole words
+  EXPECT_NO_THROW(check_packable(20, 172, 3, 172, "layer"));  // partial words are padded
 }
 
 TEST(Pack, ZeroPointFormatConversion) {
   const int bits = 2;
   at::Tensor z = at::randint(1, 4, {64, 2}, at::kInt);
   GptqTensors t = pack_gptq(at::zeros({64, 64}, at::kInt), z, at::ones({64, 2}), bits, 32);
-  at::Tensor v1 = qzeros_v2_to_v1(t.qzeros, bits, "layer");
-  EXPECT_TRUE(at::equal(qzeros_v1_to_v2(v1, bits), t.qzeros));
+  at::Tensor v1 = qzeros_v2_to_v1(t.qzeros, bits, 64, "layer");
+  EXPECT_TRUE(at::equal(qzeros_v1_to_v2(v1, bits, 64), t.qzeros));
   // Symmetric-style zero 2 stores 1 in every 2-bit field of v1: 0x55555555.
   GptqTensors sym = pack_gptq(at::zeros({64, 64}, at::kInt), at::full({64, 2}, 2, at::kInt), at::ones({64, 2}), 2, 32);
-  EXPECT_EQ(static_cast<uint32_t>(qzeros_v2_to_v1(sym.qzeros, 2, "x")[0][0].item<int32_t>()), 0x55555555u);
+  EXPECT_EQ(static_cast<uint32_t>(qzeros_v2_to_v1(sym.qzeros, 2, 64, "x")[0][0].item<int32_t>()), 0x55555555u);
   at::Tensor z0 = z.clone();
   z0[3][1] = 0;
   GptqTensors t0 = pack_gptq(at::zeros({64, 64}, at::kInt), z0, at::ones({64, 2}), bits, 32);
-  EXPECT_THROW(qzeros_v2_to_v1(t0.qzeros, bits, "layer"), InputError);
+  EXPECT_THROW(qzeros_v2_to_v1(t0.qzeros, bits, 64, "layer"), InputError);
+}
+
+TEST(Pack, DimensionsThatAreNotWholeWordsArePadded) {
+  // stories260K's FFN is 172 wide: 172·3 bits = 16.1 words -> 17 words, the tail zero-filled.
+  for (int bits : {2, 3, 4}) {
+    const int64_t N = 172, K = 172;
+    at::Tensor q = rand_ints(N, K, bits, 7), z = rand_ints(N, 1, bits, 8);
+    GptqTensors t = pack_gptq(q, z, at::rand({N, 1}) + 0.1, bits, K);
+    EXPECT_EQ(t.qweight.size(0), packed_words(K, bits));
+    EXPECT_EQ(t.qzeros.size(1), packed_words(N, bits));
+    auto [q2, z2] = unpack_gptq(t, bits);
+    EXPECT_TRUE(at::equal(q2, q));
+    EXPECT_TRUE(at::equal(z2, z));
+  }
 }

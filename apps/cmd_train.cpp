@@ -1,0 +1,86 @@
+// eqat train-tiny: trains the embedded default model (src/vision/train_tiny.h).
+#include <iostream>
+#include <sstream>
+
+#include "args.h"
+#include "commands.h"
+#include "data/error.h"
+#include "vision/train_tiny.h"
+
+namespace eqat {
+
+int cmd_train_tiny(const Argv& argv);
+namespace {
+const bool kRegistered =
+    register_command("train-tiny", cmd_train_tiny, "train the tiny shapes LLaVA from scratch (CPU)");
+}  // namespace
+
+int cmd_train_tiny(const Argv& argv) {
+  const TinyTrainOptions d;
+  auto s = [](auto v) { return std::to_string(v); };
+  auto g = [](double v) { std::ostringstream o; o << v; return o.str(); };
+  CommandSpec spec{"train-tiny", "eqat train-tiny --out DIR [--seed S] [--resume] [options]",
+                   "Trains a toy-scale LLaVA-1.5 from scratch on the procedural shapes world: SentencePiece "
+                   "tokenizer, stage 0 (ViT per-cell classification), stage 1 (QA, answer-only loss). Writes an "
+                   "HF llava directory (fp16), train_log.jsonl, loss.png and a resumable checkpoint/.",
+                   {{"out", "DIR", "output model directory", ""},
+                    {"seed", "S", "seed for data, init and tokenizer", s(d.seed)},
+                    {"resume", "", "continue from DIR/checkpoint", ""},
+                    {"threads", "N", "CPU threads", s(d.threads)},
+                    {"no-progress", "", "no progress bar", ""},
+                    {"vocab", "N", "SentencePiece vocabulary (<= 1024)", s(d.sp_vocab)},
+                    {"dim", "N", "decoder width", s(d.dim)},
+                    {"layers", "N", "decoder layers", s(d.layers)},
+                    {"heads", "N", "decoder heads", s(d.heads)},
+                    {"kv-heads", "N", "decoder key/value heads", s(d.kv_heads)},
+                    {"ff", "N", "decoder MLP width", s(d.ff)},
+                    {"vit-dim", "N", "ViT width", s(d.vit_dim)},
+                    {"vit-layers", "N", "ViT layers (the last is unused: feature layer -2)", s(d.vit_layers)},
+                    {"vit-ff", "N", "ViT MLP width", s(d.vit_ff)},
+                    {"patch", "N", "ViT patch size (96 px / (3·patch) must be whole)", s(d.patch_size)},
+                    {"stage0-steps", "N", "stage 0 steps", s(d.stage0_steps)},
+                    {"stage0-batch", "N", "stage 0 batch (images)", s(d.stage0_batch)},
+                    {"stage0-lr", "LR", "stage 0 peak learning rate", g(d.stage0_lr)},
+                    {"steps", "N", "stage 1 steps", s(d.stage1_steps)},
+                    {"batch", "N", "stage 1 batch (images, one multi-turn conversation each)", s(d.stage1_batch)},
+                    {"lr", "LR", "stage 1 peak learning rate", g(d.stage1_lr)},
+                    {"vit-lr-scale", "X", "ViT learning rate in stage 1 = X * lr", g(d.vit_lr_scale)},
+                    {"warmup", "N", "warm-up steps per stage", s(d.warmup)},
+                    {"eval-every", "N", "held-out accuracy every N stage-1 steps (0: never)", s(d.eval_every)},
+                    {"eval-questions", "N", "held-out questions per evaluation", s(d.eval_questions)},
+                    {"final-eval", "N", "standard-split questions to score the exported model on", "1000"},
+                    {"checkpoint-every", "N", "checkpoint interval (steps)", s(d.checkpoint_every)},
+                    {"max-steps", "N", "stop after this global step (checkpointed; --resume continues)", ""}},
+                   0, 0};
+  ParsedArgs a = parse_args(spec, argv);
+  TinyTrainOptions o;
+  o.out = a.require("out");
+  o.seed = static_cast<uint64_t>(a.i64("seed"));
+  o.resume = a.flag("resume");
+  o.threads = a.i64("threads");
+  o.progress = !a.flag("no-progress");
+  o.sp_vocab = a.i64("vocab");
+  o.dim = a.i64("dim"), o.layers = a.i64("layers"), o.heads = a.i64("heads"), o.kv_heads = a.i64("kv-heads");
+  o.ff = a.i64("ff");
+  o.vit_dim = a.i64("vit-dim"), o.vit_layers = a.i64("vit-layers"), o.vit_ff = a.i64("vit-ff");
+  o.patch_size = a.i64("patch");
+  o.stage0_steps = a.i64("stage0-steps"), o.stage0_batch = a.i64("stage0-batch"), o.stage0_lr = a.f64("stage0-lr");
+  o.stage1_steps = a.i64("steps"), o.stage1_batch = a.i64("batch"), o.stage1_lr = a.f64("lr");
+  o.vit_lr_scale = a.f64("vit-lr-scale");
+  o.warmup = a.i64("warmup");
+  o.eval_every = a.i64("eval-every"), o.eval_questions = a.i64("eval-questions");
+  o.final_eval_questions = a.i64("final-eval");
+  o.checkpoint_every = a.i64("checkpoint-every");
+  if (a.has("max-steps")) o.max_steps = a.i64("max-steps");
+  EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1");
+  EQAT_CHECK(o.stage0_steps >= 0 && o.stage1_steps >= 1, "--steps: must be >= 1 (and --stage0-steps >= 0)");
+  EQAT_CHECK(o.stage0_batch >= 1 && o.stage1_batch >= 1, "--batch: must be >= 1");
+  EQAT_CHECK(o.checkpoint_every >= 1, "--checkpoint-every: must be >= 1");
+  EQAT_CHECK(o.dim % o.heads == 0 && o.heads % o.kv_heads == 0, "--dim/--heads/--kv-heads: inconsistent");
+  EQAT_CHECK(o.vit_dim % o.vit_heads == 0, "--vit-dim: must be a multiple of the ViT heads");
+  train_tiny(o);
+  std::cerr << "wrote " << o.out << std::endl;
+  return 0;
+}
+
+}  // namespace eqat

@@ -1,0 +1,427 @@
+#include "data/shapes.h"
+
+#include <nlohmann/json.hpp>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <sys/stat.h>
+
+#include "data/error.h"
+#include "data/fs.h"
+
+namespace eqat {
+
+namespace {
+
+const char* const kKinds[kShapesKinds] = {"circle", "square", "triangle", "star", "cross", "ellipse"};
+const char* const kKindPlural[kShapesKinds] = {"circles", "squares", "triangles", "stars", "crosses", "ellipses"};
+const char* const kColours[kShapesColours] = {"red", "orange", "yellow", "green", "blue", "purple", "brown", "black"};
+const int kRgb[kShapesColours][3] = {{215, 35, 35},  {245, 135, 10}, {225, 195, 0},  {40, 160, 50},
+                                     {35, 75, 215},  {135, 45, 180}, {125, 80, 35},  {25, 25, 25}};
+const char* const kFamilies[] = {"colour", "shape", "count", "exists", "position", "choice", "describe"};
+const char* const kShortSuffix = "\nAnswer the question using a single word or phrase.";
+const char* const kChoiceSuffix = "\nAnswer with the option's letter from the given choices directly.";
+constexpr int kCell = kShapesImageSize / kShapesGrid;  // 32 px
+
+// splitmix64: mixes (seed, index, family) into one mt19937_64 seed.
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Portable draws: mt19937_64 output is fixed by the standard; the maps to ranges are ours.
+struct Rng {
+  std::mt19937_64 gen;
+  explicit Rng(uint64_t s) : gen(s) {}
+  int below(int n) { return static_cast<int>(gen() % static_cast<uint64_t>(n)); }
+  int range(int lo, int hi) { return lo + below(hi - lo + 1); }  // inclusive
+  bool coin() { return (gen() >> 63) != 0; }
+  template <class T>
+  void shuffle(std::vector<T>& v) {  // Fisher-Yates
+    for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[static_cast<size_t>(below(static_cast<int>(i)))]);
+  }
+};
+
+struct Scene {
+  std::vector<ShapesObject> obj;  // reading order
+  int count_kind(int k) const {
+    return static_cast<int>(std::count_if(obj.begin(), obj.end(), [&](const ShapesObject& o) { return o.kind == k; }));
+  }
+  int count_colour(int c) const {
+    return static_cast<int>(
+        std::count_if(obj.begin(), obj.end(), [&](const ShapesObject& o) { return o.colour == c; }));
+  }
+  bool has(int k, int c) const {
+    return std::any_of(obj.begin(), obj.end(), [&](const ShapesObject& o) { return o.kind == k && o.colour == c; });
+  }
+  int count_pair(int k, int c) const {
+    return static_cast<int>(
+        std::count_if(obj.begin(), obj.end(), [&](const ShapesObject& o) { return o.kind == k && o.colour == c; }));
+  }
+};
+
+Scene make_scene(Rng& r) {
+  Scene s;
+  const int n = r.range(1, 4);
+  std::vector<int> cells{0, 1, 2, 3, 4, 5, 6, 7, 8};
+  r.shuffle(cells);
+  cells.resize(static_cast<size_t>(n));
+  std::sort(cells.begin(), cells.end());
+  for (int cell : cells) {
+    ShapesObject o;
+    o.kind = r.below(kShapesKinds);
+    o.colour = r.below(kShapesColours);
+    o.size = r.below(2);
+    o.cell = cell;
+    const int radius16 = (o.size ? 12 : 8) * 16;
+    const int jitter16 = (kCell / 2 - 1) * 16 - radius16;  // keeps the shape inside its cell
+    o.x16 = ((cell % kShapesGrid) * kCell + kCell / 2) * 16 + r.range(-jitter16, jitter16);
+    o.y16 = ((cell / kShapesGrid) * kCell + kCell / 2) * 16 + r.range(-jitter16, jitter16);
+    s.obj.push_back(o);
+  }
+  return s;
+}
+
+// Polygon of a shape in 1/16 px (cv::fillPoly with shift 4).
+std::vector<cv::Point> polygon(const ShapesObject& o) {
+  const double R = (o.size ? 12.0 : 8.0) * 16.0;
+  const double cx = o.x16, cy = o.y16;
+  std::vector<cv::Point> p;
+  auto add = [&](double x, double y) { p.emplace_back(static_cast<int>(std::lround(x)), static_cast<int>(std::lround(y))); };
+  const double pi = 3.14159265358979323846;
+  switch (o.kind) {
+    case 1: {  // square
+      const double h = 0.82 * R;
+      add(cx - h, cy - h), add(cx + h, cy - h), add(cx + h, cy + h), add(cx - h, cy + h);
+      break;
+    }
+    case 2:  // triangle, apex up, centroid at the centre
+      for (int i = 0; i < 3; ++i) add(cx + R * std::cos(-pi / 2 + i * 2 * pi / 3), cy + 0.12 * R + R * std::sin(-pi / 2 + i * 2 * pi / 3));
+      break;
+    case 3:  // five-pointed star
+      for (int i = 0; i < 10; ++i) {
+        const double rad = (i % 2 ? 0.45 : 1.0) * R, a = -pi / 2 + i * pi / 5;
+        add(cx + rad * std::cos(a), cy + rad * std::sin(a));
+      }
+      break;
+    case 4: {  // cross (plus sign)
+      const double w = 0.34 * R;
+      const double xs[12] = {-w, w, w, R, R, w, w, -w, -w, -R, -R, -w};
+      const double ys[12] = {-R, -R, -w, -w, w, w, R, R, w, w, -w, -w};
+      for (int i = 0; i < 12; ++i) add(cx + xs[i], cy + ys[i]);
+      break;
+    }
+    default:
+      break;
+  }
+  return p;
+}
+
+Image render(const Scene& s, Rng& r) {
+  // Light background: a vertical gradient between two light tints.
+  int top[3], bottom[3];
+  for (int c = 0; c < 3; ++c) top[c] = r.range(205, 255), bottom[c] = r.range(205, 255);
+  cv::Mat m(kShapesImageSize, kShapesImageSize, CV_8UC3);
+  for (int y = 0; y < kShapesImageSize; ++y)
+    for (int x = 0; x < kShapesImageSize; ++x)
+      for (int c = 0; c < 3; ++c)
+        m.at<cv::Vec3b>(y, x)[c] =
+            static_cast<uint8_t>((top[c] * (kShapesImageSize - 1 - y) + bottom[c] * y) / (kShapesImageSize - 1));
+  for (const auto& o : s.obj) {
+    cv::Scalar col;
+    for (int c = 0; c < 3; ++c) col[c] = std::clamp(kRgb[o.colour][c] + r.range(-12, 12), 0, 255);
+    const int R16 = (o.size ? 12 : 8) * 16;
+    if (o.kind == 0) {
+      cv::circle(m, {o.x16, o.y16}, R16, col, cv::FILLED, cv::LINE_AA, 4);
+    } else if (o.kind == 5) {
+      cv::ellipse(m, cv::Point(o.x16, o.y16), cv::Size(R16, R16 / 2), 0, 0, 360, col, cv::FILLED, cv::LINE_AA, 4);
+    } else {
+      std::vector<std::vector<cv::Point>> polys{polygon(o)};
+      cv::fillPoly(m, polys, col, cv::LINE_AA, 4);
+    }
+  }
+  Image img;
+  img.width = img.height = kShapesImageSize;
+  img.rgb.assign(m.data, m.data + static_cast<size_t>(kShapesImageSize) * kShapesImageSize * 3);  // RGB order
+  return img;
+}
+
+std::string cap(std::string s) {
+  if (!s.empty()) s[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(s[0])));
+  return s;
+}
+
+std::string noun(const ShapesObject& o) { return std::string(kColours[o.colour]) + " " + kKinds[o.kind]; }
+
+// Indices of objects whose kind (by_kind) or colour is unique in the scene.
+std::vector<int> unique_by(const Scene& s, bool by_kind) {
+  std::vector<int> out;
+  for (size_t i = 0; i < s.obj.size(); ++i) {
+    const auto& o = s.obj[i];
+    if ((by_kind ? s.count_kind(o.kind) : s.count_colour(o.colour)) == 1) out.push_back(static_cast<int>(i));
+  }
+  return out;
+}
+
+// Ordered pairs (a, b) of objects with unique colour+kind that share a row or a column.
+std::vector<std::pair<int, int>> position_pairs(const Scene& s) {
+  std::vector<std::pair<int, int>> out;
+  for (size_t a = 0; a < s.obj.size(); ++a)
+    for (size_t b = 0; b < s.obj.size(); ++b) {
+      if (a == b) continue;
+      const auto &A = s.obj[a], &B = s.obj[b];
+      if (s.count_pair(A.kind, A.colour) != 1 || s.count_pair(B.kind, B.colour) != 1) continue;
+      if (A.cell / 3 == B.cell / 3 || A.cell % 3 == B.cell % 3) out.emplace_back(static_cast<int>(a), static_cast<int>(b));
+    }
+  return out;
+}
+
+bool answerable(const Scene& s, ShapesFamily f) {
+  switch (f) {
+    case ShapesFamily::kColour: return !unique_by(s, true).empty();
+    case ShapesFamily::kShape: return !unique_by(s, false).empty();
+    case ShapesFamily::kPosition: return !position_pairs(s).empty();
+    case ShapesFamily::kChoice: return !unique_by(s, true).empty() && !unique_by(s, false).empty();
+    default: return true;
+  }
+}
+
+ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r) {
+  ShapesQA qa;
+  qa.family = f;
+  std::string q, a;
+  bool choice = false;
+  switch (f) {
+    case ShapesFamily::kColour: {
+      auto u = unique_by(s, true);
+      const auto& o = s.obj[static_cast<size_t>(u[static_cast<size_t>(r.below(static_cast<int>(u.size())))])];
+      q = std::string("What color is the ") + kKinds[o.kind] + "?";
+      a = kColours[o.colour];
+      break;
+    }
+    case ShapesFamily::kShape: {
+      auto u = unique_by(s, false);
+      const auto& o = s.obj[static_cast<size_t>(u[static_cast<size_t>(r.below(static_cast<int>(u.size())))])];
+      q = std::string("What shape is the ") + kColours[o.colour] + " object?";
+      a = kKinds[o.kind];
+      break;
+    }
+    case ShapesFamily::kCount: {
+      const int sub = r.below(3);
+      const auto& pick = s.obj[static_cast<size_t>(r.below(static_cast<int>(s.obj.size())))];
+      const bool present = r.below(4) != 0;  // 3/4 ask about something in the scene
+      if (sub == 0) {
+        q = "How many shapes are there?";
+        a = std::to_string(s.obj.size());
+      } else if (sub == 1) {
+        const int c = present ? pick.colour : r.below(kShapesColours);
+        q = std::string("How many ") + kColours[c] + " shapes are there?";
+        a = std::to_string(s.count_colour(c));
+      } else {
+        const int k = present ? pick.kind : r.below(kShapesKinds);
+        q = std::string("How many ") + kKindPlural[k] + " are there?";
+        a = std::to_string(s.count_kind(k));
+      }
+      break;
+    }
+    case ShapesFamily::kExists: {
+      int k, c;
+      if (r.coin()) {  // yes
+        const auto& o = s.obj[static_cast<size_t>(r.below(static_cast<int>(s.obj.size())))];
+        k = o.kind, c = o.colour;
+      } else {
+        const bool adversarial = r.below(3) != 0;
+        const auto& o = s.obj[static_cast<size_t>(r.below(static_cast<int>(s.obj.size())))];
+        const bool swap_colour = r.coin();
+        do {
+          if (!adversarial) {
+            k = r.below(kShapesKinds), c = r.below(kShapesColours);
+          } else if (swap_colour) {  // the shape is there, in another colour
+            k = o.kind, c = r.below(kShapesColours);
+          } else {  // the colour is there, on another shape
+            k = r.below(kShapesKinds), c = o.colour;
+          }
+        } while (s.has(k, c));
+      }
+      q = std::string(c == 1 ? "Is there an " : "Is there a ") + kColours[c] + " " + kKinds[k] + " in the image?";
+      a = s.has(k, c) ? "yes" : "no";
+      break;
+    }
+    case ShapesFamily::kPosition: {
+      auto pairs = position_pairs(s);
+      auto [ia, ib] = pairs[static_cast<size_t>(r.below(static_cast<int>(pairs.size())))];
+      const auto &A = s.obj[static_cast<size_t>(ia)], &B = s.obj[static_cast<size_t>(ib)];
+      q = "Where is the " + noun(A) + " relative to the " + noun(B) + "?";
+      if (A.cell / 3 == B.cell / 3) a = A.cell % 3 < B.cell % 3 ? "left" : "right";
+      else a = A.cell / 3 < B.cell / 3 ? "above" : "below";
+      break;
+    }
+    case ShapesFamily::kChoice: {
+      choice = true;
+      std::vector<std::string> opts;
+      std::string correct;
+      if (r.coin()) {
+        auto u = unique_by(s, true);
+        const auto& o = s.obj[static_cast<size_t>(u[static_cast<size_t>(r.below(static_cast<int>(u.size())))])];
+        q = std::string("What color is the ") + kKinds[o.kind] + "?";
+        std::vector<int> all{0, 1, 2, 3, 4, 5, 6, 7};
+        r.shuffle(all);
+        opts.push_back(correct = kColours[o.colour]);
+        for (int c : all)
+          if (c != o.colour && opts.size() < 4) opts.push_back(kColours[c]);
+      } else {
+        auto u = unique_by(s, false);
+        const auto& o = s.obj[static_cast<size_t>(u[static_cast<size_t>(r.below(static_cast<int>(u.size())))])];
+        q = std::string("What shape is the ") + kColours[o.colour] + " object?";
+        std::vector<int> all{0, 1, 2, 3, 4, 5};
+        r.shuffle(all);
+        opts.push_back(correct = kKinds[o.kind]);
+        for (int k : all)
+          if (k != o.kind && opts.size() < 4) opts.push_back(kKinds[k]);
+      }
+      r.shuffle(opts);
+      for (size_t i = 0; i < opts.size(); ++i) {
+        q += std::string("\n") + static_cast<char>('A' + i) + ". " + opts[i];
+        if (opts[i] == correct) a = std::string(1, static_cast<char>('A' + i));
+      }
+      break;
+    }
+    case ShapesFamily::kDescribe: {
+      q = "Describe the image in one sentence.";
+      for (size_t i = 0; i < s.obj.size(); ++i) {
+        if (i) a += (i + 1 == s.obj.size()) ? " and " : ", ";
+        a += (s.obj[i].colour == 1 ? "an " : "a ") + noun(s.obj[i]);  // orange is the only vowel
+      }
+      a = cap(a) + ".";
+      qa.question = q;
+      qa.answer = a;
+      return qa;
+    }
+    case ShapesFamily::kNum: break;
+  }
+  qa.question = q + (choice ? kChoiceSuffix : kShortSuffix);
+  qa.answer = a;
+  return qa;
+}
+
+}  // namespace
+
+const char* shapes_family_name(ShapesFamily f) { return kFamilies[static_cast<int>(f)]; }
+const char* shapes_kind_name(int kind) { return kKinds[kind]; }
+const char* shapes_colour_name(int colour) { return kColours[colour]; }
+
+ShapesSample shapes_sample(uint64_t seed, int64_t index, int family) {
+  EQAT_CHECK(family < static_cast<int>(ShapesFamily::kNum), "shapes: unknown question family ", family);
+  Rng r(mix(mix(mix(seed) ^ static_cast<uint64_t>(index)) + static_cast<uint64_t>(family + 1)));
+  const int nf = static_cast<int>(ShapesFamily::kNum);
+  const auto required = static_cast<ShapesFamily>(family >= 0 ? family : static_cast<int>(index % nf));
+  Scene s = make_scene(r);
+  while (!answerable(s, required)) s = make_scene(r);
+  ShapesSample out;
+  out.image = render(s, r);
+  if (family >= 0) {
+    out.qa.push_back(ask(s, required, r));
+  } else {
+    for (int f = 0; f < nf; ++f)
+      if (answerable(s, static_cast<ShapesFamily>(f))) out.qa.push_back(ask(s, static_cast<ShapesFamily>(f), r));
+    r.shuffle(out.qa);
+  }
+  out.objects = s.obj;
+  return out;
+}
+
+std::string shapes_png(const Image& img) {
+  cv::Mat rgb(img.height, img.width, CV_8UC3, const_cast<uint8_t*>(img.rgb.data())), bgr;
+  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+  std::vector<uint8_t> buf;
+  EQAT_ASSERT(cv::imencode(".png", bgr, buf), "PNG encoding failed");
+  return std::string(buf.begin(), buf.end());
+}
+
+std::vector<ShapesEvalItem> shapes_test_split(uint64_t seed, int64_t n) {
+  std::vector<ShapesEvalItem> items;
+  const int nf = static_cast<int>(ShapesFamily::kNum);
+  for (int64_t i = 0; i < n; ++i) {
+    ShapesSample s = shapes_sample(seed, i, static_cast<int>(i % nf));
+    ShapesEvalItem it;
+    it.question_id = i;
+    char name[32];
+    std::snprintf(name, sizeof name, "test_%06lld.png", static_cast<long long>(i));
+    it.image = name;
+    it.text = s.qa[0].question;
+    it.category = shapes_family_name(s.qa[0].family);
+    it.answer = s.qa[0].answer;
+    it.pixels = std::move(s.image);
+    items.push_back(std::move(it));
+  }
+  return items;
+}
+
+std::vector<ShapesEvalItem> shapes_standard_test_split() {
+  return shapes_test_split(kShapesStandardTestSeed, kShapesStandardTestSize);
+}
+
+std::string shapes_normalize_answer(const std::string& s) {
+  const char* ws = " \t\n\r\f\v";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  std::string t = s.substr(b, s.find_last_not_of(ws) - b + 1);
+  for (char& c : t) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (!t.empty() && t.back() == '.') t.pop_back();
+  return t;
+}
+
+bool shapes_answer_matches(const std::string& prediction, const std::string& answer) {
+  return shapes_normalize_answer(prediction) == shapes_normalize_answer(answer);
+}
+
+std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n) {
+  std::vector<std::string> lines;
+  for (int i = 0; i < kShapesKinds; ++i) lines.push_back(kKinds[i]), lines.push_back(kKindPlural[i]);
+  for (int i = 0; i < kShapesColours; ++i) lines.push_back(kColours[i]);
+  for (int64_t i = 0; i < n; ++i)
+    for (const auto& qa : shapes_sample(seed, i).qa) lines.push_back(qa.question), lines.push_back(qa.answer);
+  return lines;
+}
+
+void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed) {
+  EQAT_CHECK(train_n >= 0 && test_n >= 0, "shapes: negative sample count");
+  write_dir_atomic(dir, [&](const std::string& tmp) {
+    const std::string images = path_join(tmp, "images");
+    EQAT_CHECK(::mkdir(images.c_str(), 0755) == 0, images, ": cannot create directory");
+    nlohmann::json train = nlohmann::json::array();
+    for (int64_t i = 0; i < train_n; ++i) {
+      ShapesSample s = shapes_sample(seed, i);
+      char name[32];
+      std::snprintf(name, sizeof name, "train_%06lld.png", static_cast<long long>(i));
+      write_file_atomic(path_join(images, name), shapes_png(s.image));
+      nlohmann::json conv = nlohmann::json::array();
+      for (size_t t = 0; t < s.qa.size(); ++t) {
+        conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + s.qa[t].question}});
+        conv.push_back({{"from", "gpt"}, {"value", s.qa[t].answer}});
+      }
+      train.push_back({{"id", str_cat("shapes_train_", i)}, {"image", name}, {"conversations", conv}});
+    }
+    write_file_atomic(path_join(tmp, "train.json"), train.dump(1) + "\n");
+    // The test questions come from a stream disjoint from training (family >= 0 and seed + 1).
+    std::string questions, answers;
+    for (auto& it : shapes_test_split(seed + 1, test_n)) {
+      write_file_atomic(path_join(images, it.image), shapes_png(it.pixels));
+      questions += nlohmann::json{{"question_id", it.question_id}, {"image", it.image}, {"text", it.text},
+                                  {"category", it.category}}.dump() + "\n";
+      answers += nlohmann::json{{"question_id", it.question_id}, {"text", it.answer}}.dump() + "\n";
+    }
+    write_file_atomic(path_join(tmp, "test.jsonl"), questions);
+    write_file_atomic(path_join(tmp, "test_answers.jsonl"), answers);
+  });
+}
+
+}  // namespace eqat

@@ -1,0 +1,40 @@
+// Vectorised CPU quantized GEMV/GEMM on the GPTQ layout (pack.h), the CPU serving path of the packed linear:
+//   y[M, N] (fp32) = x[M, K] (fp32) · Wᵀ,  W[n, k] = s[k/g, n]·(q[k, n] − z[k/g, n])
+// Requirements: bits ∈ {2, 3, 4, 8}, g % 32 == 0, sequential g_idx (the caller checks; qmatmul.cpp falls back to
+// the reference otherwise). Two implementations with identical arithmetic up to fp32 summation order:
+//   kAvx2   AVX2+FMA+F16C (x86-64, chosen at run time when the CPU has them): 8 output columns per vector; per 32
+//           input rows ("chunk", = `bits` whole words per column) a field of each word is isolated with one AND
+//           (kept at its bit position; x is pre-scaled by 2^-position, which is exact) or a shift for the top and
+//           3-bit straddling fields, converted to fp32 and FMA'd into a chunk partial Σx·q; per chunk the partial
+//           becomes s·(Σx·q − z·Σx) in an fp32 accumulator. No dequantized weight is ever written.
+//   kScalar portable C++ of the same scheme (the fallback, also forced with EQAT_CPU_KERNEL=scalar).
+// Threads: at::parallel_for over column tiles (at::get_num_threads()).
+#pragma once
+
+#include <cstdint>
+
+namespace eqat {
+
+enum class CpuIsa { kScalar, kAvx2, kCount };
+
+// The implementation cpu_qgemm uses: kAvx2 when the CPU supports it and EQAT_CPU_KERNEL is not "scalar".
+CpuIsa cpu_qgemm_isa();
+const char* cpu_isa_name(CpuIsa isa);
+
+struct CpuQWeight {
+  const uint32_t* qweight;  // [K·b/32, N]
+  const uint32_t* qzeros;   // [G, ⌈N·b/32⌉]
+  const uint16_t* scales;   // [G, N] fp16 or bf16 bit patterns
+  bool scales_bf16;
+  int64_t K, N, group_size;
+  int bits;
+};
+
+// y: [M, N] fp32, overwritten. x: [M, K] fp32 contiguous.
+void cpu_qgemm(const CpuQWeight& w, const float* x, int64_t M, float* y, CpuIsa isa);
+
+// Prefill on the CPU: Wᵀ [K, N] fp32 (row k = input row k), bit-identical to dequantize_gptq(w).t(): (q − z)·s with
+// q − z exact. Written so the compiler vectorises over N; parallel over chunks.
+void cpu_dequant_t(const CpuQWeight& w, float* out);
+
+}  // namespace eqat

@@ -1,0 +1,333 @@
+// Block loop shared by RTN, GPTQ and Block-AP (EFFICIENTQAT.md §3.3), step by step:
+//   for block b: (1) FP targets: FP block b over the FP stream; (2) quantize block b (method); (3) save state;
+//   (4) advance the quantized stream through the finalised block b.
+// Legend: S samples, B batch, L sequence, C n_embd.
+#include "quant/qat/block_ap.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <fstream>
+
+#include "data/error.h"
+#include "data/fs.h"
+#include "data/safetensors.h"
+#include "quant/qat/gptq.h"
+#include "quant/qat/optim.h"
+#include "quant/qat/progress.h"
+
+namespace eqat {
+
+std::vector<std::pair<std::string, QuantLinear>> block_linears(Model& m, int64_t layer) {
+  auto* l = m.lm->model->layers[layer]->as<LlamaDecoderLayerImpl>();
+  return {{"self_attn.q_proj", l->self_attn->q_proj}, {"self_attn.k_proj", l->self_attn->k_proj},
+          {"self_attn.v_proj", l->self_attn->v_proj}, {"self_attn.o_proj", l->self_attn->o_proj},
+          {"mlp.gate_proj", l->mlp->gate_proj},       {"mlp.up_proj", l->mlp->up_proj},
+          {"mlp.down_proj", l->mlp->down_proj}};
+}
+
+namespace {
+
+// fp16 activation cache, one tensor per batch, in RAM or as files in a directory (bounded RAM).
+class ActivationCache {
+ public:
+  ActivationCache(std::string dir, std::string tag, size_t n) : dir_(std::move(dir)), tag_(std::move(tag)), mem_(n) {}
+  void put(size_t i, const at::Tensor& x) {
+    at::Tensor h = x.detach().to(at::kCPU, at::kHalf).contiguous();
+    if (dir_.empty()) {
+      mem_[i] = h;
+    } else {
+      write_safetensors(file(i), {{"x", h}});
+    }
+  }
+  at::Tensor get(size_t i) const {
+    if (dir_.empty()) return mem_[i];
+    return Checkpoint::open(file(i)).get("x").clone();
+  }
+  size_t size() const { return mem_.size(); }
+
+ private:
+  std::string file(size_t i) const { return path_join(dir_, tag_ + "_" + std::to_string(i) + ".safetensors"); }
+  std::string dir_, tag_;
+  std::vector<at::Tensor> mem_;
+};
+
+std::vector<std::vector<CalibSample>> make_batches(const std::vector<CalibSample>& s, int64_t bs) {
+  std::vector<std::vector<CalibSample>> out;
+  for (size_t i = 0; i < s.size(); i += static_cast<size_t>(bs))
+    out.emplace_back(s.begin() + i, s.begin() + std::min(s.size(), i + static_cast<size_t>(bs)));
+  return out;
+}
+
+struct Stream {
+  ActivationCache fp, q;
+  std::vector<at::Tensor> valid;  // [B, L] bool per batch
+};
+
+// Masked MSE over valid positions: Σ valid (out − y)² / (#valid · C).
+at::Tensor masked_mse(const at::Tensor& out, const at::Tensor& y, const at::Tensor& valid) {
+  at::Tensor v = valid.to(out.device()).unsqueeze(-1).to(out.scalar_type());
+  return ((out - y).pow(2) * v).sum() / (v.sum() * out.size(-1));
+}
+
+class BlockRunner {
+ public:
+  BlockRunner(Model& m) : m_(m) {}
+  // One block forward on a batch: x [B, L, C] (cache dtype) -> [B, L, C] in `compute` dtype.
+  at::Tensor forward(LlamaDecoderLayerImpl& layer, const at::Tensor& x, c10::ScalarType compute) {
+    const int64_t L = x.size(1);
+    at::Tensor pos = at::arange(L, at::TensorOptions().dtype(at::kLong).device(m_.device)).view({1, L});
+    auto [cos, sin] = m_.lm->model->rotary().cos_sin(pos, compute, L);
+    return layer.forward(x.to(m_.device, compute), cos, sin, at::Tensor(), nullptr, 0);
+  }
+
+ private:
+  Model& m_;
+};
+
+std::string block_file(const std::string& dir, int64_t b) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "block_%03lld.safetensors", static_cast<long long>(b));
+  return path_join(dir, name);
+}
+
+void save_block_state(Model& m, int64_t b, const std::string& dir, const nlohmann::json& meta) {
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  for (auto& [name, lin] : block_linears(m, b)) {
+    GptqTensors p = lin->packed();
+    t.emplace_back(name + ".qweight", p.qweight.cpu());
+    t.emplace_back(name + ".qzeros", p.qzeros.cpu());
+    t.emplace_back(name + ".scales", p.scales.cpu());
+    t.emplace_back(name + ".g_idx", p.g_idx.cpu());
+  }
+  auto* l = m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
+  t.emplace_back("input_layernorm.weight", l->input_layernorm->weight.detach().cpu());
+  t.emplace_back("post_attention_layernorm.weight", l->post_attention_layernorm->weight.detach().cpu());
+  write_safetensors(block_file(dir, b), t);
+  write_file_atomic(path_join(dir, "state.json"), meta.dump(2));
+}
+
+void load_block_state(Model& m, int64_t b, const std::string& dir, const QuantSpec& spec) {
+  Checkpoint ck = Checkpoint::open(block_file(dir, b));
+  c10::NoGradGuard g;
+  for (auto& [name, lin] : block_linears(m, b)) {
+    GptqTensors p{ck.get(name + ".qweight").clone(), ck.get(name + ".qzeros").clone(),
+                  ck.get(name + ".scales").clone(), ck.get(name + ".g_idx").clone()};
+    lin->set_packed(p, spec);
+  }
+  auto* l = m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
+  l->input_layernorm->weight.set_data(ck.get("input_layernorm.weight").clone().to(m.device));
+  l->post_attention_layernorm->weight.set_data(ck.get("post_attention_layernorm.weight").clone().to(m.device));
+}
+
+}  // namespace
+
+BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const BlockApOptions& opts) {
+  EQAT_CHECK(opts.method == "efficientqat" || opts.method == "rtn" || opts.method == "gptq", "--method: unknown '",
+             opts.method, "' (efficientqat, rtn or gptq)");
+  EQAT_CHECK(packable_bits(opts.spec.bits), "--bits must be 2, 3, 4 or 8, got ", opts.spec.bits);
+  const int64_t n_layer = m.cfg.text.num_hidden_layers;
+  for (int64_t b = 0; b < n_layer; ++b)
+    for (auto& [name, lin] : block_linears(m, b))
+      check_packable(lin->out_features(), lin->in_features(), opts.spec.bits,
+                     opts.spec.group_for(lin->in_features()), str_cat("layer ", b, " ", name));
+  const double weight_lr = opts.weight_lr > 0 ? opts.weight_lr : (opts.spec.bits == 2 ? 2e-5 : 1e-5);
+  const c10::ScalarType model_dtype = m.dtype;
+  // Training runs on fp32 master copies of the block (P8); on CUDA the reference adds fp16 autocast + loss scaling.
+  const c10::ScalarType train_dtype = at::kFloat;
+
+  BlockApResult res;
+  Progress overall("setup", 1, false);
+  auto batches_tr = make_batches(calib.train, opts.batch_size);
+  auto batches_va = make_batches(calib.val, opts.batch_size);
+  if (!opts.offload_dir.empty()) {
+    EQAT_CHECK(is_directory(opts.offload_dir), "--offload-dir: ", opts.offload_dir, " is not a directory");
+  }
+  Stream tr{ActivationCache(opts.offload_dir, "fp_train", batches_tr.size()),
+            ActivationCache(opts.offload_dir, "q_train", batches_tr.size()), {}};
+  Stream va{ActivationCache(opts.offload_dir, "fp_val", batches_va.size()),
+            ActivationCache(opts.offload_dir, "q_val", batches_va.size()), {}};
+  {
+    Progress p("embedding calibration samples", static_cast<int64_t>(batches_tr.size() + batches_va.size()),
+               opts.progress);
+    int64_t done = 0;
+    for (auto* pair : {&batches_tr, &batches_va}) {
+      Stream& st = pair == &batches_tr ? tr : va;
+      for (size_t i = 0; i < pair->size(); ++i) {
+        EmbeddedBatch e = embed_samples(m, (*pair)[i]);
+        st.fp.put(i, e.embeds);
+        st.q.put(i, e.embeds);
+        st.valid.push_back(e.valid);
+        p.update(++done);
+      }
+    }
+  }
+
+  // Resume: blocks already finished in state_dir are loaded instead of recomputed.
+  int64_t blocks_done = 0;
+  nlohmann::json meta = {{"method", opts.method}, {"tag", opts.spec.tag()}, {"blocks_done", 0},
+                         {"records", nlohmann::json::array()}};
+  if (!opts.state_dir.empty() && opts.resume && file_exists(path_join(opts.state_dir, "state.json"))) {
+    nlohmann::json old = nlohmann::json::parse(read_file(path_join(opts.state_dir, "state.json")));
+    EQAT_CHECK(old.value("method", "") == opts.method && old.value("tag", "") == opts.spec.tag(),
+               opts.state_dir, ": saved run is ", old.value("method", "?"), " ", old.value("tag", "?"),
+               ", this run asks for ", opts.method, " ", opts.spec.tag(), " (use another --out or drop --resume)");
+    blocks_done = old.value("blocks_done", 0);
+    meta = old;
+    for (const auto& r : old["records"]) {
+      BlockRecord br;
+      br.block = r.value("block", 0);
+      br.train_loss = r.value("train_loss", std::vector<double>{});
+      br.val_loss = r.value("val_loss", std::vector<double>{});
+      br.seconds = r.value("seconds", 0.0);
+      res.blocks.push_back(br);
+    }
+    std::fprintf(stderr, "resuming: %lld of %lld blocks already quantized\n", static_cast<long long>(blocks_done),
+                 static_cast<long long>(n_layer));
+  }
+
+  BlockRunner runner(m);
+  auto advance = [&](Stream& st, LlamaDecoderLayerImpl& layer, bool fp_stream) {
+    c10::NoGradGuard g;
+    for (size_t i = 0; i < st.valid.size(); ++i) {
+      ActivationCache& c = fp_stream ? st.fp : st.q;
+      c.put(i, runner.forward(layer, c.get(i), model_dtype));
+    }
+  };
+  auto val_mse = [&](LlamaDecoderLayerImpl& layer, c10::ScalarType dt) {
+    c10::NoGradGuard g;
+    double total = 0;
+    for (size_t i = 0; i < va.valid.size(); ++i) {
+      at::Tensor y = va.fp.get(i).to(m.device, dt);
+      total += masked_mse(runner.forward(layer, va.q.get(i), dt), y, va.valid[i]).item<double>();
+    }
+    return va.valid.empty() ? 0.0 : total / static_cast<double>(va.valid.size());
+  };
+
+  int64_t iterations = 0;
+  double train_seconds = 0;
+  auto t_start = std::chrono::steady_clock::now();
+  for (int64_t b = 0; b < n_layer; ++b) {
+    auto& layer = *m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
+    auto t0 = std::chrono::steady_clock::now();
+    // (1) FP targets: the FP block over the FP stream (also the FP inputs of block b+1).
+    advance(tr, layer, true);
+    advance(va, layer, true);
+    if (b < blocks_done) {
+      load_block_state(m, b, opts.state_dir, opts.spec);
+      advance(tr, layer, false);
+      advance(va, layer, false);
+      continue;
+    }
+    BlockRecord rec;
+    rec.block = b;
+    auto lins = block_linears(m, b);
+    const std::string label = str_cat("block ", b + 1, "/", n_layer, " ", opts.method);
+    // (2) Quantize.
+    if (opts.method == "rtn") {
+      for (auto& [name, lin] : lins) {
+        lin->to_fake_quant(opts.spec);
+        lin->to_packed(at::kHalf);
+      }
+    } else if (opts.method == "gptq") {
+      std::vector<HessianAccumulator> hs;
+      at::Tensor current_valid;
+      for (auto& [name, lin] : lins) hs.emplace_back(lin->in_features());
+      for (size_t k = 0; k < lins.size(); ++k)
+        lins[k].second->input_observer = [&, k](const at::Tensor& x) { hs[k].add(x, current_valid); };
+      {
+        c10::NoGradGuard g;
+        for (size_t i = 0; i < tr.valid.size(); ++i) {
+          current_valid = tr.valid[i];
+          runner.forward(layer, tr.q.get(i), model_dtype);
+        }
+      }
+      for (size_t k = 0; k < lins.size(); ++k) {
+        auto& lin = lins[k].second;
+        lin->input_observer = nullptr;
+        QuantizedWeight qw = gptq_quantize(lin->weight, hs[k].H(), opts.spec, opts.gptq_damp);
+        lin->set_packed(pack_gptq(qw.q, qw.zero, qw.scale, opts.spec.bits,
+                                  opts.spec.group_for(lin->in_features()), at::kHalf),
+                        opts.spec);
+      }
+    } else {
+      // Block-AP: fake-quant (s, z from min–max in the checkpoint's dtype), fp32 master copies, two groups.
+      for (auto& [name, lin] : lins) {
+        lin->weight.set_data(lin->weight.to(train_dtype));
+        lin->to_fake_quant(opts.spec);
+      }
+      layer.input_layernorm->weight.set_data(layer.input_layernorm->weight.to(train_dtype));
+      layer.post_attention_layernorm->weight.set_data(layer.post_attention_layernorm->weight.to(train_dtype));
+      ParamGroup gq{"quant", {}, opts.quant_lr, 0.0}, gw{"weight", {}, weight_lr, 0.0};
+      for (auto& [name, lin] : lins) {
+        gq.params.push_back(lin->weight_scale);
+        gq.params.push_back(lin->weight_zero);
+        gw.params.push_back(lin->weight);
+      }
+      gw.params.push_back(layer.input_layernorm->weight);
+      gw.params.push_back(layer.post_attention_layernorm->weight);
+      for (auto* grp : {&gq, &gw})
+        for (auto& p : grp->params) p.set_requires_grad(true);
+      AdamW opt({gq, gw});
+      const int64_t total = opts.epochs * static_cast<int64_t>(tr.valid.size());
+      Progress bar(label, total, opts.progress);
+      int64_t step = 0;
+      auto tt0 = std::chrono::steady_clock::now();
+      for (int64_t ep = 0; ep < opts.epochs; ++ep) {
+        double sum = 0;
+        for (size_t i = 0; i < tr.valid.size(); ++i) {
+          at::Tensor y = tr.fp.get(i).to(m.device, train_dtype);
+          at::Tensor loss = masked_mse(runner.forward(layer, tr.q.get(i), train_dtype), y, tr.valid[i]);
+          EQAT_CHECK(std::isfinite(loss.item<double>()), "block ", b, ": non-finite training loss at step ", step,
+                     " (try a lower --weight-lr / --quant-lr)");
+          loss.backward();
+          opt.groups()[0].lr = cosine_lr(opts.quant_lr, opts.min_lr_factor, step, total);
+          opt.groups()[1].lr = cosine_lr(weight_lr, opts.min_lr_factor, step, total);
+          opt.step();
+          opt.zero_grad();
+          sum += loss.item<double>();
+          ++step;
+          bar.update(step, str_cat("loss ", loss.item<double>(), " rss ", static_cast<int>(peak_rss_mib()), "MiB"));
+        }
+        rec.train_loss.push_back(sum / static_cast<double>(std::max<size_t>(1, tr.valid.size())));
+        rec.val_loss.push_back(val_mse(layer, train_dtype));
+      }
+      train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tt0).count();
+      iterations += total;
+      for (auto* grp : {&gq, &gw})
+        for (auto& p : grp->params) p.set_requires_grad(false);
+      // Finalise: back to the model dtype, weights replaced by their quantized values (packed).
+      for (auto& [name, lin] : lins) lin->to_packed(at::kHalf);
+      layer.input_layernorm->weight.set_data(layer.input_layernorm->weight.to(model_dtype));
+      layer.post_attention_layernorm->weight.set_data(layer.post_attention_layernorm->weight.to(model_dtype));
+    }
+    if (rec.val_loss.empty()) rec.val_loss.push_back(val_mse(layer, model_dtype));
+    rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // (3) Save state, then (4) advance the quantized stream through the finalised block.
+    meta["blocks_done"] = b + 1;
+    meta["records"].push_back({{"block", b}, {"train_loss", rec.train_loss}, {"val_loss", rec.val_loss},
+                               {"seconds", rec.seconds}});
+    if (!opts.state_dir.empty()) save_block_state(m, b, opts.state_dir, meta);
+    if (!opts.log_jsonl.empty()) {
+      std::ofstream(opts.log_jsonl, std::ios::app)
+          << nlohmann::json({{"phase", "block"}, {"method", opts.method}, {"block", b}, {"train_loss", rec.train_loss},
+                             {"val_loss", rec.val_loss}, {"seconds", rec.seconds}, {"peak_rss_mib", peak_rss_mib()}})
+                 .dump()
+          << "\n";
+    }
+    std::fprintf(stderr, "%s: val mse %.4g%s (%.1fs)\n", label.c_str(), rec.val_loss.back(),
+                 rec.train_loss.empty() ? "" : str_cat(", train mse ", rec.train_loss.back()).c_str(), rec.seconds);
+    res.blocks.push_back(rec);
+    if (opts.after_block) opts.after_block(b);
+    advance(tr, layer, false);
+    advance(va, layer, false);
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  res.ms_per_iteration = iterations > 0 ? 1000.0 * train_seconds / static_cast<double>(iterations) : 0.0;
+  res.peak_rss_mib = peak_rss_mib();
+  return res;
+}
+
+}  // namespace eqat

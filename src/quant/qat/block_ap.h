@@ -1,0 +1,63 @@
+// Block-wise quantization of the Llama decoder (the LLaVA decoder's blocks or a plain Llama's), three methods on one
+// block loop (EFFICIENTQAT.md §3.3):
+//   rtn          min–max scales, round to nearest (Block-AP with 0 epochs).
+//   gptq         GPTQ per linear (Hessian from the block's inputs on the quantized stream, dampening 0.01, no
+//                act-order, lazy batch updates of 128 columns, group parameters from the updated weights).
+//   efficientqat Block-AP: W, s, z and the block's RMSNorm weights trained with AdamW (two groups, per-block
+//                cosine to lr/min_lr_factor) to minimise the MSE between the block's output on the quantized stream
+//                and the FP block's output on the FP stream.
+// Two streams (P1): block b trains on outputs of the already-quantized blocks 0…b−1 against the FP chain's outputs;
+// after a block is finalised (weights replaced by their packed values) the quantized stream is advanced.
+// Run state is checkpointed after every block (atomically) so a killed run resumes; on the CPU with a fixed seed
+// and thread count the resumed result is bit-identical to an uninterrupted run.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "quant/qat/calib.h"
+#include "quant/quantizer.h"
+#include "vision/llava.h"
+
+namespace eqat {
+
+struct BlockApOptions {
+  std::string method = "efficientqat";  // efficientqat | rtn | gptq
+  QuantSpec spec;
+  int64_t epochs = 2;
+  int64_t batch_size = 2;
+  double quant_lr = 1e-4;
+  double weight_lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's)
+  double min_lr_factor = 20;
+  double gptq_damp = 0.01;
+  std::string offload_dir;  // activation caches on disk (bounded RAM) instead of in memory
+  std::string state_dir;    // where per-block state goes (resume); empty: no checkpointing
+  bool resume = false;
+  bool progress = true;
+  std::string log_jsonl;    // per-block records appended here
+  // Test hook: called after block b is finalised and its state saved (the kill -9 resume test uses it).
+  std::function<void(int64_t block)> after_block;
+};
+
+struct BlockRecord {
+  int64_t block = 0;
+  std::vector<double> train_loss;  // per epoch (mean)
+  std::vector<double> val_loss;    // per epoch (and [0] for rtn/gptq: the val MSE after quantization)
+  double seconds = 0;
+};
+
+struct BlockApResult {
+  std::vector<BlockRecord> blocks;
+  double seconds = 0;
+  double ms_per_iteration = 0;
+  double peak_rss_mib = 0;
+};
+
+// Quantizes every decoder block of `m` in place (its linears end in packed mode).
+BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const BlockApOptions& opts);
+
+// The decoder's quantizable linears of block `layer` (q, k, v, o, gate, up, down) with their names.
+std::vector<std::pair<std::string, QuantLinear>> block_linears(Model& m, int64_t layer);
+
+}  // namespace eqat

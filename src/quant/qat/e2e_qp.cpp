@@ -1,0 +1,154 @@
+#include "quant/qat/e2e_qp.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "data/error.h"
+#include "data/fs.h"
+#include "data/safetensors.h"
+#include "quant/qat/block_ap.h"
+#include "quant/qat/optim.h"
+#include "quant/qat/progress.h"
+
+namespace eqat {
+
+namespace {
+// Causal-LM loss of one micro-batch: position t predicts ids[t+1], counted where answer[t+1] (and valid).
+std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b) {
+  const int64_t L = b.embeds.size(1);
+  at::Tensor pos = at::arange(L, at::TensorOptions().dtype(at::kLong).device(m.device)).view({1, L});
+  at::Tensor logits = m.lm->forward(b.embeds.to(m.device), pos, at::Tensor(), nullptr);  // [B, L, V]
+  at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device);
+  at::Tensor mask = b.answer.narrow(1, 1, L - 1).logical_and(b.valid.narrow(1, 1, L - 1)).to(m.device);
+  at::Tensor lp = logits.narrow(1, 0, L - 1).to(at::kFloat).log_softmax(-1);
+  at::Tensor nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1);
+  const int64_t n = mask.sum().item<int64_t>();
+  return {(nll * mask.to(at::kFloat)).sum(), n};
+}
+}  // namespace
+
+E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
+  EQAT_CHECK(opts.micro_batch > 0 && opts.global_batch >= opts.micro_batch && opts.global_batch % opts.micro_batch == 0,
+             "--e2e-batch must be a multiple of --e2e-micro-batch (got ", opts.global_batch, " and ",
+             opts.micro_batch, ")");
+  std::vector<at::Tensor> scales;
+  int bits = 0;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [name, lin] : block_linears(m, b)) {
+      EQAT_CHECK(lin->mode() == LinearMode::kPacked, "E2E-QP needs a packed model (run Block-AP first or load a ",
+                 "quantized checkpoint); layer ", b, " ", name, " is not packed");
+      lin->scales.set_data(lin->scales.to(at::kFloat));  // fp32 master (P8)
+      lin->scales.set_requires_grad(true);
+      scales.push_back(lin->scales);
+      bits = lin->spec().bits;
+    }
+  const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
+  const int64_t accum = opts.global_batch / opts.micro_batch;
+  const int64_t n = static_cast<int64_t>(data.train.size());
+  const int64_t steps_per_epoch = std::max<int64_t>(1, n / opts.global_batch);
+  int64_t total = steps_per_epoch * opts.epochs;
+  if (opts.max_steps > 0) total = std::min(total, opts.max_steps);
+  AdamW opt({ParamGroup{"scales", scales, lr, 0.0}});
+
+  E2eResult res;
+  int64_t start_step = 0;
+  const std::string state_file = opts.state_dir.empty() ? "" : path_join(opts.state_dir, "e2e_state.safetensors");
+  if (opts.resume && !state_file.empty() && file_exists(state_file)) {
+    Checkpoint ck = Checkpoint::open(state_file);
+    std::map<std::string, at::Tensor> st;
+    for (const auto& k : ck.names()) st[k] = ck.get(k).clone();
+    c10::NoGradGuard g;
+    for (size_t i = 0; i < scales.size(); ++i) scales[i].copy_(st.at("scale." + std::to_string(i)));
+    opt.load_state(st);
+    start_step = opt.steps();
+    auto losses = st.find("step_loss");
+    if (losses != st.end())
+      res.step_loss.assign(losses->second.data_ptr<double>(), losses->second.data_ptr<double>() + losses->second.numel());
+    std::fprintf(stderr, "resuming E2E-QP at step %lld of %lld\n", static_cast<long long>(start_step),
+                 static_cast<long long>(total));
+  }
+  auto save_state = [&]() {
+    if (state_file.empty()) return;
+    std::vector<std::pair<std::string, at::Tensor>> t = opt.state();
+    for (size_t i = 0; i < scales.size(); ++i) t.emplace_back("scale." + std::to_string(i), scales[i].detach().cpu());
+    t.emplace_back("step_loss", at::tensor(res.step_loss, at::kDouble));
+    write_safetensors(state_file, t);
+  };
+  auto val_loss = [&]() {
+    c10::NoGradGuard g;
+    double sum = 0;
+    int64_t cnt = 0;
+    for (size_t i = 0; i < data.val.size(); i += static_cast<size_t>(opts.micro_batch)) {
+      std::vector<CalibSample> mb(data.val.begin() + i,
+                                  data.val.begin() + std::min(data.val.size(), i + static_cast<size_t>(opts.micro_batch)));
+      auto [s, c] = lm_loss(m, embed_samples(m, mb));
+      sum += s.item<double>();
+      cnt += c;
+    }
+    return cnt > 0 ? sum / static_cast<double>(cnt) : 0.0;
+  };
+  res.val_loss_before = val_loss();
+
+  // Sample order: a seeded permutation per epoch (deterministic, so a resumed run sees the same batches).
+  auto order_for_epoch = [&](int64_t ep) {
+    std::vector<size_t> o(static_cast<size_t>(n));
+    std::iota(o.begin(), o.end(), 0);
+    std::mt19937_64 rng(opts.seed + static_cast<uint64_t>(ep));
+    for (size_t i = o.size(); i > 1; --i) std::swap(o[i - 1], o[rng() % i]);
+    return o;
+  };
+  Progress bar("E2E-QP", total, opts.progress);
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t step = start_step; step < total; ++step) {
+    const int64_t ep = step / steps_per_epoch, in_ep = step % steps_per_epoch;
+    const std::vector<size_t> order = order_for_epoch(ep);
+    // First pass counts the loss tokens of the whole global batch so accumulation averages over tokens.
+    std::vector<EmbeddedBatch> micro;
+    int64_t tokens = 0;
+    for (int64_t a = 0; a < accum; ++a) {
+      std::vector<CalibSample> mb;
+      for (int64_t j = 0; j < opts.micro_batch; ++j)
+        mb.push_back(data.train[order[static_cast<size_t>(in_ep * opts.global_batch + a * opts.micro_batch + j)]]);
+      micro.push_back(embed_samples(m, mb));
+      tokens += micro.back().answer.narrow(1, 1, micro.back().answer.size(1) - 1)
+                    .logical_and(micro.back().valid.narrow(1, 1, micro.back().valid.size(1) - 1)).sum().item<int64_t>();
+    }
+    double step_loss = 0;
+    for (auto& mb : micro) {
+      auto [s, c] = lm_loss(m, mb);
+      at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
+      loss.backward();
+      step_loss += loss.item<double>();
+    }
+    EQAT_CHECK(std::isfinite(step_loss), "E2E-QP: non-finite loss at step ", step, " (try a lower --e2e-lr)");
+    clip_grad_norm(scales, opts.max_grad_norm);
+    opt.groups()[0].lr = warmup_cosine_lr(lr, opts.warmup_ratio, step, total);
+    opt.step();
+    opt.zero_grad();
+    res.step_loss.push_back(step_loss);
+    bar.update(step + 1, str_cat("loss ", step_loss, " lr ", opt.groups()[0].lr));
+    if (!opts.log_jsonl.empty())
+      std::ofstream(opts.log_jsonl, std::ios::app)
+          << nlohmann::json({{"phase", "e2e"}, {"step", step}, {"loss", step_loss}, {"lr", opt.groups()[0].lr}}).dump()
+          << "\n";
+    if (opts.save_every > 0 && (step + 1) % opts.save_every == 0) save_state();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  bar.finish();
+  save_state();
+  for (auto& s : scales) s.set_requires_grad(false);
+  res.steps = total;
+  res.seconds = secs;
+  res.ms_per_step = total > start_step ? 1000.0 * secs / static_cast<double>(total - start_step) : 0.0;
+  res.val_loss_after = val_loss();
+  res.peak_rss_mib = peak_rss_mib();
+  return res;
+}
+
+}  // namespace eqat

@@ -1,0 +1,41 @@
+// E2E-QP (EFFICIENTQAT.md §4): integers and zero points frozen, only the step sizes (fp32 masters) train, end to
+// end through the whole model with the causal-LM loss — on answer tokens only for instruction data (is_answer), on
+// every token for text. AdamW (wd 0), HF cosine schedule with linear warmup, global-norm clipping, gradient
+// accumulation to a global batch. The run state (scales + optimizer moments + step) is checkpointed every
+// `save_every` steps so a killed run resumes.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "quant/qat/calib.h"
+#include "vision/llava.h"
+
+namespace eqat {
+
+struct E2eOptions {
+  double lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (LLaVA recipe: 3e-5 for 2/3-bit, 2e-5 for 4-bit)
+  int64_t epochs = 1;
+  int64_t micro_batch = 4;
+  int64_t global_batch = 32;
+  double warmup_ratio = 0.03;
+  double max_grad_norm = 0.3;
+  int64_t max_steps = -1;  // cap on optimizer steps (<0: epochs decide)
+  uint64_t seed = 42;
+  std::string state_dir;
+  int64_t save_every = 0;  // steps between checkpoints (0: only at the end)
+  bool resume = false;
+  bool progress = true;
+  std::string log_jsonl;
+};
+
+struct E2eResult {
+  std::vector<double> step_loss;
+  double val_loss_before = 0, val_loss_after = 0;
+  double seconds = 0, ms_per_step = 0, peak_rss_mib = 0;
+  int64_t steps = 0;
+};
+
+E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts);
+
+}  // namespace eqat

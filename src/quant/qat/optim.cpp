@@ -1,0 +1,106 @@
+#include "quant/qat/optim.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+
+#include "data/error.h"
+
+namespace eqat {
+
+AdamW::AdamW(std::vector<ParamGroup> groups, double beta1, double beta2, double eps)
+    : groups_(std::move(groups)), beta1_(beta1), beta2_(beta2), eps_(eps) {
+  for (const auto& g : groups_) {
+    exp_avg_.emplace_back();
+    exp_avg_sq_.emplace_back();
+    for (const auto& p : g.params) {
+      exp_avg_.back().push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+      exp_avg_sq_.back().push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+    }
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& g : groups_)
+    for (auto& p : g.params)
+      if (p.grad().defined()) p.mutable_grad() = at::Tensor();
+}
+
+void AdamW::step() {
+  c10::NoGradGuard no_grad;
+  ++step_;
+  const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
+  const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(step_));
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    auto& g = groups_[gi];
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      at::Tensor& p = g.params[i];
+      if (!p.grad().defined()) continue;
+      at::Tensor grad = p.grad();
+      if (g.weight_decay != 0) p.mul_(1.0 - g.lr * g.weight_decay);
+      exp_avg_[gi][i].mul_(beta1_).add_(grad, 1.0 - beta1_);
+      exp_avg_sq_[gi][i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
+      // torch.optim.AdamW (non-capturable): p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)
+      at::Tensor denom = (exp_avg_sq_[gi][i].sqrt() / std::sqrt(bc2)).add_(eps_);
+      p.addcdiv_(exp_avg_[gi][i], denom, -g.lr / bc1);
+    }
+  }
+}
+
+std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t gi = 0; gi < groups_.size(); ++gi)
+    for (size_t i = 0; i < exp_avg_[gi].size(); ++i) {
+      const std::string pre = groups_[gi].name + "." + std::to_string(i);
+      out.emplace_back(pre + ".exp_avg", exp_avg_[gi][i].cpu());
+      out.emplace_back(pre + ".exp_avg_sq", exp_avg_sq_[gi][i].cpu());
+    }
+  out.emplace_back("step", at::tensor({step_}, at::kLong));
+  return out;
+}
+
+void AdamW::load_state(const std::map<std::string, at::Tensor>& state) {
+  c10::NoGradGuard no_grad;
+  for (size_t gi = 0; gi < groups_.size(); ++gi)
+    for (size_t i = 0; i < exp_avg_[gi].size(); ++i) {
+      const std::string pre = groups_[gi].name + "." + std::to_string(i);
+      auto a = state.find(pre + ".exp_avg"), b = state.find(pre + ".exp_avg_sq");
+      EQAT_CHECK(a != state.end() && b != state.end(), "optimizer state lacks ", pre);
+      exp_avg_[gi][i].copy_(a->second);
+      exp_avg_sq_[gi][i].copy_(b->second);
+    }
+  auto s = state.find("step");
+  EQAT_CHECK(s != state.end(), "optimizer state lacks step");
+  step_ = s->second.item<int64_t>();
+}
+
+double cosine_lr(double lr, double min_factor, int64_t step, int64_t total) {
+  const double eta_min = lr / min_factor;
+  if (total <= 1) return lr;
+  const double c = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(step) / static_cast<double>(total)));
+  return eta_min + (lr - eta_min) * c;
+}
+
+double warmup_cosine_lr(double lr, double warmup_ratio, int64_t step, int64_t total) {
+  const int64_t warm = static_cast<int64_t>(std::ceil(warmup_ratio * static_cast<double>(total)));
+  if (step < warm) return lr * static_cast<double>(step) / static_cast<double>(warm);  // HF: starts at 0
+  const double progress = static_cast<double>(step - warm) / static_cast<double>(std::max<int64_t>(1, total - warm));
+  return lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  c10::NoGradGuard no_grad;
+  double total = 0;
+  for (const auto& p : params)
+    if (p.grad().defined()) total += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+  const double norm = std::sqrt(total);
+  if (max_norm > 0 && norm > max_norm) {
+    const double coef = max_norm / (norm + 1e-6);
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().mul_(coef);
+  }
+  return norm;
+}
+
+}  // namespace eqat

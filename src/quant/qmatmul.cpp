@@ -1,0 +1,216 @@
+#include "quant/qmatmul.h"
+
+#include <ATen/ATen.h>
+
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+
+#include "data/error.h"
+#include "quant/cpu_qgemv.h"
+#ifdef EQAT_WITH_CUDA
+#include "quant/cuda_adapter.h"
+#endif
+
+namespace eqat {
+
+namespace {
+
+void check_tensors(const GptqTensors& w, int bits, int64_t group_size, int64_t K_x, const char* what) {
+  EQAT_CHECK(w.qweight.defined() && w.qzeros.defined() && w.scales.defined() && w.g_idx.defined(), what,
+             ": packed weight has undefined tensors");
+  EQAT_CHECK(packable_bits(bits), what, ": bits must be 2, 3, 4 or 8, got ", bits);
+  EQAT_CHECK(w.qweight.dim() == 2 && w.qweight.scalar_type() == at::kInt, what, ": qweight must be int32 2-D, got ",
+             w.qweight.sizes());
+  const int64_t K = K_x, N = w.qweight.size(1);
+  EQAT_CHECK(w.qweight.size(0) == packed_words(K, bits), what, ": x has ", K, " features but qweight [",
+             w.qweight.size(0), ", ", N, "] does not hold ", K, " rows of ", bits, " bits");
+  EQAT_CHECK(group_size > 0 && K % group_size == 0, what, ": group size ", group_size, " does not divide K = ", K);
+  const int64_t G = K / group_size;
+  EQAT_CHECK(w.qzeros.sizes() == at::IntArrayRef({G, packed_words(N, bits)}) && w.qzeros.scalar_type() == at::kInt,
+             what, ": qzeros must be int32 [", G, ", ", packed_words(N, bits), "], got ", w.qzeros.sizes());
+  EQAT_CHECK(w.scales.sizes() == at::IntArrayRef({G, N}), what, ": scales must be [", G, ", ", N, "], got ",
+             w.scales.sizes());
+  EQAT_CHECK(w.g_idx.numel() == K, what, ": g_idx must have ", K, " entries, got ", w.g_idx.numel());
+  const auto dev = w.qweight.device();
+  EQAT_CHECK(w.qzeros.device() == dev && w.scales.device() == dev && w.g_idx.device() == dev, what,
+             ": packed tensors are on different devices");
+}
+
+GptqTensors to_cpu(const GptqTensors& w) {
+  return {w.qweight.cpu(), w.qzeros.cpu(), w.scales.cpu(), w.g_idx.cpu()};
+}
+
+// Rows above which the CPU path dequantizes once and uses BLAS (the decode-style kernel re-decodes the weight for
+// every block of 4 rows; past ~64 rows one fp32 dequant + SGEMM is cheaper).
+constexpr int64_t kCpuGemmRows = 64;
+
+// CPU fast path: y2d [M, N] fp32.
+at::Tensor cpu_linear(const at::Tensor& x2d, const GptqTensors& w, int bits, int64_t group_size) {
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = w.qweight.size(1);
+  at::Tensor xf = x2d.to(at::kFloat).contiguous();
+  at::Tensor qw = w.qweight.contiguous(), qz = w.qzeros.contiguous();
+  at::Tensor sc = w.scales;
+  if (sc.scalar_type() != at::kHalf && sc.scalar_type() != at::kBFloat16) sc = sc.to(at::kHalf);
+  sc = sc.contiguous();
+  CpuQWeight cw{reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
+                reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>()),
+                reinterpret_cast<const uint16_t*>(sc.data_ptr()),
+                sc.scalar_type() == at::kBFloat16,
+                K,
+                N,
+                group_size,
+                bits};
+  if (M > kCpuGemmRows) {  // prefill: one fast dequant to Wᵀ fp32, then SGEMM
+    at::Tensor wt = at::empty({K, N}, at::kFloat);
+    cpu_dequant_t(cw, wt.data_ptr<float>());
+    return at::mm(xf, wt);
+  }
+  at::Tensor y = at::empty({M, N}, at::kFloat);
+  cpu_qgemm(cw, xf.data_ptr<float>(), M, y.data_ptr<float>(), cpu_qgemm_isa());
+  return y;
+}
+
+
+// gptq_is_sequential costs a device sync on CUDA tensors (at::equal returns a bool), which a decode step under a
+// CUDA graph cannot afford; remember the answer per g_idx tensor (its impl, data pointer and version counter).
+bool sequential_cached(const GptqTensors& w, int64_t group_size) {
+  if (!w.g_idx.is_cuda()) return gptq_is_sequential(w, group_size);
+  using Key = std::tuple<const void*, const void*, uint32_t, int64_t>;
+  static std::mutex mu;
+  static std::unordered_map<const void*, std::pair<Key, bool>> cache;
+  const void* impl = w.g_idx.unsafeGetTensorImpl();
+  const Key key{impl, w.g_idx.data_ptr(), w.g_idx._version(), group_size};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(impl);
+    if (it != cache.end() && it->second.first == key) return it->second.second;
+  }
+  const bool seq = gptq_is_sequential(w, group_size);
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() > 4096) cache.clear();
+  cache[impl] = {key, seq};
+  return seq;
+}
+
+}  // namespace
+
+bool quant_cuda_compiled() {
+#ifdef EQAT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifndef EQAT_WITH_CUDA
+namespace {
+[[noreturn]] void no_cuda() {
+  EQAT_CHECK(false, "this eqat was built without the CUDA adapter (needs nvcc and a CUDA LibTorch); use --device cpu");
+  std::abort();
+}
+}  // namespace
+double cuda_graph_time_us(const std::function<void(int)>&, int, int) { no_cuda(); }
+std::function<void()> cuda_graph_capture(const std::function<void()>&) { no_cuda(); }
+double cuda_d2d_copy_gbps(int64_t) { no_cuda(); }
+void cuda_reset_peak_memory() { no_cuda(); }
+int64_t cuda_peak_memory_bytes() { no_cuda(); }
+std::string cuda_device_name() { no_cuda(); }
+#endif
+
+bool gptq_is_sequential(const GptqTensors& w, int64_t group_size) {
+  const int64_t K = w.g_idx.numel();
+  at::Tensor expect = at::arange(K, w.g_idx.options().dtype(at::kLong)).div(group_size, "floor");
+  return at::equal(w.g_idx.to(at::kLong), expect);
+}
+
+at::Tensor quant_linear_forward_reference(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                          const at::Tensor& bias) {
+  check_tensors(w, bits, group_size, x.size(-1), "quant_linear_forward_reference");
+  at::Tensor W = dequantize_gptq(to_cpu(w), bits);  // [N, K] fp32
+  at::Tensor y = at::matmul(x.cpu().to(at::kFloat), W.t());
+  if (bias.defined()) y = y + bias.cpu().to(at::kFloat);
+  return y.to(x.options());
+}
+
+at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                const at::Tensor& bias) {
+  EQAT_CHECK(x.dim() >= 1, "quant_linear_forward: x must have a feature dimension");
+  check_tensors(w, bits, group_size, x.size(-1), "quant_linear_forward");
+  EQAT_CHECK(x.device() == w.qweight.device(), "quant_linear_forward: x on ", x.device(), " but weight on ",
+             w.qweight.device());
+  const int64_t K = x.size(-1), N = w.qweight.size(1);
+  EQAT_CHECK(!bias.defined() || bias.numel() == N, "quant_linear_forward: bias has ", bias.numel(),
+             " entries, expected ", N);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2d = x.reshape({-1, K});
+  const bool sequential = sequential_cached(w, group_size);
+  if (x.is_cuda()) {
+#ifdef EQAT_WITH_CUDA
+    if (sequential && cuda::supports(w, bits, group_size))
+      return cuda::linear(x2d, w, bits, group_size, bias).view(out_shape);
+#endif
+    // Fallback on the device: reference dequant (CPU), then a GEMM where x lives.
+    at::Tensor W = dequantize_gptq(to_cpu(w), bits).to(x.options());
+    at::Tensor y = at::matmul(x2d, W.t());
+    if (bias.defined()) y = y + bias.to(y.options());
+    return y.view(out_shape);
+  }
+  EQAT_CHECK(x.is_cpu(), "quant_linear_forward: unsupported device ", x.device());
+  at::Tensor y;
+  if (sequential && group_size % 32 == 0 && N % 8 == 0) {
+    y = cpu_linear(x2d, w, bits, group_size);
+  } else {
+    y = at::matmul(x2d.to(at::kFloat), dequantize_gptq(w, bits).t());
+  }
+  if (bias.defined()) y = y + bias.to(at::kFloat);
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 const GptqTensors& w, int bits, int64_t group_size,
+                                                 bool need_input_grad, bool need_scale_grad) {
+  check_tensors(w, bits, group_size, x.size(-1), "quant_linear_backward_reference");
+  const GptqTensors wc = to_cpu(w);
+  const int64_t K = x.size(-1), N = w.qweight.size(1), G = K / group_size;
+  at::Tensor go = grad_out.cpu().to(at::kFloat).reshape({-1, N});
+  at::Tensor x2 = x.cpu().to(at::kFloat).reshape({-1, K});
+  QuantLinearGrads r;
+  if (need_input_grad) {
+    at::Tensor W = dequantize_gptq(wc, bits);  // [N, K]
+    r.grad_input = at::matmul(go, W).view(x.sizes()).to(x.options());
+  }
+  if (need_scale_grad) {
+    auto [q, z] = unpack_gptq(wc, bits);  // [N, K], [N, G]
+    at::Tensor gi = wc.g_idx.to(at::kLong);
+    at::Tensor qmz = q.to(at::kFloat) - z.index_select(1, gi).to(at::kFloat);  // [N, K]
+    at::Tensor P = at::matmul(x2.t(), go);                                    // [K, N]
+    at::Tensor prod = qmz.t() * P;                                            // [K, N]
+    r.grad_scales = at::zeros({G, N}, at::kFloat).index_add_(0, gi, prod).to(w.scales.device());
+  }
+  return r;
+}
+
+QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const GptqTensors& w,
+                                       int bits, int64_t group_size, bool need_input_grad, bool need_scale_grad) {
+  check_tensors(w, bits, group_size, x.size(-1), "quant_linear_backward");
+  EQAT_CHECK(grad_out.size(-1) == w.qweight.size(1), "quant_linear_backward: grad_out has ", grad_out.size(-1),
+             " features, expected ", w.qweight.size(1));
+#ifdef EQAT_WITH_CUDA
+  if (x.is_cuda() && sequential_cached(w, group_size) && cuda::supports(w, bits, group_size)) {
+    const int64_t K = x.size(-1), N = w.qweight.size(1);
+    QuantLinearGrads r;
+    cuda::backward(grad_out.reshape({-1, N}), x.reshape({-1, K}), w, bits, group_size,
+                   need_input_grad ? &r.grad_input : nullptr, need_scale_grad ? &r.grad_scales : nullptr);
+    if (r.grad_input.defined()) r.grad_input = r.grad_input.view(x.sizes());
+    return r;
+  }
+#endif
+  QuantLinearGrads r =
+      quant_linear_backward_reference(grad_out, x, w, bits, group_size, need_input_grad, need_scale_grad);
+  if (r.grad_input.defined()) r.grad_input = r.grad_input.to(x.device());
+  return r;
+}
+
+}  // namespace eqat

@@ -1,0 +1,62 @@
+// Packed (GPTQ-layout) linear: the dispatch that QuantLinear's packed mode calls. CUDA tensors go to eqat's CUDA
+// kernels (kernels/, through cuda_adapter.cpp), CPU tensors to the vectorised CPU path (cpu_qgemv.h); anything the
+// fast paths do not cover (act-order g_idx, group sizes that are not multiples of 32, 8-bit on CUDA) falls back to
+// the reference: dequantize_gptq (fp32) + matmul. The weight layout is the export layout of pack.h, consumed as is:
+// no load-time repacking is needed (each kernel reads 32 input rows = `bits` whole words per column at a time).
+//
+// Shapes: x [..., K] (fp32, fp16 or bf16); W [N, K] given as GptqTensors; bias [N] or undefined; y [..., N] in x's
+// dtype. On CUDA: M ≤ 8 rows → fused dequant-GEMV (fp32 accumulation); larger M → the weight is dequantized in
+// column slices of at most kDequantSliceBytes to x's dtype and multiplied with cuBLAS (at::matmul).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "quant/pack.h"
+
+namespace eqat {
+
+at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                const at::Tensor& bias);
+
+// The specification: y = x · dequantize_gptq(w)ᵀ + b computed in fp32 (on the CPU), returned in x's dtype/device.
+at::Tensor quant_linear_forward_reference(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                          const at::Tensor& bias);
+
+// Backward of y = x·Wᵀ + b with W[n,k] = s[g,n]·(q[k,n] − z[g,n]) (E2E-QP trains the step sizes s only):
+//   grad_input  [..., K] = grad_out · W                          (x's dtype)
+//   grad_scales [G, N]   = Σ_{k in g} (q − z)[k, n] · (xᵀ·grad_out)[k, n]   (fp32)
+// CUDA tensors use the dequant kernel + cuBLAS and the scale-gradient kernel; CPU uses the reference formulas.
+struct QuantLinearGrads {
+  at::Tensor grad_input;   // undefined when not requested
+  at::Tensor grad_scales;  // undefined when not requested
+};
+QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const GptqTensors& w,
+                                       int bits, int64_t group_size, bool need_input_grad = true,
+                                       bool need_scale_grad = true);
+QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 const GptqTensors& w, int bits, int64_t group_size,
+                                                 bool need_input_grad = true, bool need_scale_grad = true);
+
+// True when g_idx is the plain k / group_size mapping (no act-order), which every fast path assumes.
+bool gptq_is_sequential(const GptqTensors& w, int64_t group_size);
+
+// Whether a CUDA adapter was compiled in (build state 3: nvcc + CUDA LibTorch).
+bool quant_cuda_compiled();
+
+// CUDA measurement helpers for `eqat bench` (InputError when the CUDA adapter is not compiled in).
+// Captures step(0), …, step(iters−1) into one CUDA graph (after one eager warm-up call of each), replays it `reps`
+// times and returns the device time per step in µs (CUDA events), so host launch overhead is excluded.
+double cuda_graph_time_us(const std::function<void(int)>& step, int iters, int reps);
+// A decode loop helper: captures `step` once into a graph and returns a function that replays it.
+std::function<void()> cuda_graph_capture(const std::function<void()>& step);
+// Device-to-device copy bandwidth (read + write bytes / time) of a `bytes`-sized buffer, GB/s.
+double cuda_d2d_copy_gbps(int64_t bytes);
+void cuda_reset_peak_memory();
+int64_t cuda_peak_memory_bytes();  // caching allocator's peak allocated bytes since the last reset
+std::string cuda_device_name();
+
+}  // namespace eqat

@@ -1,0 +1,565 @@
+#include "vision/train_tiny.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <nlohmann/json.hpp>
+#include <sentencepiece_trainer.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+#include <torch/serialize.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <sys/stat.h>
+
+#include "data/error.h"
+#include "data/fs.h"
+#include "data/plot.h"
+#include "data/safetensors.h"
+#include "llm/generate.h"
+#include "llm/prompt.h"
+
+namespace eqat {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string fmt_hms(double s) {
+  if (!(s >= 0) || s > 1e7) return "--:--";
+  const int64_t t = static_cast<int64_t>(s);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", (long long)(t / 3600), (long long)(t / 60 % 60), (long long)(t % 60));
+  else std::snprintf(buf, sizeof buf, "%02lld:%02lld", (long long)(t / 60), (long long)(t % 60));
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tokenizer: SentencePiece BPE on the world's text, Llama-2's trainer settings (identity normalisation, byte
+// fallback, split digits, dummy prefix, unk/bos/eos = 0/1/2, no pad piece; pieces never cross words, which keeps
+// colours and shapes separate tokens: letting pieces span words made whole questions single pieces, and binding
+// stayed at chance). <image> and <pad> are added tokens.
+void train_tokenizer(const std::string& dir, uint64_t seed, int64_t vocab) {
+  const std::string corpus = path_join(dir, "tokenizer_corpus.txt");
+  {
+    std::ofstream f(corpus);
+    // The lines are the chunks the trainer and `eqat ask` encode (SentencePiece sees no newlines: a question's
+    // lines are separate sentences, the last one ends in " ASSISTANT:"). The fixed system text is repeated so
+    // that it merges into a few pieces.
+    for (int i = 0; i < 3000; ++i) f << kVicunaSystem << " USER:\n";
+    int64_t k = 0;
+    for (const auto& line : shapes_corpus(seed, 3000)) {
+      std::vector<std::string> parts;
+      std::istringstream in(line);
+      for (std::string p; std::getline(in, p);) parts.push_back(p);
+      if (parts.size() > 1 || line.find('?') != std::string::npos || line.rfind("Describe", 0) == 0) {
+        parts.back() += " ASSISTANT:";
+        if (k++ % 2) parts.front() = "USER: " + parts.front();
+      }
+      for (const auto& p : parts) f << p << "\n";
+    }
+  }
+  const std::string args = str_cat(
+      "--input=", corpus, " --model_prefix=", path_join(dir, "tokenizer"), " --model_type=bpe --vocab_size=", vocab,
+      " --byte_fallback=true --split_digits=true --character_coverage=1.0 --normalization_rule_name=identity",
+      " --remove_extra_whitespaces=false --add_dummy_prefix=true --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1",
+      " --hard_vocab_limit=false --num_threads=1 --max_sentence_length=8192 --allow_whitespace_only_pieces=true",
+
+      " --shuffle_input_sentence=false --minloglevel=2");
+  auto status = sentencepiece::SentencePieceTrainer::Train(args);
+  EQAT_CHECK(status.ok(), "tokenizer training failed: ", status.ToString());
+  std::remove(corpus.c_str());
+  std::remove(path_join(dir, "tokenizer.vocab").c_str());
+}
+
+void write_tokenizer_json(const std::string& dir, int64_t image_id, int64_t pad_id) {
+  using nlohmann::ordered_json;
+  auto tok = [](const std::string& content) {
+    return ordered_json{{"content", content}, {"lstrip", false}, {"normalized", false}, {"rstrip", false},
+                        {"single_word", false}, {"special", true}};
+  };
+  ordered_json dec;
+  dec["0"] = tok("<unk>"), dec["1"] = tok("<s>"), dec["2"] = tok("</s>");
+  dec[std::to_string(image_id)] = tok("<image>");
+  dec[std::to_string(pad_id)] = tok("<pad>");
+  ordered_json cfg{{"add_bos_token", true},      {"add_eos_token", false},   {"added_tokens_decoder", dec},
+                   {"bos_token", "<s>"},         {"clean_up_tokenization_spaces", false},
+                   {"eos_token", "</s>"},        {"legacy", true},           {"model_max_length", 512},
+                   {"pad_token", "<pad>"},       {"padding_side", "left"},   {"sp_model_kwargs", ordered_json::object()},
+                   {"tokenizer_class", "LlamaTokenizer"}, {"unk_token", "<unk>"},
+                   {"use_default_system_prompt", false}};
+  write_file_atomic(path_join(dir, "tokenizer_config.json"), cfg.dump(2) + "\n");
+  write_file_atomic(path_join(dir, "added_tokens.json"),
+                    ordered_json{{"<image>", image_id}, {"<pad>", pad_id}}.dump(2) + "\n");
+  auto sp = [](const std::string& c) {
+    return ordered_json{{"content", c}, {"lstrip", false}, {"normalized", false}, {"rstrip", false}, {"single_word", false}};
+  };
+  write_file_atomic(path_join(dir, "special_tokens_map.json"),
+                    ordered_json{{"bos_token", sp("<s>")}, {"eos_token", sp("</s>")}, {"pad_token", sp("<pad>")},
+                                 {"unk_token", sp("<unk>")}}.dump(2) + "\n");
+}
+
+void write_side_files(const std::string& dir, const ModelConfig& cfg) {
+  using nlohmann::ordered_json;
+  write_file_atomic(path_join(dir, "config.json"), model_config_to_json(cfg) + "\n");
+  const int64_t S = cfg.vision.image_size;
+  ordered_json pp{{"crop_size", {{"height", S}, {"width", S}}},
+                  {"do_center_crop", true},
+                  {"do_convert_rgb", true},
+                  {"do_normalize", true},
+                  {"do_rescale", true},
+                  {"do_resize", true},
+                  {"image_aspect_ratio", "pad"},
+                  {"image_mean", {0.48145466, 0.4578275, 0.40821073}},
+                  {"image_processor_type", "CLIPImageProcessor"},
+                  {"image_std", {0.26862954, 0.26130258, 0.27577711}},
+                  {"processor_class", "LlavaProcessor"},
+                  {"resample", 3},
+                  {"rescale_factor", 0.00392156862745098},
+                  {"size", {{"shortest_edge", S}}}};
+  write_file_atomic(path_join(dir, "preprocessor_config.json"), pp.dump(2) + "\n");
+  write_file_atomic(path_join(dir, "generation_config.json"),
+                    ordered_json{{"bos_token_id", 1}, {"eos_token_id", 2}, {"pad_token_id", cfg.text.pad_token_id},
+                                 {"use_cache", true}}.dump(2) + "\n");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Initialisation (GPT-2/Llama style): N(0, 0.02) for matrices and embeddings, residual output projections scaled
+// by 1/sqrt(2·layers), zero biases, unit norm weights.
+void init_weights(LlavaForConditionalGeneration& m, const ModelConfig& cfg, uint64_t seed) {
+  c10::NoGradGuard ng;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 2654435761ull + 17);
+  for (auto& item : m->named_parameters(true)) {
+    const std::string& n = item.key();
+    at::Tensor p = item.value();
+    auto ends = [&](const char* s) { return n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0; };
+    if (n.find("norm") != std::string::npos || n.find("layrnorm") != std::string::npos) {
+      if (ends("weight")) p.fill_(1.0);
+      else p.zero_();
+    } else if (ends("bias")) {
+      p.zero_();
+    } else {
+      double std = 0.02;
+      if (n.find("o_proj") != std::string::npos || n.find("down_proj") != std::string::npos)
+        std /= std::sqrt(2.0 * cfg.text.num_hidden_layers);
+      if (n.find("out_proj") != std::string::npos || n.find("fc2") != std::string::npos)
+        std /= std::sqrt(2.0 * cfg.vision.num_hidden_layers);
+      p.normal_(0.0, std, gen);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batches. Stage 0 images come from index range [1e9, …) of the training stream, stage 1 from [0, …).
+constexpr int64_t kStage0Offset = 1000000000;
+
+at::Tensor pixels_of(const std::vector<const Image*>& imgs, const ImageProcessorConfig& ipc) {
+  std::vector<at::Tensor> px;
+  for (const Image* im : imgs) px.push_back(preprocess_image(*im, ipc));
+  return at::stack(px);
+}
+
+struct Stage0Batch {
+  at::Tensor pixels, kind, colour;  // [B,3,S,S]; [B·9] with kShapesKinds / kShapesColours meaning "empty"
+};
+
+Stage0Batch stage0_batch(uint64_t seed, int64_t start, int64_t B, const ImageProcessorConfig& ipc) {
+  std::vector<ShapesSample> ss;
+  std::vector<const Image*> imgs;
+  std::vector<int64_t> kind(static_cast<size_t>(B * 9), kShapesKinds), colour(static_cast<size_t>(B * 9), kShapesColours);
+  for (int64_t b = 0; b < B; ++b) ss.push_back(shapes_sample(seed, kStage0Offset + start + b));
+  for (int64_t b = 0; b < B; ++b) {
+    imgs.push_back(&ss[static_cast<size_t>(b)].image);
+    for (const auto& o : ss[static_cast<size_t>(b)].objects) {
+      kind[static_cast<size_t>(b * 9 + o.cell)] = o.kind;
+      colour[static_cast<size_t>(b * 9 + o.cell)] = o.colour;
+    }
+  }
+  return {pixels_of(imgs, ipc), at::tensor(kind, at::kLong), at::tensor(colour, at::kLong)};
+}
+
+struct QABatch {
+  at::Tensor pixels, ids, labels;  // [B,3,S,S], [B,T], [B,T] (-100 where no loss)
+  int64_t tokens = 0;              // non-pad tokens
+};
+
+// One multi-turn vicuna_v1 conversation per image, every answer followed by </s> and supervised:
+//   {system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>…
+QABatch qa_batch(uint64_t seed, int64_t start, int64_t B, const Tokenizer& tok, const ModelConfig& cfg,
+                 const ImageProcessorConfig& ipc) {
+  std::vector<ShapesSample> ss;
+  std::vector<const Image*> imgs;
+  std::vector<std::vector<int64_t>> ids, labels;
+  const int64_t F = cfg.image_seq_length;
+  for (int64_t b = 0; b < B; ++b) ss.push_back(shapes_sample(seed, start + b));
+  size_t T = 0;
+  for (auto& s : ss) {
+    imgs.push_back(&s.image);
+    std::vector<int64_t> id, lab;
+    for (size_t t = 0; t < s.qa.size(); ++t) {
+      std::vector<int64_t> q = t == 0 ? tokenize_prompt(tok, render_prompt(PromptTemplate::kLlava15, s.qa[t].question, true),
+                                                        cfg.image_token_index, F)
+                                      : tok.encode("USER: " + s.qa[t].question + " ASSISTANT:", false);
+      std::vector<int64_t> a = tok.encode(s.qa[t].answer, false);
+      a.push_back(tok.eos_id());
+      id.insert(id.end(), q.begin(), q.end());
+      lab.insert(lab.end(), q.size(), -100);
+      id.insert(id.end(), a.begin(), a.end());
+      lab.insert(lab.end(), a.begin(), a.end());
+    }
+    T = std::max(T, id.size());
+    ids.push_back(std::move(id));
+    labels.push_back(std::move(lab));
+  }
+  QABatch out;
+  const int64_t pad = cfg.text.pad_token_id >= 0 ? cfg.text.pad_token_id : 0;
+  at::Tensor I = at::full({B, static_cast<int64_t>(T)}, pad, at::kLong);
+  at::Tensor L = at::full({B, static_cast<int64_t>(T)}, -100, at::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& id = ids[static_cast<size_t>(b)];
+    const int64_t n = static_cast<int64_t>(id.size());
+    I[b].narrow(0, 0, n).copy_(at::tensor(id, at::kLong));
+    L[b].narrow(0, 0, n).copy_(at::tensor(labels[static_cast<size_t>(b)], at::kLong));
+    out.tokens += n;
+  }
+  out.pixels = pixels_of(imgs, ipc);
+  out.ids = I;
+  out.labels = L;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+double lr_at(int64_t step, int64_t steps, int64_t warmup, double base) {
+  const double w = std::min(1.0, static_cast<double>(step + 1) / static_cast<double>(std::max<int64_t>(1, warmup)));
+  const double c = 0.5 * (1.0 + std::cos(3.14159265358979323846 * static_cast<double>(step) / static_cast<double>(steps)));
+  return base * w * (0.05 + 0.95 * c);
+}
+
+void set_lrs(torch::optim::AdamW& opt, const std::vector<double>& lrs) {
+  for (size_t g = 0; g < opt.param_groups().size(); ++g)
+    static_cast<torch::optim::AdamWOptions&>(opt.param_groups()[g].options()).lr(lrs[g]);
+}
+
+std::vector<at::Tensor> params_of(torch::nn::Module& m) { return m.parameters(true); }
+
+// Stage 0 head over hidden_states[feature layer]: mean of each grid cell's patches -> kind + colour logits.
+struct CellHead {
+  at::Tensor w, b;  // [kinds+1 + colours+1, E], [..]
+};
+
+at::Tensor cell_features(LlavaForConditionalGeneration& m, const ModelConfig& cfg, const at::Tensor& pixels) {
+  const int64_t L = m->vision_model->num_layers();
+  const int64_t index = cfg.vision_feature_layer >= 0 ? cfg.vision_feature_layer : L + 1 + cfg.vision_feature_layer;
+  at::Tensor h = m->vision_model->hidden_state(pixels, index);
+  h = h.narrow(1, 1, h.size(1) - 1);  // drop CLS: [N,P,E]
+  const int64_t N = h.size(0), E = h.size(2), g = cfg.vision.image_size / cfg.vision.patch_size, k = g / kShapesGrid;
+  // [N, 3, k, 3, k, E] -> mean over the k×k patches of each cell -> [N·9, E]
+  return h.view({N, kShapesGrid, k, kShapesGrid, k, E}).mean({2, 4}).reshape({N * 9, E});
+}
+
+// Checkpoint: fp32 weights (+ head in stage 0), optimizer state, step.
+void save_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, const CellHead* head,
+                     torch::optim::AdamW& opt, int64_t step) {
+  write_dir_atomic(path_join(out, "checkpoint"), [&](const std::string& tmp) {
+    std::vector<std::pair<std::string, at::Tensor>> ts;
+    for (auto& it : m->named_parameters(true)) ts.emplace_back(it.key(), it.value().detach());
+    if (head) ts.emplace_back("stage0_head.weight", head->w.detach()), ts.emplace_back("stage0_head.bias", head->b.detach());
+    write_safetensors(path_join(tmp, "weights.safetensors"), ts);
+    torch::save(opt, path_join(tmp, "optimizer.pt"));
+    write_file_atomic(path_join(tmp, "state.json"), nlohmann::json{{"step", step}}.dump() + "\n");
+  });
+}
+
+int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, CellHead* head) {
+  const std::string dir = path_join(out, "checkpoint");
+  auto st = nlohmann::json::parse(read_file(path_join(dir, "state.json")));
+  auto f = SafetensorsFile::open(path_join(dir, "weights.safetensors"));
+  c10::NoGradGuard ng;
+  for (auto& it : m->named_parameters(true)) it.value().copy_(f->get(it.key()));
+  if (head && f->has("stage0_head.weight")) head->w.copy_(f->get("stage0_head.weight")), head->b.copy_(f->get("stage0_head.bias"));
+  return st.at("step").get<int64_t>();
+}
+
+struct Logger {
+  std::string path;
+  std::vector<std::pair<double, double>> loss0, loss1;
+  void line(const nlohmann::json& j) {
+    std::ofstream f(path, std::ios::app);
+    f << j.dump() << "\n";
+  }
+  // On resume: keep the log up to `step`, rebuild the curves.
+  void restore(int64_t step) {
+    std::string kept;
+    if (file_exists(path)) {
+      std::istringstream in(read_file(path));
+      for (std::string l; std::getline(in, l);) {
+        if (l.empty()) continue;
+        auto j = nlohmann::json::parse(l, nullptr, false);
+        if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > step) continue;
+        kept += l + "\n";
+        if (j.contains("loss")) (j["stage"] == 0 ? loss0 : loss1).emplace_back(j["step"].get<double>(), j["loss"].get<double>());
+      }
+    }
+    write_file_atomic(path, kept);
+  }
+};
+
+void write_plot(const std::string& out, const Logger& log) {
+  std::vector<PlotSeries> s{{"stage 0: cell classification", log.loss0}, {"stage 1: answer-only LM loss", log.loss1}};
+  const std::string png = plot_png(s, "eqat train-tiny: training loss", "step", true);
+  if (!png.empty()) write_file_atomic(path_join(out, "loss.png"), png);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+std::string ShapesScore::to_json() const {
+  nlohmann::ordered_json j;
+  j["accuracy"] = accuracy();
+  j["n"] = n;
+  j["correct"] = correct;
+  j["yes_no_f1"] = yes_no_f1();
+  nlohmann::ordered_json fam = nlohmann::ordered_json::object();
+  for (auto& [name, cn] : family)
+    fam[name] = {{"accuracy", cn.second ? static_cast<double>(cn.first) / cn.second : 0.0}, {"n", cn.second}};
+  j["families"] = fam;
+  return j.dump();
+}
+
+ModelConfig tiny_model_config(const TinyTrainOptions& o, int64_t sp_vocab_actual) {
+  ModelConfig c;
+  c.arch = Arch::kLlava;
+  c.text.vocab_size = sp_vocab_actual + 2;
+  c.text.hidden_size = o.dim;
+  c.text.intermediate_size = o.ff;
+  c.text.num_hidden_layers = o.layers;
+  c.text.num_attention_heads = o.heads;
+  c.text.num_key_value_heads = o.kv_heads;
+  c.text.head_dim = o.dim / o.heads;
+  c.text.max_position_embeddings = 512;
+  c.text.rms_norm_eps = 1e-5;
+  c.text.pad_token_id = sp_vocab_actual + 1;
+  c.text.torch_dtype = "float16";
+  c.vision.hidden_size = o.vit_dim;
+  c.vision.intermediate_size = o.vit_ff;
+  c.vision.num_hidden_layers = o.vit_layers;
+  c.vision.num_attention_heads = o.vit_heads;
+  c.vision.image_size = o.image_size;
+  c.vision.patch_size = o.patch_size;
+  c.vision.hidden_act = "quick_gelu";
+  c.image_token_index = sp_vocab_actual;
+  c.projector_hidden_act = "gelu";
+  c.vision_feature_layer = -2;
+  c.vision_feature_select_strategy = "default";
+  c.image_seq_length = c.vision.num_patches();
+  return c;
+}
+
+std::vector<std::string> answer_shapes(LlavaForConditionalGeneration& model, const ModelConfig& cfg,
+                                       const Tokenizer& tok, const ImageProcessorConfig& ipc,
+                                       const std::vector<ShapesEvalItem>& items, int64_t batch) {
+  c10::NoGradGuard ng;
+  std::vector<std::string> preds;
+  const int64_t pad = tok.pad_id() >= 0 ? tok.pad_id() : 0;
+  const auto dtype = model->language_model->lm_head_weight().scalar_type();
+  for (size_t s = 0; s < items.size(); s += static_cast<size_t>(batch)) {
+    const size_t e = std::min(items.size(), s + static_cast<size_t>(batch));
+    std::vector<std::vector<int64_t>> rows;
+    std::vector<const Image*> imgs;
+    for (size_t i = s; i < e; ++i) {
+      rows.push_back(tokenize_prompt(tok, render_prompt(PromptTemplate::kLlava15, items[i].text, true),
+                                     cfg.image_token_index, cfg.image_seq_length));
+      imgs.push_back(&items[i].pixels);
+    }
+    auto [ids, valid] = left_pad(rows, pad);
+    at::Tensor feats = model->image_features(pixels_of(imgs, ipc).to(dtype));
+    at::Tensor embeds = model->embed_with_images(ids, feats);
+    GenerateOptions o;
+    o.max_new_tokens = 48;
+    o.stop_ids = {tok.eos_id()};
+    GenerateResult r = generate(model->language_model, embeds, valid, o);
+    for (auto& t : r.tokens) preds.push_back(tok.decode(t));
+  }
+  return preds;
+}
+
+ShapesScore score_shapes(const std::vector<ShapesEvalItem>& items, const std::vector<std::string>& preds) {
+  EQAT_ASSERT(items.size() == preds.size(), "predictions/items size mismatch");
+  ShapesScore sc;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const bool ok = shapes_answer_matches(preds[i], items[i].answer);
+    sc.n++, sc.correct += ok;
+    auto& f = sc.family[items[i].category];
+    f.first += ok, f.second++;
+    const std::string a = shapes_normalize_answer(items[i].answer), p = shapes_normalize_answer(preds[i]);
+    if (a == "yes" || a == "no") {
+      if (a == "yes") (p == "yes" ? sc.tp : sc.fn)++;
+      else (p == "yes" ? sc.fp : sc.tn)++;
+    }
+  }
+  return sc;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+void train_tiny(const TinyTrainOptions& o) {
+  EQAT_CHECK(!o.out.empty(), "train-tiny: --out is required");
+  EQAT_CHECK(o.sp_vocab >= 400 && o.sp_vocab <= 1024, "--vocab: must be in [400, 1024] (259 byte and control pieces + the characters come first)");
+  EQAT_CHECK(o.image_size % (o.patch_size * kShapesGrid) == 0, "--patch: the image (", o.image_size,
+             " px) must split into 3×3 cells of whole patches");
+  at::set_num_threads(static_cast<int>(o.threads));
+  ::mkdir(o.out.c_str(), 0755);
+  EQAT_CHECK(is_directory(o.out), o.out, ": cannot create the output directory");
+  const bool resume = o.resume && file_exists(path_join(o.out, "checkpoint/state.json"));
+  if (!resume) train_tokenizer(o.out, o.seed, o.sp_vocab);
+  Tokenizer sp_only = Tokenizer::from_model_file(path_join(o.out, "tokenizer.model"));
+  const int64_t sp_n = sp_only.vocab_size();
+  ModelConfig cfg = tiny_model_config(o, sp_n);
+  write_tokenizer_json(o.out, cfg.image_token_index, cfg.text.pad_token_id);
+  write_side_files(o.out, cfg);
+  Tokenizer tok = Tokenizer::load(o.out);
+  const ImageProcessorConfig ipc = load_image_processor_config(o.out, cfg.vision.image_size);
+
+  at::manual_seed(o.seed);
+  LlavaForConditionalGeneration model(cfg);
+  init_weights(model, cfg, o.seed);
+  CellHead head;
+  {
+    c10::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 99);
+    head.w = at::empty({kShapesKinds + 1 + kShapesColours + 1, o.vit_dim}).normal_(0.0, 0.02, gen).requires_grad_();
+    head.b = at::zeros({kShapesKinds + 1 + kShapesColours + 1}).requires_grad_();
+  }
+  for (auto& p : model->parameters(true)) p.set_requires_grad(true);
+
+  const int64_t total = o.stage0_steps + o.stage1_steps;
+  int64_t step = 0;
+  if (resume) step = load_checkpoint(o.out, model, &head);
+  Logger log{path_join(o.out, "train_log.jsonl"), {}, {}};
+  if (resume) log.restore(step);
+  else write_file_atomic(log.path, "");
+  if (!resume)
+    log.line({{"event", "start"}, {"seed", o.seed}, {"step", 0}, {"vocab", cfg.text.vocab_size},
+              {"params", [&] { int64_t n = 0; for (auto& p : model->parameters(true)) n += p.numel(); return n; }()}});
+  const auto eval_items = shapes_test_split(o.seed + 0x9E3779B9ull, o.eval_questions);
+
+  auto t0 = Clock::now();
+  const int64_t start_step = step;
+  // ---- stage 0: ViT per-cell classification.
+  if (step < o.stage0_steps) {
+    std::vector<at::Tensor> vp = params_of(*model->vision_model);
+    vp.push_back(head.w), vp.push_back(head.b);
+    torch::optim::AdamW opt({torch::optim::OptimizerParamGroup(vp)},
+                            torch::optim::AdamWOptions(o.stage0_lr).weight_decay(o.weight_decay).betas({0.9, 0.98}));
+    if (resume && step > 0) torch::load(opt, path_join(o.out, "checkpoint/optimizer.pt"));
+    double ema = 0, acc_ema = 0;
+    for (; step < o.stage0_steps; ++step) {
+      if (o.max_steps >= 0 && step >= o.max_steps) break;
+      auto ts = Clock::now();
+      set_lrs(opt, {lr_at(step, o.stage0_steps, o.warmup, o.stage0_lr)});
+      Stage0Batch b = stage0_batch(o.seed, step * o.stage0_batch, o.stage0_batch, ipc);
+      at::Tensor logits = at::linear(cell_features(model, cfg, b.pixels), head.w, head.b);
+      at::Tensor lk = logits.narrow(1, 0, kShapesKinds + 1), lc = logits.narrow(1, kShapesKinds + 1, kShapesColours + 1);
+      at::Tensor loss = at::cross_entropy_loss(lk, b.kind) + at::cross_entropy_loss(lc, b.colour);
+      opt.zero_grad();
+      loss.backward();
+      torch::nn::utils::clip_grad_norm_(vp, o.clip);
+      opt.step();
+      const double l = loss.item<double>();
+      const double acc = (lk.argmax(1).eq(b.kind).logical_and(lc.argmax(1).eq(b.colour))).to(at::kFloat).mean().item<double>();
+      ema = step == start_step ? l : 0.95 * ema + 0.05 * l;
+      acc_ema = step == start_step ? acc : 0.95 * acc_ema + 0.05 * acc;
+      const double dt = seconds_since(ts), el = seconds_since(t0);
+      const double eta = el / static_cast<double>(step + 1 - start_step) * static_cast<double>(total - step - 1);
+      if (o.progress)
+        std::fprintf(stderr, "\r[stage 0] step %lld/%lld loss %.4f cell-acc %.3f img/s %.0f elapsed %s ETA %s   ",
+                     (long long)(step + 1), (long long)total, ema, acc_ema, o.stage0_batch / dt, fmt_hms(el).c_str(),
+                     fmt_hms(eta).c_str());
+      if ((step + 1) % 10 == 0 || step + 1 == o.stage0_steps) {
+        log.line({{"step", step + 1}, {"stage", 0}, {"loss", l}, {"cell_acc", acc}, {"lr", lr_at(step, o.stage0_steps, o.warmup, o.stage0_lr)},
+                  {"images_per_s", o.stage0_batch / dt}, {"elapsed_s", el}});
+        log.loss0.emplace_back(static_cast<double>(step + 1), l);
+      }
+      if ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.stage0_steps || step + 1 == o.max_steps) {
+        save_checkpoint(o.out, model, &head, opt, step + 1);
+        write_plot(o.out, log);
+      }
+    }
+    if (o.progress) std::fprintf(stderr, "\n");
+  }
+  // ---- stage 1: projector + decoder (+ ViT at a lower rate) on QA, answer-only loss.
+  if (step >= o.stage0_steps && step < total && !(o.max_steps >= 0 && step >= o.max_steps)) {
+    std::vector<at::Tensor> rest = params_of(*model->multi_modal_projector);
+    for (auto& p : params_of(*model->language_model)) rest.push_back(p);
+    torch::optim::AdamW opt({torch::optim::OptimizerParamGroup(params_of(*model->vision_model)),
+                             torch::optim::OptimizerParamGroup(rest)},
+                            torch::optim::AdamWOptions(o.stage1_lr).weight_decay(o.weight_decay).betas({0.9, 0.98}));
+    if (resume && step > o.stage0_steps) torch::load(opt, path_join(o.out, "checkpoint/optimizer.pt"));
+    std::vector<at::Tensor> all = model->parameters(true);
+    double ema = 0;
+    const int64_t s1_start = step;
+    auto t1 = Clock::now();
+    for (; step < total; ++step) {
+      if (o.max_steps >= 0 && step >= o.max_steps) break;
+      auto ts = Clock::now();
+      const int64_t s = step - o.stage0_steps;
+      const double lr = lr_at(s, o.stage1_steps, o.warmup, o.stage1_lr);
+      set_lrs(opt, {lr * o.vit_lr_scale, lr});
+      QABatch b = qa_batch(o.seed, s * o.stage1_batch, o.stage1_batch, tok, cfg, ipc);
+      at::Tensor feats = model->image_features(b.pixels);
+      at::Tensor embeds = model->embed_with_images(b.ids, feats);
+      const int64_t B = b.ids.size(0), T = b.ids.size(1);
+      at::Tensor pos = at::arange(T, at::kLong).unsqueeze(0).expand({B, T});
+      at::Tensor logits = model->language_model->forward(embeds, pos, at::Tensor(), nullptr);
+      at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, T - 1).reshape({-1, logits.size(2)}),
+                                               b.labels.narrow(1, 1, T - 1).reshape({-1}), {}, at::Reduction::Mean, -100);
+      opt.zero_grad();
+      loss.backward();
+      torch::nn::utils::clip_grad_norm_(all, o.clip);
+      opt.step();
+      const double l = loss.item<double>();
+      ema = step == s1_start ? l : 0.95 * ema + 0.05 * l;
+      const double dt = seconds_since(ts), el = seconds_since(t0);
+      const double eta = seconds_since(t1) / static_cast<double>(step + 1 - s1_start) * static_cast<double>(total - step - 1);
+      if (o.progress)
+        std::fprintf(stderr, "\r[stage 1] step %lld/%lld loss %.4f tok/s %.0f elapsed %s ETA %s   ", (long long)(step + 1),
+                     (long long)total, ema, static_cast<double>(b.tokens) / dt, fmt_hms(el).c_str(), fmt_hms(eta).c_str());
+      if ((step + 1) % 10 == 0 || step + 1 == total) {
+        log.line({{"step", step + 1}, {"stage", 1}, {"loss", l}, {"lr", lr}, {"tokens_per_s", b.tokens / dt},
+                  {"elapsed_s", el}});
+        log.loss1.emplace_back(static_cast<double>(step + 1), l);
+      }
+      if (o.eval_every > 0 && ((s + 1) % o.eval_every == 0 || step + 1 == total) && !eval_items.empty()) {
+        ShapesScore sc = score_shapes(eval_items, answer_shapes(model, cfg, tok, ipc, eval_items));
+        if (o.progress) std::fprintf(stderr, "\n[eval] step %lld %s\n", (long long)(step + 1), sc.to_json().c_str());
+        log.line({{"step", step + 1}, {"stage", 1}, {"eval", nlohmann::json::parse(sc.to_json())}});
+      }
+      if ((step + 1) % o.checkpoint_every == 0 || step + 1 == total || step + 1 == o.max_steps) {
+        save_checkpoint(o.out, model, nullptr, opt, step + 1);
+        write_plot(o.out, log);
+      }
+    }
+    if (o.progress) std::fprintf(stderr, "\n");
+  }
+  write_plot(o.out, log);
+  if (step < total) return;  // stopped early (max_steps): the checkpoint is the state
+
+  // ---- export: fp16 safetensors in the llava-hf layout.
+  std::vector<std::pair<std::string, at::Tensor>> ts;
+  for (auto& it : model->named_parameters(true)) ts.emplace_back(it.key(), it.value().detach().to(at::kHalf));
+  write_checkpoint(o.out, ts);
+  log.line({{"step", step}, {"event", "exported"}, {"elapsed_s", seconds_since(t0)}});
+  if (o.final_eval_questions > 0) {
+    Model m = load_model(o.out);
+    auto items = shapes_test_split(kShapesStandardTestSeed, o.final_eval_questions);
+    ShapesScore sc = score_shapes(items, answer_shapes(m.llava, m.cfg, *m.tok, m.image_cfg, items));
+    std::fprintf(stderr, "[final eval, standard split, fp16 model] %s\n", sc.to_json().c_str());
+    log.line({{"step", step}, {"final_eval", nlohmann::json::parse(sc.to_json())}});
+  }
+}
+
+}  // namespace eqat

@@ -1,0 +1,77 @@
+// Trains the embedded default model (issue 3): a toy-scale LLaVA-1.5 (CLIP-style ViT, mlp2x_gelu projector,
+// Llama decoder) from scratch on the procedural "shapes" world, on the CPU, with LLaVA's staged recipe:
+//   tokenizer  SentencePiece BPE trained on the world's text (+ the vicuna_v1 system prompt), byte fallback,
+//              Llama-2 settings; <image> and <pad> as added tokens.
+//   stage 0    stands in for CLIP pre-training: the ViT alone learns per-grid-cell shape and colour
+//              classification through a throwaway linear head on hidden_states[vision_feature_layer].
+//   stage 1    projector + decoder (the ViT frozen by default, or at a lower rate) on multi-turn QA
+//              conversations in the vicuna_v1 template, loss on the answers only (LLaVA's instruction tuning).
+// AdamW, linear warm-up + cosine decay per stage, gradient clipping. Training images are generated on the fly
+// from (seed, index) — cheap in C++, and never repeated, so nothing to memorise. Everything derives from the
+// seed; checkpoints (fp32 weights + optimizer state) are written atomically every 100 steps and
+// --resume continues bit-identically. Output: an HF llava directory (fp16 safetensors, config.json, tokenizer,
+// preprocessor_config.json) that load_model() reads, plus train_log.jsonl and loss.png.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "data/config.h"
+#include "data/image.h"
+#include "data/shapes.h"
+#include "data/tokenizer.h"
+#include "vision/llava.h"
+
+namespace eqat {
+
+struct TinyTrainOptions {
+  std::string out;         // output directory (model files + checkpoint/ + logs)
+  uint64_t seed = 1;       // training images, init and tokenizer corpus all derive from it
+  bool resume = false;     // continue from out/checkpoint
+  int64_t threads = 2;
+  bool progress = true;    // progress bar on stderr
+  // Model (LLaVA-1.5 layout at toy scale).
+  int64_t image_size = kShapesImageSize, patch_size = 16;
+  int64_t vit_dim = 128, vit_layers = 4, vit_heads = 4, vit_ff = 512;  // the last layer is unused (feature -2)
+  int64_t dim = 192, layers = 3, heads = 4, kv_heads = 4, ff = 512;
+  int64_t sp_vocab = 1024;  // SentencePiece pieces (≤ 1024); <image> and <pad> follow
+  // Stage 0: ViT per-cell classification.
+  int64_t stage0_steps = 900, stage0_batch = 64;
+  double stage0_lr = 3e-3;
+  // Stage 1: QA instruction tuning (batch = images, each a multi-turn conversation of every family).
+  int64_t stage1_steps = 800, stage1_batch = 32;
+  double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stage 1 (as in LLaVA)
+  double weight_decay = 0.01, clip = 1.0;
+  int64_t warmup = 50;
+  // Bookkeeping.
+  int64_t eval_every = 200, eval_questions = 70;  // held-out greedy exact match during stage 1
+  int64_t checkpoint_every = 100;
+  int64_t final_eval_questions = 0;  // > 0: evaluate that many standard-split questions at the end
+  int64_t max_steps = -1;            // stop (after a checkpoint) at this global step; for tests and resume
+};
+
+// Runs (or resumes) training; writes the model directory `opts.out`.
+void train_tiny(const TinyTrainOptions& opts);
+
+// The model's config for the options (vocabulary from the trained tokenizer's size).
+ModelConfig tiny_model_config(const TinyTrainOptions& opts, int64_t sp_vocab_actual);
+
+// Exact-match scores on shapes questions.
+struct ShapesScore {
+  int64_t n = 0, correct = 0;
+  std::map<std::string, std::pair<int64_t, int64_t>> family;  // name -> (correct, n)
+  int64_t tp = 0, fp = 0, fn = 0, tn = 0;                     // yes/no questions, "yes" positive
+  double accuracy() const { return n ? static_cast<double>(correct) / n : 0.0; }
+  double yes_no_f1() const { return tp ? 2.0 * tp / (2.0 * tp + fp + fn) : 0.0; }
+  std::string to_json() const;  // {"accuracy", "n", "yes_no_f1", "families": {name: {"accuracy", "n"}}}
+};
+
+// Greedy answers (the llava-1.5 template, as `eqat ask` renders it) for `items`, batched.
+std::vector<std::string> answer_shapes(LlavaForConditionalGeneration& model, const ModelConfig& cfg,
+                                       const Tokenizer& tok, const ImageProcessorConfig& ipc,
+                                       const std::vector<ShapesEvalItem>& items, int64_t batch = 64);
+ShapesScore score_shapes(const std::vector<ShapesEvalItem>& items, const std::vector<std::string>& predictions);
+
+}  // namespace eqat

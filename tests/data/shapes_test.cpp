@@ -1,0 +1,189 @@
+// The procedural shapes world (src/data/shapes.h): determinism, balance, answers consistent with the scene, and
+// the dataset files in LLaVA's formats.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "data/fs.h"
+#include "data/image.h"
+#include "data/shapes.h"
+#include "test_util.h"
+
+namespace eqat {
+namespace {
+
+std::string strip_suffix(const std::string& q) { return q.substr(0, q.find('\n')); }
+
+TEST(Shapes, SameSeedSameBytesAndText) {
+  for (int family : {-1, 0, 4, 6}) {
+    ShapesSample a = shapes_sample(7, 3, family), b = shapes_sample(7, 3, family);
+    EXPECT_EQ(a.image.rgb, b.image.rgb);
+    EXPECT_EQ(shapes_png(a.image), shapes_png(b.image));
+    ASSERT_EQ(a.qa.size(), b.qa.size());
+    for (size_t i = 0; i < a.qa.size(); ++i) {
+      EXPECT_EQ(a.qa[i].question, b.qa[i].question);
+      EXPECT_EQ(a.qa[i].answer, b.qa[i].answer);
+    }
+  }
+  EXPECT_NE(shapes_sample(7, 3).image.rgb, shapes_sample(7, 4).image.rgb);
+  EXPECT_NE(shapes_sample(7, 3).image.rgb, shapes_sample(8, 3).image.rgb);
+}
+
+TEST(Shapes, PngRoundTripsToThePixels) {
+  ShapesSample s = shapes_sample(1, 0);
+  Image back = decode_image(shapes_png(s.image), "sample");
+  EXPECT_EQ(back.width, kShapesImageSize);
+  EXPECT_EQ(back.rgb, s.image.rgb);
+}
+
+TEST(Shapes, TestSplitIsBalancedAndExistsIsHalfNo) {
+  auto items = shapes_test_split(5, 1400);
+  std::map<std::string, int> per;
+  int yes = 0, exists = 0;
+  for (const auto& it : items) {
+    per[it.category]++;
+    if (it.category == "exists") exists++, yes += it.answer == "yes";
+  }
+  ASSERT_EQ(per.size(), 7u);
+  for (auto& [name, n] : per) EXPECT_EQ(n, 200) << name;
+  EXPECT_GT(yes, 0.4 * exists);
+  EXPECT_LT(yes, 0.6 * exists);
+}
+
+TEST(Shapes, TrainingSamplesCoverEveryFamily) {
+  std::map<ShapesFamily, int> per;
+  for (int64_t i = 0; i < 700; ++i) {
+    ShapesSample s = shapes_sample(3, i);
+    bool has_required = false;
+    for (const auto& qa : s.qa) per[qa.family]++, has_required |= static_cast<int>(qa.family) == i % 7;
+    EXPECT_TRUE(has_required) << i;
+  }
+  for (auto& [f, n] : per) EXPECT_GT(n, 350) << shapes_family_name(f);
+}
+
+// Re-derives each answer from the scene objects.
+TEST(Shapes, AnswersAgreeWithTheScene) {
+  for (int64_t i = 0; i < 700; ++i) {
+    ShapesSample s = shapes_sample(11, i, static_cast<int>(i % 7));
+    const ShapesQA& qa = s.qa[0];
+    const std::string q = strip_suffix(qa.question);
+    auto kind_in = [&](const std::string& text) {
+      for (int k = 0; k < kShapesKinds; ++k)
+        if (text.find(std::string(" ") + shapes_kind_name(k)) != std::string::npos) return k;
+      return -1;
+    };
+    auto colour_in = [&](const std::string& text) {
+      for (int c = 0; c < kShapesColours; ++c)
+        if (text.find(std::string(" ") + shapes_colour_name(c) + " ") != std::string::npos) return c;
+      return -1;
+    };
+    switch (qa.family) {
+      case ShapesFamily::kColour: {
+        const int k = kind_in(q);
+        int n = 0;
+        for (auto& o : s.objects)
+          if (o.kind == k) {
+            ++n;
+            EXPECT_EQ(qa.answer, shapes_colour_name(o.colour)) << q;
+          }
+        EXPECT_EQ(n, 1) << q;
+        break;
+      }
+      case ShapesFamily::kShape: {
+        const int c = colour_in(q);
+        int n = 0;
+        for (auto& o : s.objects)
+          if (o.colour == c) {
+            ++n;
+            EXPECT_EQ(qa.answer, shapes_kind_name(o.kind)) << q;
+          }
+        EXPECT_EQ(n, 1) << q;
+        break;
+      }
+      case ShapesFamily::kCount:
+        if (q == "How many shapes are there?") EXPECT_EQ(qa.answer, std::to_string(s.objects.size()));
+        EXPECT_GE(std::stoi(qa.answer), 0);
+        EXPECT_LE(std::stoi(qa.answer), 4);
+        break;
+      case ShapesFamily::kExists: {
+        const int k = kind_in(q), c = colour_in(q);
+        bool present = false;
+        for (auto& o : s.objects) present |= o.kind == k && o.colour == c;
+        EXPECT_EQ(qa.answer, present ? "yes" : "no") << q;
+        break;
+      }
+      case ShapesFamily::kPosition:
+        EXPECT_TRUE(qa.answer == "left" || qa.answer == "right" || qa.answer == "above" || qa.answer == "below");
+        break;
+      case ShapesFamily::kChoice: {
+        ASSERT_EQ(qa.answer.size(), 1u);
+        const std::string opt = "\n" + qa.answer + ". ";
+        const size_t p = qa.question.find(opt);
+        ASSERT_NE(p, std::string::npos);
+        const std::string chosen = qa.question.substr(p + opt.size(), qa.question.find('\n', p + 1) - p - opt.size());
+        // The chosen option answers the underlying colour/shape question.
+        const int k = kind_in(q), c = colour_in(q);
+        for (auto& o : s.objects) {
+          if (q.rfind("What color", 0) == 0 && o.kind == k) EXPECT_EQ(chosen, shapes_colour_name(o.colour));
+          if (q.rfind("What shape", 0) == 0 && o.colour == c) EXPECT_EQ(chosen, shapes_kind_name(o.kind));
+        }
+        EXPECT_NE(qa.question.find("Answer with the option's letter from the given choices directly."),
+                  std::string::npos);
+        break;
+      }
+      case ShapesFamily::kDescribe: {
+        std::string expect;
+        for (size_t j = 0; j < s.objects.size(); ++j) {
+          if (j) expect += j + 1 == s.objects.size() ? " and " : ", ";
+          expect += std::string(s.objects[j].colour == 1 ? "an " : "a ") + shapes_colour_name(s.objects[j].colour) +
+                    " " + shapes_kind_name(s.objects[j].kind);
+        }
+        EXPECT_TRUE(shapes_answer_matches(qa.answer, expect)) << qa.answer << " vs " << expect;
+        break;
+      }
+      default:
+        FAIL();
+    }
+    if (qa.family != ShapesFamily::kChoice && qa.family != ShapesFamily::kDescribe)
+      EXPECT_NE(qa.question.find("\nAnswer the question using a single word or phrase."), std::string::npos);
+  }
+}
+
+TEST(Shapes, NormalisedExactMatch) {
+  EXPECT_TRUE(shapes_answer_matches(" Yes.\n", "yes"));
+  EXPECT_TRUE(shapes_answer_matches("A red star.", "a red star"));
+  EXPECT_FALSE(shapes_answer_matches("yes yes", "yes"));
+}
+
+TEST(Shapes, DatasetFilesInLlavaFormats) {
+  eqat_test::TempDir tmp;
+  const std::string dir = tmp.str("ds");
+  write_shapes_dataset(dir, 5, 14, 2);
+  auto train = nlohmann::json::parse(read_file(dir + "/train.json"));
+  ASSERT_EQ(train.size(), 5u);
+  for (auto& t : train) {
+    EXPECT_TRUE(file_exists(dir + "/images/" + t["image"].get<std::string>()));
+    auto& conv = t["conversations"];
+    ASSERT_GE(conv.size(), 2u);
+    EXPECT_EQ(conv[0]["from"], "human");
+    EXPECT_EQ(conv[1]["from"], "gpt");
+    EXPECT_EQ(conv[0]["value"].get<std::string>().rfind("<image>\n", 0), 0u);
+  }
+  std::istringstream q(read_file(dir + "/test.jsonl")), a(read_file(dir + "/test_answers.jsonl"));
+  std::string lq, la;
+  int n = 0;
+  while (std::getline(q, lq) && std::getline(a, la)) {
+    auto jq = nlohmann::json::parse(lq), ja = nlohmann::json::parse(la);
+    EXPECT_EQ(jq["question_id"], ja["question_id"]);
+    for (const char* k : {"question_id", "image", "text", "category"}) EXPECT_TRUE(jq.contains(k)) << k;
+    EXPECT_TRUE(file_exists(dir + "/images/" + jq["image"].get<std::string>()));
+    ++n;
+  }
+  EXPECT_EQ(n, 14);
+}
+
+}  // namespace
+}  // namespace eqat

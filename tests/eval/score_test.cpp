@@ -1,0 +1,434 @@
+// Scorers on the real question / ground-truth files (tests/data/bench, see tests/data/SOURCES.md) with synthetic
+// predictions whose scores are derived by hand in the comments.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "data/error.h"
+#include "data/fs.h"
+#include "eval/score.h"
+#include "test_util.h"
+
+using eqat_test::data_path;
+using eqat_test::TempDir;
+using json = nlohmann::json;
+
+namespace {
+
+std::string bench(const std::string& rel) { return data_path("bench/" + rel); }
+
+// Writes LLaVA answer JSONL: one record per (question_id JSON, prompt, text).
+void write_answers(const std::string& path, const std::vector<std::tuple<json, std::string, std::string>>& rows) {
+  std::ofstream f(path);
+  for (const auto& [qid, prompt, text] : rows) {
+    json j = {{"question_id", qid}, {"prompt", prompt}, {"text", text}, {"answer_id", "x"},
+              {"model_id", "test"}, {"metadata", json::object()}};
+    f << j.dump() << "\n";
+  }
+}
+
+std::vector<json> read_jsonl(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line))
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+constexpr double kEps = 1e-9;  // every expected value below is an exact ratio of counts
+
+}  // namespace
+
+// ---- shapes ----------------------------------------------------------------------------------------------------
+
+TEST(ShapesScore, ExactMatchPerFamilyAndYesNoF1) {
+  // 14 real questions of the standard split (2 per family). Answer all correctly except: the second colour
+  // question (id 7) and the first exists question (id 3, gt "yes", answered "no"). Case, surrounding spaces and a
+  // trailing period are normalised away.
+  TempDir t;
+  std::vector<std::tuple<json, std::string, std::string>> rows;
+  auto gt = read_jsonl(bench("shapes/test_answers.jsonl"));
+  for (const auto& g : gt) {
+    const int id = g["question_id"].get<int>();
+    std::string text = g["text"].get<std::string>();
+    if (id == 7) text = "green";
+    if (id == 3) text = "no";
+    if (id == 0) text = "  Blue. ";
+    rows.push_back({id, "", text});
+  }
+  write_answers(t.str("a.jsonl"), rows);
+  eqat::ScoreReport r =
+      eqat::score_shapes(bench("shapes/test.jsonl"), bench("shapes/test_answers.jsonl"), t.str("a.jsonl"));
+  EXPECT_EQ(r.unit, "fraction");
+  EXPECT_NEAR(r.get("accuracy"), 12.0 / 14.0, kEps);
+  EXPECT_NEAR(r.get("families.colour.accuracy"), 0.5, kEps);
+  EXPECT_NEAR(r.get("families.exists.accuracy"), 0.5, kEps);
+  EXPECT_NEAR(r.get("families.describe.accuracy"), 1.0, kEps);
+  // yes/no: gt id3 yes (pred no: FN), id10 no (pred no: TN) -> TP 0 -> precision 0, recall 0, F1 0.
+  EXPECT_NEAR(r.get("yes_no.f1"), 0.0, kEps);
+  EXPECT_EQ(r.get("yes_no.n"), 2);
+  EXPECT_EQ(r.get("n"), 14);
+  // JSON: accuracy top-level, per-family breakdown.
+  json j = json::parse(eqat::score_to_json(r));
+  EXPECT_NEAR(j["accuracy"].get<double>(), 12.0 / 14.0, kEps);
+  EXPECT_EQ(j["families"]["count"]["n"].get<int>(), 2);
+}
+
+TEST(ShapesScore, MissingAnswersAreWrongUnlessOnlyAnswered) {
+  TempDir t;
+  auto gt = read_jsonl(bench("shapes/test_answers.jsonl"));
+  std::vector<std::tuple<json, std::string, std::string>> rows;
+  for (size_t i = 0; i < 7; ++i) rows.push_back({gt[i]["question_id"], "", gt[i]["text"].get<std::string>()});
+  write_answers(t.str("a.jsonl"), rows);
+  auto r = eqat::score_shapes(bench("shapes/test.jsonl"), bench("shapes/test_answers.jsonl"), t.str("a.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 0.5, kEps);  // 7 right of 14
+  eqat::ScoreOptions o;
+  o.only_answered = true;
+  r = eqat::score_shapes(bench("shapes/test.jsonl"), bench("shapes/test_answers.jsonl"), t.str("a.jsonl"), o);
+  EXPECT_NEAR(r.get("accuracy"), 1.0, kEps);
+  EXPECT_NEAR(r.get("yes_no.f1"), 1.0, kEps);  // id 3: gt yes, pred yes -> TP 1, no FP/FN
+}
+
+// ---- POPE ------------------------------------------------------------------------------------------------------
+
+TEST(PopeParse, LlavaRules) {
+  EXPECT_TRUE(eqat::pope_is_yes("Yes"));
+  EXPECT_FALSE(eqat::pope_is_yes("No"));
+  EXPECT_FALSE(eqat::pope_is_yes("no"));
+  EXPECT_TRUE(eqat::pope_is_yes("NO"));      // only "No", "not", "no" count
+  EXPECT_TRUE(eqat::pope_is_yes("None"));
+  EXPECT_FALSE(eqat::pope_is_yes("Yes, but not really"));  // comma deleted, "not" is a word
+  EXPECT_TRUE(eqat::pope_is_yes("Yes. No"));  // only the text before the first "."
+  EXPECT_FALSE(eqat::pope_is_yes("There is no dog. Yes"));
+  EXPECT_TRUE(eqat::pope_is_yes("No,there"));  // "Nothere" after comma removal
+  EXPECT_TRUE(eqat::pope_is_yes(""));
+}
+
+namespace {
+// Answers for every question of llava_pope_test.jsonl (8910), text chosen per (index in split, label).
+template <typename Fn>
+std::string pope_answers(const TempDir& t, Fn text_for) {
+  std::map<std::string, std::vector<std::string>> labels;
+  for (const char* s : {"adversarial", "popular", "random"})
+    for (const auto& j : read_jsonl(bench(std::string("pope/coco_pope_") + s + ".json")))
+      labels[s].push_back(j["label"].get<std::string>());
+  std::map<std::string, size_t> seen;
+  std::vector<std::tuple<json, std::string, std::string>> rows;
+  for (const auto& q : read_jsonl(bench("pope/llava_pope_test.jsonl"))) {
+    const std::string cat = q["category"].get<std::string>();
+    const std::string label = labels[cat].at(seen[cat]++);
+    rows.push_back({q["question_id"], q["text"].get<std::string>(), text_for(label)});
+  }
+  write_answers(t.str("pope.jsonl"), rows);
+  return t.str("pope.jsonl");
+}
+}  // namespace
+
+TEST(PopeScore, AllYes) {
+  // All "yes": TP = #yes labels, FP = #no labels, TN = FN = 0 -> recall 100, precision = accuracy = yes share,
+  // yes-ratio 100. Random split: 1500 yes of 2910 -> P = 1500/2910; popular/adversarial: 1500 of 3000 -> 50.
+  TempDir t;
+  const std::string a = pope_answers(t, [](const std::string&) { return "Yes"; });
+  auto r = eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), a);
+  const double p_rand = 1500.0 / 2910.0, f1_rand = 2 * p_rand / (p_rand + 1), f1_half = 2 * 0.5 / 1.5;
+  EXPECT_NEAR(r.get("splits.random.precision"), 100 * p_rand, 1e-9);
+  EXPECT_NEAR(r.get("splits.random.accuracy"), 100 * p_rand, 1e-9);
+  EXPECT_NEAR(r.get("splits.random.recall"), 100, 1e-9);
+  EXPECT_NEAR(r.get("splits.random.yes_ratio"), 100, 1e-9);
+  EXPECT_NEAR(r.get("splits.random.f1"), 100 * f1_rand, 1e-9);
+  EXPECT_NEAR(r.get("splits.popular.f1"), 100 * f1_half, 1e-9);
+  EXPECT_NEAR(r.get("splits.adversarial.precision"), 50, 1e-9);
+  EXPECT_NEAR(r.get("f1_mean"), 100 * (f1_rand + 2 * f1_half) / 3, 1e-9);
+  EXPECT_EQ(r.get("splits.random.n"), 2910);
+  json j = json::parse(eqat::score_to_json(r));
+  EXPECT_TRUE(j["splits"]["adversarial"].contains("yes_ratio"));
+  EXPECT_TRUE(j.contains("f1_mean"));
+}
+
+TEST(PopeScore, PerfectWithPhrasingAndAllNo) {
+  TempDir t;
+  // The right answer phrased as a sentence: "Yes, there is." / "No, there is not." -> 100 everywhere.
+  std::string a = pope_answers(t, [](const std::string& l) {
+    return l == "yes" ? std::string("Yes, there is.") : std::string("No, there is not.");
+  });
+  auto r = eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), a);
+  for (const char* s : {"random", "popular", "adversarial"}) {
+    EXPECT_NEAR(r.get(std::string("splits.") + s + ".accuracy"), 100, 1e-9) << s;
+    EXPECT_NEAR(r.get(std::string("splits.") + s + ".f1"), 100, 1e-9) << s;
+    EXPECT_NEAR(r.get(std::string("splits.") + s + ".yes_ratio"), 50 * (std::string(s) == "random" ? 3000.0 / 2910 : 1),
+                1e-9);
+  }
+  // All "no": TP = FP = 0 -> precision, recall, F1 0 (the official script would divide by zero); accuracy =
+  // no share (random 1410/2910), yes-ratio 0.
+  a = pope_answers(t, [](const std::string&) { return "no"; });
+  r = eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), a);
+  EXPECT_NEAR(r.get("splits.random.accuracy"), 100.0 * 1410 / 2910, 1e-9);
+  EXPECT_NEAR(r.get("splits.random.yes_ratio"), 0, 1e-9);
+  EXPECT_NEAR(r.get("f1_mean"), 0, 1e-9);
+}
+
+TEST(PopeScore, UnknownQuestionIdNamesTheRecord) {
+  TempDir t;
+  write_answers(t.str("a.jsonl"), {{99999, "", "yes"}});
+  try {
+    eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), t.str("a.jsonl"));
+    FAIL() << "expected InputError";
+  } catch (const eqat::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("a.jsonl:1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("99999"), std::string::npos) << e.what();
+  }
+}
+
+// ---- MME -------------------------------------------------------------------------------------------------------
+
+TEST(MmeParse, OfficialRules) {
+  EXPECT_EQ(eqat::mme_parse("Yes"), "yes");
+  EXPECT_EQ(eqat::mme_parse("NO"), "no");
+  EXPECT_EQ(eqat::mme_parse("Yes, it is."), "yes");
+  EXPECT_EQ(eqat::mme_parse("Not at all"), "no");   // "not " contains "no"
+  EXPECT_EQ(eqat::mme_parse("I think yes"), "other");  // only the first 4 characters are looked at
+  EXPECT_EQ(eqat::mme_parse("nobody"), "no");
+  EXPECT_EQ(eqat::mme_parse(""), "other");
+  EXPECT_EQ(eqat::mme_parse("y"), "other");
+}
+
+namespace {
+// MME answers in llava_mme.jsonl order; text_for(gt "yes"/"no", index of the question within its image).
+template <typename Fn>
+std::string mme_answers(const TempDir& t, Fn text_for) {
+  // GT by (category, image, question without " Please answer yes or no.").
+  std::map<std::string, std::string> gt;
+  for (const auto& f : {"OCR", "artwork", "celebrity", "code_reasoning", "color", "commonsense_reasoning", "count",
+                        "existence", "landmark", "numerical_calculation", "position", "posters", "scene",
+                        "text_translation"}) {
+    std::ifstream in(bench(std::string("mme/ground_truth/") + f + ".txt"));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.empty()) continue;
+      std::istringstream ls(line);
+      std::string img, q, a;
+      std::getline(ls, img, '\t'), std::getline(ls, q, '\t'), std::getline(ls, a, '\t');
+      const size_t p = q.find("Please answer yes or no.");
+      q = q.substr(0, p);
+      while (!q.empty() && q.back() == ' ') q.pop_back();
+      gt[std::string(f) + "|" + img + "|" + q] = a == "Yes" ? "yes" : "no";
+    }
+  }
+  std::vector<std::tuple<json, std::string, std::string>> rows;
+  std::map<std::string, int> per_image;
+  for (const auto& q : read_jsonl(bench("mme/llava_mme.jsonl"))) {
+    const std::string qid = q["question_id"].get<std::string>(), text = q["text"].get<std::string>();
+    const std::string cat = qid.substr(0, qid.find('/')), img = qid.substr(qid.rfind('/') + 1);
+    const std::string question = text.substr(0, text.find('\n'));
+    const std::string k = cat + "|" + img + "|" + question;
+    EXPECT_TRUE(gt.count(k)) << k;
+    rows.push_back({qid, text, text_for(gt[k], per_image[cat + "|" + img]++)});
+  }
+  write_answers(t.str("mme.jsonl"), rows);
+  return t.str("mme.jsonl");
+}
+}  // namespace
+
+TEST(MmeScore, FirstQuestionOfEveryImageRight) {
+  // Right on the first question of every image, wrong on the second -> acc 50, acc+ 0, score 50 per category;
+  // perception = 10 × 50 = 500, cognition = 4 × 50 = 200.
+  TempDir t;
+  const std::string a = mme_answers(t, [](const std::string& gt, int k) {
+    return k == 0 ? gt : (gt == "yes" ? std::string("No") : std::string("Yes"));
+  });
+  auto r = eqat::score_mme(bench("mme/ground_truth"), bench("mme/llava_mme.jsonl"), a);
+  EXPECT_NEAR(r.get("categories.artwork.acc"), 50, 1e-9);
+  EXPECT_NEAR(r.get("categories.artwork.acc_plus"), 0, 1e-9);
+  EXPECT_NEAR(r.get("categories.OCR.score"), 50, 1e-9);
+  EXPECT_NEAR(r.get("perception"), 500, 1e-9);
+  EXPECT_NEAR(r.get("cognition"), 200, 1e-9);
+  EXPECT_EQ(r.get("categories.posters.n"), 294);
+  EXPECT_TRUE(r.notes.empty());
+  json j = json::parse(eqat::score_to_json(r));
+  EXPECT_TRUE(j["categories"]["code_reasoning"].contains("acc_plus"));
+}
+
+TEST(MmeScore, AllRightAndOther) {
+  TempDir t;
+  // All right (as "Yes."/"No, ...") -> 200 per category, perception 2000, cognition 800.
+  std::string a = mme_answers(t, [](const std::string& gt, int) {
+    return gt == "yes" ? std::string("Yes.") : std::string("No, it is not.");
+  });
+  auto r = eqat::score_mme(bench("mme/ground_truth"), "", a);
+  EXPECT_NEAR(r.get("perception"), 2000, 1e-9);
+  EXPECT_NEAR(r.get("cognition"), 800, 1e-9);
+  // Second question answered with an unparsable text ("other", always wrong), first right -> same as above: 50.
+  a = mme_answers(t, [](const std::string& gt, int k) { return k == 0 ? gt : std::string("maybe"); });
+  r = eqat::score_mme(bench("mme/ground_truth"), "", a);
+  EXPECT_NEAR(r.get("categories.scene.score"), 50, 1e-9);
+}
+
+// ---- ScienceQA -------------------------------------------------------------------------------------------------
+
+TEST(SqaExtract, OfficialRules) {
+  EXPECT_EQ(eqat::sqa_extract("B"), "B");
+  EXPECT_EQ(eqat::sqa_extract("C. the moon"), "C");
+  EXPECT_EQ(eqat::sqa_extract("C.the moon"), "FAILED");  // needs ". "
+  EXPECT_EQ(eqat::sqa_extract("The answer is D."), "D");
+  EXPECT_EQ(eqat::sqa_extract("I think The answer is A, because"), "A");  // "." matches any character
+  EXPECT_EQ(eqat::sqa_extract("The answer is A. The answer is B."), "FAILED");  // two matches
+  EXPECT_EQ(eqat::sqa_extract("The answer is A"), "FAILED");  // nothing after the letter
+  EXPECT_EQ(eqat::sqa_extract("F"), "FAILED");
+  EXPECT_EQ(eqat::sqa_extract("b"), "FAILED");
+  EXPECT_EQ(eqat::sqa_extract(" A"), "FAILED");
+}
+
+namespace {
+template <typename Fn>
+std::string sqa_answers(const TempDir& t, Fn text_for) {
+  std::ifstream f(bench("scienceqa/llava_test_CQM-A.json"));
+  json all = json::parse(f);
+  std::vector<std::tuple<json, std::string, std::string>> rows;
+  for (const auto& e : all)
+    rows.push_back({e["id"], e["conversations"][0]["value"].get<std::string>(),
+                    text_for(e["conversations"][1]["value"].get<std::string>())});
+  write_answers(t.str("sqa.jsonl"), rows);
+  return t.str("sqa.jsonl");
+}
+}  // namespace
+
+TEST(SqaScore, CountsFromTheRealFile) {
+  TempDir t;
+  const std::string problems = bench("scienceqa/llava_test_CQM-A.json");
+  // Right letter in all three accepted forms, rotating -> 100 / 100.
+  int i = 0;
+  auto r = eqat::score_scienceqa(problems, sqa_answers(t, [&](const std::string& g) {
+                                   const int k = i++ % 3;
+                                   return k == 0 ? g : k == 1 ? g + ". yes" : "The answer is " + g + ".";
+                                 }));
+  EXPECT_NEAR(r.get("accuracy"), 100, 1e-9);
+  EXPECT_NEAR(r.get("img_accuracy"), 100, 1e-9);
+  EXPECT_EQ(r.get("n"), 4241);
+  EXPECT_EQ(r.get("img_n"), 2017);
+  // Always "A": right exactly where the answer is A: 1700 of 4241 overall, 713 of the 2017 with an image
+  // (LLAVA.md §5.4 letter counts; the image-subset count 713 was tallied from the file).
+  r = eqat::score_scienceqa(problems, sqa_answers(t, [](const std::string&) { return std::string("A"); }));
+  EXPECT_NEAR(r.get("accuracy"), 100.0 * 1700 / 4241, 1e-9);
+  EXPECT_NEAR(r.get("img_accuracy"), 100.0 * 713 / 2017, 1e-9);
+  // Unparsable -> FAILED -> wrong.
+  r = eqat::score_scienceqa(problems, sqa_answers(t, [](const std::string& g) { return "(" + g + ")"; }));
+  EXPECT_NEAR(r.get("accuracy"), 0, 1e-9);
+  EXPECT_EQ(r.get("failed_extractions"), 4241);
+}
+
+// ---- VQA normaliser, MMBench extraction, TextVQA, GQA, SEED ----------------------------------------------------
+
+TEST(VqaNormalize, EvalAiRules) {
+  EXPECT_EQ(eqat::vqa_normalize("Two"), "2");
+  EXPECT_EQ(eqat::vqa_normalize("The Dog."), "dog");
+  EXPECT_EQ(eqat::vqa_normalize("a dog, a cat"), "dog cat");
+  EXPECT_EQ(eqat::vqa_normalize("3.5"), "3.5");              // "." before a digit stays
+  EXPECT_EQ(eqat::vqa_normalize("dont"), "don't");
+  EXPECT_EQ(eqat::vqa_normalize("man's hat"), "man 's hat");
+  EXPECT_EQ(eqat::vqa_normalize("red-white"), "red white");  // no adjacent space: "-" -> " "
+  EXPECT_EQ(eqat::vqa_normalize("red - white"), "red white");  // " -" present: "-" deleted
+  EXPECT_EQ(eqat::vqa_normalize("yes!"), "yes");
+  EXPECT_EQ(eqat::vqa_normalize("  Line\nbreak\t"), "line break");
+  EXPECT_EQ(eqat::vqa_normalize("none"), "0");
+}
+
+TEST(VqaAccuracy, TenChooseNine) {
+  // k matching annotators -> 10-choose-9 average of min(1, matches/3): 0, 0.3, 0.6, 0.9, 1.0 for k = 0..4.
+  auto gts = [](int k) {
+    std::vector<std::string> g(10, "cat");
+    for (int i = 0; i < k; ++i) g[i] = "dog";
+    return g;
+  };
+  EXPECT_NEAR(eqat::vqa_soft_accuracy("dog", gts(0)), 0.0, 1e-12);
+  EXPECT_NEAR(eqat::vqa_soft_accuracy("dog", gts(1)), 0.3, 1e-12);
+  EXPECT_NEAR(eqat::vqa_soft_accuracy("Dog.", gts(2)), 0.6, 1e-12);
+  EXPECT_NEAR(eqat::vqa_soft_accuracy("a dog", gts(3)), 0.9, 1e-12);
+  EXPECT_NEAR(eqat::vqa_soft_accuracy("dog", gts(4)), 1.0, 1e-12);
+}
+
+TEST(MmbenchExtract, Rules) {
+  std::vector<std::pair<std::string, std::string>> opts = {{"A", "red apple"}, {"B", "green pear"}, {"C", "blue"}};
+  EXPECT_EQ(eqat::mmbench_extract("B", opts), "B");
+  EXPECT_EQ(eqat::mmbench_extract("(C)", opts), "C");
+  EXPECT_EQ(eqat::mmbench_extract("The answer is A.", opts), "A");
+  EXPECT_EQ(eqat::mmbench_extract("A or B", opts), "");  // two letters, no option text
+  EXPECT_EQ(eqat::mmbench_extract("It is a green pear", opts), "B");  // by option text
+  EXPECT_EQ(eqat::mmbench_extract("Cannot determine the answer", opts), "Z");
+  EXPECT_EQ(eqat::mmbench_extract("A is what I would say if I had to pick one of these", opts), "");  // not last 5
+}
+
+TEST(TextVqaScore, MatchesByImageAndQuestion) {
+  TempDir t;
+  json gt = {{"data",
+              {{{"image_id", "img1"}, {"question", "What brand?"}, {"question_id", 1},
+                {"answers", {"nike", "nike", "nike", "adidas", "nike", "nike", "nike", "nike", "nike", "nike"}}},
+               {{"image_id", "img2"}, {"question", "What number?"}, {"question_id", 2},
+                {"answers", {"2", "two", "2", "3", "3", "3", "4", "5", "6", "7"}}}}}};
+  eqat::write_file_atomic(t.str("gt.json"), gt.dump());
+  write_answers(t.str("a.jsonl"),
+                {{"img1", "What brand?\nReference OCR token: NIKE\nAnswer the question using a single word or phrase.",
+                  "Nike"},
+                 {"img2", "What number?\nAnswer the question using a single word or phrase.", "two"}});
+  auto r = eqat::score_textvqa(t.str("gt.json"), t.str("a.jsonl"));
+  // img1: 9 "nike" -> 1.0; img2: "two" -> "2" matches 3 annotators -> 0.9. Mean 0.95 -> 95 %.
+  EXPECT_NEAR(r.get("accuracy"), 95.0, 1e-9);
+}
+
+TEST(GqaSeedScore, ExactMatch) {
+  TempDir t;
+  eqat::write_file_atomic(t.str("gqa.json"), R"({"q1": {"answer": "left"}, "q2": {"answer": "no"}})");
+  write_answers(t.str("a.jsonl"), {{"q1", "", "Left."}, {"q2", "", "yes"}});
+  EXPECT_NEAR(eqat::score_gqa(t.str("gqa.json"), t.str("a.jsonl")).get("accuracy"), 50.0, 1e-9);
+  eqat::write_file_atomic(t.str("seed.json"), R"({"question_type": {"Scene": 1},
+    "questions": [{"question_id": "1", "answer": "A", "question_type_id": 1, "data_type": "image"},
+                  {"question_id": "2", "answer": "B", "question_type_id": 1, "data_type": "image"}]})");
+  write_answers(t.str("s.jsonl"), {{"1", "", "A"}, {"2", "", "B."}});  // "B." is not "B": no extraction
+  auto r = eqat::score_seed(t.str("seed.json"), t.str("s.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 50.0, 1e-9);
+  EXPECT_NEAR(r.get("types.Scene"), 50.0, 1e-9);
+}
+
+TEST(MmbenchScore, CircularEvaluation) {
+  // Question 0 with two rotations (index 0, 1000000), question 1 with one row. Q0: right on both -> 1;
+  // Q1: wrong -> 0. Circular accuracy 50 %; row accuracy 2/3.
+  TempDir t;
+  eqat::write_file_atomic(t.str("mmb.tsv"),
+                          "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\n"
+                          "0\tWhat?\tnan\tcat\tdog\tnan\tnan\tA\tobj\n"
+                          "1000000\tWhat?\tnan\tdog\tcat\tnan\tnan\tB\tobj\n"
+                          "1\tWhere?\tnan\tleft\tright\tup\tnan\tC\tpos\n");
+  write_answers(t.str("a.jsonl"), {{0, "", "A"}, {1000000, "", "B. cat"}, {1, "", "A"}});
+  auto r = eqat::score_mmbench(t.str("mmb.tsv"), t.str("a.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 50.0, 1e-9);
+  EXPECT_NEAR(r.get("row_accuracy"), 200.0 / 3, 1e-9);
+  EXPECT_NEAR(r.get("categories.obj"), 100.0, 1e-9);
+}
+
+TEST(Vqav2Upload, NormalisedAnswers) {
+  TempDir t;
+  write_answers(t.str("a.jsonl"), {{7, "", "Two dogs."}});
+  eqat::write_vqav2_upload(t.str("a.jsonl"), t.str("up.json"));
+  json j = json::parse(eqat::read_file(t.str("up.json")));
+  EXPECT_EQ(j[0]["question_id"].get<int>(), 7);
+  EXPECT_EQ(j[0]["answer"].get<std::string>(), "2 dogs");
+}
+
+TEST(Answers, MalformedLineNamesFileAndLine) {
+  TempDir t;
+  eqat::write_file_atomic(t.str("a.jsonl"), "{\"question_id\": 1, \"text\": \"yes\"}\n{oops\n");
+  try {
+    eqat::read_answers(t.str("a.jsonl"));
+    FAIL();
+  } catch (const eqat::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("a.jsonl:2"), std::string::npos) << e.what();
+  }
+  // A torn (unterminated) last line is tolerated when resuming.
+  eqat::write_file_atomic(t.str("b.jsonl"), "{\"question_id\": 1, \"text\": \"yes\"}\n{\"question_id\": 2, \"te");
+  EXPECT_EQ(eqat::read_answers(t.str("b.jsonl"), true).size(), 1u);
+}

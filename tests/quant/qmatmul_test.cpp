@@ -1,0 +1,208 @@
+// Packed linear on the CPU: the AVX2 and scalar kernels and the dispatch against the fp32 reference
+// (dequantize_gptq + matmul), over every bit width, group size, odd M / N / K, activation and scale dtypes; the
+// fallbacks (act-order g_idx, groups that are not multiples of 32, large M); the backward against autograd.
+//
+// Tolerance (fp32 accumulation). Both sides compute y[n] = Σ_k x_k·s_g(k)·(q_k − z_g). The kernels form per chunk
+// of 32 rows P = Σ x·q (AVX2: on x pre-scaled by powers of two, exact) and then s·(P − z·Σx), accumulated over the
+// K/32 chunks; each partial sum is bounded by 2^b·Σ|x_k| in magnitude, so with u = 2^-24 the standard summation
+// bound gives |Δy[n]| ≤ u·(32 + K/32 + 8)·2^b·Σ_k |x_k|·s_g(k),n (the 8 covers the products and the reference's own
+// error, which is smaller: γ_K·Σ|x||w| with |w| ≤ 2^b·s). We assert 2× that bound. Outputs in fp16/bf16 add one
+// rounding of y on each side: + 2^-10·|y| (fp16) or 2^-7·|y| (bf16).
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "data/error.h"
+#include "quant/cpu_qgemv.h"
+#include "quant/pack.h"
+#include "quant/qmatmul.h"
+
+using namespace eqat;
+
+namespace {
+
+struct Case {
+  GptqTensors w;
+  at::Tensor W;  // [N, K] fp32 reference weight
+};
+
+Case make_case(int64_t N, int64_t K, int bits, int64_t g, uint64_t seed, c10::ScalarType sdt = at::kHalf) {
+  at::manual_seed(seed);
+  const int64_t G = K / g;
+  at::Tensor q = at::randint(0, 1 << bits, {N, K}, at::kInt);
+  at::Tensor z = at::randint(0, 1 << bits, {N, G}, at::kInt);
+  at::Tensor s = at::rand({N, G}) * 0.02 + 0.001;
+  Case c;
+  c.w = pack_gptq(q, z, s, bits, g, sdt);
+  c.W = dequantize_gptq(c.w, bits);
+  return c;
+}
+
+// Derived bound of the header comment, per output element: [M, N].
+at::Tensor fp32_bound(const at::Tensor& x, const GptqTensors& w, int bits, int64_t g) {
+  const int64_t K = x.size(-1);
+  at::Tensor gi = at::arange(K, at::kLong).div(g, "floor");
+  at::Tensor S = w.scales.to(at::kFloat).t().index_select(1, gi);  // [N, K]
+  const double u = std::ldexp(1.0, -24);
+  return 2 * u * (32 + K / 32 + 8) * (1 << bits) * at::matmul(x.to(at::kFloat).abs(), S.t());
+}
+
+void expect_close(const at::Tensor& got, const at::Tensor& ref, const at::Tensor& bound, const std::string& what) {
+  ASSERT_EQ(got.sizes(), ref.sizes()) << what;
+  at::Tensor err = (got.to(at::kFloat) - ref.to(at::kFloat)).abs();
+  at::Tensor excess = err - bound;
+  EXPECT_LE(excess.max().item<float>(), 0.f) << what << ": max err " << err.max().item<float>() << ", bound at argmax "
+                                             << bound.flatten()[excess.argmax()].item<float>();
+}
+
+double out_rounding(c10::ScalarType t) {
+  return t == at::kHalf ? std::ldexp(1.0, -10) : t == at::kBFloat16 ? std::ldexp(1.0, -7) : 0.0;
+}
+
+void run_kernel(const Case& c, const at::Tensor& x, int bits, int64_t g, CpuIsa isa, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = c.w.qweight.size(1);
+  y = at::empty({M, N}, at::kFloat);
+  CpuQWeight cw{reinterpret_cast<const uint32_t*>(c.w.qweight.data_ptr<int32_t>()),
+                reinterpret_cast<const uint32_t*>(c.w.qzeros.data_ptr<int32_t>()),
+                reinterpret_cast<const uint16_t*>(c.w.scales.data_ptr()),
+                c.w.scales.scalar_type() == at::kBFloat16,
+                K,
+                N,
+                g,
+                bits};
+  cpu_qgemm(cw, x.data_ptr<float>(), M, y.data_ptr<float>(), isa);
+}
+
+}  // namespace
+
+TEST(QMatmul, KernelsMatchReferenceOverBitsGroupsAndShapes) {
+  std::vector<CpuIsa> isas{CpuIsa::kScalar};
+  if (cpu_qgemm_isa() == CpuIsa::kAvx2) isas.push_back(CpuIsa::kAvx2);
+  int checked = 0;
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t K : {96, 384})
+      for (int64_t g : {32, 64, 128, -1}) {
+        const int64_t gs = g < 0 ? K : g;
+        if (K % gs != 0) continue;
+        for (int64_t N : {40, 96, 136}) {  // 40·3 bits: zero-point rows end in a partial word
+          const Case c = make_case(N, K, bits, gs, bits * 1000 + K + gs + N);
+          for (int64_t M : {1, 2, 3, 5, 8, 11}) {
+            at::Tensor x = at::randn({M, K});
+            at::Tensor ref = at::matmul(x, c.W.t());
+            at::Tensor bound = fp32_bound(x, c.w, bits, gs);
+            for (CpuIsa isa : isas) {
+              at::Tensor y;
+              run_kernel(c, x, bits, gs, isa, y);
+              expect_close(y, ref, bound,
+                           std::string(cpu_isa_name(isa)) + " b" + std::to_string(bits) + " K" + std::to_string(K) +
+                               " g" + std::to_string(gs) + " N" + std::to_string(N) + " M" + std::to_string(M));
+              ++checked;
+            }
+          }
+        }
+      }
+  EXPECT_GT(checked, 200);
+}
+
+TEST(QMatmul, AvxAndScalarAgreeClosely) {
+  if (cpu_qgemm_isa() != CpuIsa::kAvx2) GTEST_SKIP() << "no AVX2 on this CPU";
+  const Case c = make_case(256, 1024, 3, 128, 7);
+  at::Tensor x = at::randn({4, 1024});
+  at::Tensor ya, ys;
+  run_kernel(c, x, 3, 128, CpuIsa::kAvx2, ya);
+  run_kernel(c, x, 3, 128, CpuIsa::kScalar, ys);
+  expect_close(ya, ys, fp32_bound(x, c.w, 3, 128), "avx2 vs scalar");
+}
+
+TEST(QMatmul, DispatchHandlesDtypesBiasAndLeadingDims) {
+  for (auto sdt : {at::kHalf, at::kBFloat16})
+    for (auto xdt : {at::kFloat, at::kHalf, at::kBFloat16})
+      for (int bits : {2, 3, 4}) {
+        const int64_t N = 96, K = 256, g = 64;
+        const Case c = make_case(N, K, bits, g, 11 + bits, sdt);
+        at::Tensor x = at::randn({2, 3, K}).to(xdt);
+        at::Tensor bias = at::randn({N}).to(xdt);
+        at::Tensor y = quant_linear_forward(x, c.w, bits, g, bias);
+        ASSERT_EQ(y.sizes(), at::IntArrayRef({2, 3, N}));
+        ASSERT_EQ(y.scalar_type(), xdt);
+        at::Tensor ref = at::matmul(x.to(at::kFloat), c.W.t()) + bias.to(at::kFloat);
+        at::Tensor bound = fp32_bound(x.reshape({-1, K}), c.w, bits, g).view({2, 3, N}) +
+                           out_rounding(xdt) * ref.abs() + 1e-6;
+        expect_close(y, ref, bound, "dispatch");
+        // The reference entry point agrees with the same bound.
+        expect_close(quant_linear_forward_reference(x, c.w, bits, g, bias), ref, bound, "reference");
+      }
+}
+
+TEST(QMatmul, FallbacksActOrderSmallGroupsAndLargeM) {
+  const int64_t N = 64, K = 128;
+  // act-order: a permuted g_idx takes the reference path and still matches dequantize_gptq.
+  Case c = make_case(N, K, 4, 32, 3);
+  at::Tensor perm = at::randperm(K, at::kLong);
+  c.w.g_idx = c.w.g_idx.index_select(0, perm).contiguous();
+  EXPECT_FALSE(gptq_is_sequential(c.w, 32));
+  at::Tensor W = dequantize_gptq(c.w, 4);
+  at::Tensor x = at::randn({3, K});
+  expect_close(quant_linear_forward(x, c.w, 4, 32, {}), at::matmul(x, W.t()), fp32_bound(x, c.w, 4, 32), "act-order");
+  // group 16 (not a multiple of the 32-row chunk): reference path.
+  const Case c16 = make_case(N, K, 2, 16, 4);
+  expect_close(quant_linear_forward(x, c16.w, 2, 16, {}), at::matmul(x, c16.W.t()), fp32_bound(x, c16.w, 2, 16), "g16");
+  // N = 44 at 3 bits: zero-point rows end in a partial word and N % 8 != 0: reference path.
+  const Case c44 = make_case(44, K, 3, 32, 6);
+  expect_close(quant_linear_forward(x, c44.w, 3, 32, {}), at::matmul(x, c44.W.t()), fp32_bound(x, c44.w, 3, 32), "N44");
+  // large M: dequantize + BLAS.
+  const Case cl = make_case(N, K, 3, 64, 5);
+  at::Tensor xl = at::randn({100, K});
+  expect_close(quant_linear_forward(xl, cl.w, 3, 64, {}), at::matmul(xl, cl.W.t()), fp32_bound(xl, cl.w, 3, 64),
+               "large M");
+}
+
+TEST(QMatmul, BadInputsAreInputErrors) {
+  const Case c = make_case(64, 128, 4, 32, 9);
+  EXPECT_THROW(quant_linear_forward(at::randn({1, 96}), c.w, 4, 32, {}), InputError);          // wrong K
+  EXPECT_THROW(quant_linear_forward(at::randn({1, 128}), c.w, 4, 64, {}), InputError);         // wrong group size
+  EXPECT_THROW(quant_linear_forward(at::randn({1, 128}), c.w, 4, 32, at::randn({3})), InputError);  // bias size
+}
+
+// Backward: against autograd through the float formula W = s·(q − z) in fp64.
+TEST(QMatmul, BackwardMatchesAutograd) {
+  for (int bits : {2, 3, 4}) {
+    const int64_t N = 64, K = 128, g = 32, M = 5;
+    const Case c = make_case(N, K, bits, g, 20 + bits);
+    auto [q, z] = unpack_gptq(c.w, bits);
+    at::Tensor gi = at::arange(K, at::kLong).div(g, "floor");
+    at::Tensor s = c.w.scales.to(at::kDouble).t().contiguous().set_requires_grad(true);  // [N, G]
+    at::Tensor x = at::randn({M, K}, at::kDouble).set_requires_grad(true);
+    at::Tensor W = s.index_select(1, gi) * (q.to(at::kDouble) - z.index_select(1, gi).to(at::kDouble));
+    at::Tensor y = at::matmul(x, W.t());
+    at::Tensor go = at::randn({M, N}, at::kDouble);
+    y.backward(go);
+    QuantLinearGrads r = quant_linear_backward(go.to(at::kFloat), x.detach().to(at::kFloat), c.w, bits, g);
+    // fp32 GEMMs of depth ≤ max(M·g, N) with |terms| ≤ 2^b·s·|x|·|go|: relative 1e-5 of the magnitude sum is ≥ 10×
+    // the γ bound (u·depth ≈ 6e-8·128).
+    at::Tensor gx_mag = at::matmul(go.abs(), W.abs()).to(at::kFloat);
+    EXPECT_LE(((r.grad_input - x.grad().to(at::kFloat)).abs() - 1e-5 * gx_mag - 1e-7).max().item<float>(), 0.f);
+    at::Tensor gs_ref = s.grad().t().to(at::kFloat);  // [G, N]
+    ASSERT_EQ(r.grad_scales.sizes(), gs_ref.sizes());
+    const float mag = gs_ref.abs().max().item<float>();
+    EXPECT_LE((r.grad_scales - gs_ref).abs().max().item<float>(), 1e-5 * mag * (1 << bits)) << bits;
+  }
+}
+
+TEST(QMatmul, CpuDequantIsBitExact) {
+  for (int bits : {2, 3, 4, 8}) {
+    const Case c = make_case(40, 192, bits, 64, 30 + bits, bits == 3 ? at::kBFloat16 : at::kHalf);
+    at::Tensor wt = at::empty({192, 40}, at::kFloat);
+    CpuQWeight cw{reinterpret_cast<const uint32_t*>(c.w.qweight.data_ptr<int32_t>()),
+                  reinterpret_cast<const uint32_t*>(c.w.qzeros.data_ptr<int32_t>()),
+                  reinterpret_cast<const uint16_t*>(c.w.scales.data_ptr()),
+                  c.w.scales.scalar_type() == at::kBFloat16,
+                  192,
+                  40,
+                  64,
+                  bits};
+    cpu_dequant_t(cw, wt.data_ptr<float>());
+    EXPECT_TRUE(at::equal(wt, c.W.t().contiguous())) << bits;
+  }
+}
