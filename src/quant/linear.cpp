@@ -4,6 +4,7 @@
 #include <c10/core/GradMode.h>
 
 #include "data/error.h"
+#include "quant/qmatmul.h"
 
 namespace eqat {
 
@@ -35,7 +36,12 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
     case LinearMode::kFakeQuant:
       return at::linear(x, fake_quantize(weight, weight_scale, weight_zero, spec_).to(x.scalar_type()), b);
     case LinearMode::kPacked:
-      return at::linear(x, packed_weight(x.scalar_type()), b);
+      // Training step sizes (E2E-QP) needs autograd through (q − z)·s; inference goes to the fused kernels
+      // (CPU AVX2 / CUDA; they fall back to the reference dequant where a shape is not covered).
+      if (scales.requires_grad() || c10::GradMode::is_enabled() && x.requires_grad())
+        return at::linear(x, packed_weight(x.scalar_type()), b);
+      return quant_linear_forward(x, packed(), spec_.bits, spec_.group_for(in_features_),
+                                  bias.defined() ? bias : at::Tensor());
     case LinearMode::kCount:
       break;
   }

@@ -1,0 +1,132 @@
+// EfficientQAT end to end on the tiny fixtures: STE gradients, Block-AP beats RTN, GPTQ beats RTN on the block
+// MSE, export -> reload gives the in-memory model's logits, resume after a killed run is bit-identical.
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "data/safetensors.h"
+#include "model_test_util.h"
+#include "quant/qat/block_ap.h"
+#include "quant/qat/calib.h"
+#include "quant/qat/e2e_qp.h"
+#include "quant/qat/export.h"
+#include "quant/quantizer.h"
+
+using namespace eqat;
+using namespace eqat_test;
+
+namespace {
+CalibSet tiny_calib(const Model& m) {
+  CalibOptions co;
+  co.n_train = 8;
+  co.n_val = 4;
+  co.seq_len = 32;
+  return load_text_data(m, std::string(EQAT_SHARED_DATA) + "/text/tinyshakespeare/input.txt", co);
+}
+double last_val(const BlockApResult& r) { return r.blocks.back().val_loss.back(); }
+BlockApOptions opts(const std::string& method, int bits) {
+  BlockApOptions o;
+  o.method = method;
+  o.spec.bits = bits;
+  o.spec.group_size = 32;
+  o.epochs = 2;
+  o.batch_size = 2;
+  o.progress = false;
+  o.weight_lr = 1e-3;  // tiny model, few steps: a larger lr than the paper's so 8 iterations/block move weights
+  o.quant_lr = 1e-2;
+  return o;
+}
+}  // namespace
+
+TEST(Quantizer, SteGradientsFollowTheReference) {
+  QuantSpec spec{2, 4};
+  at::Tensor W = at::tensor({0.0f, 0.3f, 0.7f, 5.0f}).view({1, 4}).set_requires_grad(true);
+  at::Tensor s = at::tensor({0.25f}).view({1, 1}).set_requires_grad(true);
+  at::Tensor z = at::tensor({0.4f}).view({1, 1}).set_requires_grad(true);  // rounds to 0
+  fake_quantize(W, s, z, spec).sum().backward();
+  // W=5.0: 5/0.25 = 20 > qmax = 3 -> clamped: ∂Ŵ/∂W = 0; the others are in range: 1.
+  EXPECT_TRUE(at::equal(W.grad(), at::tensor({1.0f, 1.0f, 1.0f, 0.0f}).view({1, 4})));
+  // ∂Ŵ/∂s: in range round(u) − u (u = 0, 1.2, 2.8), clamped qmax − z' = 3.
+  EXPECT_NEAR(s.grad().item<float>(), (0 - 0.0) + (1 - 1.2) + (3 - 2.8) + 3.0, 1e-5);
+  // ∂Ŵ/∂z: 0 in range, −s' when clamped.
+  EXPECT_NEAR(z.grad().item<float>(), -0.25, 1e-6);
+}
+
+TEST(BlockAp, BeatsRtnAndGptqBeatsRtn) {
+  std::map<std::string, double> mse;
+  for (const char* method : {"rtn", "gptq", "efficientqat"}) {
+    Model m = load_model(fixture("tiny_llama"));
+    mse[method] = last_val(run_block_quantization(m, tiny_calib(m), opts(method, 2)));
+  }
+  EXPECT_LT(mse["efficientqat"], mse["rtn"]);
+  EXPECT_LT(mse["gptq"], mse["rtn"]);
+}
+
+TEST(BlockAp, ExportReloadGivesTheSameLogits) {
+  TempDir t;
+  Model m = load_model(fixture("tiny_llava"));
+  CalibOptions co;
+  co.n_train = 4;
+  co.n_val = 2;
+  co.seq_len = 64;
+  CalibSet calib = load_text_data(m, std::string(EQAT_SHARED_DATA) + "/text/tinyshakespeare/input.txt", co);
+  run_block_quantization(m, calib, opts("rtn", 4));
+  ExportOptions eo;
+  eo.spec = opts("rtn", 4).spec;
+  eo.method = "rtn";
+  export_gptq(m, t.str("q"), eo);
+  Model r = load_model(t.str("q"));
+  ASSERT_TRUE(r.cfg.quant.present);
+  EXPECT_EQ(r.cfg.quant.checkpoint_format, "gptq_v2");
+  auto g = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
+  std::vector<int64_t> ids = to_ids(g.get("p0.input_ids"));
+  c10::NoGradGuard ng;
+  auto logits = [&](Model& mm) {
+    at::Tensor e = embed_prompt(mm, ids, g.get("pixel_values"));
+    return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr);
+  };
+  // Same packed integers and fp16 scales on both sides; only the kernel path may differ (fp32 accumulation order).
+  EXPECT_LE(max_abs_diff(logits(m), logits(r)), kLogitTol);
+}
+
+TEST(BlockAp, ResumeAfterKillIsBitIdentical) {
+  TempDir t;
+  auto run = [&](const std::string& state, bool kill_after_first, bool resume) {
+    Model m = load_model(fixture("tiny_llama"));
+    BlockApOptions o = opts("efficientqat", 3);
+    o.state_dir = state;
+    o.resume = resume;
+    if (kill_after_first) o.after_block = [](int64_t b) { if (b == 0) throw std::runtime_error("killed"); };
+    std::filesystem::create_directories(state);
+    run_block_quantization(m, tiny_calib(m), o);
+    std::vector<at::Tensor> out;
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+      for (auto& [n, lin] : block_linears(m, b)) {
+        out.push_back(lin->qweight.clone());
+        out.push_back(lin->scales.clone());
+      }
+    return out;
+  };
+  auto full = run(t.str("a"), false, false);
+  EXPECT_THROW(run(t.str("b"), true, false), std::runtime_error);
+  auto resumed = run(t.str("b"), false, true);
+  ASSERT_EQ(full.size(), resumed.size());
+  for (size_t i = 0; i < full.size(); ++i) EXPECT_TRUE(at::equal(full[i], resumed[i])) << i;
+}
+
+TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
+  Model m = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m);
+  run_block_quantization(m, calib, opts("rtn", 2));
+  E2eOptions o;
+  o.lr = 1e-2;
+  o.global_batch = 4;
+  o.micro_batch = 2;
+  o.epochs = 4;
+  o.progress = false;
+  E2eResult r = run_e2e_qp(m, calib, o);
+  EXPECT_GT(r.steps, 0);
+  EXPECT_LT(r.val_loss_after, r.val_loss_before);
+}
