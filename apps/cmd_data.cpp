@@ -26,7 +26,7 @@ int cmd_data(const Argv& argv) {
   ParsedArgs a = parse_args(spec, argv);
   EQAT_CHECK(a.positional()[0] == "shapes", "data: unknown world '", a.positional()[0], "' (only: shapes)");
   const std::string out = a.require("out");
-  check_output_path(out, "--out");
+  check_output_path(out, "--out", /*is_dir=*/true);
   const int64_t train = a.i64("train"), test = a.i64("test"), seed = a.i64("seed");
   EQAT_CHECK(train >= 0, "--train: must be >= 0");
   EQAT_CHECK(test >= 0, "--test: must be >= 0");

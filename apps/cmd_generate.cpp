@@ -188,12 +188,12 @@ int cmd_generate(const Argv& argv) {
   return run_single(m, a, prompt, at::Tensor());
 }
 
-void check_output_path(const std::string& path, const std::string& flag) {
+void check_output_path(const std::string& path, const std::string& flag, bool is_dir) {
   EQAT_CHECK(!path.empty(), flag, ": empty path");
   const size_t slash = path.find_last_of('/');
   const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   EQAT_CHECK(is_directory(parent), flag, ": directory '", parent, "' of ", path, " does not exist");
-  EQAT_CHECK(!is_directory(path), flag, ": ", path, " is a directory");
+  EQAT_CHECK(is_dir || !is_directory(path), flag, ": ", path, " is a directory");
 }
 
 std::string default_model_dir() {

@@ -88,7 +88,7 @@ int cmd_quantize(const Argv& argv) {
       0, 0};
   ParsedArgs a = parse_args(spec, argv);
   const std::string out = a.require("out");
-  check_output_path(out, "--out");
+  check_output_path(out, "--out", /*is_dir=*/true);
   if (a.i64("threads") > 0) at::set_num_threads(static_cast<int>(a.i64("threads")));
   const std::string method = a.str("method"), phases = a.str("phases");
   EQAT_CHECK(method == "efficientqat" || method == "rtn" || method == "gptq", "--method: unknown '", method,

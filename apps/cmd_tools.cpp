@@ -162,7 +162,7 @@ int cmd_convert(const Argv& argv) {
   const std::string kind = a.positional()[0];
   EQAT_CHECK(kind == "llama2c", "convert: unknown source format '", kind, "' (supported: llama2c)");
   const std::string out = a.require("out");
-  check_output_path(out, "--out");
+  check_output_path(out, "--out", /*is_dir=*/true);
   convert_llama2c(a.require("checkpoint"), a.require("tokenizer"), out);
   std::cerr << "wrote " << out << std::endl;
   return 0;

@@ -21,6 +21,7 @@ std::string default_model_dir();
 std::string resolve_model_dir(const std::string& flag_value, const std::string& command);
 
 // Fails early (before any work) when an output path's directory does not exist; `flag` names the argument.
-void check_output_path(const std::string& path, const std::string& flag);
+// is_dir: the output is a directory (an existing one is replaced atomically on success).
+void check_output_path(const std::string& path, const std::string& flag, bool is_dir = false);
 
 }  // namespace eqat
