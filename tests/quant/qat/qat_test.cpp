@@ -23,7 +23,7 @@ CalibSet tiny_calib(const Model& m) {
   co.n_train = 8;
   co.n_val = 4;
   co.seq_len = 32;
-  return load_text_data(m, std::string(EQAT_SHARED_DATA) + "/text/tinyshakespeare/input.txt", co);
+  return load_text_data(m, data_path("text/tinyshakespeare.txt"), co);
 }
 double last_val(const BlockApResult& r) { return r.blocks.back().val_loss.back(); }
 BlockApOptions opts(const std::string& method, int bits) {
@@ -71,7 +71,7 @@ TEST(BlockAp, ExportReloadGivesTheSameLogits) {
   co.n_train = 4;
   co.n_val = 2;
   co.seq_len = 64;
-  CalibSet calib = load_text_data(m, std::string(EQAT_SHARED_DATA) + "/text/tinyshakespeare/input.txt", co);
+  CalibSet calib = load_text_data(m, data_path("text/tinyshakespeare.txt"), co);
   run_block_quantization(m, calib, opts("rtn", 4));
   ExportOptions eo;
   eo.spec = opts("rtn", 4).spec;
