@@ -38,7 +38,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
     case LinearMode::kPacked:
       // Training step sizes (E2E-QP) needs autograd through (q − z)·s; inference goes to the fused kernels
       // (CPU AVX2 / CUDA; they fall back to the reference dequant where a shape is not covered).
-      if (scales.requires_grad() || c10::GradMode::is_enabled() && x.requires_grad())
+      if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad()))
         return at::linear(x, packed_weight(x.scalar_type()), b);
       return quant_linear_forward(x, packed(), spec_.bits, spec_.group_for(in_features_),
                                   bias.defined() ? bias : at::Tensor());

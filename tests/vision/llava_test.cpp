@@ -13,7 +13,7 @@
 using namespace eqat;
 using namespace eqat_test;
 
-namespace {
+// Not in an anonymous namespace: gtest derives the test classes from it (-Wsubobject-linkage).
 struct TinyLlava : ::testing::Test {
   static void SetUpTestSuite() {
     model = new Model(load_model(fixture("tiny_llava")));
@@ -32,7 +32,6 @@ struct TinyLlava : ::testing::Test {
 Model* TinyLlava::model = nullptr;
 Checkpoint* TinyLlava::golden = nullptr;
 nlohmann::json* TinyLlava::meta = nullptr;
-}  // namespace
 
 TEST_F(TinyLlava, PreprocessingIsBitExactWithPillow) {
   // Lossless PNG input: the pad path (expand2square + Pillow bicubic + rescale/normalise) must be bit-identical.
