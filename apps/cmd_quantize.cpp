@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -16,7 +17,7 @@
 #include "quant/qat/calib.h"
 #include "quant/qat/e2e_qp.h"
 #include "quant/qat/export.h"
-#include "quant/qat/plot.h"
+#include "data/plot.h"
 #include "quant/qat/progress.h"
 
 namespace eqat {
@@ -142,7 +143,14 @@ int cmd_quantize(const Argv& argv) {
   const std::string log = path_join(state_dir, "log.jsonl");
   if (!a.flag("resume")) std::filesystem::remove(log);
   nlohmann::json summary = {{"method", method}, {"bits", qs.bits}, {"group_size", qs.group_size}, {"source", dir}};
-  std::vector<Panel> plots;
+  // Loss curves, one PNG each: per-block MSE, and the E2E-QP step loss.
+  std::vector<std::pair<std::string, std::string>> plots;  // (file name, PNG bytes)
+  auto curve = [](const std::string& label, const std::vector<double>& y) {
+    PlotSeries s{label, {}};
+    for (size_t i = 0; i < y.size(); ++i)
+      if (std::isfinite(y[i])) s.xy.emplace_back(static_cast<double>(i), y[i]);
+    return s;
+  };
 
   if (!e2e_only) {
     CalibSet calib = load_data(m, a.has("calib") ? a.str("calib") : a.str("train-data"), a.str("calib-images"), co);
@@ -163,15 +171,15 @@ int cmd_quantize(const Argv& argv) {
     bo.log_jsonl = log;
     EQAT_CHECK(bo.epochs >= 0 && bo.batch_size > 0, "--epochs must be >= 0 and --batch-size > 0");
     BlockApResult r = run_block_quantization(m, calib, bo);
-    Panel p{method == "efficientqat" ? "Block-AP: per-block MSE (last epoch)" : method + ": per-block val MSE", {}, true};
-    Series tr{"train", {}}, va{"val", {}};
+    std::vector<double> tr, va;
     for (const auto& b : r.blocks) {
-      tr.y.push_back(b.train_loss.empty() ? NAN : b.train_loss.back());
-      va.y.push_back(b.val_loss.back());
+      tr.push_back(b.train_loss.empty() ? NAN : b.train_loss.back());
+      va.push_back(b.val_loss.back());
     }
-    if (method == "efficientqat") p.series.push_back(tr);
-    p.series.push_back(va);
-    plots.push_back(p);
+    std::vector<PlotSeries> series;
+    if (method == "efficientqat") series.push_back(curve("train", tr));
+    series.push_back(curve("val", va));
+    plots.emplace_back("eqat_quantize_blocks.png", plot_png(series, method + ": per-block MSE (last epoch)", "block", true));
     summary["block_phase"] = {{"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }
@@ -196,7 +204,8 @@ int cmd_quantize(const Argv& argv) {
     E2eResult r = run_e2e_qp(m, data, o);
     std::fprintf(stderr, "E2E-QP: %lld steps, val loss %.4f -> %.4f (%.1fs)\n", static_cast<long long>(r.steps),
                  r.val_loss_before, r.val_loss_after, r.seconds);
-    plots.push_back({"E2E-QP: training loss per step", {{"loss", r.step_loss}}, true});
+    plots.emplace_back("eqat_quantize_e2e.png",
+                       plot_png({curve("loss", r.step_loss)}, "E2E-QP: training loss per step", "step", true));
     summary["e2e_phase"] = {{"seconds", r.seconds}, {"ms_per_step", r.ms_per_step}, {"steps", r.steps},
                             {"val_loss_before", r.val_loss_before}, {"val_loss_after", r.val_loss_after},
                             {"peak_rss_mib", r.peak_rss_mib}};
@@ -214,7 +223,7 @@ int cmd_quantize(const Argv& argv) {
   summary["peak_rss_mib"] = peak_rss_mib();
   write_file_atomic(path_join(out, "eqat_quantize_summary.json"), summary.dump(2));
   if (file_exists(log)) write_file_atomic(path_join(out, "eqat_quantize_log.jsonl"), read_file(log));
-  if (!plots.empty()) plot_png(path_join(out, "eqat_quantize_loss.png"), plots);
+  for (const auto& [name, png] : plots) write_file_atomic(path_join(out, name), png);
   std::filesystem::remove_all(state_dir);
   std::cerr << "wrote " << out << ": " << summary.dump() << std::endl;
   return 0;
