@@ -1,4 +1,4 @@
-// eqat bench kernels | decode: speed of the packed linear (quant/qmatmul.h) against the float baseline measured in
+// eqat bench kernels | decode | quant (bench_quant.cpp): speed of the packed linear (quant/qmatmul.h) against the float baseline measured in
 // the same run, and of a LLaVA-1.5-7B-shaped decoder with random weights. Results to stdout (text or --json).
 //
 // Protocol (KERNELS.md §2.7): weights rotate through enough distinct copies (≥ 128 MB on the CPU = 4× its L3,
@@ -32,7 +32,7 @@ namespace eqat {
 
 int cmd_bench(const Argv& argv);
 namespace {
-const bool kRegistered = register_command("bench", cmd_bench, "benchmark the quantized kernels and a 7B decoder");
+const bool kRegistered = register_command("bench", cmd_bench, "benchmark the quantized kernels, a 7B decoder and the QAT phases");
 
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
@@ -249,13 +249,15 @@ int bench_kernels(const ParsedArgs& a) {
 }  // namespace
 
 int bench_decode(const ParsedArgs& a);  // bench_decode.cpp
+int bench_quant(const ParsedArgs& a);   // bench_quant.cpp
 
 int cmd_bench(const Argv& argv) {
   CommandSpec spec{
       "bench",
-      "eqat bench kernels|decode [--device cpu|cuda] [--json] [options]",
+      "eqat bench kernels|decode|quant [--device cpu|cuda] [--json] [options]",
       "Benchmarks the packed linear against the float baseline (kernels) or a LLaVA-1.5-7B-shaped decoder with "
-      "random weights (decode: prefill 576 image + 64 text tokens, then greedy decode).",
+      "random weights (decode: prefill 576 image + 64 text tokens, then greedy decode), or the EfficientQAT phases on one "
+      "Llama-2-7B-shaped block (quant: Block-AP ms/iteration, E2E-QP ms/step, peak memory).",
       {{"device", "DEV", "cpu or cuda", "cpu"},
        {"json", "", "print JSON (with device name and date) instead of a table", ""},
        {"formats", "LIST", "quantized formats besides the float baseline", "W4g128,W3g128,W2g64"},
@@ -268,14 +270,20 @@ int cmd_bench(const Argv& argv) {
         "32"},
        {"prompt", "T", "decode: prompt tokens (576 image + 64 text)", "640"},
        {"new-tokens", "T", "decode: tokens to generate", "128"},
-       {"no-graph", "", "decode, CUDA: do not capture the decode step in a CUDA graph", ""}},
+       {"no-graph", "", "decode, CUDA: do not capture the decode step in a CUDA graph", ""},
+       {"bits", "B", "quant: weight bits", "2"},
+       {"group-size", "G", "quant: group size", "64"},
+       {"batch", "N", "quant: samples per iteration (0 = 2 on CUDA, 1 on CPU)", "0"},
+       {"seq-len", "L", "quant: tokens per sample (0 = 2048 on CUDA, 256 on CPU)", "0"},
+       {"iters", "N", "quant: Block-AP iterations and E2E-QP steps to time", "4"}},
       1,
       1};
   ParsedArgs a = parse_args(spec, argv);
   const std::string what = a.positional()[0];
   if (what == "kernels") return bench_kernels(a);
   if (what == "decode") return bench_decode(a);
-  EQAT_CHECK(false, "bench: expected 'kernels' or 'decode', got '", what, "'");
+  if (what == "quant") return bench_quant(a);
+  EQAT_CHECK(false, "bench: expected 'kernels', 'decode' or 'quant', got '", what, "'");
   return 2;
 }
 

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +14,7 @@
 #include "data/error.h"
 #include "data/fs.h"
 #include "data/safetensors.h"
+#include "data/shapes.h"
 #include "quant/qat/block_ap.h"
 #include "quant/qat/calib.h"
 #include "quant/qat/e2e_qp.h"
@@ -57,7 +59,7 @@ int cmd_quantize(const Argv& argv) {
        {"group-size-fallback", "MODE", "per-channel: use per-channel when G does not divide a layer", ""},
        {"method", "M", "efficientqat | rtn | gptq", "efficientqat"},
        {"phases", "P", "efficientqat phases: both | block-ap | e2e-qp (e2e-qp needs a quantized --model)", "both"},
-       {"calib", "FILE", "Block-AP / GPTQ calibration data (instruction .json or text .txt/.jsonl)", ""},
+       {"calib", "FILE", "Block-AP / GPTQ calibration data (instruction .json or text .txt/.jsonl; a LLaVA model defaults to its shapes world)", ""},
        {"calib-images", "DIR", "image folder for --calib (default: the JSON's folder)", ""},
        {"train-data", "FILE", "E2E-QP training data (default: --calib)", ""},
        {"train-images", "DIR", "image folder for --train-data", ""},
@@ -129,8 +131,8 @@ int cmd_quantize(const Argv& argv) {
       }
     }
   }
-  EQAT_CHECK(a.has("calib") || a.has("train-data"), "--calib FILE is required (instruction .json with images, or ",
-             "text .txt/.jsonl)");
+  EQAT_CHECK(a.has("calib") || a.has("train-data") || m.cfg.arch == Arch::kLlava,
+             "--calib FILE is required for a text-only model (text .txt/.jsonl, or instruction .json with images)");
   CalibOptions co;
   co.n_train = a.i64("samples");
   co.n_val = a.i64("val-samples");
@@ -140,6 +142,21 @@ int cmd_quantize(const Argv& argv) {
 
   const std::string state_dir = out + ".eqat-state";
   std::filesystem::create_directories(state_dir);
+  // Without --calib, a LLaVA model calibrates (and E2E-QP trains) on the default model's world: shapes
+  // instruction conversations from the --seed stream (never the test stream), written once into the state dir.
+  std::string calib_file = a.has("calib") ? a.str("calib") : a.str("train-data");
+  std::string calib_images = a.str("calib-images");
+  if (calib_file.empty()) {
+    const std::string world = path_join(state_dir, "shapes-calib");
+    if (!file_exists(path_join(world, "train.json"))) {
+      const int64_t n = std::max(co.n_train, a.has("e2e-samples") ? a.i64("e2e-samples") : 0) + co.n_val;
+      std::fprintf(stderr, "calibration: no --calib given; generating %lld shapes conversations (seed %lld)\n",
+                   static_cast<long long>(n), static_cast<long long>(co.seed));
+      write_shapes_dataset(world, n, 0, co.seed);
+    }
+    calib_file = path_join(world, "train.json");
+    calib_images.clear();
+  }
   const std::string log = path_join(state_dir, "log.jsonl");
   if (!a.flag("resume")) std::filesystem::remove(log);
   nlohmann::json summary = {{"method", method}, {"bits", qs.bits}, {"group_size", qs.group_size}, {"source", dir}};
@@ -153,7 +170,7 @@ int cmd_quantize(const Argv& argv) {
   };
 
   if (!e2e_only) {
-    CalibSet calib = load_data(m, a.has("calib") ? a.str("calib") : a.str("train-data"), a.str("calib-images"), co);
+    CalibSet calib = load_data(m, calib_file, calib_images, co);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples from %s\n", calib.train.size(), calib.val.size(),
                  calib.source.c_str());
     BlockApOptions bo;
@@ -184,10 +201,10 @@ int cmd_quantize(const Argv& argv) {
                               {"peak_rss_mib", r.peak_rss_mib}};
   }
   if (method == "efficientqat" && phases != "block-ap") {
-    const std::string train_file = a.has("train-data") ? a.str("train-data") : a.str("calib");
+    const std::string train_file = a.has("train-data") ? a.str("train-data") : calib_file;
     CalibOptions eo = co;
     if (a.has("e2e-samples")) eo.n_train = a.i64("e2e-samples");
-    CalibSet data = load_data(m, train_file, a.has("train-images") ? a.str("train-images") : a.str("calib-images"), eo);
+    CalibSet data = load_data(m, train_file, a.has("train-images") ? a.str("train-images") : calib_images, eo);
     E2eOptions o;
     if (a.has("e2e-lr")) o.lr = a.f64("e2e-lr");
     o.epochs = a.i64("e2e-epochs");

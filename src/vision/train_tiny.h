@@ -2,8 +2,9 @@
 // Llama decoder) from scratch on the procedural "shapes" world, on the CPU, with LLaVA's staged recipe:
 //   tokenizer  SentencePiece BPE trained on the world's text (+ the vicuna_v1 system prompt), byte fallback,
 //              Llama-2 settings; <image> and <pad> as added tokens.
-//   stage 0    stands in for CLIP pre-training: the ViT alone learns per-grid-cell shape and colour
-//              classification through a throwaway linear head on hidden_states[vision_feature_layer].
+//   stage 0    stands in for CLIP pre-training: the ViT alone learns per-grid-cell classification (shape, colour,
+//              the joint shape-colour pair and the joint cell-shape-colour triple) through a throwaway linear head
+//              on hidden_states[vision_feature_layer].
 //   stage 1    projector + decoder (the ViT frozen by default, or at a lower rate) on multi-turn QA
 //              conversations in the vicuna_v1 template, loss on the answers only (LLaVA's instruction tuning).
 // AdamW, linear warm-up + cosine decay per stage, gradient clipping. Training images are generated on the fly
