@@ -155,7 +155,7 @@ int cmd_quantize(const Argv& argv) {
       write_shapes_dataset(world, n, 0, co.seed);
     }
     calib_file = path_join(world, "train.json");
-    calib_images.clear();
+    calib_images = path_join(world, "images");
   }
   const std::string log = path_join(state_dir, "log.jsonl");
   if (!a.flag("resume")) std::filesystem::remove(log);

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Reproduces the issue-4 accuracy tables (numbers quoted in models/SOURCES.md and the issue notes).
+#   shapes:   FP vs RTN / GPTQ / EfficientQAT at W4g128, W3g128, W2g64 on the default model's standard
+#             1000-question test split (`eqat eval --bench shapes`), calibration from the model's world (seed 2,
+#             disjoint from the test split).
+#   stories:  stories260K per-channel W4/W3/W2, mean KL(FP || quantized) of the next-token distributions on
+#             tinyshakespeare: calibration windows from the first 90 % of the file, evaluation windows from the
+#             last 10 % (no overlap).
+# Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
+# Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 2).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EQAT="${EQAT:-$ROOT/build/bin/eqat}"
+OUT="$ROOT/build/quant-table"
+WHAT="${1:-all}"
+SAMPLES="${SAMPLES:-1024}"
+THREADS="${THREADS:-2}"
+mkdir -p "$OUT"
+: > "$OUT/eval.log"
+field() { sed -n "s/^  \"$2\": \([-0-9.e]*\),*\$/\1/p" "$1" | head -1; }
+
+if [[ $WHAT == shapes || $WHAT == all ]]; then
+  FP="$ROOT/models/shapes-llava"
+  "$EQAT" eval --bench shapes --model "$FP" --out "$OUT/shapes-fp" --batch-size 32 --no-progress --threads "$THREADS" \
+    > /dev/null 2>> "$OUT/eval.log"
+  fp=$(field "$OUT/shapes-fp/scores.json" accuracy)
+  echo "| setting | method | accuracy | Δ vs FP (pt) | quantize s |"
+  echo "|---|---|---:|---:|---:|"
+  echo "| fp16 | — | $fp | — | — |"
+  for setting in "4 128" "3 128" "2 64"; do
+    set -- $setting
+    for method in rtn gptq efficientqat; do
+      q="$OUT/shapes-w$1g$2-$method"
+      t=$SECONDS
+      rm -rf "$q"
+      "$EQAT" quantize --out "$q" --bits "$1" --group-size "$2" --method "$method" --samples "$SAMPLES" \
+        --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
+      dt=$((SECONDS - t))
+      "$EQAT" eval --bench shapes --model "$q" --out "$q-eval" --batch-size 32 --no-progress --threads "$THREADS" \
+        > /dev/null 2>> "$OUT/eval.log"
+      acc=$(field "$q-eval/scores.json" accuracy)
+      echo "| W$1g$2 | $method | $acc | $(awk -v a="$acc" -v b="$fp" 'BEGIN{printf "%+.1f", 100*(a-b)}') | $dt |"
+    done
+  done
+fi
+
+if [[ $WHAT == stories || $WHAT == all ]]; then
+  S="$OUT/stories260K"
+  "$EQAT" convert llama2c --checkpoint "$ROOT/tests/data/models/stories260K/stories260K.bin" \
+    --tokenizer "$ROOT/tests/data/models/stories260K/tok512.bin" --out "$S" > /dev/null 2>> "$OUT/eval.log"
+  TXT="$ROOT/tests/data/text/tinyshakespeare.txt"
+  n=$(wc -c < "$TXT")
+  head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"
+  tail -c $((n - n * 9 / 10)) "$TXT" > "$OUT/shakespeare-eval.txt"
+  echo
+  echo "| bits | RTN KL | GPTQ KL | EfficientQAT KL |"
+  echo "|---|---:|---:|---:|"
+  for bits in 4 3 2; do
+    row="| W$bits per-channel |"
+    for method in rtn gptq efficientqat; do
+      q="$OUT/stories-w$bits-$method"
+      rm -rf "$q"
+      "$EQAT" quantize --model "$S" --out "$q" --bits "$bits" --group-size -1 --method "$method" \
+        --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \
+        --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
+      "$EQAT" eval --bench kl --model "$q" --reference "$S" --data "$OUT/shakespeare-eval.txt" --seq-len 256 \
+        --limit 64 --out "$q-kl" --no-progress --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
+      row="$row $(awk -v k="$(field "$q-kl/scores.json" kl_mean)" 'BEGIN{printf "%.4f", k}') |"
+    done
+    echo "$row"
+  done
+fi
