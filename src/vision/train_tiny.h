@@ -34,20 +34,20 @@ struct TinyTrainOptions {
   int64_t threads = 2;
   bool progress = true;    // progress bar on stderr
   // Model (LLaVA-1.5 layout at toy scale).
-  int64_t image_size = kShapesImageSize, patch_size = 16;
+  int64_t image_size = kShapesImageSize, patch_size = 32;  // 3×3 = 9 image tokens, one per grid cell
   int64_t vit_dim = 128, vit_layers = 4, vit_heads = 4, vit_ff = 512;  // the last layer is unused (feature -2)
-  int64_t dim = 192, layers = 3, heads = 4, kv_heads = 4, ff = 512;
+  int64_t dim = 256, layers = 3, heads = 4, kv_heads = 4, ff = 512;  // 256, 512: multiples of 128 (W4g128)
   int64_t sp_vocab = 1024;  // SentencePiece pieces (≤ 1024); <image> and <pad> follow
   // Stage 0: ViT per-cell classification.
-  int64_t stage0_steps = 900, stage0_batch = 64;
+  int64_t stage0_steps = 2000, stage0_batch = 64;
   double stage0_lr = 3e-3;
   // Stage 1: QA instruction tuning (batch = images, each a multi-turn conversation of every family).
-  int64_t stage1_steps = 800, stage1_batch = 32;
+  int64_t stage1_steps = 4000, stage1_batch = 32;
   double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stage 1 (as in LLaVA)
   double weight_decay = 0.01, clip = 1.0;
-  int64_t warmup = 50;
+  int64_t warmup = 100;
   // Bookkeeping.
-  int64_t eval_every = 200, eval_questions = 70;  // held-out greedy exact match during stage 1
+  int64_t eval_every = 300, eval_questions = 140;  // held-out greedy exact match during stage 1
   int64_t checkpoint_every = 100;
   int64_t final_eval_questions = 0;  // > 0: evaluate that many standard-split questions at the end
   int64_t max_steps = -1;            // stop (after a checkpoint) at this global step; for tests and resume

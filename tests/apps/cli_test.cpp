@@ -229,3 +229,21 @@ TEST(Cli, Stories260KConvertsAndTellsAStory) {
             0u)
       << g.out;
 }
+
+// Without --calib a LLaVA model calibrates on the shapes world (image-text conversations, written into the run's
+// state dir and removed with it); a text-only model must name its data.
+TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
+  TempDir t;
+  const std::string out = t.str("q");
+  RunResult r = run_eqat({"quantize", "--model", fixture("tiny_llava"), "--out", out, "--method", "rtn", "--bits", "4",
+                          "--group-size", "-1", "--samples", "6", "--val-samples", "2", "--no-progress"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("generating 8 shapes conversations"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
+  EXPECT_NE(slurp(out + "/config.json").find("\"quant_method\": \"gptq\""), std::string::npos);
+  EXPECT_FALSE(fs::exists(out + ".eqat-state")) << "the state dir (with the generated data) must be removed";
+  expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q2"), "--method", "rtn",
+                              "--group-size", "-1"}),
+                     "--calib");
+  EXPECT_FALSE(fs::exists(t.str("q2")));
+}

@@ -271,6 +271,13 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       for (auto* grp : {&gq, &gw})
         for (auto& p : grp->params) p.set_requires_grad(true);
       AdamW opt({gq, gw});
+      std::vector<at::Tensor> trained = gq.params;
+      trained.insert(trained.end(), gw.params.begin(), gw.params.end());
+      // On CUDA the forward runs under fp16 autocast with dynamic loss scaling; a step whose gradients overflow is
+      // skipped (the schedule still advances, as with torch's GradScaler). The CPU trains in plain fp32.
+      const bool amp = m.device.is_cuda();
+      LossScaler scaler(amp);
+      int64_t bad_in_a_row = 0;
       const int64_t total = opts.epochs * static_cast<int64_t>(tr.valid.size());
       Progress bar(label, total, opts.progress);
       int64_t step = 0;
@@ -279,23 +286,32 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         double sum = 0;
         for (size_t i = 0; i < tr.valid.size(); ++i) {
           at::Tensor y = tr.fp.get(i).to(m.device, train_dtype);
-          at::Tensor loss = masked_mse(runner.forward(layer, tr.q.get(i), train_dtype), y, tr.valid[i]);
-          EQAT_CHECK(std::isfinite(loss.item<double>()), "block ", b, ": non-finite training loss at step ", step,
-                     " (try a lower --weight-lr / --quant-lr)");
-          loss.backward();
+          at::Tensor out;
+          {
+            AutocastGuard ac(m.device, at::kHalf, amp);
+            out = runner.forward(layer, tr.q.get(i), train_dtype);
+          }
+          at::Tensor loss = masked_mse(out.to(train_dtype), y, tr.valid[i]);
+          const double lv = loss.item<double>();
+          bad_in_a_row = std::isfinite(lv) ? 0 : bad_in_a_row + 1;
+          EQAT_CHECK(amp ? bad_in_a_row < 20 : bad_in_a_row == 0, "block ", b, ": non-finite training loss at step ",
+                     step, " (try a lower --weight-lr / --quant-lr)");
+          scaler.scale(loss).backward();
           opt.groups()[0].lr = cosine_lr(opts.quant_lr, opts.min_lr_factor, step, total);
           opt.groups()[1].lr = cosine_lr(weight_lr, opts.min_lr_factor, step, total);
-          opt.step();
+          if (scaler.unscale_and_check(trained)) opt.step();
           opt.zero_grad();
-          sum += loss.item<double>();
+          if (std::isfinite(lv)) sum += lv;
           ++step;
-          bar.update(step, str_cat("loss ", loss.item<double>(), " rss ", static_cast<int>(peak_rss_mib()), "MiB"));
+          bar.update(step, str_cat("loss ", lv, " rss ", static_cast<int>(peak_rss_mib()), "MiB"));
         }
         rec.train_loss.push_back(sum / static_cast<double>(std::max<size_t>(1, tr.valid.size())));
         rec.val_loss.push_back(val_mse(layer, train_dtype));
       }
       train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tt0).count();
       iterations += total;
+      rec.skipped_steps = scaler.skipped();
+      rec.loss_scale = scaler.value();
       for (auto* grp : {&gq, &gw})
         for (auto& p : grp->params) p.set_requires_grad(false);
       // Finalise: back to the model dtype, weights replaced by their quantized values (packed).
@@ -313,7 +329,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     if (!opts.log_jsonl.empty()) {
       std::ofstream(opts.log_jsonl, std::ios::app)
           << nlohmann::json({{"phase", "block"}, {"method", opts.method}, {"block", b}, {"train_loss", rec.train_loss},
-                             {"val_loss", rec.val_loss}, {"seconds", rec.seconds}, {"peak_rss_mib", peak_rss_mib()}})
+                             {"val_loss", rec.val_loss}, {"seconds", rec.seconds}, {"peak_rss_mib", peak_rss_mib()},
+                             {"skipped_steps", rec.skipped_steps}, {"loss_scale", rec.loss_scale}})
                  .dump()
           << "\n";
     }

@@ -8,6 +8,8 @@
 //                and the FP block's output on the FP stream.
 // Two streams (P1): block b trains on outputs of the already-quantized blocks 0…b−1 against the FP chain's outputs;
 // after a block is finalised (weights replaced by their packed values) the quantized stream is advanced.
+// On CUDA the block forward runs under fp16 autocast with dynamic loss scaling (fp32 masters; overflowing steps are
+// skipped); on the CPU in fp32.
 // Run state is checkpointed after every block (atomically) so a killed run resumes; on the CPU with a fixed seed
 // and thread count the resumed result is bit-identical to an uninterrupted run.
 #pragma once
@@ -45,6 +47,8 @@ struct BlockRecord {
   std::vector<double> train_loss;  // per epoch (mean)
   std::vector<double> val_loss;    // per epoch (and [0] for rtn/gptq: the val MSE after quantization)
   double seconds = 0;
+  int64_t skipped_steps = 0;  // fp16 steps skipped for non-finite gradients (CUDA)
+  double loss_scale = 1;      // the dynamic loss scale at the end of the block (1: no scaling, CPU)
 };
 
 struct BlockApResult {

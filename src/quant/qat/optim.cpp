@@ -1,6 +1,7 @@
 #include "quant/qat/optim.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
 #include <cmath>
@@ -101,6 +102,52 @@ double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
       if (p.grad().defined()) p.grad().mul_(coef);
   }
   return norm;
+}
+
+LossScaler::LossScaler(bool enabled, double init_scale, double growth, double backoff, int64_t growth_interval)
+    : enabled_(enabled), scale_(enabled ? init_scale : 1.0), growth_(growth), backoff_(backoff),
+      growth_interval_(growth_interval) {
+  EQAT_ASSERT(init_scale > 0 && growth > 1 && backoff > 0 && backoff < 1 && growth_interval > 0,
+              "LossScaler: bad parameters");
+}
+
+at::Tensor LossScaler::scale(const at::Tensor& loss) const { return enabled_ ? loss * scale_ : loss; }
+
+bool LossScaler::unscale_and_check(const std::vector<at::Tensor>& params) {
+  if (!enabled_) return true;
+  c10::NoGradGuard no_grad;
+  at::Tensor bad;  // one device-side flag, read once
+  for (const auto& p : params) {
+    if (!p.grad().defined()) continue;
+    at::Tensor g = p.mutable_grad();
+    g.div_(scale_);
+    at::Tensor b = at::isfinite(g).logical_not().any();
+    bad = bad.defined() ? bad.logical_or(b) : b;
+  }
+  const bool finite = !bad.defined() || !bad.item<bool>();
+  if (finite) {
+    if (++good_ >= growth_interval_) scale_ *= growth_, good_ = 0;
+  } else {
+    scale_ *= backoff_, good_ = 0, ++skipped_;
+  }
+  return finite;
+}
+
+AutocastGuard::AutocastGuard(c10::Device device, c10::ScalarType dtype, bool enabled) {
+  if (!enabled || !device.is_cuda()) return;
+  active_ = true;
+  was_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!active_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
+  at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
 }
 
 }  // namespace eqat

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <map>
 #include <string>
@@ -43,5 +44,39 @@ double warmup_cosine_lr(double lr, double warmup_ratio, int64_t step, int64_t to
 // Global L2 norm of the gradients; scales them down to max_norm when above (torch clip_grad_norm_). Returns the
 // norm before clipping.
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+// Dynamic loss scaling for fp16 autocast training (torch.cuda.amp.GradScaler semantics, EFFICIENTQAT.md P8): the
+// loss is multiplied by the scale before backward; unscale_and_check() divides the gradients back and reports
+// whether they are all finite. A non-finite step is skipped by the caller and halves the scale; every
+// `growth_interval` finite steps in a row double it. Disabled: scale 1, gradients untouched, always true.
+class LossScaler {
+ public:
+  explicit LossScaler(bool enabled, double init_scale = 65536.0, double growth = 2.0, double backoff = 0.5,
+                      int64_t growth_interval = 2000);
+  at::Tensor scale(const at::Tensor& loss) const;
+  bool unscale_and_check(const std::vector<at::Tensor>& params);
+  double value() const { return scale_; }
+  int64_t skipped() const { return skipped_; }
+  bool enabled() const { return enabled_; }
+
+ private:
+  bool enabled_;
+  double scale_, growth_, backoff_;
+  int64_t growth_interval_, good_ = 0, skipped_ = 0;
+};
+
+// RAII autocast region on CUDA (matmuls in `dtype`, reductions in fp32); a no-op when !enabled or on the CPU.
+// Leaving the outermost region clears the autocast weight-cast cache, as torch's context manager does.
+class AutocastGuard {
+ public:
+  AutocastGuard(c10::Device device, c10::ScalarType dtype, bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool active_ = false, was_enabled_ = false;
+  c10::ScalarType prev_dtype_ = c10::ScalarType::Half;
+};
 
 }  // namespace eqat

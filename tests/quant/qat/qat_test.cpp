@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "data/safetensors.h"
 #include "model_test_util.h"
@@ -12,6 +13,7 @@
 #include "quant/qat/calib.h"
 #include "quant/qat/e2e_qp.h"
 #include "quant/qat/export.h"
+#include "quant/qat/optim.h"
 #include "quant/quantizer.h"
 
 using namespace eqat;
@@ -129,4 +131,32 @@ TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
   E2eResult r = run_e2e_qp(m, calib, o);
   EXPECT_GT(r.steps, 0);
   EXPECT_LT(r.val_loss_after, r.val_loss_before);
+}
+
+// GradScaler semantics: gradients come back unscaled, an overflow skips the step and halves the scale, and
+// `growth_interval` good steps in a row double it. Powers of two keep every comparison exact.
+TEST(LossScaler, UnscalesSkipsOverflowsAndGrows) {
+  at::Tensor p = at::zeros({3}).set_requires_grad(true);
+  LossScaler sc(true, /*init_scale=*/1024.0, 2.0, 0.5, /*growth_interval=*/2);
+  auto backward = [&](float a) {
+    p.mutable_grad() = at::Tensor();
+    sc.scale((p * at::tensor({a, 2.0f, 4.0f})).sum()).backward();
+  };
+  backward(1.0f);
+  EXPECT_TRUE(sc.unscale_and_check({p}));
+  EXPECT_TRUE(at::equal(p.grad(), at::tensor({1.0f, 2.0f, 4.0f})));
+  EXPECT_EQ(sc.value(), 1024.0);
+  backward(std::numeric_limits<float>::infinity());
+  EXPECT_FALSE(sc.unscale_and_check({p}));
+  EXPECT_EQ(sc.value(), 512.0);
+  EXPECT_EQ(sc.skipped(), 1);
+  backward(1.0f);
+  EXPECT_TRUE(sc.unscale_and_check({p}));
+  backward(1.0f);
+  EXPECT_TRUE(sc.unscale_and_check({p}));
+  EXPECT_EQ(sc.value(), 1024.0) << "two finite steps in a row double the scale";
+  LossScaler off(false);
+  backward(std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(off.unscale_and_check({p})) << "disabled: never skips (the CPU path checks the loss instead)";
+  EXPECT_EQ(off.value(), 1.0);
 }
