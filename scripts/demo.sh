@@ -24,8 +24,8 @@ rm -rf "$Q"
 hr "the demo questions: full precision vs EfficientQAT W2g64"
 for img in "$FP"/demo/*.png; do
   echo "image: ${img#$ROOT/}"
-  for q in "Describe the image in one sentence." "How many shapes are there?" "What color is the star?" \
-           "Is there a red circle in the image?"; do
+  # Questions every image can answer (the world's own phrasing: describe, count, POPE-style existence).
+  for q in "Describe the image in one sentence." "How many shapes are there?" "Is there a red square in the image?"; do
     fp=$("$EQAT" ask --image "$img" --max-new-tokens 48 "$q" 2>/dev/null)
     w2=$("$EQAT" ask --model "$Q" --image "$img" --max-new-tokens 48 "$q" 2>/dev/null)
     printf '  Q: %s\n     fp16 : %s\n     W2g64: %s\n' "$q" "$fp" "$w2"
