@@ -158,11 +158,10 @@ void init_weights(LlavaForConditionalGeneration& m, const ModelConfig& cfg, uint
 // Batches. Stage 0 images come from index range [1e9, …) of the training stream, stage 1 from [0, …).
 constexpr int64_t kStage0Offset = 1000000000;
 // Stage 0 classes per cell: kind (+empty), colour (+empty), the (kind, colour) pair (+empty) and the (cell, kind,
-// colour) triple (+empty). The joint heads are what make the features bind: with only separate kind and colour
-// heads the features come out additive (red star + blue circle has the same mean as blue star + red circle), so
-// the decoder must learn sharp attention before it can answer any colour-of-shape question — runs stalled near
-// 50 % on those families. With pair and cell-triple codes linearly separable, the mean over image tokens already
-// holds which object is where, and uniform attention is a useful start.
+// colour) triple (+empty). Why the joint heads: with only separate kind and colour heads the cell features can be
+// additive (red star + blue circle has the same mean as blue star + red circle), so nothing about binding is
+// readable until the decoder has learned sharp attention. Measured on 140 held-out questions after ~600–700 stage-1
+// steps: 52 % with separate heads, 64 % with the joint heads (models/SOURCES.md).
 constexpr int64_t kPairs = static_cast<int64_t>(kShapesKinds) * kShapesColours;
 constexpr int64_t kCellPairs = 9 * kPairs;
 constexpr int64_t kHeadOut = (kShapesKinds + 1) + (kShapesColours + 1) + (kPairs + 1) + (kCellPairs + 1);
@@ -175,7 +174,7 @@ at::Tensor pixels_of(const std::vector<const Image*>& imgs, const ImageProcessor
 
 struct Stage0Batch {
   at::Tensor pixels, kind, colour;  // [B,3,S,S]; [B·9] with kShapesKinds / kShapesColours meaning "empty"
-  at::Tensor pair, cell_pair;       // [B·9] joint classes (kPairs / kCellPairs meaning "empty"), see CellHead
+  at::Tensor pair, cell_pair;       // [B·9] joint classes (kPairs / kCellPairs meaning "empty"), see kHeadOut
 };
 
 Stage0Batch stage0_batch(uint64_t seed, int64_t start, int64_t B, const ImageProcessorConfig& ipc) {
