@@ -148,6 +148,8 @@ Model build(int64_t n_layers, int bits, int64_t g, int64_t t_max, const at::Tens
 
 }  // namespace
 
+std::string now_utc();  // cmd_bench.cpp
+
 int bench_decode(const ParsedArgs& a) {
   const bool cuda = a.str("device") == "cuda";
   EQAT_CHECK(cuda || a.str("device") == "cpu", "--device: expected cpu or cuda, got '", a.str("device"), "'");
@@ -174,12 +176,7 @@ int bench_decode(const ParsedArgs& a) {
   }
   json out;
   out["benchmark"] = "decode";
-  {
-    std::time_t t = std::time(nullptr);
-    char buf[32];
-    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-    out["date"] = buf;
-  }
+  out["date"] = now_utc();
   if (cuda) {
     out["device"] = cuda_device_name();
   } else {

@@ -13,7 +13,6 @@
 #include <c10/core/GradMode.h>
 #include <nlohmann/json.hpp>
 
-#include <ctime>
 #include <iostream>
 
 #include "args.h"
@@ -24,6 +23,8 @@
 #include "quant/qmatmul.h"
 
 namespace eqat {
+
+std::string now_utc();  // cmd_bench.cpp
 
 int bench_quant(const ParsedArgs& a) {
   using json = nlohmann::json;
@@ -79,12 +80,7 @@ int bench_quant(const ParsedArgs& a) {
   };
   json out;
   out["benchmark"] = "quant";
-  {
-    std::time_t now = std::time(nullptr);
-    char buf[32];
-    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    out["date"] = buf;
-  }
+  out["date"] = now_utc();
   out["device"] = cuda ? cuda_device_name() : "cpu";
   out["threads"] = at::get_num_threads();
   out["shape"] = "Llama-2-7B block: d 4096, 32 heads x 128, ff 11008, vocab 32000";

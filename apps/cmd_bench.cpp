@@ -31,6 +31,14 @@
 namespace eqat {
 
 int cmd_bench(const Argv& argv);
+
+// ISO-8601 UTC time stamp for benchmark JSON (also used by bench_decode.cpp and bench_quant.cpp).
+std::string now_utc() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
 namespace {
 const bool kRegistered = register_command("bench", cmd_bench, "benchmark the quantized kernels, a 7B decoder and the QAT phases");
 
@@ -60,13 +68,6 @@ std::vector<Format> parse_formats(const std::string& list, bool cuda) {
     out.push_back(f);
   }
   return out;
-}
-
-std::string now_utc() {
-  std::time_t t = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-  return buf;
 }
 
 std::string cpu_name() {
