@@ -42,7 +42,8 @@ int cmd_train_tiny(const Argv& argv) {
                     {"stage0-batch", "N", "stage 0 batch (images)", s(d.stage0_batch)},
                     {"stage0-lr", "LR", "stage 0 peak learning rate", g(d.stage0_lr)},
                     {"steps", "N", "stage 1 steps", s(d.stage1_steps)},
-                    {"batch", "N", "stage 1 batch (images, one multi-turn conversation each)", s(d.stage1_batch)},
+                    {"batch", "N", "stage 1 batch (images)", s(d.stage1_batch)},
+                    {"questions-per-family", "N", "stage 1 questions of each family per image", s(d.questions_per_family)},
                     {"lr", "LR", "stage 1 peak learning rate", g(d.stage1_lr)},
                     {"vit-lr-scale", "X", "ViT learning rate in stage 1 = X * lr", g(d.vit_lr_scale)},
                     {"warmup", "N", "warm-up steps per stage", s(d.warmup)},
@@ -67,6 +68,7 @@ int cmd_train_tiny(const Argv& argv) {
   o.stage0_steps = a.i64("stage0-steps"), o.stage0_batch = a.i64("stage0-batch"), o.stage0_lr = a.f64("stage0-lr");
   o.stage1_steps = a.i64("steps"), o.stage1_batch = a.i64("batch"), o.stage1_lr = a.f64("lr");
   o.vit_lr_scale = a.f64("vit-lr-scale");
+  o.questions_per_family = a.i64("questions-per-family");
   o.warmup = a.i64("warmup");
   o.eval_every = a.i64("eval-every"), o.eval_questions = a.i64("eval-questions");
   o.final_eval_questions = a.i64("final-eval");
@@ -75,6 +77,7 @@ int cmd_train_tiny(const Argv& argv) {
   EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1");
   EQAT_CHECK(o.stage0_steps >= 0 && o.stage1_steps >= 1, "--steps: must be >= 1 (and --stage0-steps >= 0)");
   EQAT_CHECK(o.stage0_batch >= 1 && o.stage1_batch >= 1, "--batch: must be >= 1");
+  EQAT_CHECK(o.questions_per_family >= 1 && o.questions_per_family <= 8, "--questions-per-family: must be in [1, 8]");
   EQAT_CHECK(o.checkpoint_every >= 1, "--checkpoint-every: must be >= 1");
   EQAT_CHECK(o.dim % o.heads == 0 && o.heads % o.kv_heads == 0, "--dim/--heads/--kv-heads: inconsistent");
   EQAT_CHECK(o.vit_dim % o.vit_heads == 0, "--vit-dim: must be a multiple of the ViT heads");

@@ -25,8 +25,8 @@ const char* const kColours[kShapesColours] = {"red", "orange", "yellow", "green"
 const int kRgb[kShapesColours][3] = {{215, 35, 35},  {245, 135, 10}, {225, 195, 0},  {40, 160, 50},
                                      {35, 75, 215},  {135, 45, 180}, {125, 80, 35},  {25, 25, 25}};
 const char* const kFamilies[] = {"colour", "shape", "count", "exists", "position", "choice", "describe"};
-const char* const kShortSuffix = "\nAnswer the question using a single word or phrase.";
-const char* const kChoiceSuffix = "\nAnswer with the option's letter from the given choices directly.";
+const std::string kShortSuffix = std::string("\n") + kShapesShortAnswerPrompt;
+const std::string kChoiceSuffix = std::string("\n") + kShapesOptionAnswerPrompt;
 constexpr int kCell = kShapesImageSize / kShapesGrid;  // 32 px
 
 // splitmix64: mixes (seed, index, family) into one mt19937_64 seed.
@@ -318,8 +318,9 @@ const char* shapes_family_name(ShapesFamily f) { return kFamilies[static_cast<in
 const char* shapes_kind_name(int kind) { return kKinds[kind]; }
 const char* shapes_colour_name(int colour) { return kColours[colour]; }
 
-ShapesSample shapes_sample(uint64_t seed, int64_t index, int family) {
+ShapesSample shapes_sample(uint64_t seed, int64_t index, int family, int per_family) {
   EQAT_CHECK(family < static_cast<int>(ShapesFamily::kNum), "shapes: unknown question family ", family);
+  EQAT_CHECK(per_family >= 1, "shapes: per_family must be >= 1, got ", per_family);
   Rng r(mix(mix(mix(seed) ^ static_cast<uint64_t>(index)) + static_cast<uint64_t>(family + 1)));
   const int nf = static_cast<int>(ShapesFamily::kNum);
   const auto required = static_cast<ShapesFamily>(family >= 0 ? family : static_cast<int>(index % nf));
@@ -332,6 +333,14 @@ ShapesSample shapes_sample(uint64_t seed, int64_t index, int family) {
   } else {
     for (int f = 0; f < nf; ++f)
       if (answerable(s, static_cast<ShapesFamily>(f))) out.qa.push_back(ask(s, static_cast<ShapesFamily>(f), r));
+    // Further rounds (after the first, so per_family 1 draws exactly as before); a repeated question is dropped.
+    for (int k = 1; k < per_family; ++k)
+      for (int f = 0; f < nf; ++f) {
+        if (!answerable(s, static_cast<ShapesFamily>(f))) continue;
+        ShapesQA q = ask(s, static_cast<ShapesFamily>(f), r);
+        if (std::none_of(out.qa.begin(), out.qa.end(), [&](const ShapesQA& x) { return x.question == q.question; }))
+          out.qa.push_back(std::move(q));
+      }
     r.shuffle(out.qa);
   }
   out.objects = s.obj;

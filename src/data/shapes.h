@@ -37,6 +37,10 @@ inline constexpr int kShapesColours = 8;
 inline constexpr uint64_t kShapesStandardTestSeed = 20260417;  // the standard 1000-question test split
 inline constexpr int64_t kShapesStandardTestSize = 1000;
 
+// LLaVA-1.5's answer-format prompts (the last line of a short-answer / multiple-choice question).
+inline constexpr const char* kShapesShortAnswerPrompt = "Answer the question using a single word or phrase.";
+inline constexpr const char* kShapesOptionAnswerPrompt = "Answer with the option's letter from the given choices directly.";
+
 enum class ShapesFamily { kColour, kShape, kCount, kExists, kPosition, kChoice, kDescribe, kNum };
 const char* shapes_family_name(ShapesFamily f);  // colour | shape | count | exists | position | choice | describe
 const char* shapes_kind_name(int kind);          // circle, square, triangle, star, cross, ellipse
@@ -64,8 +68,10 @@ struct ShapesSample {
 
 // One sample. family >= 0 (a ShapesFamily): the scene is drawn so that this family is answerable and qa holds
 // exactly one question of it (the eval layout). family < 0: a training sample, qa holds one question of every
-// family the scene supports (index % 7 is guaranteed), in a shuffled order.
-ShapesSample shapes_sample(uint64_t seed, int64_t index, int family = -1);
+// family the scene supports (index % 7 is guaranteed), in a shuffled order; per_family > 1 adds up to that many
+// distinct questions of each family (training: the trainer asks them all about one image, sharing its prefix).
+// The image does not depend on per_family, and per_family 1 is the original stream.
+ShapesSample shapes_sample(uint64_t seed, int64_t index, int family = -1, int per_family = 1);
 
 // PNG bytes of a sample image (OpenCV imencode, default compression).
 std::string shapes_png(const Image& img);

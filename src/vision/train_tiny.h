@@ -5,8 +5,9 @@
 //   stage 0    stands in for CLIP pre-training: the ViT alone learns per-grid-cell classification (shape, colour,
 //              the joint shape-colour pair and the joint cell-shape-colour triple) through a throwaway linear head
 //              on hidden_states[vision_feature_layer].
-//   stage 1    projector + decoder (the ViT frozen by default, or at a lower rate) on multi-turn QA
-//              conversations in the vicuna_v1 template, loss on the answers only (LLaVA's instruction tuning).
+//   stage 1    projector + decoder (the ViT frozen by default, or at a lower rate) on single-turn questions in
+//              the llava-1.5 template, several per image packed into one row (shapes_qa_batch), loss on the
+//              answers only, every question weighted equally (LLaVA's instruction tuning).
 // AdamW, linear warm-up + cosine decay per stage, gradient clipping. Training images are generated on the fly
 // from (seed, index) — cheap in C++, and never repeated, so nothing to memorise. Everything derives from the
 // seed; checkpoints (fp32 weights + optimizer state) are written atomically every 100 steps and
@@ -43,6 +44,7 @@ struct TinyTrainOptions {
   double stage0_lr = 3e-3;
   // Stage 1: QA instruction tuning (batch = images, each a multi-turn conversation of every family).
   int64_t stage1_steps = 4000, stage1_batch = 32;
+  int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
   double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stage 1 (as in LLaVA)
   double weight_decay = 0.01, clip = 1.0;
   int64_t warmup = 100;
@@ -52,6 +54,19 @@ struct TinyTrainOptions {
   int64_t final_eval_questions = 0;  // > 0: evaluate that many standard-split questions at the end
   int64_t max_steps = -1;            // stop (after a checkpoint) at this global step; for tests and resume
 };
+
+// A stage-1 batch: every question about an image is its own single-turn llava-1.5 prompt, and an image's
+// questions share one row (the common prefix computed once, turns masked from each other, single-turn position
+// ids), so each turn's logits equal those of its unpacked prompt. `images` images from index `start` of the
+// training stream of `seed`, up to `per_family` questions of each family per image.
+struct ShapesQABatch {
+  at::Tensor pixels, ids, positions, mask;  // [B,3,S,S], [B,T], [B,T], [B,1,T,T] bool (true = attend)
+  at::Tensor targets, weights;               // [B,T]: the next token of the same turn (-100: none), loss weight
+  int64_t tokens = 0, turns = 0;             // non-pad tokens, questions
+};
+ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t images, int64_t per_family, const Tokenizer& tok,
+                              const ModelConfig& cfg, const ImageProcessorConfig& ipc);
+at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQABatch& batch);  // [B,T,V]
 
 // Runs (or resumes) training; writes the model directory `opts.out`.
 void train_tiny(const TinyTrainOptions& opts);

@@ -64,6 +64,25 @@ TEST(Shapes, TrainingSamplesCoverEveryFamily) {
   for (auto& [f, n] : per) EXPECT_GT(n, 350) << shapes_family_name(f);
 }
 
+// per_family > 1 (the trainer's packed questions): same image, the per_family-1 questions first drawn, more
+// distinct questions, still at most per_family of each family.
+TEST(Shapes, MoreQuestionsPerFamilyKeepTheImageAndAddDistinctQuestions) {
+  size_t more = 0;
+  for (int64_t i = 0; i < 50; ++i) {
+    ShapesSample one = shapes_sample(3, i), three = shapes_sample(3, i, -1, 3);
+    EXPECT_EQ(one.image.rgb, three.image.rgb);
+    std::set<std::string> q1, q3;
+    std::map<ShapesFamily, int> per;
+    for (const auto& qa : one.qa) q1.insert(qa.question);
+    for (const auto& qa : three.qa) q3.insert(qa.question), per[qa.family]++;
+    EXPECT_EQ(q3.size(), three.qa.size()) << "repeated question, sample " << i;
+    for (const auto& q : q1) EXPECT_TRUE(q3.count(q)) << q;
+    for (auto& [f, n] : per) EXPECT_LE(n, 3) << shapes_family_name(f);
+    more += three.qa.size() - one.qa.size();
+  }
+  EXPECT_GT(more, 50u * 5);  // most families have several distinct questions per scene
+}
+
 // Re-derives each answer from the scene objects.
 TEST(Shapes, AnswersAgreeWithTheScene) {
   for (int64_t i = 0; i < 700; ++i) {

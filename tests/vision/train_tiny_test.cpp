@@ -4,11 +4,13 @@
 #include <nlohmann/json.hpp>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <sstream>
 
 #include "data/fs.h"
 #include "data/safetensors.h"
+#include "llm/prompt.h"
 #include "test_util.h"
 #include "vision/llava.h"
 #include "vision/train_tiny.h"
@@ -79,6 +81,54 @@ TEST(TrainTiny, ResumeIsBitIdentical) {
   auto fb = SafetensorsFile::open(b.out + "/checkpoint/weights.safetensors");
   ASSERT_EQ(fa->tensors().size(), fb->tensors().size());
   for (auto& [name, info] : fa->tensors()) EXPECT_TRUE(at::equal(fa->get(name), fb->get(name))) << name;
+}
+
+// The packed stage-1 row must give every turn exactly the logits of its unpacked single-turn prompt (what
+// `eqat ask` and the evaluation run): same tokens, same positions, nothing visible from other turns.
+TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
+  eqat_test::TempDir tmp;
+  TinyTrainOptions o = tiny(tmp.str("m"));
+  o.stage0_steps = 1, o.stage1_steps = 1;
+  train_tiny(o);  // a randomly initialised model with its tokenizer and configs
+  Model m = load_model(o.out);
+  m.llava->to(at::kFloat);
+  c10::NoGradGuard ng;
+  ShapesQABatch b = shapes_qa_batch(5, 0, 2, 2, *m.tok, m.cfg, m.image_cfg);
+  at::Tensor packed = shapes_qa_logits(m.llava, b);
+  auto samples = std::vector<ShapesSample>{shapes_sample(5, 0, -1, 2), shapes_sample(5, 1, -1, 2)};
+  ASSERT_GT(b.turns, 14);  // per_family 2 adds questions beyond one per family
+  int64_t checked = 0;
+  for (int64_t r = 0; r < 2; ++r) {
+    // Walk the row's supervised positions turn by turn, in order.
+    auto tg = b.targets[r], w = b.weights[r];
+    int64_t i = 0;
+    const int64_t T = b.ids.size(1);
+    for (const auto& qa : samples[static_cast<size_t>(r)].qa) {
+      std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(PromptTemplate::kLlava15, qa.question, true),
+                                                 m.cfg.image_token_index, m.cfg.image_seq_length);
+      std::vector<int64_t> ans = m.tok->encode(qa.answer, false);
+      ans.push_back(m.tok->eos_id());
+      const int64_t prompt_len = static_cast<int64_t>(ids.size());
+      ids.insert(ids.end(), ans.begin(), ans.end());
+      at::Tensor single_ids = at::tensor(ids, at::kLong).unsqueeze(0);
+      at::Tensor emb = m.llava->embed_with_images(single_ids, m.llava->image_features(b.pixels.narrow(0, r, 1)));
+      at::Tensor pos = at::arange(single_ids.size(1), at::kLong).unsqueeze(0);
+      at::Tensor single = m.llava->language_model->forward(emb, pos, at::Tensor(), nullptr)[0];
+      while (i < T && tg[i].item<int64_t>() < 0) ++i;  // the next supervised position = this turn's last prompt token
+      for (size_t k = 0; k < ans.size(); ++k, ++i) {
+        ASSERT_LT(i, T);
+        EXPECT_EQ(tg[i].item<int64_t>(), ans[k]);
+        EXPECT_FLOAT_EQ(w[i].item<float>(), 1.f / static_cast<float>(ans.size()));
+        EXPECT_EQ(b.positions[r][i].item<int64_t>(), prompt_len - 1 + static_cast<int64_t>(k));
+        // fp32 logits of the same computation with a different attention layout (masked vs causal, extra
+        // masked-out keys): only summation order differs, ~1e-6 relative at these magnitudes (|logit| < 10).
+        EXPECT_TRUE(at::allclose(packed[r][i], single[prompt_len - 1 + static_cast<int64_t>(k)], 1e-4, 1e-4))
+            << "row " << r << " question \"" << qa.question << "\" answer token " << k;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, (b.weights > 0).sum().item<int64_t>());
 }
 
 }  // namespace
