@@ -487,6 +487,30 @@ void write_judgements(const std::string& path, const std::string& answers, const
   write_file_atomic(path, out);
 }
 
+// What produced an answer file: the model's weight files (name, size, modification time), the prompt template and
+// the generation settings. Conservative: a copied model directory counts as another model.
+std::string answers_source(const EvalOptions& o) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(o.model_dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0) {
+      std::error_code e2;
+      const auto size = fs::file_size(e.path(), e2);
+      const auto t = fs::last_write_time(e.path(), e2).time_since_epoch().count();
+      files.push_back(str_cat(n, " ", size, " ", t));
+    }
+  }
+  std::sort(files.begin(), files.end());
+  nlohmann::ordered_json j{{"model", fs::weakly_canonical(o.model_dir, ec).string()},
+                           {"weights", files},
+                           {"template", o.template_name},
+                           {"max_new_tokens", o.max_new_tokens},
+                           {"dtype", o.dtype}};
+  return j.dump() + "\n";
+}
+
 std::string sibling_answers(const std::string& questions) {
   // DIR/test.jsonl -> DIR/test_answers.jsonl
   const std::string ext = ".jsonl";
@@ -550,8 +574,20 @@ EvalResult run_eval(const EvalOptions& o_in) {
   res.total = static_cast<int64_t>(items.size());
   if (o.max_new_tokens < 0) o.max_new_tokens = o.bench == "scienceqa" ? 1024 : 128;
 
-  // Resume: answers already in the file are skipped.
+  // Resume: answers already in the file are skipped — but only answers of the same model and generation settings
+  // (answers.source names them): resuming into another model's answers would silently score a mix of two models.
   res.answers_path = path_join(o.out, "answers.jsonl");
+  {
+    const std::string source_path = path_join(o.out, "answers.source");
+    const std::string source = answers_source(o);
+    if (file_exists(res.answers_path) && file_exists(source_path))
+      EQAT_CHECK(read_file(source_path) == source, res.answers_path,
+                 ": holds answers of another model or generation settings (see ", source_path,
+                 "); use a new --out, or delete the directory to start over");
+    EQAT_CHECK(!file_exists(res.answers_path) || file_exists(source_path), res.answers_path,
+               ": answers of an unknown model (no answers.source beside them); use a new --out or delete the file");
+    write_file_atomic(source_path, source);
+  }
   repair_tail(res.answers_path);
   std::set<std::string> done;
   if (file_exists(res.answers_path))

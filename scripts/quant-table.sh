@@ -21,6 +21,7 @@ field() { sed -n "s/^  \"$2\": \([-0-9.e]*\),*\$/\1/p" "$1" | head -1; }
 
 if [[ $WHAT == shapes || $WHAT == all ]]; then
   FP="$ROOT/models/shapes-llava"
+  rm -rf "$OUT/shapes-fp"  # eval resumes from an existing answer file: start clean
   "$EQAT" eval --bench shapes --model "$FP" --out "$OUT/shapes-fp" --batch-size 32 --no-progress --threads "$THREADS" \
     > /dev/null 2>> "$OUT/eval.log"
   fp=$(field "$OUT/shapes-fp/scores.json" accuracy)
@@ -32,7 +33,7 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
     for method in rtn gptq efficientqat; do
       q="$OUT/shapes-w$1g$2-$method"
       t=$SECONDS
-      rm -rf "$q"
+      rm -rf "$q" "$q-eval"
       "$EQAT" quantize --out "$q" --bits "$1" --group-size "$2" --method "$method" --samples "$SAMPLES" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       dt=$((SECONDS - t))
@@ -59,7 +60,7 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
     row="| W$bits per-channel |"
     for method in rtn gptq efficientqat; do
       q="$OUT/stories-w$bits-$method"
-      rm -rf "$q"
+      rm -rf "$q" "$q-kl"
       "$EQAT" quantize --model "$S" --out "$q" --bits "$bits" --group-size -1 --method "$method" \
         --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }

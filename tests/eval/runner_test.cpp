@@ -101,6 +101,34 @@ TEST(Runner, BatchingMatchesBatchOneAndResumes) {
   EXPECT_NE(md.find("| metric | b1 | b4 | Δ b4 |"), std::string::npos) << md;
 }
 
+// An answer file is resumed only by the model and generation settings that wrote it (answers.source).
+TEST(Runner, RefusesToResumeAnotherModelsAnswers) {
+  TempDir t;
+  auto o = shapes_opts(t.str("out"));
+  o.limit = 2;
+  EXPECT_EQ(eqat::run_eval(o).answered, 2);
+  auto expect_refused = [&](eqat::EvalOptions other, const char* why) {
+    other.limit = -1;
+    try {
+      eqat::run_eval(other);
+      ADD_FAILURE() << "resumed answers of " << why;
+    } catch (const eqat::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("answers.jsonl"), std::string::npos) << e.what();
+    }
+  };
+  auto longer = o;
+  longer.max_new_tokens = 7;
+  expect_refused(longer, "other generation settings");
+  std::filesystem::copy(data_path("fixtures/tiny_llava"), t.str("copy"), std::filesystem::copy_options::recursive);
+  auto copied = o;
+  copied.model_dir = t.str("copy");
+  expect_refused(copied, "another model directory");
+  o.limit = -1;
+  eqat::EvalResult same = eqat::run_eval(o);  // the same model and settings resume
+  EXPECT_EQ(same.resumed, 2);
+  EXPECT_EQ(same.answered, 12);
+}
+
 TEST(Runner, BadRecordsNamedOrSkipped) {
   TempDir t;
   std::filesystem::create_directories(t.str("img"));
