@@ -19,7 +19,7 @@ int cmd_data(const Argv& argv) {
                    "(LLaVA eval questions), DIR/test_answers.jsonl and DIR/images/*.png. Test questions come from "
                    "a stream disjoint from the training images.",
                    {{"out", "DIR", "output directory (replaced atomically)", ""},
-                    {"train", "N", "training images (one multi-turn conversation each)", "1000"},
+                    {"train", "N", "training images (one single-turn conversation each)", "1000"},
                     {"test", "N", "test questions (one image each, families balanced)", "700"},
                     {"seed", "S", "seed", "1"}},
                    1, 1};

@@ -412,11 +412,13 @@ void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_
       char name[32];
       std::snprintf(name, sizeof name, "train_%06lld.png", static_cast<long long>(i));
       write_file_atomic(path_join(images, name), shapes_png(s.image));
-      nlohmann::json conv = nlohmann::json::array();
-      for (size_t t = 0; t < s.qa.size(); ++t) {
-        conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + s.qa[t].question}});
-        conv.push_back({{"from", "gpt"}, {"value", s.qa[t].answer}});
-      }
+      // Single-turn, like the default model's training and every evaluation prompt (a later turn of a multi-turn
+      // conversation could be answered from the earlier answers, which the model never learned to do).
+      const auto family = static_cast<ShapesFamily>(i % static_cast<int64_t>(ShapesFamily::kNum));
+      const auto qa = std::find_if(s.qa.begin(), s.qa.end(), [&](const ShapesQA& x) { return x.family == family; });
+      EQAT_ASSERT(qa != s.qa.end(), "shapes: training sample ", i, " lacks its guaranteed family");
+      nlohmann::json conv = nlohmann::json::array({{{"from", "human"}, {"value", "<image>\n" + qa->question}},
+                                                   {{"from", "gpt"}, {"value", qa->answer}}});
       train.push_back({{"id", str_cat("shapes_train_", i)}, {"image", name}, {"conversations", conv}});
     }
     write_file_atomic(path_join(tmp, "train.json"), train.dump(1) + "\n");

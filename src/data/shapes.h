@@ -98,8 +98,9 @@ bool shapes_answer_matches(const std::string& prediction, const std::string& ans
 // `n` training samples plus every colour/shape/number word.
 std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n);
 
-// Writes a dataset directory (atomically): train.json (LLaVA instruction JSON, one multi-turn conversation per
-// image), test.jsonl (eval questions), test_answers.jsonl ({question_id, text}) and images/*.png.
+// Writes a dataset directory (atomically): train.json (LLaVA instruction JSON, one single-turn conversation per
+// image — image i asks its question of family i % 7, so the families are balanced — which is how the default model
+// is trained and asked), test.jsonl (eval questions), test_answers.jsonl ({question_id, text}) and images/*.png.
 void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed);
 
 }  // namespace eqat

@@ -65,7 +65,7 @@ void train_tokenizer(const std::string& dir, uint64_t seed, int64_t vocab) {
     }
   }
   // The template's fixed text becomes single pieces (user-defined symbols; spaces are "▁" inside a piece, and the
-  // list is comma-separated, so the system prompt is cut at its commas): a short-answer turn is 12–16 tokens
+  // list is comma-separated, so the system prompt is cut at its commas): a short-answer turn is 12–17 tokens
   // instead of 22–28, which halves the cost of a training step and keeps attention on the words that matter.
   std::vector<std::string> fixed{" USER:", " ASSISTANT:", kShapesShortAnswerPrompt, kShapesOptionAnswerPrompt};
   {
@@ -84,7 +84,8 @@ void train_tokenizer(const std::string& dir, uint64_t seed, int64_t vocab) {
     symbols += (symbols.empty() ? "" : ",") + piece;
   }
   const std::string args = str_cat(
-      "--input=", corpus, " --user_defined_symbols=", symbols, " --model_prefix=", path_join(dir, "tokenizer"), " --model_type=bpe --vocab_size=", vocab,
+      "--input=", corpus, " --user_defined_symbols=", symbols, " --model_prefix=", path_join(dir, "tokenizer"),
+      " --model_type=bpe --vocab_size=", vocab,
       " --byte_fallback=true --split_digits=true --character_coverage=1.0 --normalization_rule_name=identity",
       " --remove_extra_whitespaces=false --add_dummy_prefix=true --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1",
       " --hard_vocab_limit=false --num_threads=1 --max_sentence_length=8192 --allow_whitespace_only_pieces=true",
@@ -309,11 +310,8 @@ at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQA
   return model->language_model->forward(embeds, b.positions, b.mask, nullptr);
 }
 
-namespace {
-
-// Mean over the batch's questions of each question's mean answer-token cross-entropy.
 // The vocabulary projection runs on the supervised positions only (about 1 in 8).
-at::Tensor qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
+at::Tensor shapes_qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
   auto& lm = model->language_model;
   at::Tensor embeds = model->embed_with_images(b.ids, model->image_features(b.pixels));
   at::Tensor h = lm->model->forward(embeds, b.positions, b.mask, nullptr);
@@ -323,6 +321,8 @@ at::Tensor qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& b)
   at::Tensor ce = at::cross_entropy_loss(logits, b.targets.reshape({-1}).index_select(0, at_), {}, at::Reduction::None);
   return (ce * b.weights.reshape({-1}).index_select(0, at_)).sum() / static_cast<double>(std::max<int64_t>(1, b.turns));
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
 double lr_at(int64_t step, int64_t steps, int64_t warmup, double base) {
@@ -605,7 +605,7 @@ void train_tiny(const TinyTrainOptions& o) {
       const double lr = lr_at(s, o.stage1_steps, o.warmup, o.stage1_lr);
       set_lrs(opt, {lr * o.vit_lr_scale, lr});
       ShapesQABatch b = shapes_qa_batch(o.seed, s * o.stage1_batch, o.stage1_batch, o.questions_per_family, tok, cfg, ipc);
-      at::Tensor loss = qa_loss(model, b);
+      at::Tensor loss = shapes_qa_loss(model, b);
       opt.zero_grad();
       loss.backward();
       torch::nn::utils::clip_grad_norm_(all, o.clip);

@@ -42,7 +42,7 @@ struct TinyTrainOptions {
   // Stage 0: ViT per-cell classification.
   int64_t stage0_steps = 2000, stage0_batch = 64;
   double stage0_lr = 3e-3;
-  // Stage 1: QA instruction tuning (batch = images, each a multi-turn conversation of every family).
+  // Stage 1: QA instruction tuning (batch = images, each with its questions packed as single-turn prompts).
   int64_t stage1_steps = 4000, stage1_batch = 32;
   int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
   double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stage 1 (as in LLaVA)
@@ -67,6 +67,8 @@ struct ShapesQABatch {
 ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t images, int64_t per_family, const Tokenizer& tok,
                               const ModelConfig& cfg, const ImageProcessorConfig& ipc);
 at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQABatch& batch);  // [B,T,V]
+// The stage-1 loss: the mean over the batch's questions of each question's mean answer-token cross-entropy.
+at::Tensor shapes_qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& batch);
 
 // Runs (or resumes) training; writes the model directory `opts.out`.
 void train_tiny(const TinyTrainOptions& opts);
