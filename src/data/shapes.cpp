@@ -25,8 +25,8 @@ const char* const kColours[kShapesColours] = {"red", "orange", "yellow", "green"
 const int kRgb[kShapesColours][3] = {{215, 35, 35},  {245, 135, 10}, {225, 195, 0},  {40, 160, 50},
                                      {35, 75, 215},  {135, 45, 180}, {125, 80, 35},  {25, 25, 25}};
 const char* const kFamilies[] = {"colour", "shape", "count", "exists", "position", "choice", "describe"};
-const std::string kShortSuffix = std::string("\n") + kShapesShortAnswerPrompt;
-const std::string kChoiceSuffix = std::string("\n") + kShapesOptionAnswerPrompt;
+const std::string kShortSuffix = std::string("\n") + kLlavaShortAnswerPrompt;
+const std::string kChoiceSuffix = std::string("\n") + kLlavaOptionAnswerPrompt;
 constexpr int kCell = kShapesImageSize / kShapesGrid;  // 32 px
 
 // splitmix64: mixes (seed, index, family) into one mt19937_64 seed.

@@ -38,8 +38,8 @@ inline constexpr uint64_t kShapesStandardTestSeed = 20260417;  // the standard 1
 inline constexpr int64_t kShapesStandardTestSize = 1000;
 
 // LLaVA-1.5's answer-format prompts (the last line of a short-answer / multiple-choice question).
-inline constexpr const char* kShapesShortAnswerPrompt = "Answer the question using a single word or phrase.";
-inline constexpr const char* kShapesOptionAnswerPrompt = "Answer with the option's letter from the given choices directly.";
+inline constexpr const char* kLlavaShortAnswerPrompt = "Answer the question using a single word or phrase.";
+inline constexpr const char* kLlavaOptionAnswerPrompt = "Answer with the option's letter from the given choices directly.";
 
 enum class ShapesFamily { kColour, kShape, kCount, kExists, kPosition, kChoice, kDescribe, kNum };
 const char* shapes_family_name(ShapesFamily f);  // colour | shape | count | exists | position | choice | describe

@@ -67,7 +67,7 @@ void train_tokenizer(const std::string& dir, uint64_t seed, int64_t vocab) {
   // The template's fixed text becomes single pieces (user-defined symbols; spaces are "▁" inside a piece, and the
   // list is comma-separated, so the system prompt is cut at its commas): a short-answer turn is 12–17 tokens
   // instead of 22–28, which halves the cost of a training step and keeps attention on the words that matter.
-  std::vector<std::string> fixed{" USER:", " ASSISTANT:", kShapesShortAnswerPrompt, kShapesOptionAnswerPrompt};
+  std::vector<std::string> fixed{" USER:", " ASSISTANT:", kLlavaShortAnswerPrompt, kLlavaOptionAnswerPrompt};
   {
     std::string sys = std::string(" ") + kVicunaSystem;
     for (size_t p = 0;;) {
@@ -305,19 +305,27 @@ ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t B, int64_t p
   return out;
 }
 
-at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
+namespace {
+// The decoder's final-normed hidden states of a packed batch, [B,T,C].
+at::Tensor qa_hidden(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
   at::Tensor embeds = model->embed_with_images(b.ids, model->image_features(b.pixels));
-  return model->language_model->forward(embeds, b.positions, b.mask, nullptr);
+  return model->language_model->model->forward(embeds, b.positions, b.mask, nullptr);
+}
+at::Tensor vocab_logits(LlamaForCausalLM& lm, const at::Tensor& h) {
+  return lm->lm_head ? lm->lm_head->forward(h) : at::linear(h, lm->lm_head_weight());
+}
+}  // namespace
+
+at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
+  return vocab_logits(model->language_model, qa_hidden(model, b));
 }
 
 // The vocabulary projection runs on the supervised positions only (about 1 in 8).
 at::Tensor shapes_qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& b) {
-  auto& lm = model->language_model;
-  at::Tensor embeds = model->embed_with_images(b.ids, model->image_features(b.pixels));
-  at::Tensor h = lm->model->forward(embeds, b.positions, b.mask, nullptr);
+  at::Tensor h = qa_hidden(model, b);
   at::Tensor at_ = b.weights.reshape({-1}).gt(0).nonzero().squeeze(1);
   h = h.reshape({-1, h.size(2)}).index_select(0, at_);
-  at::Tensor logits = lm->lm_head ? lm->lm_head->forward(h) : at::linear(h, lm->lm_head_weight());
+  at::Tensor logits = vocab_logits(model->language_model, h);
   at::Tensor ce = at::cross_entropy_loss(logits, b.targets.reshape({-1}).index_select(0, at_), {}, at::Reduction::None);
   return (ce * b.weights.reshape({-1}).index_select(0, at_)).sum() / static_cast<double>(std::max<int64_t>(1, b.turns));
 }
