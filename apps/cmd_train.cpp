@@ -1,4 +1,7 @@
 // eqat train-tiny: trains the embedded default model (src/vision/train_tiny.h).
+#include <algorithm>
+#include <array>
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
 
@@ -19,9 +22,15 @@ int cmd_train_tiny(const Argv& argv) {
   const TinyTrainOptions d;
   auto s = [](auto v) { return std::to_string(v); };
   auto g = [](double v) { std::ostringstream o; o << v; return o.str(); };
+  auto mix_str = [](const std::array<int, 7>& m) {
+    std::string r;
+    for (int v : m) r += (r.empty() ? "" : ",") + std::to_string(v);
+    return r;
+  };
   CommandSpec spec{"train-tiny", "eqat train-tiny --out DIR [--seed S] [--resume] [options]",
                    "Trains a toy-scale LLaVA-1.5 from scratch on the procedural shapes world: SentencePiece "
-                   "tokenizer, stage 0 (ViT per-cell classification), stage 1 (QA, answer-only loss). Writes an "
+                   "tokenizer, stage 0 (ViT per-cell classification), stage 1 (QA, answer-only loss), stage 2 (warm restart, "
+                   "more multi-hop questions, some without the answer-format line). Writes an "
                    "HF llava directory (fp16), train_log.jsonl, loss.png and a resumable checkpoint/.",
                    {{"out", "DIR", "output model directory", ""},
                     {"seed", "S", "seed for data, init and tokenizer", s(d.seed)},
@@ -45,7 +54,13 @@ int cmd_train_tiny(const Argv& argv) {
                     {"batch", "N", "stage 1 batch (images)", s(d.stage1_batch)},
                     {"questions-per-family", "N", "stage 1 questions of each family per image", s(d.questions_per_family)},
                     {"lr", "LR", "stage 1 peak learning rate", g(d.stage1_lr)},
-                    {"vit-lr-scale", "X", "ViT learning rate in stage 1 = X * lr", g(d.vit_lr_scale)},
+                    {"vit-lr-scale", "X", "ViT learning rate in stages 1-2 = X * their lr", g(d.vit_lr_scale)},
+                    {"stage2-steps", "N", "stage 2 steps (warm restart on fresh images; 0: none)", s(d.stage2_steps)},
+                    {"stage2-lr", "LR", "stage 2 peak learning rate", g(d.stage2_lr)},
+                    {"stage2-mix", "N,..", "stage 2 questions per image of colour,shape,count,exists,position,choice,describe",
+                     mix_str(d.stage2_mix)},
+                    {"stage2-drop-format", "P", "stage 2 probability of dropping a question's answer-format line",
+                     g(d.stage2_drop_format)},
                     {"warmup", "N", "warm-up steps per stage", s(d.warmup)},
                     {"eval-every", "N", "held-out accuracy every N stage-1 steps (0: never)", s(d.eval_every)},
                     {"eval-questions", "N", "held-out questions per evaluation", s(d.eval_questions)},
@@ -69,6 +84,23 @@ int cmd_train_tiny(const Argv& argv) {
   o.stage1_steps = a.i64("steps"), o.stage1_batch = a.i64("batch"), o.stage1_lr = a.f64("lr");
   o.vit_lr_scale = a.f64("vit-lr-scale");
   o.questions_per_family = a.i64("questions-per-family");
+  o.stage2_steps = a.i64("stage2-steps"), o.stage2_lr = a.f64("stage2-lr");
+  o.stage2_drop_format = a.f64("stage2-drop-format");
+  {
+    const std::string m = a.str("stage2-mix");
+    std::istringstream in(m);
+    std::string item;
+    size_t n = 0;
+    while (std::getline(in, item, ',')) {
+      char* end = nullptr;
+      const long v = std::strtol(item.c_str(), &end, 10);
+      EQAT_CHECK(n < 7 && !item.empty() && *end == '\0' && v >= 0 && v <= 8,
+                 "--stage2-mix: expected 7 comma-separated counts in [0, 8], got '", m, "'");
+      o.stage2_mix[n++] = static_cast<int>(v);
+    }
+    EQAT_CHECK(n == 7 && *std::max_element(o.stage2_mix.begin(), o.stage2_mix.end()) >= 1,
+               "--stage2-mix: expected 7 comma-separated counts in [0, 8], at least one >= 1, got '", m, "'");
+  }
   o.warmup = a.i64("warmup");
   o.eval_every = a.i64("eval-every"), o.eval_questions = a.i64("eval-questions");
   o.final_eval_questions = a.i64("final-eval");
@@ -76,6 +108,8 @@ int cmd_train_tiny(const Argv& argv) {
   if (a.has("max-steps")) o.max_steps = a.i64("max-steps");
   EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1");
   EQAT_CHECK(o.stage0_steps >= 0 && o.stage1_steps >= 1, "--steps: must be >= 1 (and --stage0-steps >= 0)");
+  EQAT_CHECK(o.stage2_steps >= 0, "--stage2-steps: must be >= 0");
+  EQAT_CHECK(o.stage2_drop_format >= 0 && o.stage2_drop_format <= 1, "--stage2-drop-format: must be in [0, 1]");
   EQAT_CHECK(o.stage0_batch >= 1 && o.stage1_batch >= 1, "--batch: must be >= 1");
   EQAT_CHECK(o.questions_per_family >= 1 && o.questions_per_family <= 8, "--questions-per-family: must be in [1, 8]");
   EQAT_CHECK(o.checkpoint_every >= 1, "--checkpoint-every: must be >= 1");

@@ -519,6 +519,70 @@ std::string sibling_answers(const std::string& questions) {
   return questions + "_answers.jsonl";
 }
 
+// Answer-token KL(reference || model) on a shapes split (--reference with --bench shapes): each question's prompt
+// followed by its ground-truth answer and </s> is run through both models (teacher forcing), and the per-position
+// KL of the next-token distributions is averaged over that answer's tokens, then over the questions. A finer
+// measure than exact match of how much of the reference's behaviour a quantized model keeps: a question can stay
+// right while its answer distribution drifts. Also the share of answer positions whose argmax agrees.
+void add_answer_kl(const EvalOptions& o, const std::vector<Item>& items, ScoreReport& r) {
+  std::map<std::string, std::string> truth;
+  {
+    std::istringstream in(read_file(o.ground_truth));
+    int64_t line = 0;
+    for (std::string l; std::getline(in, l);) {
+      ++line;
+      if (trim(l).empty()) continue;
+      auto j = json::parse(l, nullptr, false);
+      EQAT_CHECK(!j.is_discarded() && j.is_object() && j.contains("question_id") && j.contains("text") &&
+                     j["text"].is_string(),
+                 o.ground_truth, ":", line, ": expected {\"question_id\", \"text\"}");
+      truth[j["question_id"].dump()] = j["text"].get<std::string>();
+    }
+  }
+  LoadOptions lo;
+  lo.device = o.device;
+  lo.dtype = o.dtype;
+  Model m = load_model(o.model_dir, lo), ref = load_model(o.reference_dir, lo);
+  EQAT_CHECK(ref.multimodal() && m.multimodal(), o.reference_dir, ": --reference for --bench shapes must be a LLaVA model");
+  EQAT_CHECK(ref.cfg.text.vocab_size == m.cfg.text.vocab_size, o.reference_dir, ": vocabulary ", ref.cfg.text.vocab_size,
+             " differs from the model's ", m.cfg.text.vocab_size, "; KL needs the same tokenizer");
+  const PromptTemplate tmpl = parse_template(o.template_name.empty() ? model_conv_template(o.model_dir) : o.template_name);
+  c10::NoGradGuard ng;
+  auto answer_logp = [&](Model& mm, const std::vector<int64_t>& ids, const at::Tensor& pixels, int64_t from, int64_t n) {
+    at::Tensor e = embed_prompt(mm, ids, pixels);  // [1,T,C]
+    at::Tensor pos = at::arange(e.size(1), at::TensorOptions().dtype(at::kLong).device(mm.device)).unsqueeze(0);
+    at::Tensor logits = mm.lm->forward(e, pos, at::Tensor(), nullptr)[0].narrow(0, from, n);
+    return at::log_softmax(logits.to(at::kFloat).cpu(), -1);  // [n,V]
+  };
+  Progress bar(static_cast<int64_t>(items.size()), o.progress, "q");
+  double kl_sum = 0;
+  int64_t questions = 0, agree = 0, positions = 0, visited = 0;
+  for (const Item& it : items) {
+    bar.update(++visited, positions);
+    auto t = truth.find(it.qid_json);
+    if (t == truth.end() || !it.bad.empty() || it.image.empty() || !file_exists(it.image)) continue;
+    std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(tmpl, it.prompt, true), m.image_token_id(),
+                                               m.cfg.image_seq_length);
+    const int64_t prompt_len = static_cast<int64_t>(ids.size());
+    std::vector<int64_t> ans = m.tok->encode(t->second, false);
+    ans.push_back(m.tok->eos_id());
+    ids.insert(ids.end(), ans.begin(), ans.end());
+    const int64_t n = static_cast<int64_t>(ans.size());
+    // Position prompt_len - 1 + k predicts answer token k.
+    at::Tensor lp = answer_logp(m, ids, load_pixels(m, it.image), prompt_len - 1, n);
+    at::Tensor rp = answer_logp(ref, ids, load_pixels(ref, it.image), prompt_len - 1, n);
+    kl_sum += (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
+    agree += (rp.argmax(-1) == lp.argmax(-1)).sum().item<int64_t>();
+    positions += n;
+    ++questions;
+  }
+  bar.finish();
+  EQAT_CHECK(questions > 0, o.ground_truth, ": no question of ", o.data, " has a ground-truth answer and an image");
+  r.metrics.push_back({"answer_kl_mean", kl_sum / static_cast<double>(questions)});
+  r.metrics.push_back({"answer_top1_agreement", 100.0 * static_cast<double>(agree) / static_cast<double>(positions)});
+  r.metrics.push_back({"answer_kl_n", static_cast<double>(questions)});
+}
+
 }  // namespace
 
 std::string scienceqa_prompt(const std::string& human_value, bool has_image) {
@@ -537,6 +601,8 @@ EvalResult run_eval(const EvalOptions& o_in) {
   EQAT_CHECK(!ec && is_directory(o.out), o.out, ": cannot create the output directory (--out)");
   EQAT_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got ", o.batch_size);
   if (o.bench == "ppl" || o.bench == "kl") return run_text_metric(o);
+  EQAT_CHECK(o.reference_dir.empty() || o.bench == "shapes", "--reference: only --bench kl and shapes use it, not ",
+             o.bench);
 
   static const std::set<std::string> kBenches = {"shapes", "pope", "mme",  "scienceqa", "mmbench",
                                                   "textvqa", "gqa", "vqav2", "seed",    "llava"};
@@ -715,6 +781,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
   auto have = [](const std::string& p) { return !p.empty() && file_exists(p); };
   if (o.bench == "shapes" && have(o.ground_truth)) {
     res.score = score_shapes(questions, o.ground_truth, A, so), res.scored = true;
+    if (!o.reference_dir.empty()) add_answer_kl(o, items, res.score);
   } else if (o.bench == "pope" && have(o.ground_truth)) {
     res.score = score_pope(o.ground_truth, questions, A, so), res.scored = true;
   } else if (o.bench == "mme" && have(o.ground_truth)) {

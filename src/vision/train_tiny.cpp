@@ -8,11 +8,14 @@
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <sys/stat.h>
 
@@ -176,7 +179,9 @@ void init_weights(LlavaForConditionalGeneration& m, const ModelConfig& cfg, uint
 
 // ---------------------------------------------------------------------------------------------------------------
 // Batches. Stage 0 images come from index range [1e9, …) of the training stream, stage 1 from [0, …).
+// Stage 2 images come from [5e8, …), disjoint from stage 1's for any practical number of steps.
 constexpr int64_t kStage0Offset = 1000000000;
+constexpr int64_t kStage2Offset = 500000000;
 // Stage 0 classes per cell: kind (+empty), colour (+empty), the (kind, colour) pair (+empty) and the (cell, kind,
 // colour) triple (+empty). Why the joint heads: with only separate kind and colour heads the cell features can be
 // additive (red star + blue circle has the same mean as blue star + red circle), so nothing about binding is
@@ -230,7 +235,31 @@ Stage0Batch stage0_batch(uint64_t seed, int64_t start, int64_t B, const ImagePro
 // same in the loss (its answer tokens' cross-entropies are averaged first), so one-word answers are not drowned
 // by the long description. (The first recipe trained multi-turn conversations instead: a question asked after the
 // description could be answered by copying text, which the single-turn evaluation never allows.)
-ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t B, int64_t per_family, const Tokenizer& tok,
+ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& mix) {
+  const int most = *std::max_element(mix.per_family.begin(), mix.per_family.end());
+  EQAT_CHECK(most >= 1 && most <= 8, "shapes: per-family question caps must lie in [0, 8] with one >= 1");
+  ShapesSample s = shapes_sample(seed, index, -1, most);
+  std::array<int, 7> kept{};
+  std::vector<ShapesQA> qa;
+  std::mt19937_64 drop(seed * 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(index));
+  for (auto& q : s.qa) {
+    const int f = static_cast<int>(q.family);
+    if (kept[static_cast<size_t>(f)]++ >= mix.per_family[static_cast<size_t>(f)]) continue;
+    const uint64_t u = drop();  // one draw per kept question, used or not, so the stream is stable
+    if (mix.drop_format > 0 && static_cast<double>(u >> 11) * 0x1.0p-53 < mix.drop_format)
+      for (const char* line : {kLlavaShortAnswerPrompt, kLlavaOptionAnswerPrompt}) {
+        const std::string suffix = std::string("\n") + line;
+        if (q.question.size() > suffix.size() &&
+            q.question.compare(q.question.size() - suffix.size(), suffix.size(), suffix) == 0)
+          q.question.resize(q.question.size() - suffix.size());
+      }
+    qa.push_back(std::move(q));
+  }
+  s.qa = std::move(qa);
+  return s;
+}
+
+ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t B, const ShapesQAMix& mix, const Tokenizer& tok,
                               const ModelConfig& cfg, const ImageProcessorConfig& ipc) {
   std::vector<ShapesSample> ss;
   std::vector<const Image*> imgs;
@@ -240,7 +269,7 @@ ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t B, int64_t p
   };
   std::vector<Row> rows;
   const int64_t F = cfg.image_seq_length;
-  for (int64_t b = 0; b < B; ++b) ss.push_back(shapes_sample(seed, start + b, -1, static_cast<int>(per_family)));
+  for (int64_t b = 0; b < B; ++b) ss.push_back(shapes_qa_sample(seed, start + b, mix));
   size_t T = 0;
   ShapesQABatch out;
   for (auto& s : ss) {
@@ -386,7 +415,7 @@ int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m
 
 struct Logger {
   std::string path;
-  std::vector<std::pair<double, double>> loss0, loss1;
+  std::array<std::vector<std::pair<double, double>>, 3> loss;  // per stage
   void line(const nlohmann::json& j) {
     std::ofstream f(path, std::ios::app);
     f << j.dump() << "\n";
@@ -401,7 +430,8 @@ struct Logger {
         auto j = nlohmann::json::parse(l, nullptr, false);
         if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > step) continue;
         kept += l + "\n";
-        if (j.contains("loss")) (j["stage"] == 0 ? loss0 : loss1).emplace_back(j["step"].get<double>(), j["loss"].get<double>());
+        if (j.contains("loss") && j.contains("stage") && j["stage"].get<int>() >= 0 && j["stage"].get<int>() < 3)
+          loss[j["stage"].get<size_t>()].emplace_back(j["step"].get<double>(), j["loss"].get<double>());
       }
     }
     write_file_atomic(path, kept);
@@ -409,7 +439,8 @@ struct Logger {
 };
 
 void write_plot(const std::string& out, const Logger& log) {
-  std::vector<PlotSeries> s{{"stage 0: cell classification", log.loss0}, {"stage 1: answer-only LM loss", log.loss1}};
+  std::vector<PlotSeries> s{{"stage 0: cell classification", log.loss[0]}, {"stage 1: answer-only LM loss", log.loss[1]}};
+  if (!log.loss[2].empty()) s.push_back({"stage 2: warm restart, hard families", log.loss[2]});
   const std::string png = plot_png(s, "eqat train-tiny: training loss", "step", true);
   if (!png.empty()) write_file_atomic(path_join(out, "loss.png"), png);
 }
@@ -535,10 +566,10 @@ void train_tiny(const TinyTrainOptions& o) {
   }
   for (auto& p : model->parameters(true)) p.set_requires_grad(true);
 
-  const int64_t total = o.stage0_steps + o.stage1_steps;
+  const int64_t total = o.stage0_steps + o.stage1_steps + o.stage2_steps;
   int64_t step = 0;
   if (resume) step = load_checkpoint(o.out, model, &head);
-  Logger log{path_join(o.out, "train_log.jsonl"), {}, {}};
+  Logger log{path_join(o.out, "train_log.jsonl"), {}};
   if (resume) log.restore(step);
   else write_file_atomic(log.path, "");
   if (!resume)
@@ -585,7 +616,7 @@ void train_tiny(const TinyTrainOptions& o) {
       if ((step + 1) % 10 == 0 || step + 1 == o.stage0_steps) {
         log.line({{"step", step + 1}, {"stage", 0}, {"loss", l}, {"cell_acc", acc}, {"lr", lr_at(step, o.stage0_steps, o.warmup, o.stage0_lr)},
                   {"images_per_s", o.stage0_batch / dt}, {"elapsed_s", el}});
-        log.loss0.emplace_back(static_cast<double>(step + 1), l);
+        log.loss[0].emplace_back(static_cast<double>(step + 1), l);
       }
       if ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.stage0_steps || step + 1 == o.max_steps) {
         save_checkpoint(o.out, model, &head, opt, step + 1);
@@ -594,54 +625,62 @@ void train_tiny(const TinyTrainOptions& o) {
     }
     if (o.progress) std::fprintf(stderr, "\n");
   }
-  // ---- stage 1: projector + decoder (+ ViT at a lower rate) on QA, answer-only loss.
-  if (step >= o.stage0_steps && step < total && !(o.max_steps >= 0 && step >= o.max_steps)) {
+  // ---- stages 1 and 2: projector + decoder (+ ViT at a lower rate) on QA, answer-only loss. Each stage has its
+  // own AdamW state and warm-up + cosine schedule; stage 2 draws its images from a disjoint index range.
+  auto qa_stage = [&](int stage, int64_t first, int64_t steps, double peak, const ShapesQAMix& mix, int64_t images_from) {
+    const int64_t end = first + steps;
+    if (step < first || step >= end || (o.max_steps >= 0 && step >= o.max_steps)) return;
     std::vector<at::Tensor> rest = params_of(*model->multi_modal_projector);
     for (auto& p : params_of(*model->language_model)) rest.push_back(p);
     torch::optim::AdamW opt({torch::optim::OptimizerParamGroup(params_of(*model->vision_model)),
                              torch::optim::OptimizerParamGroup(rest)},
-                            torch::optim::AdamWOptions(o.stage1_lr).weight_decay(o.weight_decay).betas({0.9, 0.98}));
-    if (resume && step > o.stage0_steps) torch::load(opt, path_join(o.out, "checkpoint/optimizer.pt"));
+                            torch::optim::AdamWOptions(peak).weight_decay(o.weight_decay).betas({0.9, 0.98}));
+    if (resume && step > first) torch::load(opt, path_join(o.out, "checkpoint/optimizer.pt"));
     std::vector<at::Tensor> all = model->parameters(true);
     double ema = 0;
-    const int64_t s1_start = step;
+    const int64_t stage_start = step;
     auto t1 = Clock::now();
-    for (; step < total; ++step) {
+    for (; step < end; ++step) {
       if (o.max_steps >= 0 && step >= o.max_steps) break;
       auto ts = Clock::now();
-      const int64_t s = step - o.stage0_steps;
-      const double lr = lr_at(s, o.stage1_steps, o.warmup, o.stage1_lr);
+      const int64_t s = step - first;
+      const double lr = lr_at(s, steps, o.warmup, peak);
       set_lrs(opt, {lr * o.vit_lr_scale, lr});
-      ShapesQABatch b = shapes_qa_batch(o.seed, s * o.stage1_batch, o.stage1_batch, o.questions_per_family, tok, cfg, ipc);
+      ShapesQABatch b = shapes_qa_batch(o.seed, images_from + s * o.stage1_batch, o.stage1_batch, mix, tok, cfg, ipc);
       at::Tensor loss = shapes_qa_loss(model, b);
       opt.zero_grad();
       loss.backward();
       torch::nn::utils::clip_grad_norm_(all, o.clip);
       opt.step();
       const double l = loss.item<double>();
-      ema = step == s1_start ? l : 0.95 * ema + 0.05 * l;
+      ema = step == stage_start ? l : 0.95 * ema + 0.05 * l;
       const double dt = seconds_since(ts), el = seconds_since(t0);
-      const double eta = seconds_since(t1) / static_cast<double>(step + 1 - s1_start) * static_cast<double>(total - step - 1);
+      const double eta = seconds_since(t1) / static_cast<double>(step + 1 - stage_start) * static_cast<double>(total - step - 1);
       if (o.progress)
-        std::fprintf(stderr, "\r[stage 1] step %lld/%lld loss %.4f tok/s %.0f elapsed %s ETA %s   ", (long long)(step + 1),
-                     (long long)total, ema, static_cast<double>(b.tokens) / dt, fmt_hms(el).c_str(), fmt_hms(eta).c_str());
-      if ((step + 1) % 10 == 0 || step + 1 == total) {
-        log.line({{"step", step + 1}, {"stage", 1}, {"loss", l}, {"lr", lr}, {"tokens_per_s", b.tokens / dt},
+        std::fprintf(stderr, "\r[stage %d] step %lld/%lld loss %.4f tok/s %.0f elapsed %s ETA %s   ", stage,
+                     (long long)(step + 1), (long long)total, ema, static_cast<double>(b.tokens) / dt,
+                     fmt_hms(el).c_str(), fmt_hms(eta).c_str());
+      if ((step + 1) % 10 == 0 || step + 1 == end) {
+        log.line({{"step", step + 1}, {"stage", stage}, {"loss", l}, {"lr", lr}, {"tokens_per_s", b.tokens / dt},
                   {"elapsed_s", el}});
-        log.loss1.emplace_back(static_cast<double>(step + 1), l);
+        log.loss[static_cast<size_t>(stage)].emplace_back(static_cast<double>(step + 1), l);
       }
-      if (o.eval_every > 0 && ((s + 1) % o.eval_every == 0 || step + 1 == total) && !eval_items.empty()) {
+      if (o.eval_every > 0 && ((s + 1) % o.eval_every == 0 || step + 1 == end) && !eval_items.empty()) {
         ShapesScore sc = score_shapes(eval_items, answer_shapes(model, cfg, tok, ipc, eval_items));
         if (o.progress) std::fprintf(stderr, "\n[eval] step %lld %s\n", (long long)(step + 1), sc.to_json().c_str());
-        log.line({{"step", step + 1}, {"stage", 1}, {"eval", nlohmann::json::parse(sc.to_json())}});
+        log.line({{"step", step + 1}, {"stage", stage}, {"eval", nlohmann::json::parse(sc.to_json())}});
       }
-      if ((step + 1) % o.checkpoint_every == 0 || step + 1 == total || step + 1 == o.max_steps) {
+      if ((step + 1) % o.checkpoint_every == 0 || step + 1 == end || step + 1 == o.max_steps) {
         save_checkpoint(o.out, model, nullptr, opt, step + 1);
         write_plot(o.out, log);
       }
     }
     if (o.progress) std::fprintf(stderr, "\n");
-  }
+  };
+  qa_stage(1, o.stage0_steps, o.stage1_steps, o.stage1_lr, ShapesQAMix::uniform(static_cast<int>(o.questions_per_family)), 0);
+  ShapesQAMix mix2;
+  mix2.per_family = o.stage2_mix, mix2.drop_format = o.stage2_drop_format;
+  qa_stage(2, o.stage0_steps + o.stage1_steps, o.stage2_steps, o.stage2_lr, mix2, kStage2Offset);
   write_plot(o.out, log);
   if (step < total) return;  // stopped early (max_steps): the checkpoint is the state
 

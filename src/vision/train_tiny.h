@@ -8,6 +8,9 @@
 //   stage 1    projector + decoder (the ViT frozen by default, or at a lower rate) on single-turn questions in
 //              the llava-1.5 template, several per image packed into one row (shapes_qa_batch), loss on the
 //              answers only, every question weighted equally (LLaVA's instruction tuning).
+//   stage 2    a warm restart of stage 1 at a lower peak rate on fresh images, with more questions of the
+//              multi-hop families (multiple choice, position, adversarial existence) and the answer-format line
+//              dropped from some questions, so the model also answers in format when a user leaves it out.
 // AdamW, linear warm-up + cosine decay per stage, gradient clipping. Training images are generated on the fly
 // from (seed, index) — cheap in C++, and never repeated, so nothing to memorise. Everything derives from the
 // seed; checkpoints (fp32 weights + optimizer state) are written atomically every 100 steps and
@@ -15,6 +18,7 @@
 // preprocessor_config.json) that load_model() reads, plus train_log.jsonl and loss.png.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -45,7 +49,13 @@ struct TinyTrainOptions {
   // Stage 1: QA instruction tuning (batch = images, each with its questions packed as single-turn prompts).
   int64_t stage1_steps = 4000, stage1_batch = 32;
   int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
-  double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stage 1 (as in LLaVA)
+  double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stages 1 and 2 (as in LLaVA)
+  // Stage 2: warm restart on fresh images; per-family question caps in ShapesFamily order (colour, shape, count,
+  // exists, position, choice, describe) and the probability of dropping a question's answer-format line.
+  int64_t stage2_steps = 2500;
+  double stage2_lr = 6e-4;
+  std::array<int, 7> stage2_mix{1, 1, 2, 3, 3, 4, 1};
+  double stage2_drop_format = 0.25;
   double weight_decay = 0.01, clip = 1.0;
   int64_t warmup = 100;
   // Bookkeeping.
@@ -58,14 +68,27 @@ struct TinyTrainOptions {
 // A stage-1 batch: every question about an image is its own single-turn llava-1.5 prompt, and an image's
 // questions share one row (the common prefix computed once, turns masked from each other, single-turn position
 // ids), so each turn's logits equal those of its unpacked prompt. `images` images from index `start` of the
-// training stream of `seed`, up to `per_family` questions of each family per image.
+// training stream of `seed`, up to mix.per_family[f] questions of family f per image; each short-answer or
+// multiple-choice question loses its answer-format line with probability mix.drop_format (a deterministic draw
+// from seed, image index and turn).
+struct ShapesQAMix {
+  std::array<int, 7> per_family{};  // ShapesFamily order; 0 leaves the family out
+  double drop_format = 0.0;
+  static ShapesQAMix uniform(int per_family) {
+    ShapesQAMix m;
+    m.per_family.fill(per_family);
+    return m;
+  }
+};
 struct ShapesQABatch {
   at::Tensor pixels, ids, positions, mask;  // [B,3,S,S], [B,T], [B,T], [B,1,T,T] bool (true = attend)
   at::Tensor targets, weights;               // [B,T]: the next token of the same turn (-100: none), loss weight
   int64_t tokens = 0, turns = 0;             // non-pad tokens, questions
 };
-ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t images, int64_t per_family, const Tokenizer& tok,
+ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t images, const ShapesQAMix& mix, const Tokenizer& tok,
                               const ModelConfig& cfg, const ImageProcessorConfig& ipc);
+// Training image `index` with the questions shapes_qa_batch packs for it under `mix`, in row order.
+ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& mix);
 at::Tensor shapes_qa_logits(LlavaForConditionalGeneration& model, const ShapesQABatch& batch);  // [B,T,V]
 // The stage-1 loss: the mean over the batch's questions of each question's mean answer-token cross-entropy.
 at::Tensor shapes_qa_loss(LlavaForConditionalGeneration& model, const ShapesQABatch& batch);

@@ -3,6 +3,7 @@
 // metrics), plus the report on the resulting run directories.
 #include <gtest/gtest.h>
 
+#include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -10,6 +11,7 @@
 
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/safetensors.h"
 #include "eval/report.h"
 #include "eval/runner.h"
 #include "test_util.h"
@@ -235,6 +237,44 @@ TEST(Runner, PerplexityAndSelfKl) {
   EXPECT_NEAR(r.score.get("kl_mean"), 0.0, 1e-5);
   EXPECT_NEAR(r.score.get("top1_agreement"), 100.0, 1e-9);
   EXPECT_NEAR(r.score.get("ppl"), ppl, ppl * 1e-5);  // batch 2 vs 1: same windows
+}
+
+// Answer-token KL on shapes (--reference): 0 against itself (same computation twice, so exactly 0 up to the
+// log-softmax subtraction, ~1e-7), and > 0 once one decoder weight of the reference is perturbed.
+TEST(Runner, ShapesAnswerKlAgainstAReference) {
+  TempDir t;
+  auto o = shapes_opts(t.str("self"));
+  o.reference_dir = o.model_dir;
+  eqat::EvalResult r = eqat::run_eval(o);
+  ASSERT_TRUE(r.scored);
+  EXPECT_EQ(r.score.get("answer_kl_n"), 14);
+  EXPECT_NEAR(r.score.get("answer_kl_mean"), 0.0, 1e-6);
+  EXPECT_DOUBLE_EQ(r.score.get("answer_top1_agreement"), 100.0);
+
+  // A copy of the fixture with one projection scaled: the distributions now differ.
+  std::filesystem::copy(o.model_dir, t.str("ref"), std::filesystem::copy_options::recursive);
+  {
+    auto f = eqat::SafetensorsFile::open(t.str("ref") + "/model.safetensors");
+    std::vector<std::pair<std::string, at::Tensor>> ts;
+    bool changed = false;
+    for (auto& [name, info] : f->tensors()) {
+      at::Tensor x = f->get(name).clone();
+      if (!changed && name.find("language_model") != std::string::npos && name.find("o_proj.weight") != std::string::npos)
+        x.mul_(3.0), changed = true;
+      ts.emplace_back(name, x);
+    }
+    ASSERT_TRUE(changed);
+    eqat::write_safetensors(t.str("ref") + "/model.safetensors", ts);
+  }
+  auto o2 = shapes_opts(t.str("other"));
+  o2.reference_dir = t.str("ref");
+  r = eqat::run_eval(o2);
+  EXPECT_GT(r.score.get("answer_kl_mean"), 1e-4);
+  // Only shapes (and kl) take a reference.
+  auto o3 = shapes_opts(t.str("pope"));
+  o3.bench = "pope";
+  o3.reference_dir = o.model_dir;
+  EXPECT_THROW(eqat::run_eval(o3), eqat::InputError);
 }
 
 TEST(Report, Base64) {

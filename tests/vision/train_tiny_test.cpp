@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
+#include <array>
 #include <sstream>
 
 #include "data/fs.h"
@@ -30,6 +32,7 @@ TinyTrainOptions tiny(const std::string& out) {
   o.sp_vocab = 400;
   o.stage0_steps = 10, o.stage0_batch = 8, o.stage0_lr = 3e-3;
   o.stage1_steps = 30, o.stage1_batch = 4, o.stage1_lr = 3e-3;
+  o.stage2_steps = 4, o.stage2_lr = 1e-3;
   o.warmup = 3;
   o.eval_every = 0;
   o.checkpoint_every = 1000;
@@ -67,16 +70,18 @@ TEST(TrainTiny, LossGoesDownAndTheModelLoads) {
 TEST(TrainTiny, ResumeIsBitIdentical) {
   eqat_test::TempDir tmp;
   TinyTrainOptions a = tiny(tmp.str("a"));
-  a.stage1_steps = 8;
+  a.stage1_steps = 8, a.stage2_steps = 6;  // stages end at global steps 10, 18, 24
   train_tiny(a);
   TinyTrainOptions b = a;
   b.out = tmp.str("b");
-  b.max_steps = 13;  // inside stage 1: weights and AdamW state both come back from the checkpoint
-  train_tiny(b);
-  EXPECT_FALSE(file_exists(b.out + "/model.safetensors"));
-  b.max_steps = -1;
-  b.resume = true;
-  train_tiny(b);
+  // Interrupted inside stage 1, exactly at the stage 1 -> 2 boundary, and inside stage 2: weights and AdamW state
+  // come back from the checkpoint, and a stage starts with a fresh optimizer whether or not the run was resumed.
+  for (int64_t stop : {13, 18, 21, -1}) {
+    b.max_steps = stop;
+    train_tiny(b);
+    EXPECT_EQ(file_exists(b.out + "/model.safetensors"), stop < 0) << stop;
+    b.resume = true;
+  }
   auto fa = SafetensorsFile::open(a.out + "/checkpoint/weights.safetensors");
   auto fb = SafetensorsFile::open(b.out + "/checkpoint/weights.safetensors");
   ASSERT_EQ(fa->tensors().size(), fb->tensors().size());
@@ -93,7 +98,7 @@ TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
   Model m = load_model(o.out);
   m.llava->to(at::kFloat);
   c10::NoGradGuard ng;
-  ShapesQABatch b = shapes_qa_batch(5, 0, 2, 2, *m.tok, m.cfg, m.image_cfg);
+  ShapesQABatch b = shapes_qa_batch(5, 0, 2, ShapesQAMix::uniform(2), *m.tok, m.cfg, m.image_cfg);
   at::Tensor packed = shapes_qa_logits(m.llava, b);
   auto samples = std::vector<ShapesSample>{shapes_sample(5, 0, -1, 2), shapes_sample(5, 1, -1, 2)};
   ASSERT_GT(b.turns, 14);  // per_family 2 adds questions beyond one per family
@@ -135,6 +140,45 @@ TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
                                          at::Reduction::None, -100);
   const double want = (ce * b.weights.reshape({-1})).sum().item<double>() / static_cast<double>(b.turns);
   EXPECT_NEAR(shapes_qa_loss(m.llava, b).item<double>(), want, 1e-5 * want);
+}
+
+// Stage 2's mix: at most the cap of each family per image, questions drawn from the image's own pool, and about
+// the requested share of them without their answer-format line (the rest unchanged).
+TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
+  ShapesQAMix mix;
+  mix.per_family = {1, 1, 2, 3, 3, 4, 1};
+  mix.drop_format = 0.25;
+  int64_t droppable = 0, dropped = 0, hard = 0, total = 0;
+  for (int64_t i = 0; i < 60; ++i) {
+    ShapesSample s = shapes_qa_sample(9, i, mix), pool = shapes_sample(9, i, -1, 4);
+    EXPECT_TRUE(s.image.rgb == pool.image.rgb);
+    std::array<int, 7> n{};
+    for (const auto& q : s.qa) {
+      const auto f = static_cast<size_t>(q.family);
+      EXPECT_LE(++n[f], mix.per_family[f]) << "image " << i;
+      const bool format_line = q.family != ShapesFamily::kDescribe;
+      auto same = [&](const ShapesQA& p) {
+        return p.family == q.family && p.answer == q.answer &&
+               (p.question == q.question || (format_line && p.question.rfind(q.question + "\n", 0) == 0));
+      };
+      EXPECT_TRUE(std::any_of(pool.qa.begin(), pool.qa.end(), same)) << q.question;
+      if (format_line) {
+        ++droppable;
+        dropped += q.question.find("\nAnswer ") == std::string::npos;
+      }
+      hard += q.family == ShapesFamily::kChoice || q.family == ShapesFamily::kPosition;
+      ++total;
+    }
+  }
+  // ~600 format-line questions, share 0.25: one standard deviation is ~0.018, so [0.15, 0.35] is > 5 sigma.
+  ASSERT_GT(droppable, 400);
+  EXPECT_GT(static_cast<double>(dropped) / droppable, 0.15);
+  EXPECT_LT(static_cast<double>(dropped) / droppable, 0.35);
+  EXPECT_GT(static_cast<double>(hard) / total, 2.0 / 7);  // the hard families outweigh the uniform share
+  // Without dropping and with every cap at the pool's size, the mix is the pool itself (stage 1's stream).
+  ShapesSample u = shapes_qa_sample(9, 3, ShapesQAMix::uniform(2)), p = shapes_sample(9, 3, -1, 2);
+  ASSERT_EQ(u.qa.size(), p.qa.size());
+  for (size_t k = 0; k < u.qa.size(); ++k) EXPECT_EQ(u.qa[k].question, p.qa[k].question);
 }
 
 }  // namespace
