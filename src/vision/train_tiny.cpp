@@ -440,7 +440,7 @@ struct Logger {
 
 void write_plot(const std::string& out, const Logger& log) {
   std::vector<PlotSeries> s{{"stage 0: cell classification", log.loss[0]}, {"stage 1: answer-only LM loss", log.loss[1]}};
-  if (!log.loss[2].empty()) s.push_back({"stage 2: warm restart, hard families", log.loss[2]});
+  if (!log.loss[2].empty()) s.push_back({"stage 2: warm restart", log.loss[2]});
   const std::string png = plot_png(s, "eqat train-tiny: training loss", "step", true);
   if (!png.empty()) write_file_atomic(path_join(out, "loss.png"), png);
 }
