@@ -62,7 +62,7 @@ int cmd_train_tiny(const Argv& argv) {
                     {"stage2-drop-format", "P", "stage 2 probability of dropping a question's answer-format line",
                      g(d.stage2_drop_format)},
                     {"warmup", "N", "warm-up steps per stage", s(d.warmup)},
-                    {"eval-every", "N", "held-out accuracy every N stage-1 steps (0: never)", s(d.eval_every)},
+                    {"eval-every", "N", "held-out accuracy every N stage-1/2 steps (0: never)", s(d.eval_every)},
                     {"eval-questions", "N", "held-out questions per evaluation", s(d.eval_questions)},
                     {"final-eval", "N", "standard-split questions to score the exported model on", "1000"},
                     {"checkpoint-every", "N", "checkpoint interval (steps)", s(d.checkpoint_every)},

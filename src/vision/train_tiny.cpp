@@ -541,6 +541,9 @@ void train_tiny(const TinyTrainOptions& o) {
   EQAT_CHECK(o.sp_vocab >= 400 && o.sp_vocab <= 1024, "--vocab: must be in [400, 1024] (259 byte and control pieces + the characters come first)");
   EQAT_CHECK(o.image_size % (o.patch_size * kShapesGrid) == 0, "--patch: the image (", o.image_size,
              " px) must split into 3×3 cells of whole patches");
+  EQAT_CHECK(o.stage1_steps * o.stage1_batch <= kStage2Offset && o.stage2_steps * o.stage1_batch <= kStage2Offset,
+             "--steps/--stage2-steps x --batch: a stage would use more than ", kStage2Offset,
+             " images and overlap the next stage's image range");
   at::set_num_threads(static_cast<int>(o.threads));
   ::mkdir(o.out.c_str(), 0755);
   EQAT_CHECK(is_directory(o.out), o.out, ": cannot create the output directory");
