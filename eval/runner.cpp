@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -524,25 +525,12 @@ std::string sibling_answers(const std::string& questions) {
 // KL of the next-token distributions is averaged over that answer's tokens, then over the questions. A finer
 // measure than exact match of how much of the reference's behaviour a quantized model keeps: a question can stay
 // right while its answer distribution drifts. Also the share of answer positions whose argmax agrees.
-void add_answer_kl(const EvalOptions& o, const std::vector<Item>& items, ScoreReport& r) {
-  std::map<std::string, std::string> truth;
-  {
-    std::istringstream in(read_file(o.ground_truth));
-    int64_t line = 0;
-    for (std::string l; std::getline(in, l);) {
-      ++line;
-      if (trim(l).empty()) continue;
-      auto j = json::parse(l, nullptr, false);
-      EQAT_CHECK(!j.is_discarded() && j.is_object() && j.contains("question_id") && j.contains("text") &&
-                     j["text"].is_string(),
-                 o.ground_truth, ":", line, ": expected {\"question_id\", \"text\"}");
-      truth[j["question_id"].dump()] = j["text"].get<std::string>();
-    }
-  }
+void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& items, ScoreReport& r) {
+  const std::map<std::string, std::string> truth = read_shapes_ground_truth(o.ground_truth);
   LoadOptions lo;
   lo.device = o.device;
   lo.dtype = o.dtype;
-  Model m = load_model(o.model_dir, lo), ref = load_model(o.reference_dir, lo);
+  Model ref = load_model(o.reference_dir, lo);
   EQAT_CHECK(ref.multimodal() && m.multimodal(), o.reference_dir, ": --reference for --bench shapes must be a LLaVA model");
   EQAT_CHECK(ref.cfg.text.vocab_size == m.cfg.text.vocab_size, o.reference_dir, ": vocabulary ", ref.cfg.text.vocab_size,
              " differs from the model's ", m.cfg.text.vocab_size, "; KL needs the same tokenizer");
@@ -559,7 +547,7 @@ void add_answer_kl(const EvalOptions& o, const std::vector<Item>& items, ScoreRe
   int64_t questions = 0, agree = 0, positions = 0, visited = 0;
   for (const Item& it : items) {
     bar.update(++visited, positions);
-    auto t = truth.find(it.qid_json);
+    auto t = truth.find(it.qid);
     if (t == truth.end() || !it.bad.empty() || it.image.empty() || !file_exists(it.image)) continue;
     std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(tmpl, it.prompt, true), m.image_token_id(),
                                                m.cfg.image_seq_length);
@@ -669,12 +657,21 @@ EvalResult run_eval(const EvalOptions& o_in) {
   if (res.resumed) std::cerr << "resuming: " << res.resumed << " of " << res.total << " already answered\n";
 
   std::vector<std::string> bad_msgs;
+  // The model is loaded on first use (generation, answer KL), once: a fully resumed run without --reference
+  // never loads it.
+  std::optional<Model> loaded;
+  auto model = [&]() -> Model& {
+    if (!loaded) {
+      LoadOptions lo;
+      lo.device = o.device;
+      lo.dtype = o.dtype;
+      loaded.emplace(load_model(o.model_dir, lo));
+      apply_threads(o, *loaded);
+    }
+    return *loaded;
+  };
   if (!todo.empty()) {
-    LoadOptions lo;
-    lo.device = o.device;
-    lo.dtype = o.dtype;
-    Model m = load_model(o.model_dir, lo);
-    apply_threads(o, m);
+    Model& m = model();
     if (o.template_name.empty()) o.template_name = model_conv_template(o.model_dir);
     const PromptTemplate tmpl = parse_template(o.template_name);
     const std::string model_id = model_id_of(o.model_dir);
@@ -781,7 +778,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
   auto have = [](const std::string& p) { return !p.empty() && file_exists(p); };
   if (o.bench == "shapes" && have(o.ground_truth)) {
     res.score = score_shapes(questions, o.ground_truth, A, so), res.scored = true;
-    if (!o.reference_dir.empty()) add_answer_kl(o, items, res.score);
+    if (!o.reference_dir.empty()) add_answer_kl(o, model(), items, res.score);
   } else if (o.bench == "pope" && have(o.ground_truth)) {
     res.score = score_pope(o.ground_truth, questions, A, so), res.scored = true;
   } else if (o.bench == "mme" && have(o.ground_truth)) {

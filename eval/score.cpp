@@ -428,15 +428,20 @@ struct Confusion {
 };
 }  // namespace
 
-ScoreReport score_shapes(const std::string& questions, const std::string& ground_truth, const std::string& answers,
-                         const ScoreOptions& o) {
-  std::vector<Question> qs = read_questions(questions);
-  std::map<std::string, std::string> gt;  // qid -> answer text
-  for_each_jsonl(ground_truth, false, [&](const json& j, int64_t line) {
-    EQAT_CHECK(j.contains("question_id") && j.contains("text"), ground_truth, ":", line,
+std::map<std::string, std::string> read_shapes_ground_truth(const std::string& path) {
+  std::map<std::string, std::string> gt;
+  for_each_jsonl(path, false, [&](const json& j, int64_t line) {
+    EQAT_CHECK(j.contains("question_id") && j.contains("text"), path, ":", line,
                ": ground-truth record needs question_id and text");
     gt[qid_text(j["question_id"])] = str_field(j, "text");
   });
+  return gt;
+}
+
+ScoreReport score_shapes(const std::string& questions, const std::string& ground_truth, const std::string& answers,
+                         const ScoreOptions& o) {
+  std::vector<Question> qs = read_questions(questions);
+  const std::map<std::string, std::string> gt = read_shapes_ground_truth(ground_truth);
   std::map<std::string, const Answer*> by_qid;
   std::vector<Answer> ans = read_answers(answers);
   for (const auto& a : ans) by_qid[a.qid] = &a;

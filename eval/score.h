@@ -73,6 +73,8 @@ double vqa_soft_accuracy(const std::string& pred, const std::vector<std::string>
 std::string shapes_normalize(const std::string& text);  // trim, lowercase, drop one trailing '.'
 
 // ---- scorers ----
+// shapes ground truth (JSONL {question_id, text}): question_id as answers/questions key it -> answer text.
+std::map<std::string, std::string> read_shapes_ground_truth(const std::string& path);
 // shapes: answers vs ground truth {question_id, text}; family = the question's `category`.
 ScoreReport score_shapes(const std::string& questions, const std::string& ground_truth, const std::string& answers,
                          const ScoreOptions& o = {});

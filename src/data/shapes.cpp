@@ -314,6 +314,14 @@ ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r) {
 
 }  // namespace
 
+std::string shapes_without_format_line(const std::string& question) {
+  for (const std::string* suffix : {&kShortSuffix, &kChoiceSuffix})
+    if (question.size() > suffix->size() &&
+        question.compare(question.size() - suffix->size(), suffix->size(), *suffix) == 0)
+      return question.substr(0, question.size() - suffix->size());
+  return question;
+}
+
 const char* shapes_family_name(ShapesFamily f) { return kFamilies[static_cast<int>(f)]; }
 const char* shapes_kind_name(int kind) { return kKinds[kind]; }
 const char* shapes_colour_name(int colour) { return kColours[colour]; }

@@ -41,6 +41,9 @@ inline constexpr int64_t kShapesStandardTestSize = 1000;
 inline constexpr const char* kLlavaShortAnswerPrompt = "Answer the question using a single word or phrase.";
 inline constexpr const char* kLlavaOptionAnswerPrompt = "Answer with the option's letter from the given choices directly.";
 
+// The question without its trailing answer-format line (either of the two above); other text unchanged.
+std::string shapes_without_format_line(const std::string& question);
+
 enum class ShapesFamily { kColour, kShape, kCount, kExists, kPosition, kChoice, kDescribe, kNum };
 const char* shapes_family_name(ShapesFamily f);  // colour | shape | count | exists | position | choice | describe
 const char* shapes_kind_name(int kind);          // circle, square, triangle, star, cross, ellipse

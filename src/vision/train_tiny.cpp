@@ -247,12 +247,7 @@ ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& m
     if (kept[static_cast<size_t>(f)]++ >= mix.per_family[static_cast<size_t>(f)]) continue;
     const uint64_t u = drop();  // one draw per kept question, used or not, so the stream is stable
     if (mix.drop_format > 0 && static_cast<double>(u >> 11) * 0x1.0p-53 < mix.drop_format)
-      for (const char* line : {kLlavaShortAnswerPrompt, kLlavaOptionAnswerPrompt}) {
-        const std::string suffix = std::string("\n") + line;
-        if (q.question.size() > suffix.size() &&
-            q.question.compare(q.question.size() - suffix.size(), suffix.size(), suffix) == 0)
-          q.question.resize(q.question.size() - suffix.size());
-      }
+      q.question = shapes_without_format_line(q.question);
     qa.push_back(std::move(q));
   }
   s.qa = std::move(qa);

@@ -204,5 +204,14 @@ TEST(Shapes, DatasetFilesInLlavaFormats) {
   EXPECT_EQ(n, 14);
 }
 
+TEST(Shapes, WithoutFormatLineStripsOnlyTheTrailingLine) {
+  const std::string q = "Is there a red star in the image?";
+  EXPECT_EQ(shapes_without_format_line(q + "\n" + kLlavaShortAnswerPrompt), q);
+  EXPECT_EQ(shapes_without_format_line("Which?\nA. red\nB. blue\n" + std::string(kLlavaOptionAnswerPrompt)),
+            "Which?\nA. red\nB. blue");
+  EXPECT_EQ(shapes_without_format_line("Describe the image in one sentence."), "Describe the image in one sentence.");
+  EXPECT_EQ(shapes_without_format_line(kLlavaShortAnswerPrompt), kLlavaShortAnswerPrompt);  // no newline: kept
+}
+
 }  // namespace
 }  // namespace eqat
