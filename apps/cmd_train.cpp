@@ -30,7 +30,8 @@ int cmd_train_tiny(const Argv& argv) {
   CommandSpec spec{"train-tiny", "eqat train-tiny --out DIR [--seed S] [--resume] [options]",
                    "Trains a toy-scale LLaVA-1.5 from scratch on the procedural shapes world: SentencePiece "
                    "tokenizer, stage 0 (ViT per-cell classification), stage 1 (QA, answer-only loss), stage 2 (warm restart, "
-                   "more multi-hop questions, some without the answer-format line). Writes an "
+                   "more multi-hop questions, some without the answer-format line), stage 3 (warm restart with hard "
+                   "multiple-choice distractors). Writes an "
                    "HF llava directory (fp16), train_log.jsonl, loss.png and a resumable checkpoint/.",
                    {{"out", "DIR", "output model directory", ""},
                     {"seed", "S", "seed for data, init and tokenizer", s(d.seed)},
@@ -54,20 +55,30 @@ int cmd_train_tiny(const Argv& argv) {
                     {"batch", "N", "stage 1 batch (images)", s(d.stage1_batch)},
                     {"questions-per-family", "N", "stage 1 questions of each family per image", s(d.questions_per_family)},
                     {"lr", "LR", "stage 1 peak learning rate", g(d.stage1_lr)},
-                    {"vit-lr-scale", "X", "ViT learning rate in stages 1-2 = X * their lr", g(d.vit_lr_scale)},
-                    {"stage2-steps", "N", "stage 2 steps (warm restart on fresh images; 0: none)", s(d.stage2_steps)},
-                    {"stage2-lr", "LR", "stage 2 peak learning rate", g(d.stage2_lr)},
-                    {"stage2-mix", "N,..", "stage 2 questions per image of colour,shape,count,exists,position,choice,describe",
-                     mix_str(d.stage2_mix)},
-                    {"stage2-drop-format", "P", "stage 2 probability of dropping a question's answer-format line",
-                     g(d.stage2_drop_format)},
+                    {"vit-lr-scale", "X", "ViT learning rate in stages 1-3 = X * their lr", g(d.vit_lr_scale)},
                     {"warmup", "N", "warm-up steps per stage", s(d.warmup)},
-                    {"eval-every", "N", "held-out accuracy every N stage-1/2 steps (0: never)", s(d.eval_every)},
+                    {"eval-every", "N", "held-out accuracy every N stage-1/2/3 steps (0: never)", s(d.eval_every)},
                     {"eval-questions", "N", "held-out questions per evaluation", s(d.eval_questions)},
                     {"final-eval", "N", "standard-split questions to score the exported model on", "1000"},
                     {"checkpoint-every", "N", "checkpoint interval (steps)", s(d.checkpoint_every)},
                     {"max-steps", "N", "stop after this global step (checkpointed; --resume continues)", ""}},
                    0, 0};
+  spec.flags.insert(spec.flags.end() - 6, {"stage3-grow-layers", "N",
+                                           "decoder layers appended when stage 3 starts (identity-initialised copies of the last)",
+                                           s(d.stage3_grow_layers)});
+  for (int k : {2, 3}) {
+    const TinyTrainOptions::Restart& r = k == 2 ? d.stage2 : d.stage3;
+    const std::string p = "stage" + std::to_string(k) + "-";
+    spec.flags.insert(spec.flags.end() - 6,
+                        {{p + "steps", "N", "stage " + s(k) + " steps (warm restart on fresh images; 0: none)", s(r.steps)},
+                         {p + "lr", "LR", "stage " + s(k) + " peak learning rate", g(r.lr)},
+                         {p + "mix", "N,..", "stage " + s(k) + " questions per image of colour,shape,count,exists,position,choice,describe",
+                          mix_str(r.mix)},
+                         {p + "drop-format", "P", "stage " + s(k) + " probability of dropping a question's answer-format line",
+                          g(r.drop_format)},
+                         {p + "hard-choice", "P", "stage " + s(k) + " probability of hard multiple-choice distractors (the other objects' colours/shapes)",
+                          g(r.hard_choice)}});
+  }
   ParsedArgs a = parse_args(spec, argv);
   TinyTrainOptions o;
   o.out = a.require("out");
@@ -84,10 +95,15 @@ int cmd_train_tiny(const Argv& argv) {
   o.stage1_steps = a.i64("steps"), o.stage1_batch = a.i64("batch"), o.stage1_lr = a.f64("lr");
   o.vit_lr_scale = a.f64("vit-lr-scale");
   o.questions_per_family = a.i64("questions-per-family");
-  o.stage2_steps = a.i64("stage2-steps"), o.stage2_lr = a.f64("stage2-lr");
-  o.stage2_drop_format = a.f64("stage2-drop-format");
-  {
-    const std::string m = a.str("stage2-mix");
+  for (int k : {2, 3}) {
+    TinyTrainOptions::Restart& r = k == 2 ? o.stage2 : o.stage3;
+    const std::string p = "stage" + std::to_string(k) + "-";
+    r.steps = a.i64(p + "steps"), r.lr = a.f64(p + "lr");
+    r.drop_format = a.f64(p + "drop-format"), r.hard_choice = a.f64(p + "hard-choice");
+    EQAT_CHECK(r.steps >= 0, "--", p, "steps: must be >= 0");
+    EQAT_CHECK(r.drop_format >= 0 && r.drop_format <= 1, "--", p, "drop-format: must be in [0, 1]");
+    EQAT_CHECK(r.hard_choice >= 0 && r.hard_choice <= 1, "--", p, "hard-choice: must be in [0, 1]");
+    const std::string m = a.str(p + "mix");
     std::istringstream in(m);
     std::string item;
     size_t n = 0;
@@ -95,12 +111,14 @@ int cmd_train_tiny(const Argv& argv) {
       char* end = nullptr;
       const long v = std::strtol(item.c_str(), &end, 10);
       EQAT_CHECK(n < 7 && !item.empty() && *end == '\0' && v >= 0 && v <= 8,
-                 "--stage2-mix: expected 7 comma-separated counts in [0, 8], got '", m, "'");
-      o.stage2_mix[n++] = static_cast<int>(v);
+                 "--", p, "mix: expected 7 comma-separated counts in [0, 8], got '", m, "'");
+      r.mix[n++] = static_cast<int>(v);
     }
-    EQAT_CHECK(n == 7 && *std::max_element(o.stage2_mix.begin(), o.stage2_mix.end()) >= 1,
-               "--stage2-mix: expected 7 comma-separated counts in [0, 8], at least one >= 1, got '", m, "'");
+    EQAT_CHECK(n == 7 && *std::max_element(r.mix.begin(), r.mix.end()) >= 1,
+               "--", p, "mix: expected 7 comma-separated counts in [0, 8], at least one >= 1, got '", m, "'");
   }
+  o.stage3_grow_layers = a.i64("stage3-grow-layers");
+  EQAT_CHECK(o.stage3_grow_layers >= 0 && o.stage3_grow_layers <= 8, "--stage3-grow-layers: must be in [0, 8]");
   o.warmup = a.i64("warmup");
   o.eval_every = a.i64("eval-every"), o.eval_questions = a.i64("eval-questions");
   o.final_eval_questions = a.i64("final-eval");
@@ -108,8 +126,6 @@ int cmd_train_tiny(const Argv& argv) {
   if (a.has("max-steps")) o.max_steps = a.i64("max-steps");
   EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1");
   EQAT_CHECK(o.stage0_steps >= 0 && o.stage1_steps >= 1, "--steps: must be >= 1 (and --stage0-steps >= 0)");
-  EQAT_CHECK(o.stage2_steps >= 0, "--stage2-steps: must be >= 0");
-  EQAT_CHECK(o.stage2_drop_format >= 0 && o.stage2_drop_format <= 1, "--stage2-drop-format: must be in [0, 1]");
   EQAT_CHECK(o.stage0_batch >= 1 && o.stage1_batch >= 1, "--batch: must be >= 1");
   EQAT_CHECK(o.questions_per_family >= 1 && o.questions_per_family <= 8, "--questions-per-family: must be in [1, 8]");
   EQAT_CHECK(o.checkpoint_every >= 1, "--checkpoint-every: must be >= 1");

@@ -44,6 +44,7 @@ struct Rng {
   int below(int n) { return static_cast<int>(gen() % static_cast<uint64_t>(n)); }
   int range(int lo, int hi) { return lo + below(hi - lo + 1); }  // inclusive
   bool coin() { return (gen() >> 63) != 0; }
+  double unit() { return static_cast<double>(gen() >> 11) * 0x1.0p-53; }  // [0, 1)
   template <class T>
   void shuffle(std::vector<T>& v) {  // Fisher-Yates
     for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[static_cast<size_t>(below(static_cast<int>(i)))]);
@@ -194,7 +195,9 @@ bool answerable(const Scene& s, ShapesFamily f) {
   }
 }
 
-ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r) {
+// `hard` (a separate stream, so r draws the same either way) decides, with probability hard_choice, whether a
+// multiple-choice question's distractors are first the colours (shapes) of the scene's other objects.
+ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r, double hard_choice, Rng& hard) {
   ShapesQA qa;
   qa.family = f;
   std::string q, a;
@@ -266,7 +269,11 @@ ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r) {
     }
     case ShapesFamily::kChoice: {
       choice = true;
+      const bool hard_options = hard_choice > 0 && hard.unit() < hard_choice;
       std::vector<std::string> opts;
+      auto add = [&](const char* name) {
+        if (opts.size() < 4 && std::find(opts.begin(), opts.end(), name) == opts.end()) opts.emplace_back(name);
+      };
       std::string correct;
       if (r.coin()) {
         auto u = unique_by(s, true);
@@ -274,18 +281,22 @@ ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r) {
         q = std::string("What color is the ") + kKinds[o.kind] + "?";
         std::vector<int> all{0, 1, 2, 3, 4, 5, 6, 7};
         r.shuffle(all);
-        opts.push_back(correct = kColours[o.colour]);
-        for (int c : all)
-          if (c != o.colour && opts.size() < 4) opts.push_back(kColours[c]);
+        add(kColours[o.colour]);
+        if (hard_options)
+          for (const auto& x : s.obj) add(kColours[x.colour]);
+        for (int c : all) add(kColours[c]);
+        correct = kColours[o.colour];
       } else {
         auto u = unique_by(s, false);
         const auto& o = s.obj[static_cast<size_t>(u[static_cast<size_t>(r.below(static_cast<int>(u.size())))])];
         q = std::string("What shape is the ") + kColours[o.colour] + " object?";
         std::vector<int> all{0, 1, 2, 3, 4, 5};
         r.shuffle(all);
-        opts.push_back(correct = kKinds[o.kind]);
-        for (int k : all)
-          if (k != o.kind && opts.size() < 4) opts.push_back(kKinds[k]);
+        add(kKinds[o.kind]);
+        if (hard_options)
+          for (const auto& x : s.obj) add(kKinds[x.kind]);
+        for (int k : all) add(kKinds[k]);
+        correct = kKinds[o.kind];
       }
       r.shuffle(opts);
       for (size_t i = 0; i < opts.size(); ++i) {
@@ -326,10 +337,12 @@ const char* shapes_family_name(ShapesFamily f) { return kFamilies[static_cast<in
 const char* shapes_kind_name(int kind) { return kKinds[kind]; }
 const char* shapes_colour_name(int colour) { return kColours[colour]; }
 
-ShapesSample shapes_sample(uint64_t seed, int64_t index, int family, int per_family) {
+ShapesSample shapes_sample(uint64_t seed, int64_t index, int family, int per_family, double hard_choice) {
   EQAT_CHECK(family < static_cast<int>(ShapesFamily::kNum), "shapes: unknown question family ", family);
   EQAT_CHECK(per_family >= 1, "shapes: per_family must be >= 1, got ", per_family);
+  EQAT_CHECK(hard_choice >= 0 && hard_choice <= 1, "shapes: hard_choice must lie in [0, 1], got ", hard_choice);
   Rng r(mix(mix(mix(seed) ^ static_cast<uint64_t>(index)) + static_cast<uint64_t>(family + 1)));
+  Rng hard(mix(mix(mix(seed) ^ static_cast<uint64_t>(index)) + 0x68617264ull + static_cast<uint64_t>(family + 1)));
   const int nf = static_cast<int>(ShapesFamily::kNum);
   const auto required = static_cast<ShapesFamily>(family >= 0 ? family : static_cast<int>(index % nf));
   Scene s = make_scene(r);
@@ -337,15 +350,15 @@ ShapesSample shapes_sample(uint64_t seed, int64_t index, int family, int per_fam
   ShapesSample out;
   out.image = render(s, r);
   if (family >= 0) {
-    out.qa.push_back(ask(s, required, r));
+    out.qa.push_back(ask(s, required, r, hard_choice, hard));
   } else {
     for (int f = 0; f < nf; ++f)
-      if (answerable(s, static_cast<ShapesFamily>(f))) out.qa.push_back(ask(s, static_cast<ShapesFamily>(f), r));
+      if (answerable(s, static_cast<ShapesFamily>(f))) out.qa.push_back(ask(s, static_cast<ShapesFamily>(f), r, hard_choice, hard));
     // Further rounds (after the first, so per_family 1 draws exactly as before); a repeated question is dropped.
     for (int k = 1; k < per_family; ++k)
       for (int f = 0; f < nf; ++f) {
         if (!answerable(s, static_cast<ShapesFamily>(f))) continue;
-        ShapesQA q = ask(s, static_cast<ShapesFamily>(f), r);
+        ShapesQA q = ask(s, static_cast<ShapesFamily>(f), r, hard_choice, hard);
         if (std::none_of(out.qa.begin(), out.qa.end(), [&](const ShapesQA& x) { return x.question == q.question; }))
           out.qa.push_back(std::move(q));
       }
@@ -363,11 +376,11 @@ std::string shapes_png(const Image& img) {
   return std::string(buf.begin(), buf.end());
 }
 
-std::vector<ShapesEvalItem> shapes_test_split(uint64_t seed, int64_t n) {
+std::vector<ShapesEvalItem> shapes_test_split(uint64_t seed, int64_t n, double hard_choice) {
   std::vector<ShapesEvalItem> items;
   const int nf = static_cast<int>(ShapesFamily::kNum);
   for (int64_t i = 0; i < n; ++i) {
-    ShapesSample s = shapes_sample(seed, i, static_cast<int>(i % nf));
+    ShapesSample s = shapes_sample(seed, i, static_cast<int>(i % nf), 1, hard_choice);
     ShapesEvalItem it;
     it.question_id = i;
     char name[32];
@@ -409,14 +422,14 @@ std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n) {
   return lines;
 }
 
-void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed) {
+void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed, double hard_choice) {
   EQAT_CHECK(train_n >= 0 && test_n >= 0, "shapes: negative sample count");
   write_dir_atomic(dir, [&](const std::string& tmp) {
     const std::string images = path_join(tmp, "images");
     EQAT_CHECK(::mkdir(images.c_str(), 0755) == 0, images, ": cannot create directory");
     nlohmann::json train = nlohmann::json::array();
     for (int64_t i = 0; i < train_n; ++i) {
-      ShapesSample s = shapes_sample(seed, i);
+      ShapesSample s = shapes_sample(seed, i, -1, 1, hard_choice);
       char name[32];
       std::snprintf(name, sizeof name, "train_%06lld.png", static_cast<long long>(i));
       write_file_atomic(path_join(images, name), shapes_png(s.image));
@@ -432,7 +445,7 @@ void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_
     write_file_atomic(path_join(tmp, "train.json"), train.dump(1) + "\n");
     // The test questions come from a stream disjoint from training (family >= 0 and seed + 1).
     std::string questions, answers;
-    for (auto& it : shapes_test_split(seed + 1, test_n)) {
+    for (auto& it : shapes_test_split(seed + 1, test_n, hard_choice)) {
       write_file_atomic(path_join(images, it.image), shapes_png(it.pixels));
       questions += nlohmann::json{{"question_id", it.question_id}, {"image", it.image}, {"text", it.text},
                                   {"category", it.category}}.dump() + "\n";

@@ -74,7 +74,10 @@ struct ShapesSample {
 // family the scene supports (index % 7 is guaranteed), in a shuffled order; per_family > 1 adds up to that many
 // distinct questions of each family (training: the trainer asks them all about one image, sharing its prefix).
 // The image does not depend on per_family, and per_family 1 is the original stream.
-ShapesSample shapes_sample(uint64_t seed, int64_t index, int family = -1, int per_family = 1);
+// hard_choice: the probability that a multiple-choice question's distractors are first the colours (shapes) of
+// the scene's other objects — the options a model that only checks "is this option in the image?" cannot tell
+// apart. It only changes option texts and letters (a separate random stream), never the image or other questions.
+ShapesSample shapes_sample(uint64_t seed, int64_t index, int family = -1, int per_family = 1, double hard_choice = 0.0);
 
 // PNG bytes of a sample image (OpenCV imencode, default compression).
 std::string shapes_png(const Image& img);
@@ -89,7 +92,7 @@ struct ShapesEvalItem {
   Image pixels;
 };
 // n questions from `seed`: question i is about image i and of family i % 7 (balanced).
-std::vector<ShapesEvalItem> shapes_test_split(uint64_t seed, int64_t n);
+std::vector<ShapesEvalItem> shapes_test_split(uint64_t seed, int64_t n, double hard_choice = 0.0);
 // The standard split: shapes_test_split(kShapesStandardTestSeed, kShapesStandardTestSize).
 std::vector<ShapesEvalItem> shapes_standard_test_split();
 
@@ -104,6 +107,7 @@ std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n);
 // Writes a dataset directory (atomically): train.json (LLaVA instruction JSON, one single-turn conversation per
 // image — image i asks its question of family i % 7, so the families are balanced — which is how the default model
 // is trained and asked), test.jsonl (eval questions), test_answers.jsonl ({question_id, text}) and images/*.png.
-void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed);
+void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed,
+                          double hard_choice = 0.0);
 
 }  // namespace eqat

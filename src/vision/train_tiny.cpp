@@ -178,10 +178,11 @@ void init_weights(LlavaForConditionalGeneration& m, const ModelConfig& cfg, uint
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Batches. Stage 0 images come from index range [1e9, …) of the training stream, stage 1 from [0, …).
-// Stage 2 images come from [5e8, …), disjoint from stage 1's for any practical number of steps.
+// Batches. Stage 0 images come from index range [1e9, …) of the training stream, stage 1 from [0, …), stage 2
+// from [5e8, …), stage 3 from [7.5e8, …): disjoint for any practical number of steps (checked).
 constexpr int64_t kStage0Offset = 1000000000;
 constexpr int64_t kStage2Offset = 500000000;
+constexpr int64_t kStage3Offset = 750000000;
 // Stage 0 classes per cell: kind (+empty), colour (+empty), the (kind, colour) pair (+empty) and the (cell, kind,
 // colour) triple (+empty). Why the joint heads: with only separate kind and colour heads the cell features can be
 // additive (red star + blue circle has the same mean as blue star + red circle), so nothing about binding is
@@ -238,7 +239,7 @@ Stage0Batch stage0_batch(uint64_t seed, int64_t start, int64_t B, const ImagePro
 ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& mix) {
   const int most = *std::max_element(mix.per_family.begin(), mix.per_family.end());
   EQAT_CHECK(most >= 1 && most <= 8, "shapes: per-family question caps must lie in [0, 8] with one >= 1");
-  ShapesSample s = shapes_sample(seed, index, -1, most);
+  ShapesSample s = shapes_sample(seed, index, -1, most, mix.hard_choice);
   std::array<int, 7> kept{};
   std::vector<ShapesQA> qa;
   std::mt19937_64 drop(seed * 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(index));
@@ -398,6 +399,10 @@ void save_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, c
   });
 }
 
+int64_t checkpoint_step(const std::string& out) {
+  return nlohmann::json::parse(read_file(path_join(out, "checkpoint/state.json"))).at("step").get<int64_t>();
+}
+
 int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, CellHead* head) {
   const std::string dir = path_join(out, "checkpoint");
   auto st = nlohmann::json::parse(read_file(path_join(dir, "state.json")));
@@ -410,7 +415,7 @@ int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m
 
 struct Logger {
   std::string path;
-  std::array<std::vector<std::pair<double, double>>, 3> loss;  // per stage
+  std::array<std::vector<std::pair<double, double>>, 4> loss;  // per stage
   void line(const nlohmann::json& j) {
     std::ofstream f(path, std::ios::app);
     f << j.dump() << "\n";
@@ -425,7 +430,7 @@ struct Logger {
         auto j = nlohmann::json::parse(l, nullptr, false);
         if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > step) continue;
         kept += l + "\n";
-        if (j.contains("loss") && j.contains("stage") && j["stage"].get<int>() >= 0 && j["stage"].get<int>() < 3)
+        if (j.contains("loss") && j.contains("stage") && j["stage"].get<int>() >= 0 && j["stage"].get<int>() < 4)
           loss[j["stage"].get<size_t>()].emplace_back(j["step"].get<double>(), j["loss"].get<double>());
       }
     }
@@ -436,6 +441,7 @@ struct Logger {
 void write_plot(const std::string& out, const Logger& log) {
   std::vector<PlotSeries> s{{"stage 0: cell classification", log.loss[0]}, {"stage 1: answer-only LM loss", log.loss[1]}};
   if (!log.loss[2].empty()) s.push_back({"stage 2: warm restart", log.loss[2]});
+  if (!log.loss[3].empty()) s.push_back({"stage 3: hard choices", log.loss[3]});
   const std::string png = plot_png(s, "eqat train-tiny: training loss", "step", true);
   if (!png.empty()) write_file_atomic(path_join(out, "loss.png"), png);
 }
@@ -462,7 +468,7 @@ ModelConfig tiny_model_config(const TinyTrainOptions& o, int64_t sp_vocab_actual
   c.text.vocab_size = sp_vocab_actual + 2;
   c.text.hidden_size = o.dim;
   c.text.intermediate_size = o.ff;
-  c.text.num_hidden_layers = o.layers;
+  c.text.num_hidden_layers = o.layers + (o.stage3.steps > 0 ? o.stage3_grow_layers : 0);
   c.text.num_attention_heads = o.heads;
   c.text.num_key_value_heads = o.kv_heads;
   c.text.head_dim = o.dim / o.heads;
@@ -483,6 +489,37 @@ ModelConfig tiny_model_config(const TinyTrainOptions& o, int64_t sp_vocab_actual
   c.vision_feature_select_strategy = "default";
   c.image_seq_length = c.vision.num_patches();
   return c;
+}
+
+LlavaForConditionalGeneration grow_decoder(LlavaForConditionalGeneration& m, const ModelConfig& cfg, int64_t n,
+                                           ModelConfig* grown_cfg) {
+  EQAT_CHECK(n >= 0, "grow_decoder: negative layer count");
+  ModelConfig g = cfg;
+  const int64_t L = cfg.text.num_hidden_layers;
+  g.text.num_hidden_layers = L + n;
+  LlavaForConditionalGeneration out(g);
+  c10::NoGradGuard ng;
+  auto src = m->named_parameters(true);
+  const std::string last = str_cat("language_model.model.layers.", L - 1, ".");
+  for (auto& it : out->named_parameters(true)) {
+    std::string key = it.key();
+    for (int64_t i = L; i < L + n; ++i) {
+      const std::string prefix = str_cat("language_model.model.layers.", i, ".");
+      if (key.rfind(prefix, 0) == 0) {
+        const std::string rest = key.substr(prefix.size());
+        key = last + rest;
+        if (rest == "self_attn.o_proj.weight" || rest == "mlp.down_proj.weight") key.clear();
+        break;
+      }
+    }
+    const at::Tensor* from = key.empty() ? nullptr : src.find(key);
+    EQAT_ASSERT(key.empty() || from, "grow_decoder: no source for ", it.key());
+    if (from) it.value().copy_(*from);
+    else it.value().zero_();
+  }
+  out->to(m->language_model->lm_head_weight().scalar_type());
+  if (grown_cfg) *grown_cfg = g;
+  return out;
 }
 
 std::vector<std::string> answer_shapes(LlavaForConditionalGeneration& model, const ModelConfig& cfg,
@@ -536,9 +573,11 @@ void train_tiny(const TinyTrainOptions& o) {
   EQAT_CHECK(o.sp_vocab >= 400 && o.sp_vocab <= 1024, "--vocab: must be in [400, 1024] (259 byte and control pieces + the characters come first)");
   EQAT_CHECK(o.image_size % (o.patch_size * kShapesGrid) == 0, "--patch: the image (", o.image_size,
              " px) must split into 3×3 cells of whole patches");
-  EQAT_CHECK(o.stage1_steps * o.stage1_batch <= kStage2Offset && o.stage2_steps * o.stage1_batch <= kStage2Offset,
-             "--steps/--stage2-steps x --batch: a stage would use more than ", kStage2Offset,
-             " images and overlap the next stage's image range");
+  EQAT_CHECK(o.stage1_steps * o.stage1_batch <= kStage2Offset &&
+                 o.stage2.steps * o.stage1_batch <= kStage3Offset - kStage2Offset &&
+                 o.stage3.steps * o.stage1_batch <= kStage0Offset - kStage3Offset,
+             "--steps/--stage2-steps/--stage3-steps x --batch: a stage would use more than its ",
+             kStage3Offset - kStage2Offset, " images and overlap the next stage's image range");
   at::set_num_threads(static_cast<int>(o.threads));
   ::mkdir(o.out.c_str(), 0755);
   EQAT_CHECK(is_directory(o.out), o.out, ": cannot create the output directory");
@@ -546,9 +585,12 @@ void train_tiny(const TinyTrainOptions& o) {
   if (!resume) train_tokenizer(o.out, o.seed, o.sp_vocab);
   Tokenizer sp_only = Tokenizer::from_model_file(path_join(o.out, "tokenizer.model"));
   const int64_t sp_n = sp_only.vocab_size();
-  ModelConfig cfg = tiny_model_config(o, sp_n);
+  const ModelConfig final_cfg = tiny_model_config(o, sp_n);
+  ModelConfig cfg = final_cfg;  // the training config: stages 0-2 run without stage 3's grown layers
+  const int64_t grow = o.stage3.steps > 0 ? o.stage3_grow_layers : 0;
+  cfg.text.num_hidden_layers -= grow;
   write_tokenizer_json(o.out, cfg.image_token_index, cfg.text.pad_token_id);
-  write_side_files(o.out, cfg);
+  write_side_files(o.out, final_cfg);
   Tokenizer tok = Tokenizer::load(o.out);
   const ImageProcessorConfig ipc = load_image_processor_config(o.out, cfg.vision.image_size);
 
@@ -564,8 +606,10 @@ void train_tiny(const TinyTrainOptions& o) {
   }
   for (auto& p : model->parameters(true)) p.set_requires_grad(true);
 
-  const int64_t total = o.stage0_steps + o.stage1_steps + o.stage2_steps;
+  const int64_t total = o.stage0_steps + o.stage1_steps + o.stage2.steps + o.stage3.steps;
+  const int64_t stage3_first = o.stage0_steps + o.stage1_steps + o.stage2.steps;
   int64_t step = 0;
+  if (resume && grow > 0 && checkpoint_step(o.out) > stage3_first) model = grow_decoder(model, cfg, grow, &cfg);
   if (resume) step = load_checkpoint(o.out, model, &head);
   Logger log{path_join(o.out, "train_log.jsonl"), {}};
   if (resume) log.restore(step);
@@ -676,9 +720,18 @@ void train_tiny(const TinyTrainOptions& o) {
     if (o.progress) std::fprintf(stderr, "\n");
   };
   qa_stage(1, o.stage0_steps, o.stage1_steps, o.stage1_lr, ShapesQAMix::uniform(static_cast<int>(o.questions_per_family)), 0);
-  ShapesQAMix mix2;
-  mix2.per_family = o.stage2_mix, mix2.drop_format = o.stage2_drop_format;
-  qa_stage(2, o.stage0_steps + o.stage1_steps, o.stage2_steps, o.stage2_lr, mix2, kStage2Offset);
+  auto restart = [&](int stage, int64_t first, const TinyTrainOptions::Restart& r, int64_t images_from) {
+    ShapesQAMix mix;
+    mix.per_family = r.mix, mix.drop_format = r.drop_format, mix.hard_choice = r.hard_choice;
+    qa_stage(stage, first, r.steps, r.lr, mix, images_from);
+  };
+  restart(2, o.stage0_steps + o.stage1_steps, o.stage2, kStage2Offset);
+  if (grow > 0 && step == stage3_first && (o.max_steps < 0 || step < o.max_steps)) {
+    model = grow_decoder(model, cfg, grow, &cfg);
+    for (auto& p : model->parameters(true)) p.set_requires_grad(true);
+    log.line({{"step", step}, {"event", "grew decoder"}, {"layers", cfg.text.num_hidden_layers}});
+  }
+  restart(3, stage3_first, o.stage3, kStage3Offset);
   write_plot(o.out, log);
   if (step < total) return;  // stopped early (max_steps): the checkpoint is the state
 

@@ -11,6 +11,9 @@
 //   stage 2    a warm restart of stage 1 at a lower peak rate on fresh images, with more questions of the
 //              multi-hop families (multiple choice, position, adversarial existence) and the answer-format line
 //              dropped from some questions, so the model also answers in format when a user leaves it out.
+//   stage 3    another warm restart whose multiple-choice distractors are mostly the other objects' colours
+//              (shapes): after stage 2 the model answered choice questions by "which option is in the image?",
+//              right whenever no distractor was present and at or below chance when two were.
 // AdamW, linear warm-up + cosine decay per stage, gradient clipping. Training images are generated on the fly
 // from (seed, index) — cheap in C++, and never repeated, so nothing to memorise. Everything derives from the
 // seed; checkpoints (fp32 weights + optimizer state) are written atomically every 100 steps and
@@ -50,12 +53,21 @@ struct TinyTrainOptions {
   int64_t stage1_steps = 4000, stage1_batch = 32;
   int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
   double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stages 1 and 2 (as in LLaVA)
-  // Stage 2: warm restart on fresh images; per-family question caps in ShapesFamily order (colour, shape, count,
-  // exists, position, choice, describe) and the probability of dropping a question's answer-format line.
-  int64_t stage2_steps = 2500;
-  double stage2_lr = 6e-4;
-  std::array<int, 7> stage2_mix{1, 1, 2, 3, 3, 4, 1};
-  double stage2_drop_format = 0.25;
+  // Stages 2 and 3: warm restarts on fresh images (their own image ranges), each with per-family question caps in
+  // ShapesFamily order (colour, shape, count, exists, position, choice, describe), the probability of dropping a
+  // question's answer-format line, and the probability of hard multiple-choice distractors (shapes_sample).
+  struct Restart {
+    int64_t steps = 0;
+    double lr = 0;
+    std::array<int, 7> mix{};
+    double drop_format = 0, hard_choice = 0;
+  };
+  Restart stage2{2500, 6e-4, {1, 1, 2, 3, 3, 4, 1}, 0.25, 0.0};
+  Restart stage3{0, 4e-4, {1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75};
+  // Decoder layers appended when stage 3 starts (LLaMA-Pro's block expansion): copies of the last layer with
+  // o_proj and down_proj zeroed, so the grown model computes exactly what it did and the new layers start from
+  // the identity. The exported model has layers + stage3_grow_layers decoder layers.
+  int64_t stage3_grow_layers = 0;
   double weight_decay = 0.01, clip = 1.0;
   int64_t warmup = 100;
   // Bookkeeping.
@@ -74,6 +86,7 @@ struct TinyTrainOptions {
 struct ShapesQAMix {
   std::array<int, 7> per_family{};  // ShapesFamily order; 0 leaves the family out
   double drop_format = 0.0;
+  double hard_choice = 0.0;  // shapes_sample's hard multiple-choice distractors
   static ShapesQAMix uniform(int per_family) {
     ShapesQAMix m;
     m.per_family.fill(per_family);
@@ -96,8 +109,14 @@ at::Tensor shapes_qa_loss(LlavaForConditionalGeneration& model, const ShapesQABa
 // Runs (or resumes) training; writes the model directory `opts.out`.
 void train_tiny(const TinyTrainOptions& opts);
 
-// The model's config for the options (vocabulary from the trained tokenizer's size).
+// The exported model's config for the options (vocabulary from the trained tokenizer's size; decoder layers
+// including stage 3's grown ones).
 ModelConfig tiny_model_config(const TinyTrainOptions& opts, int64_t sp_vocab_actual);
+
+// Block expansion: a model with `n` more decoder layers appended, each a copy of the last layer with its o_proj
+// and down_proj zeroed (identity on the residual stream), every other parameter copied. Same outputs as `m`.
+LlavaForConditionalGeneration grow_decoder(LlavaForConditionalGeneration& m, const ModelConfig& cfg, int64_t n,
+                                           ModelConfig* grown_cfg);
 
 // Exact-match scores on shapes questions.
 struct ShapesScore {

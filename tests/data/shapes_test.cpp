@@ -171,6 +171,48 @@ TEST(Shapes, AnswersAgreeWithTheScene) {
   }
 }
 
+// hard_choice 1: every multiple-choice question offers, besides the answer, the other objects' colours (shapes)
+// as far as four options go; the image, the answer's option text and every other question stay as with 0.
+TEST(Shapes, HardChoiceDistractorsNameTheOtherObjects) {
+  int hard = 0, differs = 0;
+  for (int64_t i = 0; i < 140; ++i) {
+    ShapesSample easy = shapes_sample(13, i, -1, 2), s = shapes_sample(13, i, -1, 2, 1.0);
+    EXPECT_EQ(easy.image.rgb, s.image.rgb);
+    ASSERT_EQ(easy.qa.size(), s.qa.size());
+    for (size_t j = 0; j < s.qa.size(); ++j) {
+      const ShapesQA &e = easy.qa[j], &h = s.qa[j];
+      ASSERT_EQ(e.family, h.family);
+      if (h.family != ShapesFamily::kChoice) {
+        EXPECT_EQ(e.question, h.question);
+        EXPECT_EQ(e.answer, h.answer);
+        continue;
+      }
+      auto option = [](const ShapesQA& qa, char letter) {
+        const std::string tag = std::string("\n") + letter + ". ";
+        const size_t p = qa.question.find(tag);
+        return p == std::string::npos ? std::string()
+                                      : qa.question.substr(p + tag.size(), qa.question.find('\n', p + 1) - p - tag.size());
+      };
+      EXPECT_EQ(strip_suffix(e.question), strip_suffix(h.question));  // the same underlying question
+      EXPECT_EQ(option(e, e.answer[0]), option(h, h.answer[0]));       // and the same right option
+      std::set<std::string> opts, want;
+      for (char l : {'A', 'B', 'C', 'D'}) opts.insert(option(h, l));
+      EXPECT_EQ(opts.size(), 4u);
+      const bool colour = h.question.rfind("What color", 0) == 0;
+      for (const auto& o : s.objects) {
+        const std::string name = colour ? shapes_colour_name(o.colour) : shapes_kind_name(o.kind);
+        if (name != option(h, h.answer[0])) want.insert(name);
+      }
+      for (const auto& w : want)
+        if (want.size() <= 3) EXPECT_TRUE(opts.count(w)) << h.question << " lacks " << w;
+      hard += !want.empty();
+      differs += e.question != h.question;
+    }
+  }
+  EXPECT_GT(hard, 100);   // most scenes have other objects to name
+  EXPECT_GT(differs, 20);  // and random distractors often missed them
+}
+
 TEST(Shapes, NormalisedExactMatch) {
   EXPECT_TRUE(shapes_answer_matches(" Yes.\n", "yes"));
   EXPECT_TRUE(shapes_answer_matches("A red star.", "a red star"));

@@ -32,7 +32,8 @@ TinyTrainOptions tiny(const std::string& out) {
   o.sp_vocab = 400;
   o.stage0_steps = 10, o.stage0_batch = 8, o.stage0_lr = 3e-3;
   o.stage1_steps = 30, o.stage1_batch = 4, o.stage1_lr = 3e-3;
-  o.stage2_steps = 4, o.stage2_lr = 1e-3;
+  o.stage2.steps = 4, o.stage2.lr = 1e-3;
+  o.stage3.steps = 2, o.stage3.lr = 1e-3, o.stage3_grow_layers = 1;
   o.warmup = 3;
   o.eval_every = 0;
   o.checkpoint_every = 1000;
@@ -70,18 +71,20 @@ TEST(TrainTiny, LossGoesDownAndTheModelLoads) {
 TEST(TrainTiny, ResumeIsBitIdentical) {
   eqat_test::TempDir tmp;
   TinyTrainOptions a = tiny(tmp.str("a"));
-  a.stage1_steps = 8, a.stage2_steps = 6;  // stages end at global steps 10, 18, 24
+  a.stage1_steps = 8, a.stage2.steps = 6, a.stage3.steps = 4;  // stages end at global steps 10, 18, 24, 28
   train_tiny(a);
   TinyTrainOptions b = a;
   b.out = tmp.str("b");
-  // Interrupted inside stage 1, exactly at the stage 1 -> 2 boundary, and inside stage 2: weights and AdamW state
-  // come back from the checkpoint, and a stage starts with a fresh optimizer whether or not the run was resumed.
-  for (int64_t stop : {13, 18, 21, -1}) {
+  // Interrupted inside stage 1, exactly at the stage 1 -> 2 and 2 -> 3 boundaries, and inside stages 2 and 3:
+  // weights and AdamW state come back from the checkpoint, and a stage starts with a fresh optimizer whether or
+  // not the run was resumed.
+  for (int64_t stop : {13, 18, 21, 24, 26, -1}) {
     b.max_steps = stop;
     train_tiny(b);
     EXPECT_EQ(file_exists(b.out + "/model.safetensors"), stop < 0) << stop;
     b.resume = true;
   }
+  EXPECT_EQ(load_model(b.out).cfg.text.num_hidden_layers, a.layers + 1);  // stage 3 grew the decoder
   auto fa = SafetensorsFile::open(a.out + "/checkpoint/weights.safetensors");
   auto fb = SafetensorsFile::open(b.out + "/checkpoint/weights.safetensors");
   ASSERT_EQ(fa->tensors().size(), fb->tensors().size());
@@ -142,6 +145,31 @@ TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
   EXPECT_NEAR(shapes_qa_loss(m.llava, b).item<double>(), want, 1e-5 * want);
 }
 
+// Block expansion keeps the function: the grown model's logits equal the original's (the new layers add zero to
+// the residual stream), and the new layers' zeroed projections are the only parameters that differ from a copy.
+TEST(TrainTiny, GrownDecoderComputesTheSameLogits) {
+  eqat_test::TempDir tmp;
+  TinyTrainOptions o = tiny(tmp.str("m"));
+  o.stage0_steps = 1, o.stage1_steps = 3, o.stage2.steps = 0, o.stage3.steps = 0;
+  train_tiny(o);
+  Model m = load_model(o.out);
+  m.llava->to(at::kFloat);
+  ModelConfig g;
+  LlavaForConditionalGeneration big = grow_decoder(m.llava, m.cfg, 2, &g);
+  EXPECT_EQ(g.text.num_hidden_layers, m.cfg.text.num_hidden_layers + 2);
+  ShapesQABatch b = shapes_qa_batch(4, 0, 2, ShapesQAMix::uniform(1), *m.tok, m.cfg, m.image_cfg);
+  c10::NoGradGuard ng;
+  // Exactly equal: adding an exact zero (o_proj/down_proj of zeros) to the residual stream changes no bit.
+  EXPECT_TRUE(at::equal(shapes_qa_logits(m.llava, b), shapes_qa_logits(big, b)));
+  auto params = big->named_parameters(true);
+  const std::string top = "language_model.model.layers." + std::to_string(m.cfg.text.num_hidden_layers + 1) + ".";
+  EXPECT_EQ(params[top + "self_attn.o_proj.weight"].abs().sum().item<double>(), 0.0);
+  EXPECT_TRUE(at::equal(params[top + "self_attn.q_proj.weight"],
+                        m.llava->named_parameters(true)["language_model.model.layers." +
+                                                        std::to_string(m.cfg.text.num_hidden_layers - 1) +
+                                                        ".self_attn.q_proj.weight"]));
+}
+
 // Stage 2's mix: at most the cap of each family per image, questions drawn from the image's own pool, and about
 // the requested share of them without their answer-format line (the rest unchanged).
 TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
@@ -179,6 +207,12 @@ TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
   ShapesSample u = shapes_qa_sample(9, 3, ShapesQAMix::uniform(2)), p = shapes_sample(9, 3, -1, 2);
   ASSERT_EQ(u.qa.size(), p.qa.size());
   for (size_t k = 0; k < u.qa.size(); ++k) EXPECT_EQ(u.qa[k].question, p.qa[k].question);
+  // Stage 3's hard distractors reach the mix: the same questions as the generator's hard pool.
+  ShapesQAMix h = ShapesQAMix::uniform(2);
+  h.hard_choice = 1.0;
+  ShapesSample hu = shapes_qa_sample(9, 3, h), hp = shapes_sample(9, 3, -1, 2, 1.0);
+  ASSERT_EQ(hu.qa.size(), hp.qa.size());
+  for (size_t k = 0; k < hu.qa.size(); ++k) EXPECT_EQ(hu.qa[k].question, hp.qa[k].question);
 }
 
 }  // namespace
