@@ -266,6 +266,11 @@ ShapesQABatch shapes_qa_batch(uint64_t seed, int64_t start, int64_t B, const Sha
   std::vector<Row> rows;
   const int64_t F = cfg.image_seq_length;
   for (int64_t b = 0; b < B; ++b) ss.push_back(shapes_qa_sample(seed, start + b, mix));
+  // A mix that leaves families out can leave an image without questions (e.g. choice only, and a scene where no
+  // object's colour or shape is unique): such images are dropped from the batch.
+  ss.erase(std::remove_if(ss.begin(), ss.end(), [](const ShapesSample& s) { return s.qa.empty(); }), ss.end());
+  B = static_cast<int64_t>(ss.size());
+  EQAT_CHECK(B > 0, "shapes: no image in the batch has a question of the mix's families");
   size_t T = 0;
   ShapesQABatch out;
   for (auto& s : ss) {
@@ -404,13 +409,11 @@ int64_t checkpoint_step(const std::string& out) {
 }
 
 int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, CellHead* head) {
-  const std::string dir = path_join(out, "checkpoint");
-  auto st = nlohmann::json::parse(read_file(path_join(dir, "state.json")));
-  auto f = SafetensorsFile::open(path_join(dir, "weights.safetensors"));
+  auto f = SafetensorsFile::open(path_join(out, "checkpoint/weights.safetensors"));
   c10::NoGradGuard ng;
   for (auto& it : m->named_parameters(true)) it.value().copy_(f->get(it.key()));
   if (head && f->has("stage0_head.weight")) head->w.copy_(f->get("stage0_head.weight")), head->b.copy_(f->get("stage0_head.bias"));
-  return st.at("step").get<int64_t>();
+  return checkpoint_step(out);
 }
 
 struct Logger {

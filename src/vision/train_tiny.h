@@ -63,11 +63,11 @@ struct TinyTrainOptions {
     double drop_format = 0, hard_choice = 0;
   };
   Restart stage2{2500, 6e-4, {1, 1, 2, 3, 3, 4, 1}, 0.25, 0.0};
-  Restart stage3{0, 4e-4, {1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75};
+  Restart stage3{1500, 5e-4, {1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75};
   // Decoder layers appended when stage 3 starts (LLaMA-Pro's block expansion): copies of the last layer with
   // o_proj and down_proj zeroed, so the grown model computes exactly what it did and the new layers start from
   // the identity. The exported model has layers + stage3_grow_layers decoder layers.
-  int64_t stage3_grow_layers = 0;
+  int64_t stage3_grow_layers = 1;
   double weight_decay = 0.01, clip = 1.0;
   int64_t warmup = 100;
   // Bookkeeping.

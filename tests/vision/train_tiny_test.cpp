@@ -215,5 +215,24 @@ TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
   for (size_t k = 0; k < hu.qa.size(); ++k) EXPECT_EQ(hu.qa[k].question, hp.qa[k].question);
 }
 
+// A mix of multiple choice alone: scenes where no object's colour or shape is unique have no such question, and
+// their images leave the batch instead of becoming empty rows.
+TEST(TrainTiny, ChoiceOnlyMixDropsImagesWithoutQuestions) {
+  eqat_test::TempDir tmp;
+  TinyTrainOptions o = tiny(tmp.str("m"));
+  o.stage0_steps = 1, o.stage1_steps = 1, o.stage2.steps = 0, o.stage3.steps = 0;
+  train_tiny(o);
+  Model m = load_model(o.out);
+  ShapesQAMix mix;
+  mix.per_family = {0, 0, 0, 0, 0, 2, 0};
+  int64_t without = 0;
+  for (int64_t i = 0; i < 64; ++i) without += shapes_qa_sample(9, i, mix).qa.empty();
+  ASSERT_GT(without, 0);  // the case exists in these 64 images
+  ShapesQABatch b = shapes_qa_batch(9, 0, 64, mix, *m.tok, m.cfg, m.image_cfg);
+  EXPECT_EQ(b.ids.size(0), 64 - without);
+  EXPECT_EQ(b.pixels.size(0), 64 - without);
+  EXPECT_GT(b.turns, 0);
+}
+
 }  // namespace
 }  // namespace eqat
