@@ -579,8 +579,9 @@ void train_tiny(const TinyTrainOptions& o) {
   EQAT_CHECK(o.stage1_steps * o.stage1_batch <= kStage2Offset &&
                  o.stage2.steps * o.stage1_batch <= kStage3Offset - kStage2Offset &&
                  o.stage3.steps * o.stage1_batch <= kStage0Offset - kStage3Offset,
-             "--steps/--stage2-steps/--stage3-steps x --batch: a stage would use more than its ",
-             kStage3Offset - kStage2Offset, " images and overlap the next stage's image range");
+             "--steps/--stage2-steps/--stage3-steps x --batch: a stage would use more images than its index range "
+             "holds (stage 1: ", kStage2Offset, ", stages 2 and 3: ", kStage3Offset - kStage2Offset,
+             ") and overlap the next stage's");
   at::set_num_threads(static_cast<int>(o.threads));
   ::mkdir(o.out.c_str(), 0755);
   EQAT_CHECK(is_directory(o.out), o.out, ": cannot create the output directory");

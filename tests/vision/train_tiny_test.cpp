@@ -40,6 +40,16 @@ TinyTrainOptions tiny(const std::string& out) {
   return o;
 }
 
+// A randomly initialised model (one step each of stages 0 and 1) with its tokenizer and configs, in fp32.
+Model barely_trained(const eqat_test::TempDir& tmp) {
+  TinyTrainOptions o = tiny(tmp.str("m"));
+  o.stage0_steps = 1, o.stage1_steps = 1, o.stage2.steps = 0, o.stage3.steps = 0;
+  train_tiny(o);
+  Model m = load_model(o.out);
+  m.llava->to(at::kFloat);
+  return m;
+}
+
 std::vector<std::pair<int64_t, double>> stage1_losses(const std::string& dir) {
   std::vector<std::pair<int64_t, double>> out;
   std::istringstream in(read_file(dir + "/train_log.jsonl"));
@@ -95,11 +105,7 @@ TEST(TrainTiny, ResumeIsBitIdentical) {
 // `eqat ask` and the evaluation run): same tokens, same positions, nothing visible from other turns.
 TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
   eqat_test::TempDir tmp;
-  TinyTrainOptions o = tiny(tmp.str("m"));
-  o.stage0_steps = 1, o.stage1_steps = 1;
-  train_tiny(o);  // a randomly initialised model with its tokenizer and configs
-  Model m = load_model(o.out);
-  m.llava->to(at::kFloat);
+  Model m = barely_trained(tmp);
   c10::NoGradGuard ng;
   ShapesQABatch b = shapes_qa_batch(5, 0, 2, ShapesQAMix::uniform(2), *m.tok, m.cfg, m.image_cfg);
   at::Tensor packed = shapes_qa_logits(m.llava, b);
@@ -149,11 +155,7 @@ TEST(TrainTiny, PackedQuestionsMatchSingleTurnPrompts) {
 // the residual stream), and the new layers' zeroed projections are the only parameters that differ from a copy.
 TEST(TrainTiny, GrownDecoderComputesTheSameLogits) {
   eqat_test::TempDir tmp;
-  TinyTrainOptions o = tiny(tmp.str("m"));
-  o.stage0_steps = 1, o.stage1_steps = 3, o.stage2.steps = 0, o.stage3.steps = 0;
-  train_tiny(o);
-  Model m = load_model(o.out);
-  m.llava->to(at::kFloat);
+  Model m = barely_trained(tmp);
   ModelConfig g;
   LlavaForConditionalGeneration big = grow_decoder(m.llava, m.cfg, 2, &g);
   EXPECT_EQ(g.text.num_hidden_layers, m.cfg.text.num_hidden_layers + 2);
@@ -219,10 +221,7 @@ TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
 // their images leave the batch instead of becoming empty rows.
 TEST(TrainTiny, ChoiceOnlyMixDropsImagesWithoutQuestions) {
   eqat_test::TempDir tmp;
-  TinyTrainOptions o = tiny(tmp.str("m"));
-  o.stage0_steps = 1, o.stage1_steps = 1, o.stage2.steps = 0, o.stage3.steps = 0;
-  train_tiny(o);
-  Model m = load_model(o.out);
+  Model m = barely_trained(tmp);
   ShapesQAMix mix;
   mix.per_family = {0, 0, 0, 0, 0, 2, 0};
   int64_t without = 0;
