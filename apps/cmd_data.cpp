@@ -14,7 +14,7 @@ const bool kRegistered = register_command("data", cmd_data, "generate a dataset 
 }  // namespace
 
 int cmd_data(const Argv& argv) {
-  CommandSpec spec{"data", "eqat data shapes --out DIR [--train N] [--test N] [--seed S] [--hard-choice P]",
+  CommandSpec spec{"data", "eqat data shapes --out DIR [--train N] [--test N] [--seed S] [--hard-choice P] [--choice-by-word]",
                    "Writes the procedural shapes world: DIR/train.json (LLaVA instruction JSON), DIR/test.jsonl "
                    "(LLaVA eval questions), DIR/test_answers.jsonl and DIR/images/*.png. Test questions come from "
                    "a stream disjoint from the training images.",
@@ -23,7 +23,9 @@ int cmd_data(const Argv& argv) {
                     {"test", "N", "test questions (one image each, families balanced)", "700"},
                     {"seed", "S", "seed", "1"},
                     {"hard-choice", "P", "probability that a multiple-choice question's distractors name the "
-                     "other objects' colours/shapes first (0: the standard world)", "0"}},
+                     "other objects' colours/shapes first (0: the standard world)", "0"},
+                    {"choice-by-word", "", "the test split's multiple-choice questions ask for the right option's text, "
+                     "not its letter (a diagnostic: does the model find the answer with the options in view?)", ""}},
                    1, 1};
   ParsedArgs a = parse_args(spec, argv);
   EQAT_CHECK(a.positional()[0] == "shapes", "data: unknown world '", a.positional()[0], "' (only: shapes)");
@@ -35,7 +37,7 @@ int cmd_data(const Argv& argv) {
   EQAT_CHECK(seed >= 0, "--seed: must be >= 0");
   const double hard = a.f64("hard-choice");
   EQAT_CHECK(hard >= 0 && hard <= 1, "--hard-choice: must be in [0, 1], got ", hard);
-  write_shapes_dataset(out, train, test, static_cast<uint64_t>(seed), hard);
+  write_shapes_dataset(out, train, test, static_cast<uint64_t>(seed), hard, a.flag("choice-by-word"));
   std::cerr << "wrote " << out << ": " << train << " training conversations, " << test << " test questions"
             << std::endl;
   return 0;

@@ -77,7 +77,13 @@ int cmd_train_tiny(const Argv& argv) {
                          {p + "drop-format", "P", "stage " + s(k) + " probability of dropping a question's answer-format line",
                           g(r.drop_format)},
                          {p + "hard-choice", "P", "stage " + s(k) + " probability of hard multiple-choice distractors (the other objects' colours/shapes)",
-                          g(r.hard_choice)}});
+                          g(r.hard_choice)},
+                         {p + "choice-by-word", "P", "stage " + s(k) + " probability that a multiple-choice question (with its format line) asks for the option's text",
+                          g(r.choice_by_word)},
+                         {p + "fewer-options", "P", "stage " + s(k) + " probability that a multiple-choice question keeps 2 or 3 of its 4 options",
+                          g(r.fewer_options)},
+                         {p + "in-the-image", "P", "stage " + s(k) + " probability that a colour, shape or choice question reads '... in the image?'",
+                          g(r.in_the_image)}});
   }
   ParsedArgs a = parse_args(spec, argv);
   TinyTrainOptions o;
@@ -100,6 +106,11 @@ int cmd_train_tiny(const Argv& argv) {
     const std::string p = "stage" + std::to_string(k) + "-";
     r.steps = a.i64(p + "steps"), r.lr = a.f64(p + "lr");
     r.drop_format = a.f64(p + "drop-format"), r.hard_choice = a.f64(p + "hard-choice");
+    r.choice_by_word = a.f64(p + "choice-by-word"), r.fewer_options = a.f64(p + "fewer-options");
+    r.in_the_image = a.f64(p + "in-the-image");
+    for (const auto& [name, v] : {std::pair<const char*, double>{"choice-by-word", r.choice_by_word},
+                                  {"fewer-options", r.fewer_options}, {"in-the-image", r.in_the_image}})
+      EQAT_CHECK(v >= 0 && v <= 1, "--", p, name, ": must be in [0, 1]");
     EQAT_CHECK(r.steps >= 0, "--", p, "steps: must be >= 0");
     EQAT_CHECK(r.drop_format >= 0 && r.drop_format <= 1, "--", p, "drop-format: must be in [0, 1]");
     EQAT_CHECK(r.hard_choice >= 0 && r.hard_choice <= 1, "--", p, "hard-choice: must be in [0, 1]");

@@ -323,7 +323,94 @@ ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r, double hard_choice, Rng& ha
   return qa;
 }
 
+// A multiple-choice question taken apart: the question line, the options' texts in letter order, the trailing
+// answer-format line ("" when dropped) and the right option's index.
+struct ChoiceParts {
+  std::string stem, suffix;
+  std::vector<std::string> options;
+  size_t right = 0;
+};
+
+std::string join_options(const std::vector<std::string>& options) {
+  std::string out;
+  for (size_t i = 0; i < options.size(); ++i) out += std::string("\n") + static_cast<char>('A' + i) + ". " + options[i];
+  return out;
+}
+
+ChoiceParts split_choice(const ShapesQA& qa) {
+  ChoiceParts c;
+  const std::string bare = shapes_without_format_line(qa.question);
+  c.suffix = qa.question.substr(bare.size());
+  c.stem = bare.substr(0, bare.find('\n'));
+  c.options = shapes_choice_options(qa.question);
+  EQAT_CHECK(c.stem.size() + join_options(c.options).size() == bare.size(), "shapes: not a multiple-choice question: ",
+             qa.question);
+  for (size_t i = 0; i < c.options.size(); ++i)
+    if (qa.answer.size() == 1 && qa.answer[0] == static_cast<char>('A' + i)) {
+      c.right = i;
+      return c;
+    }
+  EQAT_CHECK(false, "shapes: choice answer '", qa.answer, "' names no option of: ", qa.question);
+  return c;
+}
+
 }  // namespace
+
+std::vector<std::string> shapes_choice_options(const std::string& question) {
+  std::vector<std::string> out;
+  const std::string bare = shapes_without_format_line(question);
+  for (size_t p = bare.find('\n'); p != std::string::npos; p = bare.find('\n', p + 1)) {
+    if (bare.size() < p + 4 || bare[p + 1] != static_cast<char>('A' + out.size()) || bare.compare(p + 2, 2, ". ") != 0)
+      break;
+    const size_t e = bare.find('\n', p + 1);
+    out.push_back(bare.substr(p + 4, e == std::string::npos ? std::string::npos : e - p - 4));
+  }
+  return out;
+}
+
+ShapesQA shapes_choice_by_word(const ShapesQA& qa) {
+  if (qa.family != ShapesFamily::kChoice) return qa;
+  const ChoiceParts c = split_choice(qa);
+  ShapesQA out = qa;
+  out.question = c.stem + join_options(c.options) + kShortSuffix;
+  out.answer = c.options[c.right];
+  return out;
+}
+
+ShapesQA shapes_choice_fewer_options(const ShapesQA& qa, int keep, uint64_t draw) {
+  if (qa.family != ShapesFamily::kChoice) return qa;
+  ChoiceParts c = split_choice(qa);
+  EQAT_CHECK(keep >= 2, "shapes: a choice question keeps at least 2 options, got ", keep);
+  std::vector<size_t> wrong;
+  for (size_t i = 0; i < c.options.size(); ++i)
+    if (i != c.right) wrong.push_back(i);
+  std::mt19937_64 g(draw);
+  std::vector<bool> drop(c.options.size(), false);
+  while (c.options.size() - static_cast<size_t>(std::count(drop.begin(), drop.end(), true)) > static_cast<size_t>(keep)) {
+    const size_t k = static_cast<size_t>(g() % wrong.size());
+    drop[wrong[k]] = true;
+    wrong.erase(wrong.begin() + static_cast<std::ptrdiff_t>(k));
+  }
+  std::vector<std::string> kept;
+  ShapesQA out = qa;
+  for (size_t i = 0; i < c.options.size(); ++i) {
+    if (drop[i]) continue;
+    if (i == c.right) out.answer = std::string(1, static_cast<char>('A' + kept.size()));
+    kept.push_back(c.options[i]);
+  }
+  out.question = c.stem + join_options(kept) + c.suffix;
+  return out;
+}
+
+ShapesQA shapes_in_the_image(const ShapesQA& qa) {
+  if (qa.family != ShapesFamily::kColour && qa.family != ShapesFamily::kShape && qa.family != ShapesFamily::kChoice)
+    return qa;
+  ShapesQA out = qa;
+  const size_t q = out.question.find('?');
+  EQAT_CHECK(q != std::string::npos, "shapes: no '?' in: ", qa.question);
+  out.question.insert(q, " in the image");
+  return out;
+}
 
 std::string shapes_without_format_line(const std::string& question) {
   for (const std::string* suffix : {&kShortSuffix, &kChoiceSuffix})
@@ -422,7 +509,8 @@ std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n) {
   return lines;
 }
 
-void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed, double hard_choice) {
+void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed, double hard_choice,
+                          bool choice_by_word) {
   EQAT_CHECK(train_n >= 0 && test_n >= 0, "shapes: negative sample count");
   write_dir_atomic(dir, [&](const std::string& tmp) {
     const std::string images = path_join(tmp, "images");
@@ -446,6 +534,10 @@ void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_
     // The test questions come from a stream disjoint from training (family >= 0 and seed + 1).
     std::string questions, answers;
     for (auto& it : shapes_test_split(seed + 1, test_n, hard_choice)) {
+      if (choice_by_word && it.category == shapes_family_name(ShapesFamily::kChoice)) {
+        const ShapesQA w = shapes_choice_by_word({ShapesFamily::kChoice, it.text, it.answer});
+        it.text = w.question, it.answer = w.answer;
+      }
       write_file_atomic(path_join(images, it.image), shapes_png(it.pixels));
       questions += nlohmann::json{{"question_id", it.question_id}, {"image", it.image}, {"text", it.text},
                                   {"category", it.category}}.dump() + "\n";

@@ -63,6 +63,22 @@ struct ShapesQA {
   std::string answer;
 };
 
+// The options of a multiple-choice question ("\nA. red\nB. blue..."), in letter order; empty for other questions.
+std::vector<std::string> shapes_choice_options(const std::string& question);
+
+// Training-only rewrites of a question (the evaluation's questions stay as generated); each returns questions of
+// other families unchanged.
+// A multiple-choice question asked for the right option's text instead of its letter: the options stay, the
+// letter line becomes the short-answer line ("...\nD. star\nAnswer the question using a single word or phrase." →
+// "star"), so the model must work out the asked object's attribute with the options in view.
+ShapesQA shapes_choice_by_word(const ShapesQA& qa);
+// The same multiple-choice question with only `keep` (>= 2) options: the right one and wrong ones picked by `draw`,
+// re-lettered in their order (MMBench has 2 to 4 options). Moves the question's words relative to its end.
+ShapesQA shapes_choice_fewer_options(const ShapesQA& qa, int keep, uint64_t draw);
+// A colour, shape or multiple-choice question with " in the image" before its '?' ("What color is the star in the
+// image?"): the same question, its object named at another distance from the end of the prompt.
+ShapesQA shapes_in_the_image(const ShapesQA& qa);
+
 struct ShapesSample {
   std::vector<ShapesObject> objects;  // in reading (cell) order
   Image image;                        // kShapesImageSize² RGB
@@ -107,7 +123,8 @@ std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n);
 // Writes a dataset directory (atomically): train.json (LLaVA instruction JSON, one single-turn conversation per
 // image — image i asks its question of family i % 7, so the families are balanced — which is how the default model
 // is trained and asked), test.jsonl (eval questions), test_answers.jsonl ({question_id, text}) and images/*.png.
+// choice_by_word: the test split's multiple-choice questions go through shapes_choice_by_word (category "choice").
 void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed,
-                          double hard_choice = 0.0);
+                          double hard_choice = 0.0, bool choice_by_word = false);
 
 }  // namespace eqat

@@ -243,12 +243,20 @@ ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& m
   std::array<int, 7> kept{};
   std::vector<ShapesQA> qa;
   std::mt19937_64 drop(seed * 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(index));
+  // The rewrites' own streams (one draw each per kept question), so the format-line draws stay as they were.
+  std::mt19937_64 rewrite(seed * 0xC2B2AE3D27D4EB4Full ^ static_cast<uint64_t>(index));
+  const auto unit = [](uint64_t u) { return static_cast<double>(u >> 11) * 0x1.0p-53; };
   for (auto& q : s.qa) {
     const int f = static_cast<int>(q.family);
     if (kept[static_cast<size_t>(f)]++ >= mix.per_family[static_cast<size_t>(f)]) continue;
     const uint64_t u = drop();  // one draw per kept question, used or not, so the stream is stable
-    if (mix.drop_format > 0 && static_cast<double>(u >> 11) * 0x1.0p-53 < mix.drop_format)
-      q.question = shapes_without_format_line(q.question);
+    const bool dropped = mix.drop_format > 0 && unit(u) < mix.drop_format;
+    if (dropped) q.question = shapes_without_format_line(q.question);
+    const uint64_t by_word = rewrite(), fewer = rewrite(), pick = rewrite(), in_image = rewrite();
+    if (mix.fewer_options > 0 && unit(fewer) < mix.fewer_options)
+      q = shapes_choice_fewer_options(q, 2 + static_cast<int>(pick % 2), pick);
+    if (!dropped && mix.choice_by_word > 0 && unit(by_word) < mix.choice_by_word) q = shapes_choice_by_word(q);
+    if (mix.in_the_image > 0 && unit(in_image) < mix.in_the_image) q = shapes_in_the_image(q);
     qa.push_back(std::move(q));
   }
   s.qa = std::move(qa);
@@ -727,6 +735,7 @@ void train_tiny(const TinyTrainOptions& o) {
   auto restart = [&](int stage, int64_t first, const TinyTrainOptions::Restart& r, int64_t images_from) {
     ShapesQAMix mix;
     mix.per_family = r.mix, mix.drop_format = r.drop_format, mix.hard_choice = r.hard_choice;
+    mix.choice_by_word = r.choice_by_word, mix.fewer_options = r.fewer_options, mix.in_the_image = r.in_the_image;
     qa_stage(stage, first, r.steps, r.lr, mix, images_from);
   };
   restart(2, o.stage0_steps + o.stage1_steps, o.stage2, kStage2Offset);

@@ -61,6 +61,7 @@ struct TinyTrainOptions {
     double lr = 0;
     std::array<int, 7> mix{};
     double drop_format = 0, hard_choice = 0;
+    double choice_by_word = 0, fewer_options = 0, in_the_image = 0;  // ShapesQAMix's training-only rewrites
   };
   Restart stage2{2500, 6e-4, {1, 1, 2, 3, 3, 4, 1}, 0.25, 0.0};
   Restart stage3{1500, 5e-4, {1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75};
@@ -87,6 +88,12 @@ struct ShapesQAMix {
   std::array<int, 7> per_family{};  // ShapesFamily order; 0 leaves the family out
   double drop_format = 0.0;
   double hard_choice = 0.0;  // shapes_sample's hard multiple-choice distractors
+  // Training-only rewrites (src/data/shapes.h), each drawn per question from its own stream: the probability that
+  // a choice question with its letter line asks for the option's text (shapes_choice_by_word), that a choice
+  // question keeps 2 or 3 of its 4 options (shapes_choice_fewer_options), and that a colour, shape or choice
+  // question reads "... in the image?" (shapes_in_the_image). They vary where the asked object's name sits
+  // relative to the prompt's end, so that finding it by distance stops working.
+  double choice_by_word = 0.0, fewer_options = 0.0, in_the_image = 0.0;
   static ShapesQAMix uniform(int per_family) {
     ShapesQAMix m;
     m.per_family.fill(per_family);

@@ -243,6 +243,29 @@ TEST(Shapes, DatasetFilesInLlavaFormats) {
     ++n;
   }
   EXPECT_EQ(n, 14);
+  // --choice-by-word: the same split with its choice questions asking for the option's text.
+  const std::string dw = tmp.str("dw");
+  write_shapes_dataset(dw, 0, 14, 2, 0.0, /*choice_by_word=*/true);
+  std::istringstream q0(read_file(dir + "/test.jsonl")), a0(read_file(dir + "/test_answers.jsonl"));
+  std::istringstream q1(read_file(dw + "/test.jsonl")), a1(read_file(dw + "/test_answers.jsonl"));
+  std::string l0, m0, l1, m1;
+  int choices = 0;
+  while (std::getline(q0, l0) && std::getline(a0, m0) && std::getline(q1, l1) && std::getline(a1, m1)) {
+    auto j0 = nlohmann::json::parse(l0), j1 = nlohmann::json::parse(l1);
+    const std::string t0 = j0["text"], t1 = j1["text"], x0 = nlohmann::json::parse(m0)["text"],
+                      x1 = nlohmann::json::parse(m1)["text"];
+    EXPECT_EQ(j0["category"], j1["category"]);
+    if (j0["category"] != "choice") {
+      EXPECT_EQ(t0, t1);
+      EXPECT_EQ(x0, x1);
+      continue;
+    }
+    ++choices;
+    const ShapesQA w = shapes_choice_by_word({ShapesFamily::kChoice, t0, x0});
+    EXPECT_EQ(t1, w.question);
+    EXPECT_EQ(x1, w.answer);
+  }
+  EXPECT_EQ(choices, 2);  // questions 5 and 12
 }
 
 TEST(Shapes, WithoutFormatLineStripsOnlyTheTrailingLine) {
@@ -252,6 +275,94 @@ TEST(Shapes, WithoutFormatLineStripsOnlyTheTrailingLine) {
             "Which?\nA. red\nB. blue");
   EXPECT_EQ(shapes_without_format_line("Describe the image in one sentence."), "Describe the image in one sentence.");
   EXPECT_EQ(shapes_without_format_line(kLlavaShortAnswerPrompt), kLlavaShortAnswerPrompt);  // no newline: kept
+}
+
+TEST(Shapes, ChoiceByWordAsksForTheAskedObjectsAttribute) {
+  int choices = 0;
+  for (int64_t i = 0; i < 60; ++i) {
+    ShapesSample s = shapes_sample(21, i, -1, 2, 0.5);
+    for (const ShapesQA& qa : s.qa) {
+      const ShapesQA w = shapes_choice_by_word(qa);
+      if (qa.family != ShapesFamily::kChoice) {
+        EXPECT_EQ(w.question, qa.question);
+        EXPECT_EQ(w.answer, qa.answer);
+        continue;
+      }
+      ++choices;
+      // Same question and options; the letter line became the short-answer line.
+      const std::string bare = shapes_without_format_line(qa.question);
+      EXPECT_EQ(w.question, bare + "\n" + kLlavaShortAnswerPrompt);
+      EXPECT_NE(bare.find(std::string("\n") + qa.answer + ". " + w.answer + (qa.answer == "D" ? "" : "\n")),
+                std::string::npos)
+          << qa.question << " -> " << w.answer;
+      // The word is the asked object's attribute, read off the scene (the name in the question is unique).
+      const bool colour = qa.question.rfind("What color is the ", 0) == 0;
+      std::string want;
+      for (const auto& o : s.objects) {
+        const std::string kind = shapes_kind_name(o.kind), col = shapes_colour_name(o.colour);
+        if (colour && strip_suffix(qa.question) == "What color is the " + kind + "?") want = col;
+        if (!colour && strip_suffix(qa.question) == "What shape is the " + col + " object?") want = kind;
+      }
+      EXPECT_EQ(w.answer, want) << qa.question;
+    }
+  }
+  EXPECT_GT(choices, 50);
+  ShapesQA bad{ShapesFamily::kChoice, "What color is the star?\nA. red\nB. blue", "C"};
+  EXPECT_THROW(shapes_choice_by_word(bad), InputError);
+}
+
+TEST(Shapes, FewerOptionsKeepTheRightOneAndReletter) {
+  int choices = 0, differ = 0;
+  for (int64_t i = 0; i < 60; ++i) {
+    for (const ShapesQA& qa : shapes_sample(22, i, -1, 1, 0.5).qa) {
+      if (qa.family != ShapesFamily::kChoice) {
+        EXPECT_EQ(shapes_choice_fewer_options(qa, 2, 1).question, qa.question);
+        continue;
+      }
+      ++choices;
+      const std::vector<std::string> all = shapes_choice_options(qa.question);
+      ASSERT_EQ(all.size(), 4u) << qa.question;
+      const std::string right = all[static_cast<size_t>(qa.answer[0] - 'A')];
+      for (int keep : {2, 3, 4}) {
+        const ShapesQA f = shapes_choice_fewer_options(qa, keep, static_cast<uint64_t>(i));
+        const std::vector<std::string> kept = shapes_choice_options(f.question);
+        ASSERT_EQ(kept.size(), static_cast<size_t>(keep)) << f.question;
+        ASSERT_EQ(f.answer.size(), 1u);
+        EXPECT_EQ(kept[static_cast<size_t>(f.answer[0] - 'A')], right) << f.question;
+        size_t at = 0;  // kept options keep their order
+        for (const auto& o : kept) {
+          while (at < all.size() && all[at] != o) ++at;
+          EXPECT_LT(at, all.size()) << o << " is not an option of " << qa.question;
+        }
+        EXPECT_EQ(strip_suffix(f.question), strip_suffix(qa.question));
+        EXPECT_EQ(f.question.substr(shapes_without_format_line(f.question).size()),
+                  qa.question.substr(shapes_without_format_line(qa.question).size()));  // same format line
+        EXPECT_EQ(f.question, shapes_choice_fewer_options(qa, keep, static_cast<uint64_t>(i)).question);
+        if (keep == 4) EXPECT_EQ(f.question, qa.question);
+      }
+      std::set<std::string> variants;
+      for (uint64_t d = 0; d < 6; ++d) variants.insert(shapes_choice_fewer_options(qa, 2, d).question);
+      differ += variants.size() > 1;
+    }
+  }
+  EXPECT_GT(choices, 30);
+  EXPECT_GT(differ, choices / 2);  // the draw picks which wrong options stay
+  EXPECT_THROW(shapes_choice_fewer_options(shapes_sample(22, 5, 5, 1).qa[0], 1, 0), InputError);
+}
+
+TEST(Shapes, InTheImageMovesOnlyTheObjectsName) {
+  for (int f = 0; f < 7; ++f) {
+    const ShapesQA qa = shapes_sample(23, f, f, 1).qa[0];
+    const ShapesQA r = shapes_in_the_image(qa);
+    EXPECT_EQ(r.answer, qa.answer);
+    const auto fam = static_cast<ShapesFamily>(f);
+    if (fam != ShapesFamily::kColour && fam != ShapesFamily::kShape && fam != ShapesFamily::kChoice) {
+      EXPECT_EQ(r.question, qa.question);
+      continue;
+    }
+    const size_t q = qa.question.find('?');
+    EXPECT_EQ(r.question, qa.question.substr(0, q) + " in the image" + qa.question.substr(q)) << qa.question;
+  }
 }
 
 }  // namespace

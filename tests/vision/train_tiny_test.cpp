@@ -215,6 +215,67 @@ TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
   ShapesSample hu = shapes_qa_sample(9, 3, h), hp = shapes_sample(9, 3, -1, 2, 1.0);
   ASSERT_EQ(hu.qa.size(), hp.qa.size());
   for (size_t k = 0; k < hu.qa.size(); ++k) EXPECT_EQ(hu.qa[k].question, hp.qa[k].question);
+  // choice_by_word turns about that share of the choice questions that kept their letter line into word
+  // questions (shapes_choice_by_word) and leaves every other question, and the format-line draws, as they were.
+  ShapesQAMix w = mix;
+  w.choice_by_word = 0.5;
+  int64_t letter = 0, by_word = 0;
+  for (int64_t i = 0; i < 60; ++i) {
+    ShapesSample a = shapes_qa_sample(9, i, mix), b = shapes_qa_sample(9, i, w);
+    ASSERT_EQ(a.qa.size(), b.qa.size());
+    for (size_t k = 0; k < a.qa.size(); ++k) {
+      const bool has_letter_line = a.qa[k].family == ShapesFamily::kChoice &&
+                                   a.qa[k].question != shapes_without_format_line(a.qa[k].question);
+      if (!has_letter_line || b.qa[k].question == a.qa[k].question) {
+        EXPECT_EQ(b.qa[k].question, a.qa[k].question);
+        EXPECT_EQ(b.qa[k].answer, a.qa[k].answer);
+        letter += has_letter_line;
+        continue;
+      }
+      const ShapesQA want = shapes_choice_by_word(a.qa[k]);
+      EXPECT_EQ(b.qa[k].question, want.question);
+      EXPECT_EQ(b.qa[k].answer, want.answer);
+      ++by_word;
+    }
+  }
+  // ~180 choice questions with a letter line, share 0.5: one standard deviation is ~0.037; [0.3, 0.7] > 5 sigma.
+  ASSERT_GT(letter + by_word, 120);
+  EXPECT_GT(static_cast<double>(by_word) / static_cast<double>(letter + by_word), 0.3);
+  EXPECT_LT(static_cast<double>(by_word) / static_cast<double>(letter + by_word), 0.7);
+  // fewer_options and in_the_image: about half of the choice questions lose options (the right one stays) and
+  // about half of the colour, shape and choice questions name their object "... in the image?"; nothing else moves.
+  ShapesQAMix v = mix;
+  v.fewer_options = 0.5, v.in_the_image = 0.5;
+  int64_t choice = 0, fewer = 0, nameable = 0, in_image = 0;
+  for (int64_t i = 0; i < 60; ++i) {
+    ShapesSample a = shapes_qa_sample(9, i, mix), b = shapes_qa_sample(9, i, v);
+    ASSERT_EQ(a.qa.size(), b.qa.size());
+    for (size_t k = 0; k < a.qa.size(); ++k) {
+      const ShapesQA &x = a.qa[k], &y = b.qa[k];
+      ASSERT_EQ(x.family, y.family);
+      if (x.family != ShapesFamily::kColour && x.family != ShapesFamily::kShape && x.family != ShapesFamily::kChoice) {
+        EXPECT_EQ(y.question, x.question);
+        EXPECT_EQ(y.answer, x.answer);
+        continue;
+      }
+      ++nameable;
+      in_image += y.question.find(" in the image?") != std::string::npos;
+      if (x.family != ShapesFamily::kChoice) {
+        EXPECT_EQ(y.answer, x.answer);
+        continue;
+      }
+      ++choice;
+      const auto ox = shapes_choice_options(x.question), oy = shapes_choice_options(y.question);
+      fewer += oy.size() < ox.size();
+      EXPECT_EQ(oy.at(static_cast<size_t>(y.answer.at(0) - 'A')), ox.at(static_cast<size_t>(x.answer.at(0) - 'A')));
+    }
+  }
+  // ~240 choice and ~360 nameable questions, share 0.5: [0.3, 0.7] is more than 5 sigma either way.
+  ASSERT_GT(choice, 150);
+  EXPECT_GT(static_cast<double>(fewer) / static_cast<double>(choice), 0.3);
+  EXPECT_LT(static_cast<double>(fewer) / static_cast<double>(choice), 0.7);
+  EXPECT_GT(static_cast<double>(in_image) / static_cast<double>(nameable), 0.3);
+  EXPECT_LT(static_cast<double>(in_image) / static_cast<double>(nameable), 0.7);
 }
 
 // A mix of multiple choice alone: scenes where no object's colour or shape is unique have no such question, and
