@@ -66,8 +66,8 @@ struct ShapesQA {
 // The options of a multiple-choice question ("\nA. red\nB. blue..."), in letter order; empty for other questions.
 std::vector<std::string> shapes_choice_options(const std::string& question);
 
-// Training-only rewrites of a question (the evaluation's questions stay as generated); each returns questions of
-// other families unchanged.
+// Rewrites of a question for training (the evaluation asks the questions as generated; `eqat data shapes
+// --choice-by-word` writes a diagnostic split with the first); each returns questions of other families unchanged.
 // A multiple-choice question asked for the right option's text instead of its letter: the options stay, the
 // letter line becomes the short-answer line ("...\nD. star\nAnswer the question using a single word or phrase." →
 // "star"), so the model must work out the asked object's attribute with the options in view.
