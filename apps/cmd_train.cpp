@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <sstream>
+#include <utility>
 
 #include "args.h"
 #include "commands.h"
@@ -73,17 +74,17 @@ int cmd_train_tiny(const Argv& argv) {
                         {{p + "steps", "N", "stage " + s(k) + " steps (warm restart on fresh images; 0: none)", s(r.steps)},
                          {p + "lr", "LR", "stage " + s(k) + " peak learning rate", g(r.lr)},
                          {p + "mix", "N,..", "stage " + s(k) + " questions per image of colour,shape,count,exists,position,choice,describe",
-                          mix_str(r.mix)},
+                          mix_str(r.mix.per_family)},
                          {p + "drop-format", "P", "stage " + s(k) + " probability of dropping a question's answer-format line",
-                          g(r.drop_format)},
+                          g(r.mix.drop_format)},
                          {p + "hard-choice", "P", "stage " + s(k) + " probability of hard multiple-choice distractors (the other objects' colours/shapes)",
-                          g(r.hard_choice)},
+                          g(r.mix.hard_choice)},
                          {p + "choice-by-word", "P", "stage " + s(k) + " probability that a multiple-choice question (with its format line) asks for the option's text",
-                          g(r.choice_by_word)},
+                          g(r.mix.choice_by_word)},
                          {p + "fewer-options", "P", "stage " + s(k) + " probability that a multiple-choice question keeps 2 or 3 of its 4 options",
-                          g(r.fewer_options)},
+                          g(r.mix.fewer_options)},
                          {p + "in-the-image", "P", "stage " + s(k) + " probability that a colour, shape or choice question reads '... in the image?'",
-                          g(r.in_the_image)}});
+                          g(r.mix.in_the_image)}});
   }
   ParsedArgs a = parse_args(spec, argv);
   TinyTrainOptions o;
@@ -105,15 +106,16 @@ int cmd_train_tiny(const Argv& argv) {
     TinyTrainOptions::Restart& r = k == 2 ? o.stage2 : o.stage3;
     const std::string p = "stage" + std::to_string(k) + "-";
     r.steps = a.i64(p + "steps"), r.lr = a.f64(p + "lr");
-    r.drop_format = a.f64(p + "drop-format"), r.hard_choice = a.f64(p + "hard-choice");
-    r.choice_by_word = a.f64(p + "choice-by-word"), r.fewer_options = a.f64(p + "fewer-options");
-    r.in_the_image = a.f64(p + "in-the-image");
-    for (const auto& [name, v] : {std::pair<const char*, double>{"choice-by-word", r.choice_by_word},
-                                  {"fewer-options", r.fewer_options}, {"in-the-image", r.in_the_image}})
-      EQAT_CHECK(v >= 0 && v <= 1, "--", p, name, ": must be in [0, 1]");
     EQAT_CHECK(r.steps >= 0, "--", p, "steps: must be >= 0");
-    EQAT_CHECK(r.drop_format >= 0 && r.drop_format <= 1, "--", p, "drop-format: must be in [0, 1]");
-    EQAT_CHECK(r.hard_choice >= 0 && r.hard_choice <= 1, "--", p, "hard-choice: must be in [0, 1]");
+    using Probability = std::pair<const char*, double ShapesQAMix::*>;
+    for (const auto& [name, field] : {Probability{"drop-format", &ShapesQAMix::drop_format},
+                                      Probability{"hard-choice", &ShapesQAMix::hard_choice},
+                                      Probability{"choice-by-word", &ShapesQAMix::choice_by_word},
+                                      Probability{"fewer-options", &ShapesQAMix::fewer_options},
+                                      Probability{"in-the-image", &ShapesQAMix::in_the_image}}) {
+      r.mix.*field = a.f64(p + name);
+      EQAT_CHECK(r.mix.*field >= 0 && r.mix.*field <= 1, "--", p, name, ": must be in [0, 1]");
+    }
     const std::string m = a.str(p + "mix");
     std::istringstream in(m);
     std::string item;
@@ -123,9 +125,9 @@ int cmd_train_tiny(const Argv& argv) {
       const long v = std::strtol(item.c_str(), &end, 10);
       EQAT_CHECK(n < 7 && !item.empty() && *end == '\0' && v >= 0 && v <= 8,
                  "--", p, "mix: expected 7 comma-separated counts in [0, 8], got '", m, "'");
-      r.mix[n++] = static_cast<int>(v);
+      r.mix.per_family[n++] = static_cast<int>(v);
     }
-    EQAT_CHECK(n == 7 && *std::max_element(r.mix.begin(), r.mix.end()) >= 1,
+    EQAT_CHECK(n == 7 && *std::max_element(r.mix.per_family.begin(), r.mix.per_family.end()) >= 1,
                "--", p, "mix: expected 7 comma-separated counts in [0, 8], at least one >= 1, got '", m, "'");
   }
   o.stage3_grow_layers = a.i64("stage3-grow-layers");

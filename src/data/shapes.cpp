@@ -386,7 +386,7 @@ ShapesQA shapes_choice_fewer_options(const ShapesQA& qa, int keep, uint64_t draw
     if (i != c.right) wrong.push_back(i);
   std::mt19937_64 g(draw);
   std::vector<bool> drop(c.options.size(), false);
-  while (c.options.size() - static_cast<size_t>(std::count(drop.begin(), drop.end(), true)) > static_cast<size_t>(keep)) {
+  for (size_t left = c.options.size(); left > static_cast<size_t>(keep); --left) {
     const size_t k = static_cast<size_t>(g() % wrong.size());
     drop[wrong[k]] = true;
     wrong.erase(wrong.begin() + static_cast<std::ptrdiff_t>(k));

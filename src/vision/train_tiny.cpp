@@ -732,19 +732,13 @@ void train_tiny(const TinyTrainOptions& o) {
     if (o.progress) std::fprintf(stderr, "\n");
   };
   qa_stage(1, o.stage0_steps, o.stage1_steps, o.stage1_lr, ShapesQAMix::uniform(static_cast<int>(o.questions_per_family)), 0);
-  auto restart = [&](int stage, int64_t first, const TinyTrainOptions::Restart& r, int64_t images_from) {
-    ShapesQAMix mix;
-    mix.per_family = r.mix, mix.drop_format = r.drop_format, mix.hard_choice = r.hard_choice;
-    mix.choice_by_word = r.choice_by_word, mix.fewer_options = r.fewer_options, mix.in_the_image = r.in_the_image;
-    qa_stage(stage, first, r.steps, r.lr, mix, images_from);
-  };
-  restart(2, o.stage0_steps + o.stage1_steps, o.stage2, kStage2Offset);
+  qa_stage(2, o.stage0_steps + o.stage1_steps, o.stage2.steps, o.stage2.lr, o.stage2.mix, kStage2Offset);
   if (grow > 0 && step == stage3_first && (o.max_steps < 0 || step < o.max_steps)) {
     model = grow_decoder(model, cfg, grow, &cfg);
     for (auto& p : model->parameters(true)) p.set_requires_grad(true);
     log.line({{"step", step}, {"event", "grew decoder"}, {"layers", cfg.text.num_hidden_layers}});
   }
-  restart(3, stage3_first, o.stage3, kStage3Offset);
+  qa_stage(3, stage3_first, o.stage3.steps, o.stage3.lr, o.stage3.mix, kStage3Offset);
   write_plot(o.out, log);
   if (step < total) return;  // stopped early (max_steps): the checkpoint is the state
 

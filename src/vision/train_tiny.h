@@ -35,49 +35,6 @@
 
 namespace eqat {
 
-struct TinyTrainOptions {
-  std::string out;         // output directory (model files + checkpoint/ + logs)
-  uint64_t seed = 1;       // training images, init and tokenizer corpus all derive from it
-  bool resume = false;     // continue from out/checkpoint
-  int64_t threads = 2;
-  bool progress = true;    // progress bar on stderr
-  // Model (LLaVA-1.5 layout at toy scale).
-  int64_t image_size = kShapesImageSize, patch_size = 32;  // 3×3 = 9 image tokens, one per grid cell
-  int64_t vit_dim = 128, vit_layers = 4, vit_heads = 4, vit_ff = 512;  // the last layer is unused (feature -2)
-  int64_t dim = 256, layers = 3, heads = 4, kv_heads = 4, ff = 512;  // 256, 512: multiples of 128 (W4g128)
-  int64_t sp_vocab = 1024;  // SentencePiece pieces (≤ 1024); <image> and <pad> follow
-  // Stage 0: ViT per-cell classification.
-  int64_t stage0_steps = 2000, stage0_batch = 64;
-  double stage0_lr = 3e-3;
-  // Stage 1: QA instruction tuning (batch = images, each with its questions packed as single-turn prompts).
-  int64_t stage1_steps = 4000, stage1_batch = 32;
-  int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
-  double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stages 1 and 2 (as in LLaVA)
-  // Stages 2 and 3: warm restarts on fresh images (their own image ranges), each with per-family question caps in
-  // ShapesFamily order (colour, shape, count, exists, position, choice, describe), the probability of dropping a
-  // question's answer-format line, and the probability of hard multiple-choice distractors (shapes_sample).
-  struct Restart {
-    int64_t steps = 0;
-    double lr = 0;
-    std::array<int, 7> mix{};
-    double drop_format = 0, hard_choice = 0;
-    double choice_by_word = 0, fewer_options = 0, in_the_image = 0;  // ShapesQAMix's training-only rewrites
-  };
-  Restart stage2{2500, 6e-4, {1, 1, 2, 3, 3, 4, 1}, 0.25, 0.0};
-  Restart stage3{1500, 5e-4, {1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75};
-  // Decoder layers appended when stage 3 starts (LLaMA-Pro's block expansion): copies of the last layer with
-  // o_proj and down_proj zeroed, so the grown model computes exactly what it did and the new layers start from
-  // the identity. The exported model has layers + stage3_grow_layers decoder layers.
-  int64_t stage3_grow_layers = 1;
-  double weight_decay = 0.01, clip = 1.0;
-  int64_t warmup = 100;
-  // Bookkeeping.
-  int64_t eval_every = 300, eval_questions = 140;  // held-out greedy exact match during stage 1
-  int64_t checkpoint_every = 100;
-  int64_t final_eval_questions = 0;  // > 0: evaluate that many standard-split questions at the end
-  int64_t max_steps = -1;            // stop (after a checkpoint) at this global step; for tests and resume
-};
-
 // A stage-1 batch: every question about an image is its own single-turn llava-1.5 prompt, and an image's
 // questions share one row (the common prefix computed once, turns masked from each other, single-turn position
 // ids), so each turn's logits equal those of its unpacked prompt. `images` images from index `start` of the
@@ -100,6 +57,48 @@ struct ShapesQAMix {
     return m;
   }
 };
+
+struct TinyTrainOptions {
+  std::string out;         // output directory (model files + checkpoint/ + logs)
+  uint64_t seed = 1;       // training images, init and tokenizer corpus all derive from it
+  bool resume = false;     // continue from out/checkpoint
+  int64_t threads = 2;
+  bool progress = true;    // progress bar on stderr
+  // Model (LLaVA-1.5 layout at toy scale).
+  int64_t image_size = kShapesImageSize, patch_size = 32;  // 3×3 = 9 image tokens, one per grid cell
+  int64_t vit_dim = 128, vit_layers = 4, vit_heads = 4, vit_ff = 512;  // the last layer is unused (feature -2)
+  int64_t dim = 256, layers = 3, heads = 4, kv_heads = 4, ff = 512;  // 256, 512: multiples of 128 (W4g128)
+  int64_t sp_vocab = 1024;  // SentencePiece pieces (≤ 1024); <image> and <pad> follow
+  // Stage 0: ViT per-cell classification.
+  int64_t stage0_steps = 2000, stage0_batch = 64;
+  double stage0_lr = 3e-3;
+  // Stage 1: QA instruction tuning (batch = images, each with its questions packed as single-turn prompts).
+  int64_t stage1_steps = 4000, stage1_batch = 32;
+  int64_t questions_per_family = 2;  // distinct questions per family and image, packed as single-turn prompts
+  double stage1_lr = 2e-3, vit_lr_scale = 0.0;  // 0: the ViT stays frozen in stages 1 and 2 (as in LLaVA)
+  // Stages 2 and 3: warm restarts on fresh images (their own image ranges), each with its question mix (per-family
+  // caps in ShapesFamily order: colour, shape, count, exists, position, choice, describe; dropped answer-format
+  // lines; hard multiple-choice distractors; the training-only rewrites).
+  struct Restart {
+    int64_t steps = 0;
+    double lr = 0;
+    ShapesQAMix mix;
+  };
+  Restart stage2{2500, 6e-4, {{1, 1, 2, 3, 3, 4, 1}, 0.25, 0.0}};
+  Restart stage3{1500, 5e-4, {{1, 1, 1, 3, 3, 4, 1}, 0.25, 0.75}};
+  // Decoder layers appended when stage 3 starts (LLaMA-Pro's block expansion): copies of the last layer with
+  // o_proj and down_proj zeroed, so the grown model computes exactly what it did and the new layers start from
+  // the identity. The exported model has layers + stage3_grow_layers decoder layers.
+  int64_t stage3_grow_layers = 1;
+  double weight_decay = 0.01, clip = 1.0;
+  int64_t warmup = 100;
+  // Bookkeeping.
+  int64_t eval_every = 300, eval_questions = 140;  // held-out greedy exact match during stage 1
+  int64_t checkpoint_every = 100;
+  int64_t final_eval_questions = 0;  // > 0: evaluate that many standard-split questions at the end
+  int64_t max_steps = -1;            // stop (after a checkpoint) at this global step; for tests and resume
+};
+
 struct ShapesQABatch {
   at::Tensor pixels, ids, positions, mask;  // [B,3,S,S], [B,T], [B,T], [B,1,T,T] bool (true = attend)
   at::Tensor targets, weights;               // [B,T]: the next token of the same turn (-100: none), loss weight
