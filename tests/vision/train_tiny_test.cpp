@@ -294,5 +294,41 @@ TEST(TrainTiny, ChoiceOnlyMixDropsImagesWithoutQuestions) {
   EXPECT_GT(b.turns, 0);
 }
 
+// --option-pieces: each option text of a multiple-choice question ("B. star") is one token; at the recipe's
+// vocabulary size the rest of the prompt, and every other family's questions, are tokenized as without it.
+TEST(TrainTiny, OptionPiecesMakeEachOptionOneToken) {
+  eqat_test::TempDir tmp;
+  TinyTrainOptions o = tiny(tmp.str("plain"));
+  o.stage0_steps = 1, o.max_steps = 1;  // the tokenizer is trained before step 1
+  o.sp_vocab = 1024;  // the recipe's: BPE runs out of merges first, so the 56 option pieces take no merge's place
+  train_tiny(o);
+  o.out = tmp.str("fused"), o.option_pieces = true;
+  train_tiny(o);
+  const Tokenizer plain = Tokenizer::from_model_file(tmp.str("plain") + "/tokenizer.model");
+  const Tokenizer fused = Tokenizer::from_model_file(tmp.str("fused") + "/tokenizer.model");
+  EXPECT_EQ(fused.vocab_size(), plain.vocab_size() + 4 * (kShapesColours + kShapesKinds));
+  int64_t choices = 0;
+  for (const ShapesEvalItem& it : shapes_test_split(5, 70)) {
+    const std::string q = "\n" + it.text + " ASSISTANT:";
+    const std::vector<int64_t> a = plain.encode(q, false), b = fused.encode(q, false);
+    const std::vector<std::string> opts = shapes_choice_options(it.text);
+    if (opts.empty()) {
+      EXPECT_EQ(plain.decode(a), fused.decode(b)) << it.text;
+      EXPECT_EQ(a.size(), b.size()) << it.text;
+      continue;
+    }
+    ++choices;
+    for (size_t i = 0; i < opts.size(); ++i) {
+      const std::string piece = std::string(1, static_cast<char>('A' + i)) + ".\xE2\x96\x81" + opts[i];
+      const int64_t id = fused.piece_to_id(piece);
+      ASSERT_GE(id, 0) << piece;
+      EXPECT_EQ(std::count(b.begin(), b.end(), id), 1) << it.text;
+    }
+    EXPECT_EQ(fused.decode(b), plain.decode(a));
+    EXPECT_EQ(b.size() + 2 * opts.size(), a.size()) << it.text;  // "A", ".", "▁red" became one token
+  }
+  EXPECT_EQ(choices, 10);  // question i is of family i % 7
+}
+
 }  // namespace
 }  // namespace eqat
