@@ -2,8 +2,9 @@
 // SwiGLU 11008, vocab 32000) with random weights, batch 1: prefill of 576 image + 64 text tokens (random
 // embeddings stand in for the projected image features), then greedy decode of 128 tokens. Formats: the float
 // baseline (fp16 on CUDA, fp32 on CPU) and packed W4g128 / W3g128 / W2g64 through quant_linear_forward; q/k/v and
-// gate/up are stored fused (12288×4096 and 22016×4096), as a serving engine would. The lm_head and embeddings stay
-// in the float dtype.
+// gate/up are stored fused (12288×4096 and 22016×4096), as a serving engine (and eqat's own serving path,
+// MergedPackedLinear) does; --unfused keeps them as five separate linears, to measure what the fusion buys. The
+// lm_head and embeddings stay in the float dtype.
 //
 // Static shapes so a decode step can be captured in a CUDA graph: a fixed KV cache of prompt + new tokens, the
 // position and the current token live in device tensors, the step writes K/V with index_copy_ and attends over the
@@ -18,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <vector>
 
 #include "args.h"
 #include "data/error.h"
@@ -70,6 +72,7 @@ Lin make_lin(int64_t N, int64_t K, int bits, int64_t g, const at::TensorOptions&
 struct Layer {
   at::Tensor ln1, ln2;  // [d]
   Lin qkv, o, gate_up, down;
+  std::vector<Lin> split;  // --unfused: q, k, v, gate, up as separate linears (qkv and gate_up then unused)
 };
 
 struct Model {
@@ -98,17 +101,26 @@ at::Tensor forward_layer(const Model& m, int64_t li, const at::Tensor& h, const 
                          const at::Tensor& mask) {
   const Layer& L = m.layers[li];
   const int64_t T = h.size(0);
-  at::Tensor qkv = L.qkv(rms_norm(h, L.ln1));  // [T, 3d]
-  at::Tensor q = rope(qkv.narrow(1, 0, kDim).view({T, kHeads, kHeadDim}), m, pos);
-  at::Tensor k = rope(qkv.narrow(1, kDim, kDim).view({T, kHeads, kHeadDim}), m, pos);
-  at::Tensor v = qkv.narrow(1, 2 * kDim, kDim).view({T, kHeads, kHeadDim});
+  const at::Tensor x = rms_norm(h, L.ln1);
+  at::Tensor q, k, v;
+  if (L.split.empty()) {
+    const at::Tensor qkv = L.qkv(x);  // [T, 3d]
+    q = qkv.narrow(1, 0, kDim), k = qkv.narrow(1, kDim, kDim), v = qkv.narrow(1, 2 * kDim, kDim);
+  } else {
+    q = L.split[0](x), k = L.split[1](x), v = L.split[2](x);
+  }
+  q = rope(q.view({T, kHeads, kHeadDim}), m, pos);
+  k = rope(k.view({T, kHeads, kHeadDim}), m, pos);
+  v = v.view({T, kHeads, kHeadDim});
   at::Tensor kc = m.k_cache[li], vc = m.v_cache[li];  // [H, T_max, D]
   kc.index_copy_(1, pos, k.transpose(0, 1));
   vc.index_copy_(1, pos, v.transpose(0, 1));
   at::Tensor att = at::scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0),
                                                     mask.to(q.scalar_type()));  // [1, H, T, D]
   at::Tensor h2 = h + L.o(att.squeeze(0).transpose(0, 1).reshape({T, kDim}));
-  at::Tensor gu = L.gate_up(rms_norm(h2, L.ln2));  // [T, 2·inter]
+  const at::Tensor x2 = rms_norm(h2, L.ln2);
+  if (!L.split.empty()) return h2 + L.down(at::silu(L.split[3](x2)) * L.split[4](x2));
+  const at::Tensor gu = L.gate_up(x2);  // [T, 2·inter]
   return h2 + L.down(at::silu(gu.narrow(1, 0, kInter)) * gu.narrow(1, kInter, kInter));
 }
 
@@ -119,18 +131,24 @@ at::Tensor causal_mask(const at::Tensor& pos, int64_t t_max) {
       .masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
-Model build(int64_t n_layers, int bits, int64_t g, int64_t t_max, const at::TensorOptions& opt) {
+Model build(int64_t n_layers, int bits, int64_t g, int64_t t_max, const at::TensorOptions& opt, bool unfused) {
   Model m;
   m.t_max = t_max;
   for (int64_t i = 0; i < n_layers; ++i) {
     Layer L;
     L.ln1 = at::ones({kDim}, opt);
     L.ln2 = at::ones({kDim}, opt);
-    L.qkv = make_lin(3 * kDim, kDim, bits, g, opt);
+    if (unfused) {
+      for (int64_t n : {kDim, kDim, kDim, kInter, kInter}) L.split.push_back(make_lin(n, kDim, bits, g, opt));
+      for (const Lin& l : L.split) m.weight_bytes += l.bytes();
+    } else {
+      L.qkv = make_lin(3 * kDim, kDim, bits, g, opt);
+      L.gate_up = make_lin(2 * kInter, kDim, bits, g, opt);
+      m.weight_bytes += L.qkv.bytes() + L.gate_up.bytes();
+    }
     L.o = make_lin(kDim, kDim, bits, g, opt);
-    L.gate_up = make_lin(2 * kInter, kDim, bits, g, opt);
     L.down = make_lin(kDim, kInter, bits, g, opt);
-    m.weight_bytes += L.qkv.bytes() + L.o.bytes() + L.gate_up.bytes() + L.down.bytes();
+    m.weight_bytes += L.o.bytes() + L.down.bytes();
     m.layers.push_back(std::move(L));
   }
   m.embed = at::randn({kVocab, kDim}, opt.dtype(at::kFloat)).mul_(0.02).to(opt.dtype());
@@ -158,6 +176,7 @@ int bench_decode(const ParsedArgs& a) {
   EQAT_CHECK(n_layers >= 1 && n_layers <= 32, "--layers must be in 1..32, got ", n_layers);
   EQAT_CHECK(prompt >= 1 && new_tokens >= 1, "--prompt and --new-tokens must be >= 1");
   const bool use_graph = cuda && !a.flag("no-graph");
+  const bool unfused = a.flag("unfused");
   const at::TensorOptions opt = at::TensorOptions().dtype(cuda ? at::kHalf : at::kFloat)
                                     .device(cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU));
   const int64_t t_max = prompt + new_tokens;
@@ -195,6 +214,7 @@ int bench_decode(const ParsedArgs& a) {
   out["prompt_tokens"] = prompt;
   out["new_tokens"] = new_tokens;
   out["cuda_graph"] = use_graph;
+  out["fused_qkv_gate_up"] = !unfused;
   double copy_gbps = 0;
   if (cuda) {
     copy_gbps = cuda_d2d_copy_gbps(1LL << 30);
@@ -207,7 +227,7 @@ int bench_decode(const ParsedArgs& a) {
   for (const auto& [name, bits, g] : formats) {
     at::manual_seed(1);
     if (cuda) cuda_reset_peak_memory();
-    Model m = build(n_layers, bits, g, t_max, opt);
+    Model m = build(n_layers, bits, g, t_max, opt, unfused);
     sync();
     // Prefill: random "image + text" embeddings [prompt, d].
     at::Tensor h0 = at::randn({prompt, kDim}, opt.dtype(at::kFloat)).to(opt.dtype());

@@ -272,6 +272,7 @@ int cmd_bench(const Argv& argv) {
        {"prompt", "T", "decode: prompt tokens (576 image + 64 text)", "640"},
        {"new-tokens", "T", "decode: tokens to generate", "128"},
        {"no-graph", "", "decode, CUDA: do not capture the decode step in a CUDA graph", ""},
+       {"unfused", "", "decode: q/k/v and gate/up as separate linears instead of merged ones", ""},
        {"bits", "B", "quant: weight bits", "2"},
        {"group-size", "G", "quant: group size", "64"},
        {"batch", "N", "quant: samples per iteration (0 = 2 on CUDA, 1 on CPU)", "0"},

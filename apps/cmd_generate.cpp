@@ -134,6 +134,7 @@ LoadOptions load_options(const ParsedArgs& a) {
   LoadOptions lo;
   lo.device = a.str("device");
   lo.dtype = a.str("dtype");
+  lo.fuse_projections = true;
   return lo;
 }
 

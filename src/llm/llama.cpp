@@ -3,6 +3,7 @@
 #include "llm/llama.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <cmath>
 
@@ -102,9 +103,16 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
                                        const at::Tensor& mask, KVCache* cache, int64_t layer_idx) {
   const int64_t B = x.size(0), T = x.size(1);
   // q/k/v projections -> [B,H(kv),T,D]
-  at::Tensor q = q_proj->forward(x).view({B, T, n_head_, head_dim_}).transpose(1, 2);
-  at::Tensor k = k_proj->forward(x).view({B, T, n_kv_head_, head_dim_}).transpose(1, 2);
-  at::Tensor v = v_proj->forward(x).view({B, T, n_kv_head_, head_dim_}).transpose(1, 2);
+  at::Tensor q, k, v;
+  if (qkv_.defined() && !(c10::GradMode::is_enabled() && x.requires_grad())) {
+    auto y = qkv_.forward(x);
+    q = y[0], k = y[1], v = y[2];
+  } else {
+    q = q_proj->forward(x), k = k_proj->forward(x), v = v_proj->forward(x);
+  }
+  q = q.view({B, T, n_head_, head_dim_}).transpose(1, 2);
+  k = k.view({B, T, n_kv_head_, head_dim_}).transpose(1, 2);
+  v = v.view({B, T, n_kv_head_, head_dim_}).transpose(1, 2);
   // RoPE (rotate-half): q' = q·cos + rotate_half(q)·sin; cos/sin broadcast over heads.
   at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
   q = q * c + rotate_half(q) * s;
@@ -130,6 +138,11 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   return o_proj->forward(out.transpose(1, 2).reshape({B, T, n_head_ * head_dim_}));
 }
 
+bool LlamaAttentionImpl::fuse_projections() {
+  if (!qkv_.defined()) qkv_ = MergedPackedLinear::merge({q_proj, k_proj, v_proj});
+  return qkv_.defined();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
   const int64_t C = cfg.hidden_size, F = cfg.intermediate_size;
@@ -139,7 +152,16 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
+  if (gate_up_.defined() && !(c10::GradMode::is_enabled() && x.requires_grad())) {
+    auto y = gate_up_.forward(x);
+    return down_proj->forward(at::silu(y[0]) * y[1]);
+  }
   return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+}
+
+bool LlamaMLPImpl::fuse_projections() {
+  if (!gate_up_.defined()) gate_up_ = MergedPackedLinear::merge({gate_proj, up_proj});
+  return gate_up_.defined();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +208,16 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& cfg) : cfg_(cfg) {
 }
 
 at::Tensor LlamaForCausalLMImpl::embed(const at::Tensor& ids) { return model->embed_tokens->forward(ids); }
+
+int64_t LlamaForCausalLMImpl::fuse_projections() {
+  int64_t n = 0;
+  for (size_t i = 0; i < model->layers->size(); ++i) {
+    auto* layer = model->layers[i]->as<LlamaDecoderLayerImpl>();
+    n += layer->self_attn->fuse_projections();
+    n += layer->mlp->fuse_projections();
+  }
+  return n;
+}
 
 at::Tensor LlamaForCausalLMImpl::lm_head_weight() const {
   return lm_head ? lm_head->weight : model->embed_tokens->weight;

@@ -66,9 +66,12 @@ class LlamaAttentionImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
                      KVCache* cache, int64_t layer_idx);
   QuantLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  // Serving: q/k/v merged into one packed linear when they can be (MergedPackedLinear). Returns whether they were.
+  bool fuse_projections();
 
  private:
   int64_t n_head_, n_kv_head_, head_dim_;
+  MergedPackedLinear qkv_;
 };
 TORCH_MODULE(LlamaAttention);
 
@@ -77,6 +80,10 @@ class LlamaMLPImpl : public torch::nn::Module {
   explicit LlamaMLPImpl(const LlamaConfig& cfg);
   at::Tensor forward(const at::Tensor& x);  // down(silu(gate(x)) * up(x))
   QuantLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  bool fuse_projections();  // serving: gate/up merged into one packed linear when they can be
+
+ private:
+  MergedPackedLinear gate_up_;
 };
 TORCH_MODULE(LlamaMLP);
 
@@ -118,6 +125,10 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& embeds, const at::Tensor& position_ids, const at::Tensor& mask,
                      KVCache* cache, bool last_only = false);
   at::Tensor lm_head_weight() const;  // [V, C]
+  // Serving a packed model: merges every layer's q/k/v and gate/up (MergedPackedLinear) so a decode step runs 2
+  // fused GEMVs per layer for them instead of 5. Returns the number of merges (0 for float models). Never call it
+  // before training step sizes (E2E-QP): the parts become views of the merged tensors.
+  int64_t fuse_projections();
   LlamaModel model{nullptr};
   QuantLinear lm_head{nullptr};
   const LlamaConfig& config() const { return cfg_; }

@@ -136,4 +136,65 @@ at::Tensor QuantLinearImpl::effective_weight() {
   EQAT_ASSERT(false, "invalid linear mode");
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+void QuantLinearImpl::view_packed_columns(const GptqTensors& merged, const at::Tensor& merged_bias, int64_t n0) {
+  EQAT_ASSERT(mode_ == LinearMode::kPacked, "view_packed_columns needs packed mode");
+  qweight = set_tensor("qweight", merged.qweight.narrow(1, n0, out_features_), true);
+  scales = set_tensor("scales", merged.scales.narrow(1, n0, out_features_), false);
+  if (bias.defined()) bias = set_tensor("bias", merged_bias.narrow(0, n0, out_features_), false);
+  dequant_ = at::Tensor(), q_minus_z_ = at::Tensor();
+}
+
+MergedPackedLinear MergedPackedLinear::merge(const std::vector<QuantLinear>& parts) {
+  MergedPackedLinear m;
+  if (parts.size() < 2) return m;
+  const QuantLinearImpl& a = *parts.front();
+  const int64_t K = a.in_features();
+  for (const auto& p : parts) {
+    if (p->mode() != LinearMode::kPacked || p->spec().bits != a.spec().bits || p->in_features() != K ||
+        p->spec().group_for(K) != a.spec().group_for(K) || p->scales.scalar_type() != a.scales.scalar_type() ||
+        p->qweight.device() != a.qweight.device() || p->bias.defined() != a.bias.defined() ||
+        !p->qweight.is_contiguous() || !gptq_is_sequential(p->packed(), p->spec().group_for(K)))
+      return m;
+  }
+  c10::NoGradGuard g;
+  const int bits = a.spec().bits;
+  std::vector<at::Tensor> qw, zeros, sc, bs;
+  for (const auto& p : parts) {
+    qw.push_back(p->qweight);
+    // qzeros pack along N: unpack each part's [G, N_i] zero points and repack the concatenation (a part's N_i·b
+    // need not be a whole number of words).
+    zeros.push_back(unpack_rows(p->qzeros.cpu().t().contiguous(), bits, p->out_features()));  // [N_i, G]
+    sc.push_back(p->scales.detach());
+    if (p->bias.defined()) bs.push_back(p->bias.detach());
+    m.widths_.push_back(p->out_features());
+  }
+  m.w_.qweight = at::cat(qw, 1);
+  m.w_.qzeros = pack_rows(at::cat(zeros, 0), bits).t().contiguous().to(a.qzeros.device());
+  m.w_.scales = at::cat(sc, 1);
+  m.w_.g_idx = a.g_idx;
+  if (!bs.empty()) m.bias_ = at::cat(bs, 0);
+  m.bits_ = bits;
+  m.group_size_ = a.spec().group_for(K);
+  int64_t n0 = 0;
+  for (QuantLinear p : parts) {  // a holder copy shares the module
+    p->view_packed_columns(m.w_, m.bias_, n0);
+    n0 += p->out_features();
+  }
+  return m;
+}
+
+std::vector<at::Tensor> MergedPackedLinear::forward(const at::Tensor& x) const {
+  EQAT_ASSERT(defined(), "MergedPackedLinear::forward on an undefined merge");
+  at::Tensor y = quant_linear_forward(x, w_, bits_, group_size_, bias_);
+  std::vector<at::Tensor> out;
+  int64_t n0 = 0;
+  for (int64_t n : widths_) {
+    out.push_back(y.narrow(-1, n0, n));
+    n0 += n;
+  }
+  return out;
+}
+
 }  // namespace eqat

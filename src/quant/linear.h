@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "quant/pack.h"
 #include "quant/quantizer.h"
@@ -40,6 +41,10 @@ class QuantLinearImpl : public torch::nn::Module {
   void init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype);
   // Back to float mode with a given weight (e.g. GPTQ's updated weights during calibration).
   void set_float_weight(const at::Tensor& W);
+
+  // Serving only (MergedPackedLinear): qweight, scales and bias become views of columns [n0, n0 + N) of a merged
+  // tensor set; qzeros and g_idx stay this module's own. The module computes what it did.
+  void view_packed_columns(const GptqTensors& merged, const at::Tensor& merged_bias, int64_t n0);
 
   // The weight this module effectively multiplies by, [N, K] (dequantized in packed mode, Ŵ in fake-quant).
   at::Tensor effective_weight();
@@ -69,5 +74,28 @@ class QuantLinearImpl : public torch::nn::Module {
   at::Tensor dequant_;    // packed: cached dequantized weight for inference (CPU reference path)
 };
 TORCH_MODULE(QuantLinear);
+
+// Packed linears that read the same input (a decoder layer's q/k/v, or gate/up) merged along N into one GPTQ tensor
+// set, so a decode step runs one fused dequant-GEMV over all their columns instead of one per projection: fewer
+// launches and weight streams, and GQA's narrow k/v projections no longer run as kernels too small to fill the GPU
+// (vLLM's merged column-parallel linears). Serving only: the parts' qweight, scales and bias become column views
+// of the merged tensors (the weights are held once), so their step sizes must not be trained afterwards.
+class MergedPackedLinear {
+ public:
+  // Merges when every part is packed with the same bits, group size, in_features, scale dtype and device, g_idx is
+  // sequential (no act-order) and all or none have a bias; otherwise returns an undefined merge and leaves the
+  // parts untouched.
+  static MergedPackedLinear merge(const std::vector<QuantLinear>& parts);
+  bool defined() const { return !widths_.empty(); }
+  // x [..., K] -> the parts' outputs [..., N_i], in order (views of one [..., ΣN_i] result).
+  std::vector<at::Tensor> forward(const at::Tensor& x) const;
+
+ private:
+  GptqTensors w_;
+  at::Tensor bias_;
+  int bits_ = 0;
+  int64_t group_size_ = 0;
+  std::vector<int64_t> widths_;
+};
 
 }  // namespace eqat

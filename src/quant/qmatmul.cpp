@@ -139,6 +139,9 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
   check_tensors(w, bits, group_size, x.size(-1), "quant_linear_forward");
   EQAT_CHECK(x.device() == w.qweight.device(), "quant_linear_forward: x on ", x.device(), " but weight on ",
              w.qweight.device());
+  if (!w.qweight.is_contiguous() || !w.qzeros.is_contiguous() || !w.scales.is_contiguous())  // the fast paths read
+    return quant_linear_forward(x, {w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(), w.g_idx},
+                                bits, group_size, bias.defined() ? bias.contiguous() : bias);  // raw rows
   const int64_t K = x.size(-1), N = w.qweight.size(1);
   EQAT_CHECK(!bias.defined() || bias.numel() == N, "quant_linear_forward: bias has ", bias.numel(),
              " entries, expected ", N);

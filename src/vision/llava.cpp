@@ -217,6 +217,7 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
     if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
     load_weights(*m.lm, ckpt, false, m.dtype, m.device, dir, v1_bits);
   }
+  if (opts.fuse_projections && m.cfg.quant.present) m.lm->fuse_projections();
   if (m.tok) {
     EQAT_CHECK(m.tok->vocab_size() <= m.cfg.text.vocab_size, dir, ": the tokenizer has ", m.tok->vocab_size(),
                " tokens but the model's vocabulary is ", m.cfg.text.vocab_size);

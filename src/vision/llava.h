@@ -45,6 +45,9 @@ struct LoadOptions {
   std::string device = "cpu";  // cpu | cuda[:i]
   std::string dtype = "auto";  // auto (stored dtype; fp16 on CPU runs as fp32) | float32 | bfloat16 | float16
   bool need_tokenizer = true;
+  // Serving a packed model: merge each layer's q/k/v and gate/up (LlamaForCausalLM::fuse_projections). Leave it
+  // off where step sizes are trained afterwards.
+  bool fuse_projections = false;
 };
 
 // Everything needed to run a model directory.

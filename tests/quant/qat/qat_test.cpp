@@ -91,6 +91,12 @@ TEST(BlockAp, ExportReloadGivesTheSameLogits) {
   };
   // Same packed integers and fp16 scales on both sides; only the kernel path may differ (fp32 accumulation order).
   EXPECT_LE(max_abs_diff(logits(m), logits(r)), kLogitTol);
+  // Served with q/k/v and gate/up merged (what ask/generate/eval load): the same logits.
+  LoadOptions lo;
+  lo.fuse_projections = true;
+  Model f = load_model(t.str("q"), lo);
+  EXPECT_EQ(f.lm->fuse_projections(), 2 * f.cfg.text.num_hidden_layers);  // already merged: a no-op that says so
+  EXPECT_LE(max_abs_diff(logits(f), logits(r)), kLogitTol);
 }
 
 TEST(BlockAp, ResumeAfterKillIsBitIdentical) {
