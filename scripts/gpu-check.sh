@@ -6,9 +6,9 @@
 # Then through the device tool, from the repo root, in two calls on the same warm machine (the build directory
 # stays there between calls):
 #   run(command="bash scripts/gpu-check.sh test",  carry=[".deps"], timeout_s=570)   # build, ctest -L gpu, memcheck
-#   run(command="bash scripts/gpu-check.sh bench", carry=[".deps"], timeout_s=400)   # (re)build if needed, benchmarks
+#   run(command="bash scripts/gpu-check.sh bench", carry=[".deps"], timeout_s=520)   # (re)build if needed, benchmarks
 # or `all` in one call when time allows. Budget (15 min of device time per session, each call ≤ 10 min): build
-# ~2–3 min on 16 cores, tests ~1 min, memcheck ≤ 150 s (capped), benchmarks ≤ 2×150 s (capped). Every step is capped
+# ~2–3 min on 16 cores, tests ~1 min, memcheck ≤ 150 s (capped), benchmarks ≤ 2×150 + 120 s (capped). Every step is capped
 # with `timeout` so a hang cannot eat the whole call.
 #
 # The full project needs OpenCV and sentencepiece development files that the device image lacks, so this builds
@@ -16,7 +16,7 @@
 # bench subcommand only.
 #
 # Files written to $OUT (at most 8 come back): summary.txt, build.log, ctest.txt, memcheck.txt,
-# bench_kernels_cuda.json, bench_decode_cuda.json, nvidia-smi.txt.
+# bench_kernels_cuda.json, bench_decode_cuda.json, bench_decode_unfused_cuda.json, nvidia-smi.txt.
 set -uo pipefail
 STAGE=${1:-all}
 case $STAGE in all | test | bench) ;; *) echo "usage: gpu-check.sh [all|test|bench]" >&2; exit 2 ;; esac
@@ -81,6 +81,9 @@ fi
 [ "$STAGE" = test ] && { log "done (test stage)"; exit 0; }
 step bench_kernels 150 "$OUT/bench_kernels_cuda.json" "$B/bin/eqat" bench kernels --device cuda --json --m 1,4,16,640
 step bench_decode 150 "$OUT/bench_decode_cuda.json" "$B/bin/eqat" bench decode --device cuda --json
+# The same with q/k/v and gate/up as five separate linears: what the merge (MergedPackedLinear) buys.
+step bench_decode_unfused 120 "$OUT/bench_decode_unfused_cuda.json" "$B/bin/eqat" bench decode --device cuda --json \
+  --unfused --formats W4g128,W2g64
 "$PY" - "$OUT" >>"$SUMMARY" 2>&1 <<'PYEOF'
 import json, sys, os
 out = sys.argv[1]
@@ -93,12 +96,14 @@ try:
                 r["shape"], r["M"], r["format"], r["us"], r["gbps"], r["pct_of_copy_bw"], r["speedup_vs_baseline"]))
 except Exception as e:
     print("kernels JSON unreadable:", e)
-try:
-    d = json.load(open(os.path.join(out, "bench_decode_cuda.json")))
-    for r in d["results"]:
-        print("  decode %-7s prefill %.1f ms  %.0f tok/s  %.0f%% copy bw  peak %.1f GB" % (
-            r["format"], r["prefill_ms"], r["decode_tok_s"], r["pct_of_copy_bw"], r["peak_memory_gb"]))
-except Exception as e:
-    print("decode JSON unreadable:", e)
+for name in ("bench_decode_cuda.json", "bench_decode_unfused_cuda.json"):
+    try:
+        d = json.load(open(os.path.join(out, name)))
+        for r in d["results"]:
+            print("  decode%s %-7s prefill %.1f ms  %.0f tok/s  %.0f%% copy bw  peak %.1f GB" % (
+                "" if d.get("fused_qkv_gate_up", True) else " (unfused)", r["format"], r["prefill_ms"],
+                r["decode_tok_s"], r["pct_of_copy_bw"], r["peak_memory_gb"]))
+    except Exception as e:
+        print(name, "unreadable:", e)
 PYEOF
 log "done"
