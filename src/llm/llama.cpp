@@ -3,7 +3,6 @@
 #include "llm/llama.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/GradMode.h>
 
 #include <cmath>
 
@@ -104,7 +103,7 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   const int64_t B = x.size(0), T = x.size(1);
   // q/k/v projections -> [B,H(kv),T,D]
   at::Tensor q, k, v;
-  if (qkv_.defined() && !(c10::GradMode::is_enabled() && x.requires_grad())) {
+  if (qkv_.serves(x)) {
     auto y = qkv_.forward(x);
     q = y[0], k = y[1], v = y[2];
   } else {
@@ -152,7 +151,7 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
-  if (gate_up_.defined() && !(c10::GradMode::is_enabled() && x.requires_grad())) {
+  if (gate_up_.serves(x)) {
     auto y = gate_up_.forward(x);
     return down_proj->forward(at::silu(y[0]) * y[1]);
   }

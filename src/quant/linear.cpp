@@ -136,7 +136,6 @@ at::Tensor QuantLinearImpl::effective_weight() {
   EQAT_ASSERT(false, "invalid linear mode");
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 void QuantLinearImpl::view_packed_columns(const GptqTensors& merged, const at::Tensor& merged_bias, int64_t n0) {
   EQAT_ASSERT(mode_ == LinearMode::kPacked, "view_packed_columns needs packed mode");
@@ -187,14 +186,11 @@ MergedPackedLinear MergedPackedLinear::merge(const std::vector<QuantLinear>& par
 
 std::vector<at::Tensor> MergedPackedLinear::forward(const at::Tensor& x) const {
   EQAT_ASSERT(defined(), "MergedPackedLinear::forward on an undefined merge");
-  at::Tensor y = quant_linear_forward(x, w_, bits_, group_size_, bias_);
-  std::vector<at::Tensor> out;
-  int64_t n0 = 0;
-  for (int64_t n : widths_) {
-    out.push_back(y.narrow(-1, n0, n));
-    n0 += n;
-  }
-  return out;
+  return quant_linear_forward(x, w_, bits_, group_size_, bias_).split_with_sizes(widths_, -1);
+}
+
+bool MergedPackedLinear::serves(const at::Tensor& x) const {
+  return defined() && !(c10::GradMode::is_enabled() && x.requires_grad());
 }
 
 }  // namespace eqat

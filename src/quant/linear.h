@@ -87,6 +87,9 @@ class MergedPackedLinear {
   // parts untouched.
   static MergedPackedLinear merge(const std::vector<QuantLinear>& parts);
   bool defined() const { return !widths_.empty(); }
+  // Whether forward(x) stands in for the parts: merged, and no gradient is wanted through x (the merged path has
+  // no autograd; the parts' own forward does).
+  bool serves(const at::Tensor& x) const;
   // x [..., K] -> the parts' outputs [..., N_i], in order (views of one [..., ΣN_i] result).
   std::vector<at::Tensor> forward(const at::Tensor& x) const;
 
