@@ -31,6 +31,16 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 have="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
 if [[ "$have" != "$TORCH_VERSION" ]]; then
-  echo "setup: installing torch==$TORCH_VERSION into $VENV (LibTorch for the C++ build; a few GB the first time)" >&2
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+  # The CUDA wheel and its nvidia-* dependencies unpack to about 5 GB; pip's wheel cache would add their ~3 GB of
+  # downloads a second time, so it is bypassed. Check the space first: a full disk otherwise surfaces as an OSError
+  # halfway through the install.
+  need_kb=$((6 * 1024 * 1024))
+  free_kb="$(df -Pk "$VENV" | awk 'NR==2 {print $4}')"
+  if [[ -n "$free_kb" && "$free_kb" -lt "$need_kb" ]]; then
+    echo "setup: $VENV: installing torch==$TORCH_VERSION needs about 6 GB free, only $((free_kb / 1024)) MB left;" \
+         "free some space or set EQAT_TORCH_DIR to an existing LibTorch" >&2
+    exit 1
+  fi
+  echo "setup: installing torch==$TORCH_VERSION into $VENV (LibTorch for the C++ build; about 5 GB the first time)" >&2
+  "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
