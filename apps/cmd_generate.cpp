@@ -31,6 +31,9 @@ std::vector<FlagSpec> generation_flags(const std::string& default_template) {
       {"device", "DEV", "cpu | cuda[:N]", "cpu"},
       {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
       {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
+      {"decode", "MODE",
+       "decode steps: auto (graph on CUDA, else eager) | eager | static (fixed shapes) | graph (CUDA graph replay)",
+       "auto"},
   };
 }
 
@@ -46,6 +49,11 @@ GenerateOptions generate_options(const ParsedArgs& a, const Model& m) {
   if (m.cfg.text.eos_token_id >= 0 && m.cfg.text.eos_token_id != m.tok->eos_id())
     o.stop_ids.push_back(m.cfg.text.eos_token_id);
   o.keep_logits = a.has("dump-logits");
+  const std::string d = a.str("decode");
+  using Decode = GenerateOptions::Decode;
+  EQAT_CHECK(d == "auto" || d == "eager" || d == "static" || d == "graph",
+             "--decode: expected auto, eager, static or graph, got '", d, "'");
+  o.decode = d == "eager" ? Decode::Eager : d == "static" ? Decode::Static : d == "graph" ? Decode::Graph : Decode::Auto;
   return o;
 }
 
@@ -125,7 +133,7 @@ int run_single(Model& m, const ParsedArgs& a, const std::string& prompt, const a
   const double tps = r.decode_steps > 0 ? r.decode_steps / r.decode_seconds : 0.0;
   std::cerr << "[" << ids.size() << " prompt tokens, prefill " << static_cast<int>(r.prefill_seconds * 1000)
             << " ms; " << r.tokens[0].size() << " new tokens, " << static_cast<int>(tps * 10) / 10.0
-            << " tok/s decode]" << std::endl;
+            << " tok/s decode" << (r.cuda_graph ? ", CUDA graph" : "") << "]" << std::endl;
   if (a.has("dump-logits")) dump_logits(a.str("dump-logits"), ids, r);
   return 0;
 }

@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "data/error.h"
+#include "quant/qmatmul.h"  // cuda_graph_capture
 
 namespace eqat {
 
@@ -71,8 +72,53 @@ GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, c
 
   at::Tensor next_pos = pos.select(1, T - 1).unsqueeze(1) + 1;  // [B,1]
   t0 = std::chrono::steady_clock::now();
+
+  // Static-shape decode steps (GenerateOptions::Decode): the step reads its token ids from step_ids and writes its
+  // logits into step_logits; positions, the cache slot and the key-validity mask advance on the device.
+  using Decode = GenerateOptions::Decode;
+  const bool dynamic_rope = cfg.rope_scaling.type == "dynamic";
+  Decode mode = opts.decode;
+  if (mode == Decode::Auto)
+    mode = device.is_cuda() && !dynamic_rope && max_new - 1 >= GenerateOptions::kMinGraphSteps ? Decode::Graph
+                                                                                               : Decode::Eager;
+  EQAT_CHECK(mode != Decode::Graph || device.is_cuda(), "CUDA-graph decoding needs the model on a CUDA device");
+  EQAT_CHECK(mode == Decode::Eager || !dynamic_rope,
+             "static-shape decoding cannot use dynamic-NTK RoPE (rope_scaling.type \"dynamic\")");
+  const bool static_steps = mode != Decode::Eager && max_new > 1;
+  std::function<void()> static_step;
+  at::Tensor step_ids, step_logits;
+  if (static_steps) {
+    // Unwritten slots are masked out, but a masked weight of 0 times uninitialised NaN bits would still be NaN.
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+      cache.k[l].narrow(2, T, capacity - T).zero_();
+      cache.v[l].narrow(2, T, capacity - T).zero_();
+    }
+    at::Tensor key_valid = at::zeros({B, capacity}, valid.options());  // [B, capacity] bool
+    key_valid.narrow(1, 0, T).copy_(valid);
+    cache.slot = at::full({1}, T, next_pos.options());
+    at::Tensor step_pos = next_pos.clone();  // [B,1]
+    step_ids = at::zeros({B, 1}, next_pos.options());
+    step_logits = at::empty_like(logits);
+    static_step = [&lm, &cache, key_valid, step_pos, step_ids, step_logits, B, capacity] {
+      key_valid.index_fill_(1, cache.slot, true);  // the new position attends to itself and is attended later
+      at::Tensor mask = key_valid.view({B, 1, 1, capacity});
+      step_logits.copy_(lm->forward(lm->embed(step_ids), step_pos, mask, &cache, /*last_only=*/true).select(1, 0));
+      step_pos.add_(1);
+      cache.slot.add_(1);
+    };
+    if (mode == Decode::Graph) {
+      // Capturing runs the step twice (warm-up, capture); put back the state those runs advanced.
+      at::Tensor valid0 = key_valid.clone(), pos0 = step_pos.clone(), slot0 = cache.slot.clone();
+      static_step = cuda_graph_capture(static_step);
+      key_valid.copy_(valid0);
+      step_pos.copy_(pos0);
+      cache.slot.copy_(slot0);
+      res.cuda_graph = true;
+    }
+  }
   for (int64_t step = 0; step < max_new; ++step) {
-    if (opts.keep_logits) res.step_logits.push_back(logits.to(at::kCPU, at::kFloat));
+    if (opts.keep_logits)  // a copy: static steps reuse their logits buffer
+      res.step_logits.push_back(logits.to(at::kCPU, at::kFloat, /*non_blocking=*/false, /*copy=*/true));
     at::Tensor chosen = sampler.sample(logits);
     auto ca = chosen.accessor<int64_t, 1>();
     std::vector<int64_t> step_tokens(B, -1);
@@ -92,10 +138,16 @@ GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, c
     if (all_done || step + 1 == max_new) break;
     // Decode step: one new position per row. Finished rows keep running (cheap, batch shape stays fixed).
     at::Tensor ids = chosen.to(device).view({B, 1});
-    valid = at::cat({valid, at::ones({B, 1}, valid.options())}, 1);
-    at::Tensor step_mask = any_pad ? make_attention_mask(valid, cache.length, 1) : at::Tensor();
-    logits = lm->forward(lm->embed(ids), next_pos, step_mask, &cache, true).select(1, 0);
-    next_pos = next_pos + 1;
+    if (static_steps) {
+      step_ids.copy_(ids);
+      static_step();
+      logits = step_logits;  // overwritten by the next step; whatever keeps it copies it first
+    } else {
+      valid = at::cat({valid, at::ones({B, 1}, valid.options())}, 1);
+      at::Tensor step_mask = any_pad ? make_attention_mask(valid, cache.length, 1) : at::Tensor();
+      logits = lm->forward(lm->embed(ids), next_pos, step_mask, &cache, true).select(1, 0);
+      next_pos = next_pos + 1;
+    }
     res.decode_steps++;
   }
   res.decode_seconds = seconds_since(t0);

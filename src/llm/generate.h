@@ -17,14 +17,24 @@ struct GenerateOptions {
   SamplingOptions sampling;
   std::vector<int64_t> stop_ids;  // EOS ids; a row stops after emitting one (not included in its tokens)
   bool keep_logits = false;       // collect the logits that chose each token
+  // Decode steps. Eager: each step attends over the positions filled so far (shapes grow by one per step).
+  // Static: every step has the same shapes (attention over the whole KV cache under a key-validity mask; the write
+  // slot and the positions advance on the device). Graph: static steps captured once as a CUDA graph and replayed,
+  // one launch per token instead of one per kernel (CUDA only). Auto: Graph on CUDA when at least kMinGraphSteps
+  // decode steps may run, Eager otherwise. Static and Graph refuse dynamic-NTK RoPE (its table depends on the
+  // host-side length).
+  enum class Decode { Auto, Eager, Static, Graph };
+  Decode decode = Decode::Auto;
+  static constexpr int64_t kMinGraphSteps = 8;  // below this, capturing (2 steps + instantiation) costs more than it saves
 };
 
 struct GenerateResult {
   std::vector<std::vector<int64_t>> tokens;  // per row, generated ids without the stop id
   std::vector<at::Tensor> step_logits;       // when keep_logits: per step [B, V] fp32 CPU (step 0 = prompt's last)
   int64_t prompt_len = 0;                    // padded prompt length
-  double prefill_seconds = 0, decode_seconds = 0;
+  double prefill_seconds = 0, decode_seconds = 0;  // decode_seconds includes a CUDA graph's capture
   int64_t decode_steps = 0;
+  bool cuda_graph = false;  // the decode steps replayed a captured CUDA graph
 };
 
 // Called after each step with the token chosen for every row (-1 for rows already finished).

@@ -48,15 +48,16 @@ RotaryEmbedding::RotaryEmbedding(const LlamaConfig& cfg) : cfg_(cfg) {
 
 std::pair<at::Tensor, at::Tensor> RotaryEmbedding::cos_sin(const at::Tensor& position_ids, c10::ScalarType dtype,
                                                            int64_t seq_len) const {
-  at::Tensor inv_freq = inv_freq_;
+  if (!inv_freq_device_.defined() || inv_freq_device_.device() != position_ids.device())
+    inv_freq_device_ = inv_freq_.to(position_ids.device());
+  at::Tensor inv_freq = inv_freq_device_;
   if (cfg_.rope_scaling.type == "dynamic" && seq_len > cfg_.max_position_embeddings) {
     // HF dynamic NTK: base grows with the sequence length beyond the trained context.
     const double f = cfg_.rope_scaling.factor, D = static_cast<double>(cfg_.head_dim);
     const double base = cfg_.rope_theta * std::pow((f * seq_len / cfg_.max_position_embeddings) - (f - 1), D / (D - 2));
     at::Tensor exponent = at::arange(0, cfg_.head_dim, 2, at::kLong).to(at::kFloat) / static_cast<float>(D);
-    inv_freq = 1.0 / at::pow(base, exponent);
+    inv_freq = (1.0 / at::pow(base, exponent)).to(position_ids.device());
   }
-  inv_freq = inv_freq.to(position_ids.device());
   // freqs [B,T,D/2] = pos ⊗ inv_freq in fp32; emb = cat(freqs, freqs) -> [B,T,D].
   at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq.view({1, 1, -1});
   at::Tensor emb = at::cat({freqs, freqs}, -1);
@@ -116,7 +117,13 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
   q = q * c + rotate_half(q) * s;
   k = k * c + rotate_half(k) * s;
-  if (cache) {
+  if (cache && cache->slot.defined()) {
+    EQAT_ASSERT(T == 1 && mask.defined(), "a static-shape decode step takes one position and a mask");
+    cache->k[layer_idx].index_copy_(2, cache->slot, k);
+    cache->v[layer_idx].index_copy_(2, cache->slot, v);
+    k = cache->k[layer_idx];
+    v = cache->v[layer_idx];
+  } else if (cache) {
     const int64_t past = cache->length;
     EQAT_CHECK(past + T <= cache->capacity, "sequence of ", past + T, " positions exceeds the KV cache (",
                cache->capacity, ")");
@@ -196,7 +203,7 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& embeds, const at::Tensor& p
   at::Tensor h = embeds;
   for (size_t i = 0; i < layers->size(); ++i)
     h = layers[i]->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, mask, cache, static_cast<int64_t>(i));
-  if (cache) cache->length += T;
+  if (cache && !cache->slot.defined()) cache->length += T;
   return norm->forward(h);
 }
 

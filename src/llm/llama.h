@@ -21,6 +21,11 @@ struct KVCache {
   std::vector<at::Tensor> k, v;  // per layer: [B, Hkv, capacity, D]
   int64_t length = 0;            // positions filled
   int64_t capacity = 0;
+  // Static-shape decode (CUDA graphs): when defined, a one-position step writes its keys/values at this [1] int64
+  // index on the cache's device and attends over the whole capacity under the caller's mask (which must exclude
+  // the slots not yet written); `length` is then left alone. The index lives on the device, so one captured step
+  // replays for every position.
+  at::Tensor slot;
   static KVCache create(const LlamaConfig& cfg, int64_t batch, int64_t capacity, c10::ScalarType dtype,
                         c10::Device device);
 };
@@ -36,7 +41,8 @@ class RotaryEmbedding {
 
  private:
   LlamaConfig cfg_;
-  at::Tensor inv_freq_;  // [D/2] fp32
+  at::Tensor inv_freq_;                  // [D/2] fp32, CPU
+  mutable at::Tensor inv_freq_device_;  // its copy on the positions' device, made once (no copy inside a graph)
 };
 
 // Token embedding table; weight allocated uninitialised (see QuantLinear).

@@ -188,20 +188,22 @@ double cuda_graph_time_us(const std::function<void(int)>& step, int iters, int r
 
 std::function<void()> cuda_graph_capture(const std::function<void()>& step) {
   EQAT_CHECK(at::cuda::is_available(), "no CUDA device");
-  auto stream = std::make_shared<at::cuda::CUDAStream>(at::cuda::getStreamFromPool());
+  // Captured on a side stream (capture is refused on the legacy default stream), which first waits for all work
+  // already queued. Replays run on the caller's current stream (CUDAGraph::replay launches there), so they are
+  // ordered with the caller's copies before and after them; a side-stream replay would race with them, the pool's
+  // streams being non-blocking.
+  at::cuda::CUDAStream stream = at::cuda::getStreamFromPool();
   auto graph = std::make_shared<at::cuda::CUDAGraph>();
+  at::cuda::device_synchronize();
   {
-    at::cuda::CUDAStreamGuard sg(*stream);
+    at::cuda::CUDAStreamGuard sg(stream);
     step();  // warm-up: allocations and lazy cuBLAS initialisation happen outside the capture
-    stream->synchronize();
+    stream.synchronize();
     graph->capture_begin();
     step();
     graph->capture_end();
   }
-  return [stream, graph] {
-    at::cuda::CUDAStreamGuard sg(*stream);
-    graph->replay();
-  };
+  return [graph] { graph->replay(); };
 }
 
 double cuda_d2d_copy_gbps(int64_t bytes) {

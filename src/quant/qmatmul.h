@@ -51,7 +51,8 @@ bool quant_cuda_compiled();
 // Captures step(0), …, step(iters−1) into one CUDA graph (after one eager warm-up call of each), replays it `reps`
 // times and returns the device time per step in µs (CUDA events), so host launch overhead is excluded.
 double cuda_graph_time_us(const std::function<void(int)>& step, int iters, int reps);
-// A decode loop helper: captures `step` once into a graph and returns a function that replays it.
+// A decode loop helper: runs `step` once eagerly (warm-up), captures it into a graph and returns a function that
+// replays it on the caller's current stream. The state `step` advances has moved by two runs on return.
 std::function<void()> cuda_graph_capture(const std::function<void()>& step);
 // Device-to-device copy bandwidth (read + write bytes / time) of a `bytes`-sized buffer, GB/s.
 double cuda_d2d_copy_gbps(int64_t bytes);

@@ -111,6 +111,16 @@ TEST(Cli, GenerateIsDeterministicAndMatchesTransformers) {
   EXPECT_EQ(strip(a.out), strip(meta["prompt"]["greedy_text"].get<std::string>()));
   RunResult empty = run_eqat({"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "4", ""});
   EXPECT_EQ(empty.code, 0) << empty.err;
+  // Static-shape decode steps (what a CUDA graph replays) give the same text; graph mode needs CUDA.
+  std::vector<std::string> st = args;
+  st.insert(st.begin() + 1, {"--decode", "static"});
+  RunResult s = run_eqat(st);
+  ASSERT_EQ(s.code, 0) << s.err;
+  EXPECT_EQ(s.out, a.out);
+  st[2] = "graph";
+  expect_input_error(run_eqat(st), "CUDA");
+  st[2] = "fast";
+  expect_input_error(run_eqat(st), "--decode");
 }
 
 TEST(Cli, PreprocessWritesThePixelTensor) {

@@ -24,10 +24,12 @@ at::Tensor full_logits(Model& m, const std::vector<int64_t>& ids) {
   return m.lm->forward(m.lm->embed(t), pos, {}, nullptr).squeeze(0);  // [T,V]
 }
 
-GenerateResult greedy(Model& m, const std::vector<std::vector<int64_t>>& rows, int64_t n) {
+GenerateResult greedy(Model& m, const std::vector<std::vector<int64_t>>& rows, int64_t n,
+                      GenerateOptions::Decode decode = GenerateOptions::Decode::Auto) {
   auto [ids, valid] = left_pad(rows, 0);
   GenerateOptions o;
   o.max_new_tokens = n;
+  o.decode = decode;
   o.keep_logits = true;  // no stop ids: the fixtures generate exactly n tokens
   c10::NoGradGuard g;
   return generate(m.lm, m.lm->embed(ids), valid, o);
@@ -80,6 +82,30 @@ TEST(Llama, LeftPaddedBatchEqualsOneByOne) {
     for (const auto& s : r.step_logits) steps.push_back(s[i]);
     EXPECT_LE(max_abs_diff(at::stack(steps), g.get(p + ".greedy_logits")), kLogitTol) << p;
   }
+}
+
+// Static-shape steps (the CUDA-graph path, run eagerly here) attend over the whole cache under a key-validity mask:
+// same math as the growing-shape steps, only the summation blocking differs, so kLogitTol (rounding) applies.
+TEST(Llama, StaticShapeDecodeStepsMatchTransformers) {
+  Model m = load_model(fixture("tiny_llama"));
+  auto g = Checkpoint::open(fixture("tiny_llama/golden.safetensors"));
+  GenerateResult one = greedy(m, {to_ids(g.get("prompt.input_ids"))}, 16, GenerateOptions::Decode::Static);
+  EXPECT_FALSE(one.cuda_graph);
+  EXPECT_EQ(one.tokens[0], to_ids(g.get("prompt.greedy_ids")));
+  EXPECT_LE(max_abs_diff(at::cat(one.step_logits, 0), g.get("prompt.greedy_logits")), kLogitTol);
+  // Left-padded rows: pads stay masked in every step and each row's positions advance on the device.
+  std::vector<std::vector<int64_t>> rows;
+  for (int i = 0; i < 3; ++i) rows.push_back(to_ids(g.get("batch" + std::to_string(i) + ".input_ids")));
+  GenerateResult r = greedy(m, rows, 8, GenerateOptions::Decode::Static);
+  for (int i = 0; i < 3; ++i) {
+    const std::string p = "batch" + std::to_string(i);
+    EXPECT_EQ(r.tokens[i], to_ids(g.get(p + ".greedy_ids"))) << p;
+    std::vector<at::Tensor> steps;
+    for (const auto& s : r.step_logits) steps.push_back(s[i]);
+    EXPECT_LE(max_abs_diff(at::stack(steps), g.get(p + ".greedy_logits")), kLogitTol) << p;
+  }
+  // Graph mode is CUDA-only; Auto on the CPU stays eager.
+  EXPECT_THROW(greedy(m, rows, 8, GenerateOptions::Decode::Graph), InputError);
 }
 
 TEST(Llama, RopeScalingLinearAndLlama3MatchTransformers) {
