@@ -40,7 +40,7 @@ int cmd_train_tiny(const Argv& argv) {
                     {"threads", "N", "CPU threads", s(d.threads)},
                     {"no-progress", "", "no progress bar", ""},
                     {"vocab", "N", "SentencePiece vocabulary (<= 1024)", s(d.sp_vocab)},
-                    {"option-pieces", "", "make each multiple-choice option text (\"A. red\") one tokenizer piece", ""},
+                    {"no-option-pieces", "", "keep multiple-choice option texts (\"A. red\") as ordinary pieces", ""},
                     {"dim", "N", "decoder width", s(d.dim)},
                     {"layers", "N", "decoder layers", s(d.layers)},
                     {"heads", "N", "decoder heads", s(d.heads)},
@@ -95,7 +95,7 @@ int cmd_train_tiny(const Argv& argv) {
   o.threads = a.i64("threads");
   o.progress = !a.flag("no-progress");
   o.sp_vocab = a.i64("vocab");
-  o.option_pieces = a.flag("option-pieces");
+  o.option_pieces = !a.flag("no-option-pieces");
   o.dim = a.i64("dim"), o.layers = a.i64("layers"), o.heads = a.i64("heads"), o.kv_heads = a.i64("kv-heads");
   o.ff = a.i64("ff");
   o.vit_dim = a.i64("vit-dim"), o.vit_layers = a.i64("vit-layers"), o.vit_ff = a.i64("vit-ff");

@@ -69,7 +69,7 @@ struct TinyTrainOptions {
   int64_t vit_dim = 128, vit_layers = 4, vit_heads = 4, vit_ff = 512;  // the last layer is unused (feature -2)
   int64_t dim = 256, layers = 3, heads = 4, kv_heads = 4, ff = 512;  // 256, 512: multiples of 128 (W4g128)
   int64_t sp_vocab = 1024;  // SentencePiece pieces (≤ 1024); <image> and <pad> follow
-  bool option_pieces = false;  // each multiple-choice option text ("A. red") one piece (train_tokenizer)
+  bool option_pieces = true;  // each multiple-choice option text ("A. red") one piece (train_tokenizer)
   // Stage 0: ViT per-cell classification.
   int64_t stage0_steps = 2000, stage0_batch = 64;
   double stage0_lr = 3e-3;

@@ -294,13 +294,15 @@ TEST(TrainTiny, ChoiceOnlyMixDropsImagesWithoutQuestions) {
   EXPECT_GT(b.turns, 0);
 }
 
-// --option-pieces: each option text of a multiple-choice question ("B. star") is one token; at the recipe's
-// vocabulary size the rest of the prompt, and every other family's questions, are tokenized as without it.
+// Option pieces (the recipe's default; --no-option-pieces turns them off): each option text of a multiple-choice
+// question ("B. star") is one token; at the recipe's vocabulary size the rest of the prompt, and every other family's
+// questions, are tokenized as without it.
 TEST(TrainTiny, OptionPiecesMakeEachOptionOneToken) {
   eqat_test::TempDir tmp;
   TinyTrainOptions o = tiny(tmp.str("plain"));
   o.stage0_steps = 1, o.max_steps = 1;  // the tokenizer is trained before step 1
   o.sp_vocab = 1024;  // the recipe's: BPE runs out of merges first, so the 56 option pieces take no merge's place
+  o.option_pieces = false;
   train_tiny(o);
   o.out = tmp.str("fused"), o.option_pieces = true;
   train_tiny(o);
