@@ -12,8 +12,8 @@
 # with `timeout` so a hang cannot eat the whole call.
 #
 # The full project needs OpenCV and sentencepiece development files that the device image lacks, so this builds
-# scripts/gpu-check/CMakeLists.txt: kernels/, the packed linear + CUDA adapter, their tests and an `eqat` with the
-# bench subcommand only.
+# scripts/gpu-check/CMakeLists.txt: kernels/, the packed linear + CUDA adapter, the decoder and generation loop
+# (for the CUDA-graph decode test, on random weights), their tests and an `eqat` with the bench subcommand only.
 #
 # Files written to $OUT (at most 8 come back): summary.txt, build.log, ctest.txt, memcheck.txt,
 # bench_kernels_cuda.json, bench_decode_cuda.json, bench_decode_unfused_cuda.json, nvidia-smi.txt.
