@@ -81,9 +81,10 @@ GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, c
   if (mode == Decode::Auto)
     mode = device.is_cuda() && !dynamic_rope && max_new - 1 >= GenerateOptions::kMinGraphSteps ? Decode::Graph
                                                                                                : Decode::Eager;
-  EQAT_CHECK(mode != Decode::Graph || device.is_cuda(), "CUDA-graph decoding needs the model on a CUDA device");
+  EQAT_CHECK(mode != Decode::Graph || device.is_cuda(),
+             "--decode graph: CUDA-graph decoding needs the model on a CUDA device (--device cuda)");
   EQAT_CHECK(mode == Decode::Eager || !dynamic_rope,
-             "static-shape decoding cannot use dynamic-NTK RoPE (rope_scaling.type \"dynamic\")");
+             "--decode static/graph: static-shape decoding cannot use the model's dynamic-NTK RoPE (use eager)");
   const bool static_steps = mode != Decode::Eager && max_new > 1;
   std::function<void()> static_step;
   at::Tensor step_ids, step_logits;
