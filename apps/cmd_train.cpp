@@ -85,7 +85,11 @@ int cmd_train_tiny(const Argv& argv) {
                          {p + "fewer-options", "P", "stage " + s(k) + " probability that a multiple-choice question keeps 2 or 3 of its 4 options",
                           g(r.mix.fewer_options)},
                          {p + "in-the-image", "P", "stage " + s(k) + " probability that a colour, shape or choice question reads '... in the image?'",
-                          g(r.mix.in_the_image)}});
+                          g(r.mix.in_the_image)},
+                         {p + "locate", "N", "stage " + s(k) + " training-only 'Which row/column is the X in?' questions per image (0-8)",
+                          s(r.mix.locate)},
+                         {p + "confusable-position", "N", "stage " + s(k) + " training-only position questions per image about pairs sharing a colour or shape (0-8)",
+                          s(r.mix.confusable_position)}});
   }
   ParsedArgs a = parse_args(spec, argv);
   TinyTrainOptions o;
@@ -118,6 +122,12 @@ int cmd_train_tiny(const Argv& argv) {
       r.mix.*field = a.f64(p + name);
       EQAT_CHECK(r.mix.*field >= 0 && r.mix.*field <= 1, "--", p, name, ": must be in [0, 1]");
     }
+    const int64_t locate = a.i64(p + "locate");
+    EQAT_CHECK(locate >= 0 && locate <= 8, "--", p, "locate: must be in [0, 8]");
+    r.mix.locate = static_cast<int>(locate);
+    const int64_t confusable = a.i64(p + "confusable-position");
+    EQAT_CHECK(confusable >= 0 && confusable <= 8, "--", p, "confusable-position: must be in [0, 8]");
+    r.mix.confusable_position = static_cast<int>(confusable);
     const std::string m = a.str(p + "mix");
     std::istringstream in(m);
     std::string item;

@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <random>
 #include <set>
+#include <tuple>
+#include <utility>
 #include <sys/stat.h>
 
 #include "data/error.h"
@@ -185,6 +187,14 @@ std::vector<std::pair<int, int>> position_pairs(const Scene& s) {
   return out;
 }
 
+// The position question about A relative to B (a pair from position_pairs) and its answer, without the format line.
+std::pair<std::string, std::string> position_question(const ShapesObject& A, const ShapesObject& B) {
+  std::string a;
+  if (A.cell / 3 == B.cell / 3) a = A.cell % 3 < B.cell % 3 ? "left" : "right";
+  else a = A.cell / 3 < B.cell / 3 ? "above" : "below";
+  return {"Where is the " + noun(A) + " relative to the " + noun(B) + "?", a};
+}
+
 bool answerable(const Scene& s, ShapesFamily f) {
   switch (f) {
     case ShapesFamily::kColour: return !unique_by(s, true).empty();
@@ -261,10 +271,7 @@ ShapesQA ask(const Scene& s, ShapesFamily f, Rng& r, double hard_choice, Rng& ha
     case ShapesFamily::kPosition: {
       auto pairs = position_pairs(s);
       auto [ia, ib] = pairs[static_cast<size_t>(r.below(static_cast<int>(pairs.size())))];
-      const auto &A = s.obj[static_cast<size_t>(ia)], &B = s.obj[static_cast<size_t>(ib)];
-      q = "Where is the " + noun(A) + " relative to the " + noun(B) + "?";
-      if (A.cell / 3 == B.cell / 3) a = A.cell % 3 < B.cell % 3 ? "left" : "right";
-      else a = A.cell / 3 < B.cell / 3 ? "above" : "below";
+      std::tie(q, a) = position_question(s.obj[static_cast<size_t>(ia)], s.obj[static_cast<size_t>(ib)]);
       break;
     }
     case ShapesFamily::kChoice: {
@@ -409,6 +416,49 @@ ShapesQA shapes_in_the_image(const ShapesQA& qa) {
   const size_t q = out.question.find('?');
   EQAT_CHECK(q != std::string::npos, "shapes: no '?' in: ", qa.question);
   out.question.insert(q, " in the image");
+  return out;
+}
+
+std::vector<ShapesQA> shapes_locate_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw) {
+  EQAT_CHECK(n >= 0 && n <= 8, "shapes: locate questions per image must lie in [0, 8], got ", n);
+  Scene s{objects};
+  std::vector<int> asks;  // 2 * object + (0 row, 1 column)
+  for (size_t i = 0; i < objects.size(); ++i)
+    if (s.count_pair(objects[i].kind, objects[i].colour) == 1) asks.insert(asks.end(), {2 * static_cast<int>(i), 2 * static_cast<int>(i) + 1});
+  Rng r(draw);
+  r.shuffle(asks);
+  std::vector<ShapesQA> out;
+  for (size_t k = 0; k < asks.size() && static_cast<int>(k) < n; ++k) {
+    const ShapesObject& o = objects[static_cast<size_t>(asks[k] / 2)];
+    const bool row = asks[k] % 2 == 0;
+    ShapesQA qa;
+    qa.family = ShapesFamily::kPosition;
+    qa.question = std::string("Which ") + (row ? "row" : "column") + " is the " + noun(o) + " in?" + kShortSuffix;
+    qa.answer = std::to_string(1 + (row ? o.cell / kShapesGrid : o.cell % kShapesGrid));
+    out.push_back(std::move(qa));
+  }
+  return out;
+}
+
+std::vector<ShapesQA> shapes_confusable_position_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw) {
+  EQAT_CHECK(n >= 0 && n <= 8, "shapes: confusable position questions per image must lie in [0, 8], got ", n);
+  const Scene s{objects};
+  std::vector<std::pair<int, int>> pairs;
+  for (const auto& [a, b] : position_pairs(s)) {
+    const ShapesObject &A = objects[static_cast<size_t>(a)], &B = objects[static_cast<size_t>(b)];
+    if (A.colour == B.colour || A.kind == B.kind) pairs.emplace_back(a, b);
+  }
+  Rng r(draw);
+  r.shuffle(pairs);
+  std::vector<ShapesQA> out;
+  for (size_t k = 0; k < pairs.size() && static_cast<int>(k) < n; ++k) {
+    ShapesQA qa;
+    qa.family = ShapesFamily::kPosition;
+    std::tie(qa.question, qa.answer) =
+        position_question(objects[static_cast<size_t>(pairs[k].first)], objects[static_cast<size_t>(pairs[k].second)]);
+    qa.question += kShortSuffix;
+    out.push_back(std::move(qa));
+  }
   return out;
 }
 

@@ -78,6 +78,19 @@ ShapesQA shapes_choice_fewer_options(const ShapesQA& qa, int keep, uint64_t draw
 // A colour, shape or multiple-choice question with " in the image" before its '?' ("What color is the star in the
 // image?"): the same question, its object named at another distance from the end of the prompt.
 ShapesQA shapes_in_the_image(const ShapesQA& qa);
+// Training-only questions for the sub-skill behind the position family (find a named object, read off its cell):
+// up to n distinct questions about objects whose colour-shape pair is unique in the scene,
+//   "Which row is the red star in?"    -> "1" (top) | "2" | "3" (bottom)
+//   "Which column is the red star in?" -> "1" (left) | "2" | "3" (right)
+// with the short-answer line, family kPosition. `draw` picks the objects and rows/columns (from every such
+// object × {row, column}, shuffled); fewer than n when the scene has fewer, none when no pair is unique.
+std::vector<ShapesQA> shapes_locate_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw);
+// Training-only position questions (the family's own wording and answers) about the pairs a look-up by one
+// attribute confuses: both objects share their colour ("the red star relative to the red circle") or their shape.
+// Up to n distinct ordered pairs picked by `draw`; none when the scene has no such pair in a row or column. (A model
+// that finds objects by colour first answered 3 of 13 such standard-split questions right, against 101 of 113 pairs
+// of distinct colour and shape.)
+std::vector<ShapesQA> shapes_confusable_position_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw);
 
 struct ShapesSample {
   std::vector<ShapesObject> objects;  // in reading (cell) order

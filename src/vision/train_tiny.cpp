@@ -270,6 +270,13 @@ ShapesSample shapes_qa_sample(uint64_t seed, int64_t index, const ShapesQAMix& m
     if (mix.in_the_image > 0 && unit(in_image) < mix.in_the_image) q = shapes_in_the_image(q);
     qa.push_back(std::move(q));
   }
+  if (mix.locate > 0)
+    for (auto& q : shapes_locate_questions(s.objects, mix.locate, seed * 0x165667B19E3779F9ull ^ static_cast<uint64_t>(index)))
+      qa.push_back(std::move(q));
+  if (mix.confusable_position > 0)
+    for (auto& q : shapes_confusable_position_questions(s.objects, mix.confusable_position,
+                                                        seed * 0x27D4EB2F165667C5ull ^ static_cast<uint64_t>(index)))
+      qa.push_back(std::move(q));
   s.qa = std::move(qa);
   return s;
 }

@@ -51,6 +51,12 @@ struct ShapesQAMix {
   // question reads "... in the image?" (shapes_in_the_image). They vary where the asked object's name sits
   // relative to the prompt's end, so that finding it by distance stops working.
   double choice_by_word = 0.0, fewer_options = 0.0, in_the_image = 0.0;
+  // Training-only row/column questions per image (shapes_locate_questions, their own stream), after the others:
+  // the find-and-read-off-the-cell step that position questions need, supervised on its own.
+  int locate = 0;
+  // Training-only position questions per image about pairs that share a colour or a shape
+  // (shapes_confusable_position_questions, their own stream), after the locate questions.
+  int confusable_position = 0;
   static ShapesQAMix uniform(int per_family) {
     ShapesQAMix m;
     m.per_family.fill(per_family);

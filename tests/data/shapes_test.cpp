@@ -365,5 +365,89 @@ TEST(Shapes, InTheImageMovesOnlyTheObjectsName) {
   }
 }
 
+// Row/column questions: the answer is the named object's row (column) counted from 1 at the top (left), the name
+// picks exactly one object, the questions are distinct, and only objects unique by colour and shape are asked about.
+TEST(Shapes, LocateQuestionsReadOffTheNamedObjectsCell) {
+  int64_t asked = 0, rows = 0;
+  for (int64_t i = 0; i < 200; ++i) {
+    const ShapesSample s = shapes_sample(31, i);
+    const auto qs = shapes_locate_questions(s.objects, 8, static_cast<uint64_t>(i));
+    int unique = 0;
+    for (const auto& o : s.objects) {
+      int same = 0;
+      for (const auto& p : s.objects) same += p.kind == o.kind && p.colour == o.colour;
+      unique += same == 1;
+    }
+    ASSERT_EQ(qs.size(), static_cast<size_t>(2 * unique));
+    std::set<std::string> seen;
+    for (const auto& qa : qs) {
+      EXPECT_TRUE(seen.insert(qa.question).second) << qa.question;
+      EXPECT_EQ(qa.family, ShapesFamily::kPosition);
+      const std::string stem = shapes_without_format_line(qa.question);
+      ASSERT_NE(stem, qa.question);  // ends with the short-answer line
+      const bool row = stem.rfind("Which row is the ", 0) == 0;
+      ASSERT_TRUE(row || stem.rfind("Which column is the ", 0) == 0) << stem;
+      int matches = 0;
+      for (const auto& o : s.objects) {
+        const std::string name = std::string(shapes_colour_name(o.colour)) + " " + shapes_kind_name(o.kind);
+        if (stem.find(" the " + name + " in?") == std::string::npos) continue;
+        ++matches;
+        EXPECT_EQ(qa.answer, std::to_string(1 + (row ? o.cell / kShapesGrid : o.cell % kShapesGrid))) << stem;
+      }
+      EXPECT_EQ(matches, 1) << stem;
+      rows += row;
+      ++asked;
+    }
+    // n caps the count; the first questions do not depend on n.
+    const auto two = shapes_locate_questions(s.objects, 2, static_cast<uint64_t>(i));
+    ASSERT_EQ(two.size(), std::min<size_t>(2, qs.size()));
+    for (size_t k = 0; k < two.size(); ++k) EXPECT_EQ(two[k].question, qs[k].question);
+  }
+  ASSERT_GT(asked, 400);
+  EXPECT_EQ(rows * 2, asked);  // every unique object is asked both ways
+  EXPECT_TRUE(shapes_locate_questions(shapes_sample(31, 0).objects, 0, 1).empty());
+  EXPECT_THROW(shapes_locate_questions(shapes_sample(31, 0).objects, 9, 1), InputError);
+}
+
+// Confusable-pair position questions: worded and answered like the family's own, only about pairs in a row or a
+// column that share a colour or a shape, distinct, and all such ordered pairs when n allows.
+TEST(Shapes, ConfusablePositionQuestionsAskAboutPairsSharingAnAttribute) {
+  int64_t asked = 0;
+  for (int64_t i = 0; i < 300; ++i) {
+    const ShapesSample s = shapes_sample(37, i);
+    const auto qs = shapes_confusable_position_questions(s.objects, 8, static_cast<uint64_t>(i));
+    auto name = [](const ShapesObject& o) { return std::string(shapes_colour_name(o.colour)) + " " + shapes_kind_name(o.kind); };
+    auto unique = [&](const ShapesObject& o) {
+      int same = 0;
+      for (const auto& p : s.objects) same += p.kind == o.kind && p.colour == o.colour;
+      return same == 1;
+    };
+    std::set<std::string> want;  // the expected questions: every qualifying ordered pair
+    std::map<std::string, std::string> answer;
+    for (const auto& A : s.objects)
+      for (const auto& B : s.objects) {
+        if (&A == &B || !unique(A) || !unique(B) || (A.colour != B.colour && A.kind != B.kind)) continue;
+        const int ra = A.cell / kShapesGrid, ca = A.cell % kShapesGrid, rb = B.cell / kShapesGrid, cb = B.cell % kShapesGrid;
+        if (ra != rb && ca != cb) continue;
+        const std::string q = "Where is the " + name(A) + " relative to the " + name(B) + "?";
+        want.insert(q);
+        answer[q] = ra == rb ? (ca < cb ? "left" : "right") : (ra < rb ? "above" : "below");
+      }
+    std::set<std::string> got;
+    for (const auto& qa : qs) {
+      EXPECT_EQ(qa.family, ShapesFamily::kPosition);
+      const std::string stem = shapes_without_format_line(qa.question);
+      ASSERT_NE(stem, qa.question);  // ends with the short-answer line
+      ASSERT_TRUE(want.count(stem)) << stem;
+      EXPECT_EQ(qa.answer, answer[stem]) << stem;
+      EXPECT_TRUE(got.insert(stem).second) << stem;
+    }
+    EXPECT_EQ(got.size(), std::min<size_t>(8, want.size()));
+    asked += static_cast<int64_t>(qs.size());
+  }
+  ASSERT_GT(asked, 30);  // the case is common enough to train on
+  EXPECT_THROW(shapes_confusable_position_questions(shapes_sample(37, 0).objects, 9, 1), InputError);
+}
+
 }  // namespace
 }  // namespace eqat

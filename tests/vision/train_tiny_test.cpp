@@ -215,6 +215,33 @@ TEST(TrainTiny, StageTwoMixCapsFamiliesAndDropsFormatLines) {
   ShapesSample hu = shapes_qa_sample(9, 3, h), hp = shapes_sample(9, 3, -1, 2, 1.0);
   ASSERT_EQ(hu.qa.size(), hp.qa.size());
   for (size_t k = 0; k < hu.qa.size(); ++k) EXPECT_EQ(hu.qa[k].question, hp.qa[k].question);
+  // locate appends that many row/column questions (fewer when the scene has fewer unique objects) after the mix's
+  // own questions, which stay as they were.
+  ShapesQAMix l = mix;
+  l.locate = 3;
+  int64_t appended = 0;
+  for (int64_t i = 0; i < 20; ++i) {
+    ShapesSample a = shapes_qa_sample(9, i, mix), b = shapes_qa_sample(9, i, l);
+    const size_t want = shapes_locate_questions(a.objects, 3, 0).size();  // the count does not depend on the draw
+    ASSERT_EQ(b.qa.size(), a.qa.size() + want);
+    for (size_t k = 0; k < a.qa.size(); ++k) EXPECT_EQ(b.qa[k].question, a.qa[k].question);
+    for (size_t k = a.qa.size(); k < b.qa.size(); ++k) EXPECT_EQ(b.qa[k].question.rfind("Which ", 0), 0u) << b.qa[k].question;
+    appended += static_cast<int64_t>(want);
+  }
+  EXPECT_GT(appended, 40);  // most scenes have 2+ unique objects (4+ possible questions)
+  // confusable_position appends its questions after those.
+  ShapesQAMix c = l;
+  c.confusable_position = 2;
+  int64_t confusable = 0;
+  for (int64_t i = 0; i < 40; ++i) {
+    ShapesSample a = shapes_qa_sample(9, i, l), b = shapes_qa_sample(9, i, c);
+    const size_t want = shapes_confusable_position_questions(a.objects, 2, 0).size();
+    ASSERT_EQ(b.qa.size(), a.qa.size() + want);
+    for (size_t k = 0; k < a.qa.size(); ++k) EXPECT_EQ(b.qa[k].question, a.qa[k].question);
+    for (size_t k = a.qa.size(); k < b.qa.size(); ++k) EXPECT_EQ(b.qa[k].question.rfind("Where is the ", 0), 0u) << b.qa[k].question;
+    confusable += static_cast<int64_t>(want);
+  }
+  EXPECT_GT(confusable, 0);
   // choice_by_word turns about that share of the choice questions that kept their letter line into word
   // questions (shapes_choice_by_word) and leaves every other question, and the format-line draws, as they were.
   ShapesQAMix w = mix;
