@@ -88,8 +88,8 @@ std::vector<ShapesQA> shapes_locate_questions(const std::vector<ShapesObject>& o
 // Training-only position questions (the family's own wording and answers) about the pairs a look-up by one
 // attribute confuses: both objects share their colour ("the red star relative to the red circle") or their shape.
 // Up to n distinct ordered pairs picked by `draw`; none when the scene has no such pair in a row or column. (A model
-// that finds objects by colour first answered 3 of 13 such standard-split questions right, against 101 of 113 pairs
-// of distinct colour and shape.)
+// that found objects by colour first answered 7 of 13 same-colour standard-split questions right, against 99 of 113
+// pairs of distinct colour and shape; models/SOURCES.md, "Position".)
 std::vector<ShapesQA> shapes_confusable_position_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw);
 
 struct ShapesSample {
