@@ -122,12 +122,13 @@ int cmd_train_tiny(const Argv& argv) {
       r.mix.*field = a.f64(p + name);
       EQAT_CHECK(r.mix.*field >= 0 && r.mix.*field <= 1, "--", p, name, ": must be in [0, 1]");
     }
-    const int64_t locate = a.i64(p + "locate");
-    EQAT_CHECK(locate >= 0 && locate <= 8, "--", p, "locate: must be in [0, 8]");
-    r.mix.locate = static_cast<int>(locate);
-    const int64_t confusable = a.i64(p + "confusable-position");
-    EQAT_CHECK(confusable >= 0 && confusable <= 8, "--", p, "confusable-position: must be in [0, 8]");
-    r.mix.confusable_position = static_cast<int>(confusable);
+    using Count = std::pair<const char*, int ShapesQAMix::*>;
+    for (const auto& [name, field] : {Count{"locate", &ShapesQAMix::locate},
+                                      Count{"confusable-position", &ShapesQAMix::confusable_position}}) {
+      const int64_t n = a.i64(p + name);
+      EQAT_CHECK(n >= 0 && n <= 8, "--", p, name, ": must be in [0, 8]");
+      r.mix.*field = static_cast<int>(n);
+    }
     const std::string m = a.str(p + "mix");
     std::istringstream in(m);
     std::string item;

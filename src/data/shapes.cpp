@@ -419,18 +419,25 @@ ShapesQA shapes_in_the_image(const ShapesQA& qa) {
   return out;
 }
 
+// The first n of `v` after a shuffle drawn from `draw` (training-only question picks).
+template <class T>
+std::vector<T> shuffled_first(std::vector<T> v, int n, uint64_t draw) {
+  Rng r(draw);
+  r.shuffle(v);
+  if (v.size() > static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v;
+}
+
 std::vector<ShapesQA> shapes_locate_questions(const std::vector<ShapesObject>& objects, int n, uint64_t draw) {
   EQAT_CHECK(n >= 0 && n <= 8, "shapes: locate questions per image must lie in [0, 8], got ", n);
-  Scene s{objects};
+  const Scene s{objects};
   std::vector<int> asks;  // 2 * object + (0 row, 1 column)
   for (size_t i = 0; i < objects.size(); ++i)
     if (s.count_pair(objects[i].kind, objects[i].colour) == 1) asks.insert(asks.end(), {2 * static_cast<int>(i), 2 * static_cast<int>(i) + 1});
-  Rng r(draw);
-  r.shuffle(asks);
   std::vector<ShapesQA> out;
-  for (size_t k = 0; k < asks.size() && static_cast<int>(k) < n; ++k) {
-    const ShapesObject& o = objects[static_cast<size_t>(asks[k] / 2)];
-    const bool row = asks[k] % 2 == 0;
+  for (int ask : shuffled_first(std::move(asks), n, draw)) {
+    const ShapesObject& o = objects[static_cast<size_t>(ask / 2)];
+    const bool row = ask % 2 == 0;
     ShapesQA qa;
     qa.family = ShapesFamily::kPosition;
     qa.question = std::string("Which ") + (row ? "row" : "column") + " is the " + noun(o) + " in?" + kShortSuffix;
@@ -448,14 +455,11 @@ std::vector<ShapesQA> shapes_confusable_position_questions(const std::vector<Sha
     const ShapesObject &A = objects[static_cast<size_t>(a)], &B = objects[static_cast<size_t>(b)];
     if (A.colour == B.colour || A.kind == B.kind) pairs.emplace_back(a, b);
   }
-  Rng r(draw);
-  r.shuffle(pairs);
   std::vector<ShapesQA> out;
-  for (size_t k = 0; k < pairs.size() && static_cast<int>(k) < n; ++k) {
+  for (const auto& [a, b] : shuffled_first(std::move(pairs), n, draw)) {
     ShapesQA qa;
     qa.family = ShapesFamily::kPosition;
-    std::tie(qa.question, qa.answer) =
-        position_question(objects[static_cast<size_t>(pairs[k].first)], objects[static_cast<size_t>(pairs[k].second)]);
+    std::tie(qa.question, qa.answer) = position_question(objects[static_cast<size_t>(a)], objects[static_cast<size_t>(b)]);
     qa.question += kShortSuffix;
     out.push_back(std::move(qa));
   }
