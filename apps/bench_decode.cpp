@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "args.h"
+#include "bench_args.h"
 #include "data/error.h"
 #include "quant/pack.h"
 #include "quant/qmatmul.h"
@@ -172,9 +173,11 @@ int bench_decode(const ParsedArgs& a) {
   const bool cuda = a.str("device") == "cuda";
   EQAT_CHECK(cuda || a.str("device") == "cpu", "--device: expected cpu or cuda, got '", a.str("device"), "'");
   EQAT_CHECK(!cuda || quant_cuda_compiled(), "--device cuda: this eqat was built without the CUDA adapter");
-  const int64_t n_layers = a.i64("layers"), prompt = a.i64("prompt"), new_tokens = a.i64("new-tokens");
-  EQAT_CHECK(n_layers >= 1 && n_layers <= 32, "--layers must be in 1..32, got ", n_layers);
-  EQAT_CHECK(prompt >= 1 && new_tokens >= 1, "--prompt and --new-tokens must be >= 1");
+  const int64_t n_layers = a.i64("layers", 1, 32);
+  // The static KV cache holds prompt + new tokens: up to LLaVA-1.5-7B's context of 4096 positions.
+  const int64_t prompt = a.i64("prompt", 1, 4096), new_tokens = a.i64("new-tokens", 1, 4095);
+  EQAT_CHECK(new_tokens >= 1 && new_tokens <= 4096 - prompt, "--new-tokens must be in [1, ", 4096 - prompt,
+             "] (prompt + new tokens <= the 4096-position context), got ", new_tokens);
   const bool use_graph = cuda && !a.flag("no-graph");
   const bool unfused = a.flag("unfused");
   const at::TensorOptions opt = at::TensorOptions().dtype(cuda ? at::kHalf : at::kFloat)
@@ -188,9 +191,11 @@ int bench_decode(const ParsedArgs& a) {
     std::stringstream ss(a.str("formats"));
     std::string item;
     while (std::getline(ss, item, ',')) {
-      const auto gpos = item.find('g');
-      EQAT_CHECK(item.size() > 3 && item[0] == 'W' && gpos != std::string::npos, "--formats: bad entry '", item, "'");
-      formats.emplace_back(item, std::stoi(item.substr(1, gpos - 1)), std::stoll(item.substr(gpos + 1)));
+      const BenchFormat f = bench_format("--formats", item);
+      // Every linear of the 7B shape has K in {4096, 11008}: the group must divide both.
+      EQAT_CHECK(4096 % f.group == 0 && 11008 % f.group == 0, "--formats: group ", f.group, " in '", item,
+                 "' must divide 4096 and 11008 (32, 64 or 128)");
+      formats.emplace_back(f.name, f.bits, f.group);
     }
   }
   json out;

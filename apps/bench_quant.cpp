@@ -16,6 +16,7 @@
 #include <iostream>
 
 #include "args.h"
+#include "bench_args.h"
 #include "data/error.h"
 #include "quant/qat/block_ap.h"
 #include "quant/qat/e2e_qp.h"
@@ -31,13 +32,17 @@ int bench_quant(const ParsedArgs& a) {
   const bool cuda = a.str("device") == "cuda";
   EQAT_CHECK(cuda || a.str("device") == "cpu", "--device: expected cpu or cuda, got '", a.str("device"), "'");
   EQAT_CHECK(!cuda || quant_cuda_compiled(), "--device cuda: this eqat was built without the CUDA adapter");
-  const int64_t batch = a.i64("batch") > 0 ? a.i64("batch") : (cuda ? 2 : 1);
-  const int64_t L = a.i64("seq-len") > 0 ? a.i64("seq-len") : (cuda ? 2048 : 256);
-  const int64_t iters = a.i64("iters");
-  EQAT_CHECK(iters >= 1, "--iters must be >= 1, got ", iters);
+  // 0 picks the device's default; the bounds keep the random token set ((iters + 1) x batch x seq-len) and the
+  // activations within reach: seq-len up to the block's 4096-position context, batch up to 64, 10^4 iterations.
+  const int64_t batch_flag = bench_int("--batch", a.str("batch"), 0, 64);
+  const int64_t len_flag = bench_int("--seq-len", a.str("seq-len"), 0, 4096);
+  const int64_t batch = batch_flag > 0 ? batch_flag : (cuda ? 2 : 1);
+  const int64_t L = len_flag > 0 ? len_flag : (cuda ? 2048 : 256);
+  EQAT_CHECK(L >= 2, "--seq-len must be at least 2 (a token and the next one it predicts), got ", L);
+  const int64_t iters = bench_int("--iters", a.str("iters"), 1, 10000);
   QuantSpec spec;
-  spec.bits = static_cast<int>(a.i64("bits"));
-  spec.group_size = a.i64("group-size");
+  spec.bits = static_cast<int>(bench_int("--bits", a.str("bits"), 2, 8));
+  spec.group_size = bench_int("--group-size", a.str("group-size"), 1, 4096);
   EQAT_CHECK(packable_bits(spec.bits), "--bits must be 2, 3, 4 or 8, got ", spec.bits);
   EQAT_CHECK(spec.group_size > 0 && 4096 % spec.group_size == 0 && 11008 % spec.group_size == 0,
              "--group-size must divide 4096 and 11008 (32, 64 or 128), got ",

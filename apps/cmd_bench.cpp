@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <ctime>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "args.h"
+#include "bench_args.h"
 #include "commands.h"
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
@@ -39,34 +41,47 @@ std::string now_utc() {
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
   return buf;
 }
+int64_t bench_int(const std::string& flag, const std::string& item, int64_t lo, int64_t hi) {
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(item.c_str(), &end, 10);
+  EQAT_CHECK(!item.empty() && end && *end == '\0' && errno == 0, flag, ": expected an integer, got '", item, "'");
+  EQAT_CHECK(v >= lo && v <= hi, flag, ": ", v, " is out of range [", lo, ", ", hi, "]");
+  return v;
+}
+
+std::vector<int64_t> bench_int_list(const std::string& flag, const std::string& list, int64_t lo, int64_t hi) {
+  std::vector<int64_t> out;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(bench_int(flag, item, lo, hi));
+  EQAT_CHECK(!out.empty(), flag, ": empty list");
+  return out;
+}
+
+BenchFormat bench_format(const std::string& flag, const std::string& item) {
+  const size_t g = item.find('g');
+  EQAT_CHECK(item.size() >= 4 && item[0] == 'W' && g != std::string::npos, flag,
+             ": expected entries like W4g128, got '", item, "'");
+  BenchFormat f;
+  f.name = item;
+  f.bits = static_cast<int>(bench_int(flag, item.substr(1, g - 1), 2, 4));
+  f.group = bench_int(flag, item.substr(g + 1), 32, kMaxBenchDim);
+  EQAT_CHECK(f.group % 32 == 0, flag, ": group must be a multiple of 32 in '", item, "'");
+  return f;
+}
+
 namespace {
 const bool kRegistered = register_command("bench", cmd_bench, "benchmark the quantized kernels, a 7B decoder and the QAT phases");
 
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
-struct Format {
-  std::string name;  // "fp32" / "fp16" / "W4g128" …
-  int bits = 0;      // 0 = float baseline
-  int64_t group = 0;
-};
-
-std::vector<Format> parse_formats(const std::string& list, bool cuda) {
-  std::vector<Format> out{{cuda ? "fp16" : "fp32", 0, 0}};
+std::vector<BenchFormat> parse_formats(const std::string& list, bool cuda) {
+  std::vector<BenchFormat> out{{cuda ? "fp16" : "fp32", 0, 0}};
   std::stringstream ss(list);
   std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    Format f;
-    f.name = item;
-    EQAT_CHECK(item.size() >= 4 && item[0] == 'W' && item.find('g') != std::string::npos,
-               "--formats: expected entries like W4g128, got '", item, "'");
-    f.bits = std::stoi(item.substr(1, item.find('g') - 1));
-    f.group = std::stoll(item.substr(item.find('g') + 1));
-    EQAT_CHECK(f.bits == 2 || f.bits == 3 || f.bits == 4, "--formats: bits must be 2, 3 or 4 in '", item, "'");
-    EQAT_CHECK(f.group > 0 && f.group % 32 == 0, "--formats: group must be a multiple of 32 in '", item, "'");
-    out.push_back(f);
-  }
+  while (std::getline(ss, item, ',')) out.push_back(bench_format("--formats", item));
   return out;
 }
 
@@ -124,7 +139,7 @@ int bench_kernels(const ParsedArgs& a) {
   EQAT_CHECK(!cuda || quant_cuda_compiled(), "--device cuda: this eqat was built without the CUDA adapter");
   const at::Device dev = cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   const auto fdt = cuda ? at::kHalf : at::kFloat;
-  std::vector<Format> formats = parse_formats(a.str("formats"), cuda);
+  std::vector<BenchFormat> formats = parse_formats(a.str("formats"), cuda);
   std::vector<std::pair<int64_t, int64_t>> shapes;  // (N out, K in)
   {
     std::stringstream ss(a.str("shapes"));
@@ -132,24 +147,27 @@ int bench_kernels(const ParsedArgs& a) {
     while (std::getline(ss, item, ',')) {
       const auto x = item.find('x');
       EQAT_CHECK(x != std::string::npos, "--shapes: expected NxK entries, got '", item, "'");
-      shapes.emplace_back(std::stoll(item.substr(0, x)), std::stoll(item.substr(x + 1)));
+      const int64_t N = bench_int("--shapes", item.substr(0, x), 1, kMaxBenchDim);
+      const int64_t K = bench_int("--shapes", item.substr(x + 1), 1, kMaxBenchDim);
+      // Packed weights hold whole 32-bit words of codes along K and along N (qzeros), one group per g rows.
+      for (const BenchFormat& f : formats)
+        EQAT_CHECK(f.bits == 0 || (K % f.group == 0 && N % 32 == 0), "--shapes: ", item, " does not fit ", f.name,
+                   " (K must be a multiple of the group size ", f.group, ", N a multiple of 32)");
+      shapes.emplace_back(N, K);
     }
+    EQAT_CHECK(!shapes.empty(), "--shapes: no shapes given");
   }
-  std::vector<int64_t> ms;
-  {
-    std::stringstream ss(a.str("m"));
-    std::string item;
-    while (std::getline(ss, item, ',')) ms.push_back(std::stoll(item));
-  }
+  // Activation rows: a decode GEMV (1) up to a prefill of 4096 tokens.
+  const std::vector<int64_t> ms = bench_int_list("--m", a.str("m"), 1, 4096);
   std::vector<int> threads;
   if (!cuda) {
-    std::stringstream ss(a.str("threads"));
-    std::string item;
-    while (std::getline(ss, item, ',')) threads.push_back(std::stoi(item));
+    for (int64_t t : bench_int_list("--threads", a.str("threads"), 1, 1024)) threads.push_back(static_cast<int>(t));
   } else {
     threads.push_back(0);
   }
-  const int64_t rotate = a.i64("rotate-mb") > 0 ? a.i64("rotate-mb") << 20 : (cuda ? 256LL << 20 : 128LL << 20);
+  // Up to 64 GiB of rotated weights (the CPU protocol wants 4x L3; GPU L2 is tens of MB).
+  const int64_t rotate_mb = a.i64("rotate-mb", 0, 65536);
+  const int64_t rotate = rotate_mb > 0 ? rotate_mb << 20 : (cuda ? 256LL << 20 : 128LL << 20);
 
   json out;
   out["benchmark"] = "kernels";
@@ -171,7 +189,7 @@ int bench_kernels(const ParsedArgs& a) {
                                                                                cpu_isa_name(cpu_qgemm_isa()) + ")")
               << "\n";
   for (auto [N, K] : shapes) {
-    for (const Format& f : formats) {
+    for (const BenchFormat& f : formats) {
       // Build the rotation set for this (shape, format).
       at::manual_seed(N * 7 + K + f.bits);
       std::vector<GptqTensors> packed;

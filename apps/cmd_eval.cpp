@@ -57,6 +57,7 @@ int cmd_eval(const Argv& argv) {
        {"template", "NAME", "prompt template: llava-1.5 (vicuna_v1) | hf | none (default: the model's "
                             "conv_template, else llava-1.5)", ""},
        {"no-progress", "", "no progress bar on stderr", ""},
+       {"strict", "", "refuse corrupt JPEGs that libjpeg would decode with a warning (a bad question)", ""},
        {"device", "DEV", "cpu | cuda[:N]", "cpu"},
        {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
        {"threads", "N", "CPU threads (0 = auto)", "0"}},
@@ -78,6 +79,7 @@ int cmd_eval(const Argv& argv) {
   o.seq_len = a.i64("seq-len");
   o.template_name = a.str("template");
   o.progress = !a.flag("no-progress");
+  o.strict_images = a.flag("strict");
   o.device = a.str("device");
   o.dtype = a.str("dtype");
   o.threads = a.i64("threads");

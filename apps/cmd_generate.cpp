@@ -114,6 +114,11 @@ int run_single(Model& m, const ParsedArgs& a, const std::string& prompt, const a
              " tokens (image positions included) exceed the model's context of ",
              m.cfg.text.max_position_embeddings);
   GenerateOptions opts = generate_options(a, m);
+  const int64_t n_prompt = static_cast<int64_t>(ids.size());
+  const int64_t fits = max_new_tokens_in_context(m.cfg.text, n_prompt, opts.max_new_tokens);
+  if (fits < opts.max_new_tokens && a.has("max-new-tokens"))  // the default is a cap, not a request
+    std::cerr << "warning: --max-new-tokens " << opts.max_new_tokens << " capped at " << fits << ": the model's context is "
+              << m.cfg.text.max_position_embeddings << " positions and the prompt takes " << n_prompt << std::endl;
   at::Tensor embeds = embed_prompt(m, ids, pixels);
   at::Tensor valid = at::ones({1, embeds.size(1)}, at::kBool);
   TokenStreamer streamer(*m.tok);
@@ -157,7 +162,8 @@ int cmd_ask(const Argv& argv) {
   CommandSpec spec{"ask", "eqat ask [--model DIR] --image FILE [options] \"QUESTION\"",
                    "Answers a question about an image with a LLaVA model; the answer streams to stdout.", {}, 1, 1};
   spec.flags = {{"model", "DIR", "LLaVA model directory (default: the embedded default model)", ""},
-                {"image", "FILE", "image file (JPEG, PNG, BMP, GIF)", ""}};
+                {"image", "FILE", "image file (JPEG, PNG, BMP, GIF)", ""},
+                {"strict", "", "refuse a corrupt JPEG that libjpeg would decode with a warning", ""}};
   for (auto& f : generation_flags("llava-1.5")) spec.flags.push_back(f);
   ParsedArgs a = parse_args(spec, argv);
   if (a.has("dump-logits")) check_output_path(a.str("dump-logits"), "--dump-logits");
@@ -165,7 +171,7 @@ int cmd_ask(const Argv& argv) {
   const std::string question = a.positional()[0];
   EQAT_CHECK(!question.empty(), "QUESTION is empty");
   apply_threads(a);
-  Image decoded = load_image(image);  // bad images fail before the model is loaded
+  Image decoded = load_image(image, a.flag("strict"));  // bad images fail before the model is loaded
   const std::string dir = resolve_model_dir(a.str("model"), "ask");
   Model m = load_model(dir, load_options(a));
   auto_threads(a, m);

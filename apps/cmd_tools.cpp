@@ -33,13 +33,14 @@ int cmd_preprocess(const Argv& argv) {
                    {{"model", "DIR", "model whose preprocessor_config.json to use (default: the embedded default "
                                      "model, else LLaVA-1.5's 336 px settings)", ""},
                     {"image", "FILE", "image file", ""},
+                    {"strict", "", "refuse a corrupt JPEG that libjpeg would decode with a warning", ""},
                     {"out", "FILE", "output .safetensors file", ""},
                     {"aspect", "MODE", "override the aspect mode: pad (LLaVA-1.5) | crop (llava-hf default)", ""}},
                    0, 0};
   ParsedArgs a = parse_args(spec, argv);
   const std::string image = a.require("image"), out = a.require("out");
   check_output_path(out, "--out");
-  Image img = load_image(image);
+  Image img = load_image(image, a.flag("strict"));
   ImageProcessorConfig ipc;
   std::string dir = a.str("model");
   if (dir.empty()) dir = default_model_dir();

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "eval/score.h"
 #include "eval/text_util.h"
@@ -82,7 +83,7 @@ Run load_run(const std::string& dir) {
     try {
       run = json::parse(read_file(rj));
     } catch (const json::exception& e) {
-      throw_input_error(str_cat(rj, ": malformed JSON (", e.what(), ")"));
+      throw_input_error(str_cat(rj, ": malformed JSON (", json_error_message(e), ")"));
     }
   }
   r.name = run_name(dir);
@@ -171,7 +172,7 @@ std::vector<std::pair<std::string, double>> read_flat_scores(const std::string& 
   try {
     j = ordered_json::parse(read_file(path));
   } catch (const json::exception& e) {
-    throw_input_error(str_cat(path, ": malformed JSON (", e.what(), ")"));
+    throw_input_error(str_cat(path, ": malformed JSON (", json_error_message(e), ")"));
   }
   EQAT_CHECK(j.is_object(), path, ": expected a JSON object");
   std::vector<std::pair<std::string, double>> out;

@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "eval/text_util.h"
 #include "llm/generate.h"
@@ -167,7 +168,7 @@ std::vector<Item> load_scienceqa_items(const std::string& path, const std::strin
   try {
     j = json::parse(read_file(path));
   } catch (const json::exception& e) {
-    throw_input_error(str_cat(path, ": malformed JSON (", e.what(), ")"));
+    throw_input_error(str_cat(path, ": malformed JSON (", json_error_message(e), ")"));
   }
   EQAT_CHECK(j.is_array(), path, ": expected LLaVA's ScienceQA list (llava_test_CQM-A.json)");
   std::vector<Item> items;
@@ -559,8 +560,8 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
     ids.insert(ids.end(), ans.begin(), ans.end());
     const int64_t n = static_cast<int64_t>(ans.size());
     // Position prompt_len - 1 + k predicts answer token k.
-    at::Tensor lp = answer_logp(m, ids, load_pixels(m, it.image), prompt_len - 1, n);
-    at::Tensor rp = answer_logp(ref, ids, load_pixels(ref, it.image), prompt_len - 1, n);
+    at::Tensor lp = answer_logp(m, ids, load_pixels(m, it.image, o.strict_images), prompt_len - 1, n);
+    at::Tensor rp = answer_logp(ref, ids, load_pixels(ref, it.image, o.strict_images), prompt_len - 1, n);
     kl_sum += (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
     agree += (rp.argmax(-1) == lp.argmax(-1)).sum().item<int64_t>();
     positions += n;
@@ -686,6 +687,9 @@ EvalResult run_eval(const EvalOptions& o_in) {
       gopts.stop_ids.push_back(m.cfg.text.eos_token_id);
     const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
     const int64_t ctx = m.cfg.text.max_position_embeddings;
+    if (gopts.max_new_tokens >= ctx)  // generate() caps each batch at the context left after its prompts
+      std::cerr << "warning: --max-new-tokens " << gopts.max_new_tokens << " capped at the model's context of " << ctx
+                << " positions less each prompt" << std::endl;
 
     std::ofstream out(res.answers_path, std::ios::app | std::ios::binary);
     EQAT_CHECK(out.good(), res.answers_path, ": cannot open for writing");
@@ -707,7 +711,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
               EQAT_CHECK(m.multimodal(), "question ", it.qid_json, ": has an image but ", o.model_dir,
                          " is a text-only model");
               EQAT_CHECK(file_exists(it.image), "question ", it.qid_json, ": image not found: ", it.image);
-              pixels = load_pixels(m, it.image);
+              pixels = load_pixels(m, it.image, o.strict_images);
             }
             const std::string text = render_prompt(tmpl, it.prompt, !it.image.empty());
             std::vector<int64_t> ids = tokenize_prompt(*m.tok, text, m.image_token_id(), img_tokens);

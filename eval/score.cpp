@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "eval/text_util.h"
 #if __has_include("data/shapes.h")
@@ -62,7 +63,7 @@ void for_each_jsonl(const std::string& path, bool tolerate_torn_tail, Fn fn) {
       j = json::parse(line);
     } catch (const json::exception& e) {
       if (!terminated && tolerate_torn_tail) return;  // a writer killed mid-line
-      throw_input_error(str_cat(path, ":", line_no, ": malformed JSON (", e.what(), ")"));
+      throw_input_error(str_cat(path, ":", line_no, ": malformed JSON (", json_error_message(e), ")"));
     }
     EQAT_CHECK(j.is_object(), path, ":", line_no, ": expected a JSON object");
     fn(j, line_no);
@@ -73,7 +74,7 @@ json parse_json_file(const std::string& path) {
   try {
     return json::parse(read_file(path));
   } catch (const json::exception& e) {
-    throw_input_error(str_cat(path, ": malformed JSON (", e.what(), ")"));
+    throw_input_error(str_cat(path, ": malformed JSON (", json_error_message(e), ")"));
   }
 }
 

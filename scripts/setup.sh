@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
 VENV="${EQAT_VENV:-$ROOT/.venv}"
 PKGS=(build-essential cmake ninja-build ccache pkg-config python3-venv
-      libopencv-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev)
+      libopencv-dev libjpeg-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -18,6 +18,18 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+// libjpeg directly, only to hear its warnings (jpeg_warning).
+#include <csetjmp>
+#include <cstdio>
+#include <jpeglib.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
 // stb_image is compiled into this translation unit only. No stdio: every read goes through read_file so the
 // errors name the file consistently.
 #define STB_IMAGE_IMPLEMENTATION
@@ -38,9 +50,102 @@
 namespace eqat {
 namespace {
 
-// Larger sides are not photographs a VLM would see; refusing them before decoding bounds memory
-// (16384² × 3 bytes = 768 MiB) for hostile or corrupt headers.
+// Larger sides are not photographs a VLM would see; refusing them before decoding bounds memory for hostile or
+// corrupt headers. The pixel cap bounds the area: 64 Mpx (8192², a 64-megapixel camera) = 192 MiB as RGB, where
+// the side cap alone would allow 16384² × 3 = 768 MiB plus the decoder's own buffers.
 constexpr int kMaxImageSide = 16384;
+constexpr int64_t kMaxImagePixels = int64_t{1} << 26;
+// Image files larger than this are refused before reading (and only regular files are read at all, so /dev/zero,
+// a FIFO or a directory fails at once instead of hanging or filling memory). 256 MiB is far above any photograph
+// (a 64-Mpx PNG is ~100-200 MiB).
+constexpr int64_t kMaxImageFileBytes = int64_t{256} << 20;
+
+void check_dimensions(const std::string& name, int64_t w, int64_t h) {
+  EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
+  EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
+             kMaxImageSide, " pixels per side this tool accepts");
+  EQAT_CHECK(w * h <= kMaxImagePixels, name, ": image is ", w, "x", h, " = ", w * h, " pixels, more than the ",
+             kMaxImagePixels, " (64 Mpx) this tool decodes");
+}
+
+// libjpeg (the same libjpeg-turbo OpenCV decodes with) run over the entropy-coded data only to collect what it
+// would merely warn about — "Corrupt JPEG data: premature end of data segment", extraneous bytes, a premature end
+// of file — which OpenCV decodes anyway (grey-filled or garbled), printing libjpeg's own line at best. Scaled to
+// 1/8 with the fast IDCT, so the pass costs little beyond Huffman decoding. Returns the first warning, "" when
+// clean or when libjpeg fails outright (the decoders below then report their own error).
+struct JpegCheck {
+  jpeg_error_mgr pub;
+  jmp_buf jump;
+  int warnings = 0;
+  char first[JMSG_LENGTH_MAX] = {0};
+};
+
+void jpeg_check_error_exit(j_common_ptr c) { longjmp(reinterpret_cast<JpegCheck*>(c->err)->jump, 1); }
+
+void jpeg_check_message(j_common_ptr c, int level) {
+  if (level >= 0) return;  // trace messages
+  auto* e = reinterpret_cast<JpegCheck*>(c->err);
+  if (e->warnings++ == 0) c->err->format_message(c, e->first);
+}
+
+std::string jpeg_warning(const std::string& bytes) {
+  jpeg_decompress_struct cinfo;
+  JpegCheck err;
+  cinfo.err = jpeg_std_error(&err.pub);
+  err.pub.error_exit = jpeg_check_error_exit;
+  err.pub.emit_message = jpeg_check_message;
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    return "";
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&cinfo, TRUE);
+  cinfo.scale_num = 1;
+  cinfo.scale_denom = 8;
+  cinfo.dct_method = JDCT_IFAST;
+  cinfo.do_fancy_upsampling = FALSE;
+  jpeg_start_decompress(&cinfo);
+  // The row comes from libjpeg's own pool (freed by jpeg_destroy_decompress): an error longjmps out of
+  // jpeg_read_scanlines, past any C++ destructor (a std::vector here leaked on every corrupt JPEG: fuzz/image_fuzz).
+  JSAMPARRAY rows = (*cinfo.mem->alloc_sarray)(reinterpret_cast<j_common_ptr>(&cinfo), JPOOL_IMAGE,
+                                               cinfo.output_width * cinfo.output_components, 1);
+  while (cinfo.output_scanline < cinfo.output_height) jpeg_read_scanlines(&cinfo, rows, 1);
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return err.warnings > 0 ? std::string(err.first) : std::string();
+}
+
+// The bytes of an image file: regular files only, at most kMaxImageFileBytes. Opened non-blocking so that a FIFO
+// cannot block the open itself; fstat on the open descriptor decides.
+std::string read_image_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  EQAT_CHECK(fd >= 0, path, ": cannot open image (", std::strerror(errno), ")");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    const bool dir = S_ISDIR(st.st_mode);
+    ::close(fd);
+    throw_input_error(str_cat(path, ": not a regular file (", dir ? "a directory" : "a device, FIFO or socket",
+                              "); images are read from regular files only"));
+  }
+  if (st.st_size > kMaxImageFileBytes) {
+    ::close(fd);
+    throw_input_error(str_cat(path, ": image file is ", st.st_size, " bytes, more than the ", kMaxImageFileBytes >> 20,
+                              " MiB this tool reads"));
+  }
+  std::string bytes(static_cast<size_t>(st.st_size), '\0');
+  size_t got = 0;
+  while (got < bytes.size()) {
+    const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  EQAT_CHECK(got == bytes.size(), path, ": could not read the whole image file (", got, " of ", bytes.size(),
+             " bytes)");
+  return bytes;
+}
 
 // Pillow's fixed point (libImaging/Resample.c): 32 bits minus 8 for the pixel minus 2 of headroom.
 constexpr int kPrecisionBits = 22;
@@ -122,10 +227,14 @@ bool jpeg_is_complete(const std::string& bytes) {
 bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image* img) {
   cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8UC1, const_cast<char*>(bytes.data()));
   // IGNORE_ORIENTATION: PIL/LLaVA/transformers never apply EXIF rotation (LLAVA.md §3.1).
-  cv::Mat bgr = cv::imdecode(buf, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
+  cv::Mat bgr;
+  try {
+    bgr = cv::imdecode(buf, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);
+  } catch (const cv::Exception& e) {  // OpenCV's assertions on malformed streams: bad input, not a bug of ours
+    throw_input_error(str_cat(name, ": cannot decode JPEG (OpenCV: ", e.msg, ")"));
+  }
   if (bgr.empty() || bgr.type() != CV_8UC3) return false;
-  EQAT_CHECK(bgr.cols <= kMaxImageSide && bgr.rows <= kMaxImageSide, name, ": image is ", bgr.cols, "x", bgr.rows,
-             ", larger than the ", kMaxImageSide, " pixels per side this tool accepts");
+  check_dimensions(name, bgr.cols, bgr.rows);
   cv::Mat rgb;
   cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
   img->width = rgb.cols;
@@ -140,7 +249,7 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
 
 const char* jpeg_decoder() { return "libjpeg-turbo"; }  // through OpenCV's imdecode
 
-Image decode_image(const std::string& bytes, const std::string& source) {
+Image decode_image(const std::string& bytes, const std::string& source, bool strict) {
   const std::string name = image_context(source);
   EQAT_CHECK(!bytes.empty(), name, ": empty file, not an image");
   EQAT_CHECK(bytes.size() <= static_cast<size_t>(INT32_MAX), name, ": file too large (", bytes.size(), " bytes)");
@@ -150,10 +259,14 @@ Image decode_image(const std::string& bytes, const std::string& source) {
     EQAT_CHECK(stbi_info_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()), static_cast<int>(bytes.size()),
                                      &w, &h, &comp),
                name, ": cannot decode JPEG (", stbi_failure_reason(), ")");
-    EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
-    EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
-               kMaxImageSide, " pixels per side this tool accepts");
+    check_dimensions(name, w, h);
     EQAT_CHECK(jpeg_is_complete(bytes), name, ": JPEG file is truncated (no end-of-image marker after the last scan)");
+    const std::string warning = jpeg_warning(bytes);
+    if (!warning.empty()) {
+      EQAT_CHECK(!strict, name, ": corrupt JPEG data (libjpeg: ", warning, "); refused under --strict");
+      std::fprintf(stderr, "warning: %s: corrupt JPEG data (libjpeg: %s); decoded anyway, --strict refuses it\n",
+                   name.c_str(), warning.c_str());
+    }
     Image img;
     if (decode_jpeg_opencv(bytes, name, &img)) return img;
   }
@@ -163,9 +276,7 @@ Image decode_image(const std::string& bytes, const std::string& source) {
   // Header first: refuse absurd sizes before stb allocates for them.
   EQAT_CHECK(stbi_info_from_memory(data, len, &w, &h, &comp), name, ": cannot decode image (",
              stbi_failure_reason(), ")");
-  EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
-  EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
-             kMaxImageSide, " pixels per side this tool accepts");
+  check_dimensions(name, w, h);
   // 3 requested channels = PIL convert('RGB') for the modes that matter: gray replicated, alpha dropped (not
   // composited), palette expanded. GIF: the first frame.
   stbi_uc* pixels = stbi_load_from_memory(data, len, &w, &h, &comp, 3);
@@ -178,7 +289,7 @@ Image decode_image(const std::string& bytes, const std::string& source) {
   return img;
 }
 
-Image load_image(const std::string& path) { return decode_image(read_file(path), path); }
+Image load_image(const std::string& path, bool strict) { return decode_image(read_image_file(path), path, strict); }
 
 Image resize_bicubic_pil(const Image& img, int out_w, int out_h) {
   EQAT_CHECK(out_w > 0 && out_h > 0, "cannot resize an image to ", out_w, "x", out_h);

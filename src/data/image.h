@@ -22,8 +22,12 @@ struct Image {
 
 // Decodes JPEG/PNG/BMP/GIF (first frame)/…; gray and gray+alpha are replicated, alpha is dropped (PIL
 // convert('RGB')). InputError naming the file for missing, truncated, corrupt, non-image or 0x0 input.
-Image load_image(const std::string& path);
-Image decode_image(const std::string& bytes, const std::string& source);
+// Limits (hostile input): only regular files (not /dev/zero, a FIFO, a directory), at most 256 MiB; at most 16384
+// pixels per side and 64 Mpx in all, checked from the header before decoding.
+// A JPEG that libjpeg decodes with a warning ("Corrupt JPEG data: ...") gives one "warning:" line on stderr and is
+// decoded anyway — or, with `strict` (the --strict flag of ask / preprocess / eval), is an InputError.
+Image load_image(const std::string& path, bool strict = false);
+Image decode_image(const std::string& bytes, const std::string& source, bool strict = false);
 // Which library decodes JPEG: "libjpeg-turbo" through OpenCV's imdecode (Pillow's decoder: bit-exact). Other
 // formats use stb_image (lossless formats decode identically everywhere).
 const char* jpeg_decoder();

@@ -4,6 +4,9 @@
 // generated ids: pieces after a skipped or kept special token keep their space.
 #include "data/tokenizer.h"
 
+#include <cctype>
+#include <cstdlib>
+
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
@@ -101,8 +104,11 @@ void flush_bytes(std::string* bytes, std::string* out) {
 
 // "<0xAB>" -> 0xAB.
 int byte_piece_value(const std::string& piece) {
-  EQAT_ASSERT(piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>', "byte piece ", piece);
-  return std::stoi(piece.substr(3, 2), nullptr, 16);
+  // The piece text comes from tokenizer.model (sentencepiece marks it BYTE but does not check its spelling).
+  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
+  EQAT_CHECK(piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>' && hex(piece[3]) && hex(piece[4]),
+             "tokenizer.model: byte piece '", piece, "' is not of the form <0xHH>");
+  return static_cast<int>(std::strtol(piece.substr(3, 2).c_str(), nullptr, 16));
 }
 
 std::string replace_space_marks(const std::string& piece) {

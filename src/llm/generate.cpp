@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "data/error.h"
+#include "data/memory.h"
 #include "quant/qmatmul.h"  // cuda_graph_capture
 
 namespace eqat {
@@ -37,18 +38,32 @@ std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int64_t
   return {ids, valid};
 }
 
+int64_t max_new_tokens_in_context(const LlamaConfig& cfg, int64_t prompt_len, int64_t requested) {
+  return std::max<int64_t>(0, std::min(requested, cfg.max_position_embeddings - prompt_len));
+}
+
+int64_t kv_cache_bytes(const LlamaConfig& cfg, int64_t batch, int64_t capacity, c10::ScalarType dtype) {
+  int64_t per_layer = mul_sat(mul_sat(mul_sat(batch, cfg.num_key_value_heads), capacity), cfg.head_dim);
+  return mul_sat(mul_sat(per_layer, 2 * static_cast<int64_t>(c10::elementSize(dtype))), cfg.num_hidden_layers);
+}
+
 GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, const at::Tensor& prompt_valid,
                         const GenerateOptions& opts, const TokenCallback& on_step) {
   c10::NoGradGuard no_grad;
   const LlamaConfig& cfg = lm->config();
   const int64_t B = prompt_embeds.size(0), T = prompt_embeds.size(1);
   EQAT_CHECK(opts.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", opts.max_new_tokens);
-  const int64_t capacity = T + std::max<int64_t>(opts.max_new_tokens, 1);
   EQAT_CHECK(T <= cfg.max_position_embeddings, "prompt of ", T,
              " positions is longer than the model's context (max_position_embeddings = ",
              cfg.max_position_embeddings, ")");
-  const int64_t max_new = std::min(opts.max_new_tokens, cfg.max_position_embeddings - T);
+  // The cache is sized from the capped count, never from the request: a huge --max-new-tokens must not allocate.
+  const int64_t max_new = max_new_tokens_in_context(cfg, T, opts.max_new_tokens);
+  const int64_t capacity = T + std::max<int64_t>(max_new, 1);
   const auto device = prompt_embeds.device();
+  if (device.is_cpu())
+    check_memory_fits(kv_cache_bytes(cfg, B, capacity, prompt_embeds.scalar_type()),
+                      str_cat("the KV cache for ", B, " x ", capacity, " positions"),
+                      "lower --max-new-tokens or the batch size");
 
   GenerateResult res;
   res.tokens.resize(B);

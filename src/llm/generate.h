@@ -40,6 +40,13 @@ struct GenerateResult {
 // Called after each step with the token chosen for every row (-1 for rows already finished).
 using TokenCallback = std::function<void(const std::vector<int64_t>& step_tokens)>;
 
+// New tokens that fit the context after a prompt of `prompt_len` positions: min(requested, context - prompt_len).
+// generate() never runs past the context (max_position_embeddings) and sizes its KV cache from this, not from
+// the request; callers that take the count from a user compare with it to warn that the request was capped.
+int64_t max_new_tokens_in_context(const LlamaConfig& cfg, int64_t prompt_len, int64_t requested);
+// Bytes of a KV cache of `capacity` positions for `batch` rows (keys + values, every layer).
+int64_t kv_cache_bytes(const LlamaConfig& cfg, int64_t batch, int64_t capacity, c10::ScalarType dtype);
+
 // prompt_embeds [B,T,C] (left-padded), prompt_valid [B,T] bool (false at pads).
 GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, const at::Tensor& prompt_valid,
                         const GenerateOptions& opts, const TokenCallback& on_step = nullptr);

@@ -3,11 +3,14 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <cmath>
 #include <map>
 
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/memory.h"
 #include "data/safetensors.h"
+#include "quant/pack.h"
 
 namespace eqat {
 
@@ -105,6 +108,23 @@ std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key
 
 namespace {
 
+// A NaN or inf weight makes every answer NaN (greedy decoding then emits token 0 forever, sampling fails inside
+// LibTorch). One reduction per tensor finds it: the sum of a tensor is finite iff every element is, except when
+// finite values overflow the accumulator (|w| near 1e38 in fp32; bf16/fp16 accumulate in fp32 and cannot), so a
+// non-finite sum is confirmed element-wise before refusing. Cost: one read of the weights, which the first forward
+// pays anyway on an mmapped checkpoint (tests/llm/llama_test.cpp measures it on the fixtures).
+void check_finite(const at::Tensor& t, const std::string& key, const std::string& file) {
+  if (t.numel() == 0) return;
+  const double s = t.sum().item<double>();
+  if (std::isfinite(s)) return;
+  at::Tensor bad = at::isfinite(t).logical_not_();
+  const int64_t n_bad = bad.sum().item<int64_t>();
+  if (n_bad == 0) return;  // an fp32 sum that overflowed; every element is finite
+  const bool nan = at::isnan(t).any().item<bool>();
+  throw_input_error(str_cat(file, ": tensor '", key, "' has ", n_bad, " non-finite value", n_bad == 1 ? "" : "s",
+                            " (", nan ? "NaN" : "inf", "); the checkpoint is corrupt"));
+}
+
 void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, c10::ScalarType dtype,
                  c10::Device device, const std::string& dir) {
   EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
@@ -121,6 +141,7 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
   }
   // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size).
   if (t.scalar_type() != dtype || device != t.device()) t = t.to(device, dtype);
+  if (t.is_floating_point()) check_finite(t, key, ckpt.info(key).file);
   const bool grad = p.requires_grad();
   p.set_data(t);
   p.set_requires_grad(grad && p.is_floating_point());
@@ -169,6 +190,99 @@ c10::ScalarType stored_dtype(const Checkpoint& ckpt) {
 }
 }  // namespace
 
+namespace {
+
+// Every size the modules allocate comes from config.json. Before anything is constructed, each config size is
+// checked against the shape of one checkpoint tensor that carries it (read from the safetensors headers; nothing
+// is allocated), so a config that disagrees with its weights — a vocab of 10^12, 10^6 layers — is refused in one
+// line instead of aborting in LibTorch's allocator or running out of memory. load_weights later checks every
+// tensor; what is checked here bounds what the constructors allocate by what the checkpoint holds.
+class SizeCheck {
+ public:
+  SizeCheck(const Checkpoint& ckpt, const ModelConfig& cfg, bool multimodal, const std::string& dir)
+      : ckpt_(ckpt), cfg_(cfg), mm_(multimodal), dir_(dir) {}
+
+  // `module_key` (our llava-hf names) must exist with `shape`; `what` names the config keys behind the shape.
+  void expect(const std::string& module_key, const std::vector<int64_t>& shape, const std::string& what) const {
+    const std::string key = checkpoint_key(ckpt_, module_key, mm_);
+    EQAT_CHECK(ckpt_.has(key), dir_, ": missing tensor '", key, "' (", cfg_.source_path, " says ", what, ")");
+    const std::vector<int64_t>& got = ckpt_.info(key).shape;
+    EQAT_CHECK(got == shape, dir_, ": tensor '", key, "' has shape ", shape_str(got), " but ", cfg_.source_path,
+               " says ", what, " = ", shape_str(shape));
+  }
+  // A linear `out` x `in`: the float weight, or the packed GPTQ tensors of a quantized checkpoint.
+  void linear(const std::string& base, int64_t out, int64_t in, const std::string& what, bool packed) const {
+    if (!packed) return expect(base + ".weight", {out, in}, what);
+    const int bits = static_cast<int>(cfg_.quant.bits);
+    expect(base + ".qweight", {packed_words(in, bits), out},
+           str_cat(what, " packed to ", bits, " bits ([in·bits/32, out])"));
+  }
+  // Layer `n - 1` exists and layer `n` does not: the checkpoint has exactly the configured number of layers.
+  void layer_count(const std::string& prefix, const std::string& probe, int64_t n, const std::string& what) const {
+    const std::string last = checkpoint_key(ckpt_, str_cat(prefix, n - 1, ".", probe), mm_);
+    EQAT_CHECK(ckpt_.has(last), dir_, ": ", cfg_.source_path, " says ", what, " = ", n, " but the checkpoint has no '",
+               last, "'");
+  }
+
+ private:
+  const Checkpoint& ckpt_;
+  const ModelConfig& cfg_;
+  bool mm_;
+  const std::string& dir_;
+};
+
+void check_sizes_against_checkpoint(const ModelConfig& cfg, const Checkpoint& ckpt, bool multimodal,
+                                    const std::string& dir) {
+  const SizeCheck c(ckpt, cfg, multimodal, dir);
+  const LlamaConfig& t = cfg.text;
+  const std::string tp = multimodal ? "text_config." : "";
+  const std::string lm = multimodal ? "language_model." : "";
+  const bool packed = cfg.quant.present;
+  c.expect(lm + "model.embed_tokens.weight", {t.vocab_size, t.hidden_size},
+           str_cat("[", tp, "vocab_size, ", tp, "hidden_size]"));
+  c.layer_count(lm + "model.layers.", "input_layernorm.weight", t.num_hidden_layers, tp + "num_hidden_layers");
+  const std::string last = str_cat(lm, "model.layers.", t.num_hidden_layers - 1, ".");
+  c.linear(last + "self_attn.q_proj", t.num_attention_heads * t.head_dim, t.hidden_size,
+           str_cat("[", tp, "num_attention_heads·head_dim, ", tp, "hidden_size]"), packed);
+  c.linear(last + "self_attn.k_proj", t.num_key_value_heads * t.head_dim, t.hidden_size,
+           str_cat("[", tp, "num_key_value_heads·head_dim, ", tp, "hidden_size]"), packed);
+  c.linear(last + "mlp.gate_proj", t.intermediate_size, t.hidden_size,
+           str_cat("[", tp, "intermediate_size, ", tp, "hidden_size]"), packed);
+  if (!multimodal) return;
+  const VisionConfig& v = cfg.vision;
+  const std::string vp = "vision_tower.vision_model.";
+  c.expect(vp + "embeddings.patch_embedding.weight", {v.hidden_size, v.num_channels, v.patch_size, v.patch_size},
+           "[vision_config.hidden_size, num_channels, patch_size, patch_size]");
+  c.expect(vp + "embeddings.position_embedding.weight", {v.num_patches() + 1, v.hidden_size},
+           "[(vision_config.image_size / patch_size)^2 + 1, hidden_size]");
+  c.layer_count(vp + "encoder.layers.", "layer_norm1.weight", v.num_hidden_layers, "vision_config.num_hidden_layers");
+  c.expect(str_cat(vp, "encoder.layers.", v.num_hidden_layers - 1, ".mlp.fc1.weight"),
+           {v.intermediate_size, v.hidden_size}, "[vision_config.intermediate_size, hidden_size]");
+  c.expect("multi_modal_projector.linear_1.weight", {t.hidden_size, v.hidden_size},
+           "[text_config.hidden_size, vision_config.hidden_size]");
+}
+
+// Bytes a load allocates in host memory: tensors converted to the compute dtype (a same-dtype CPU tensor aliases
+// the mmapped file: page cache, evictable, not counted), plus, for a packed model, the placeholders pack_decoder
+// fills before loading (zeros/ones the size of the packed tensors). Weights sent to a CUDA device are not host
+// memory (the device allocator reports its own out-of-memory).
+int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const c10::Device& device, bool packed) {
+  int64_t bytes = 0;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  for (const auto& name : ckpt.names()) {
+    const TensorInfo& info = ckpt.info(name);
+    int64_t numel = 1;
+    for (int64_t d : info.shape) numel = mul_sat(numel, d);
+    const bool is_float = info.dtype == "F32" || info.dtype == "F16" || info.dtype == "BF16" || info.dtype == "F64";
+    if (packed && !is_float) bytes = add_sat(bytes, mul_sat(numel, static_cast<int64_t>(dtype_size(info.dtype))));
+    if (!device.is_cpu()) continue;
+    if (is_float && dtype_from_safetensors(info.dtype) != dtype) bytes = add_sat(bytes, mul_sat(numel, elem));
+  }
+  return bytes;
+}
+
+}  // namespace
+
 void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType dtype) {
   QuantSpec spec;
   spec.bits = static_cast<int>(cfg.quant.bits);
@@ -198,6 +312,10 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
   } else {
     m.dtype = parse_dtype(opts.dtype);
   }
+  check_sizes_against_checkpoint(m.cfg, ckpt, m.cfg.arch == Arch::kLlava, dir);
+  check_memory_fits(host_bytes_to_load(ckpt, m.dtype, m.device, m.cfg.quant.present),
+                    str_cat(dir, ": loading the weights as ", dtype_name(m.dtype)),
+                    m.dtype == at::kFloat ? "a smaller --dtype (bfloat16) halves it" : "");
   if (opts.need_tokenizer) m.tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
   int v1_bits = 0;
   if (m.cfg.quant.present) {
@@ -225,10 +343,10 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
   return m;
 }
 
-at::Tensor load_pixels(const Model& model, const std::string& image_path) {
+at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict) {
   EQAT_CHECK(model.multimodal(), model.dir, ": is a text-only model (", arch_name(model.cfg.arch),
              "); it cannot take an image");
-  return preprocess_image(load_image(image_path), model.image_cfg).unsqueeze(0);
+  return preprocess_image(load_image(image_path, strict), model.image_cfg).unsqueeze(0);
 }
 
 at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const at::Tensor& pixels) {

@@ -78,8 +78,8 @@ void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType 
 c10::ScalarType parse_dtype(const std::string& name);  // InputError naming --dtype
 const char* dtype_name(c10::ScalarType t);
 
-// Preprocesses one image file for `model` -> [1,3,S,S] float32.
-at::Tensor load_pixels(const Model& model, const std::string& image_path);
+// Preprocesses one image file for `model` -> [1,3,S,S] float32. `strict`: see load_image.
+at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict = false);
 
 // Prompt ids (with image positions expanded) -> embeddings [1,T,C] in the model's dtype/device; `pixels` may be
 // undefined for text-only prompts.

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "data/plot.h"
 #include "data/safetensors.h"
@@ -431,7 +432,10 @@ void save_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, c
 }
 
 int64_t checkpoint_step(const std::string& out) {
-  return nlohmann::json::parse(read_file(path_join(out, "checkpoint/state.json"))).at("step").get<int64_t>();
+  const std::string path = path_join(out, "checkpoint/state.json");
+  const nlohmann::json j = parse_json_path(path);
+  EQAT_CHECK(j.is_object() && j.contains("step") && j["step"].is_number_integer(), path, ": needs an integer \"step\"");
+  return j["step"].get<int64_t>();
 }
 
 int64_t load_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, CellHead* head) {

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <limits>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "data/safetensors.h"
@@ -256,4 +258,82 @@ TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
                               "--group-size", "-1"}),
                      "--calib");
   EXPECT_FALSE(fs::exists(t.str("q2")));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Careless and hostile input (issue 16): each case is one line on stderr naming the argument or file, exit 2.
+
+// Zero, negative, absurd or unparsable bench sizes: checked before any division or allocation.
+TEST(Cli, BenchRefusesBadShapesAndCounts) {
+  expect_input_error(run_eqat({"bench", "kernels", "--shapes", "0x4096"}), "--shapes");
+  expect_input_error(run_eqat({"bench", "kernels", "--shapes", "4096x-1"}), "--shapes");
+  expect_input_error(run_eqat({"bench", "kernels", "--shapes", "99999999x4096"}), "out of range");
+  expect_input_error(run_eqat({"bench", "kernels", "--shapes", "4096xabc"}), "--shapes: expected an integer");
+  expect_input_error(run_eqat({"bench", "kernels", "--shapes", "4096x100"}), "multiple of the group size");
+  expect_input_error(run_eqat({"bench", "kernels", "--m", "0"}), "--m");
+  expect_input_error(run_eqat({"bench", "kernels", "--threads", "1,,2"}), "--threads");
+  expect_input_error(run_eqat({"bench", "kernels", "--formats", "Wxg128"}), "--formats");
+  expect_input_error(run_eqat({"bench", "kernels", "--formats", "W4g99999999999999999999"}), "--formats");
+  expect_input_error(run_eqat({"bench", "kernels", "--rotate-mb", "-5"}), "--rotate-mb");
+  expect_input_error(run_eqat({"bench", "decode", "--prompt", "0"}), "--prompt");
+  expect_input_error(run_eqat({"bench", "decode", "--new-tokens", "100000"}), "--new-tokens");
+  expect_input_error(run_eqat({"bench", "decode", "--formats", "W4g96"}), "--formats");
+  expect_input_error(run_eqat({"bench", "quant", "--iters", "0"}), "--iters");
+  expect_input_error(run_eqat({"bench", "quant", "--seq-len", "1000000"}), "--seq-len");
+  expect_input_error(run_eqat({"bench", "quant", "--bits", "4294967298"}), "--bits");
+}
+
+// More new tokens than the context: capped with one warning line, never an abort.
+TEST(Cli, MaxNewTokensBeyondTheContextIsCappedWithAWarning) {
+  RunResult r = run_eqat({"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "100000", "Hello"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("warning: --max-new-tokens 100000 capped at "), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("capped", r.err.find("capped") + 1), std::string::npos) << "one warning, not one per step";
+  RunResult d = run_eqat({"generate", "--model", fixture("tiny_llama"), "Hello"});  // the default is no request
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_EQ(d.err.find("warning"), std::string::npos) << d.err;
+}
+
+// A model with a NaN weight, and a config whose vocabulary disagrees with its checkpoint.
+TEST(Cli, CorruptModelsAreRefusedAtLoad) {
+  TempDir t;
+  const std::string m = copy_fixture(t, "tiny_llama");
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  {
+    Checkpoint ck = Checkpoint::open(fixture("tiny_llama"));
+    for (const auto& n : ck.names()) tensors.emplace_back(n, ck.get(n).clone());
+  }
+  for (auto& [n, w] : tensors)
+    if (n == "model.norm.weight") w[0] = std::numeric_limits<float>::quiet_NaN();
+  write_safetensors(m + "/model.safetensors", tensors);
+  for (const char* temp : {"0", "0.7"})
+    expect_input_error(run_eqat({"generate", "--model", m, "--temperature", temp, "Hello"}), "'model.norm.weight'");
+
+  const std::string v = copy_fixture(t, "tiny_llava");
+  std::string cfg = slurp(v + "/config.json");
+  const size_t p = cfg.find("\"vocab_size\"");
+  ASSERT_NE(p, std::string::npos);
+  cfg.replace(p, cfg.find_first_of(",}", p) - p, "\"vocab_size\": 2000000000");
+  write_text(v + "/config.json", cfg);
+  expect_input_error(run_eqat({"ask", "--model", v, "--image", fixture("tiny_llava/image.png"), "What?"}),
+                     "vocab_size");
+}
+
+// Images that are not regular files, and a corrupt JPEG libjpeg only warns about.
+TEST(Cli, HostileImagesAreRefusedOrWarned) {
+  TempDir t;
+  const std::string model = fixture("tiny_llava");
+  expect_input_error(run_eqat({"ask", "--model", model, "--image", "/dev/zero", "What?"}), "/dev/zero");
+  const std::string fifo = t.str("fifo.jpg");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_input_error(run_eqat({"ask", "--model", model, "--image", fifo, "What?"}), "fifo.jpg: not a regular file");
+
+  std::string jpg = slurp(data_path("images/extreme_ironing.jpg"));
+  jpg.insert(jpg.size() - 2, "\x01\x02\x03");  // extraneous bytes before the end-of-image marker
+  write_text(t.str("bad.jpg"), jpg);
+  RunResult w = run_eqat({"ask", "--model", model, "--image", t.str("bad.jpg"), "--max-new-tokens", "2", "What?"});
+  ASSERT_EQ(w.code, 0) << w.err;
+  EXPECT_NE(w.err.find("warning: " + t.str("bad.jpg") + ": corrupt JPEG data"), std::string::npos) << w.err;
+  expect_input_error(run_eqat({"ask", "--model", model, "--image", t.str("bad.jpg"), "--strict", "What?"}),
+                     "bad.jpg: corrupt JPEG data");
 }

@@ -7,6 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <iterator>
+#include <sys/stat.h>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -363,6 +366,71 @@ TEST(Image, BadInputsAreInputErrors) {
     EXPECT_NE(std::string(e.what()).find("huge.png: image is 20000x10"), std::string::npos) << e.what();
   }
   EXPECT_THROW(preprocess_image(golden_image("resize/src"), clip_config(32, "letterbox")), InputError);
+}
+
+// Hostile files (issue 16): only regular files are read (/dev/zero would never end, a FIFO would block), at most
+// 256 MiB; the decoded area is capped at 64 Mpx from the header, before any pixel is decoded.
+TEST(Image, ReadsOnlyRegularFilesOfBoundedSize) {
+  expect_input_error_naming([] { load_image("/dev/zero"); }, "/dev/zero: not a regular file");
+  TempDir t;
+  const std::string fifo = t.str("pipe.png");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_input_error_naming([&] { load_image(fifo); }, "pipe.png: not a regular file");  // returns, no writer needed
+  // A sparse file one byte over the limit: refused from its size, nothing read.
+  const std::string big = t.str("big.png");
+  { std::ofstream(big, std::ios::binary) << "\x89PNG"; }
+  std::filesystem::resize_file(big, (256u << 20) + 1);
+  expect_input_error_naming([&] { load_image(big); }, "more than the 256 MiB");
+
+  // 10000 x 10000 = 10^8 pixels: each side is under the 16384 cap, the area is over the 2^26 one.
+  std::string png("\x89PNG\r\n\x1a\n", 8);
+  png += std::string("\0\0\0\x0d", 4) + "IHDR";
+  png += std::string("\0\0\x27\x10\0\0\x27\x10", 8);  // 10000 x 10000
+  png += std::string("\x08\x02\0\0\0", 5) + std::string(4, '\0');
+  expect_input_error_naming([&] { decode_image(png, "area.png"); }, "area.png: image is 10000x10000 = 100000000 pixels");
+}
+
+// A JPEG libjpeg decodes with only a warning ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9"): by
+// default decoded, with one warning line; with strict an InputError naming the file.
+TEST(Image, CorruptJpegWarnsOrIsRefusedWhenStrict) {
+  std::ifstream in(data_path("images/extreme_ironing.jpg"), std::ios::binary);
+  std::string jpg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(jpg.size(), 2u);
+  ASSERT_EQ(jpg.substr(jpg.size() - 2), "\xFF\xD9");
+  const Image clean = decode_image(jpg, "clean.jpg", /*strict=*/true);  // the original has no warning
+  std::string bad = jpg;
+  bad.insert(bad.size() - 2, "\x01\x02\x03");
+  const Image img = decode_image(bad, "bad.jpg");
+  EXPECT_EQ(img.width, clean.width);
+  EXPECT_EQ(img.rgb, clean.rgb);  // the extra bytes sit after the last scan: same pixels
+  expect_input_error_naming([&] { decode_image(bad, "bad.jpg", /*strict=*/true); }, "bad.jpg: corrupt JPEG data");
+}
+
+// Fuzz findings (fuzz/image_fuzz, fuzz/README.md). Debian's stb_image snapshot has memory bugs that a few bytes
+// reach; eqat must answer them with an InputError before stb runs.
+TEST(Image, FuzzJpegHuffmanTableWithTooManyCodesIsRefused) {
+  // SOI, then a DHT whose 16 code counts sum to 16 * 255 = 4080 (at most 256 are possible): stb built the table
+  // into fixed 257-entry arrays and overflowed them while reading the header.
+  std::string jpg("\xFF\xD8\xFF\xC4\x00\x13\x00", 7);
+  jpg += std::string(16, '\xFF') + "\xFF\xD9";
+  expect_input_error_naming([&] { decode_image(jpg, "dht.jpg"); }, "dht.jpg: corrupt JPEG (a Huffman table");
+  // stb also takes 0xFF fill bytes before the SOI as a JPEG (the second finding's file started FF FF FF D8).
+  expect_input_error_naming([&] { decode_image("\xFF\xFF" + jpg, "fill.jpg"); },
+                            "fill.jpg: corrupt JPEG (a Huffman table");
+}
+
+TEST(Image, FuzzSixteenBitPgmIsRefused) {
+  // A binary PGM with maxval 292 (16-bit samples): stb converted it with the 8-bit path and then read twice the
+  // buffer in stbi__convert_16_to_8 (heap overflow). stb now decodes only JPEG, PNG, BMP and GIF.
+  const std::string pgm = std::string("P5\n2 2\n292\n") + std::string(8, '\x01');
+  expect_input_error_naming([&] { decode_image(pgm, "deep.pgm"); }, "deep.pgm: cannot decode image");
+}
+
+TEST(Image, FuzzJpegLibjpegErrorMidScanIsInputError) {
+  // A mutated JPEG on which libjpeg fails inside jpeg_read_scanlines (tests/data/SOURCES.md): the error longjmps
+  // out of the warning pass, which leaked its std::vector row buffer (LeakSanitizer, fuzz/image_fuzz). The row now
+  // comes from libjpeg's pool; the file itself is still refused as corrupt.
+  expect_input_error_naming([] { load_image(data_path("images/fuzz_longjmp.jpg")); }, "fuzz_longjmp.jpg");
 }
 
 }  // namespace image_test

@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "data/safetensors.h"
 #include "quant/qat/gptq.h"
@@ -170,19 +171,26 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   nlohmann::json meta = {{"method", opts.method}, {"tag", opts.spec.tag()}, {"blocks_done", 0},
                          {"records", nlohmann::json::array()}};
   if (!opts.state_dir.empty() && opts.resume && file_exists(path_join(opts.state_dir, "state.json"))) {
-    nlohmann::json old = nlohmann::json::parse(read_file(path_join(opts.state_dir, "state.json")));
-    EQAT_CHECK(old.value("method", "") == opts.method && old.value("tag", "") == opts.spec.tag(),
-               opts.state_dir, ": saved run is ", old.value("method", "?"), " ", old.value("tag", "?"),
-               ", this run asks for ", opts.method, " ", opts.spec.tag(), " (use another --out or drop --resume)");
-    blocks_done = old.value("blocks_done", 0);
-    meta = old;
-    for (const auto& r : old["records"]) {
-      BlockRecord br;
-      br.block = r.value("block", 0);
-      br.train_loss = r.value("train_loss", std::vector<double>{});
-      br.val_loss = r.value("val_loss", std::vector<double>{});
-      br.seconds = r.value("seconds", 0.0);
-      res.blocks.push_back(br);
+    const std::string state_path = path_join(opts.state_dir, "state.json");
+    nlohmann::json old = parse_json_path(state_path);
+    EQAT_CHECK(old.is_object() && (!old.contains("records") || old["records"].is_array()), state_path,
+               ": not a Block-AP state (expected an object with a \"records\" list)");
+    try {  // value() throws type_error for a key of another type (a hand-edited state)
+      EQAT_CHECK(old.value("method", "") == opts.method && old.value("tag", "") == opts.spec.tag(),
+                 opts.state_dir, ": saved run is ", old.value("method", "?"), " ", old.value("tag", "?"),
+                 ", this run asks for ", opts.method, " ", opts.spec.tag(), " (use another --out or drop --resume)");
+      blocks_done = old.value("blocks_done", 0);
+      meta = old;
+      for (const auto& r : old["records"]) {
+        BlockRecord br;
+        br.block = r.value("block", 0);
+        br.train_loss = r.value("train_loss", std::vector<double>{});
+        br.val_loss = r.value("val_loss", std::vector<double>{});
+        br.seconds = r.value("seconds", 0.0);
+        res.blocks.push_back(br);
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw_input_error(str_cat(state_path, ": not a Block-AP state (", json_error_message(e), ")"));
     }
     std::fprintf(stderr, "resuming: %lld of %lld blocks already quantized\n", static_cast<long long>(blocks_done),
                  static_cast<long long>(n_layer));

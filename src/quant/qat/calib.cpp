@@ -9,6 +9,7 @@
 #include <random>
 
 #include "data/error.h"
+#include "data/json_util.h"
 #include "data/fs.h"
 #include "llm/prompt.h"
 
@@ -34,7 +35,7 @@ CalibSet load_instruction_data(const Model& m, const std::string& path, const st
   try {
     j = nlohmann::json::parse(read_file(path));
   } catch (const nlohmann::json::exception& e) {
-    throw_input_error(str_cat(path, ": not valid JSON (", e.what(), ")"));
+    throw_input_error(str_cat(path, ": not valid JSON (", json_error_message(e), ")"));
   }
   EQAT_CHECK(j.is_array() && !j.empty(), path, ": expected a non-empty JSON list of LLaVA instruction records");
   const std::string root = images_dir.empty() ? dirname(path) : images_dir;

@@ -49,9 +49,21 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       bits = lin->spec().bits;
     }
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
-  const int64_t accum = opts.global_batch / opts.micro_batch;
   const int64_t n = static_cast<int64_t>(data.train.size());
-  const int64_t steps_per_epoch = std::max<int64_t>(1, n / opts.global_batch);
+  EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
+  // A step reads global_batch distinct samples of one epoch's permutation. With fewer samples than that, the batch
+  // shrinks to what the data holds (whole micro-batches; one micro-batch of all samples when even that is too
+  // many) instead of reading past the permutation.
+  int64_t micro_batch = opts.micro_batch, global_batch = opts.global_batch;
+  if (n < global_batch) {
+    micro_batch = std::min(micro_batch, n);
+    global_batch = n / micro_batch * micro_batch;
+    std::fprintf(stderr, "warning: E2E-QP: %lld training samples are fewer than the batch of %lld; using a batch of "
+                 "%lld (micro-batch %lld)\n", static_cast<long long>(n), static_cast<long long>(opts.global_batch),
+                 static_cast<long long>(global_batch), static_cast<long long>(micro_batch));
+  }
+  const int64_t accum = global_batch / micro_batch;
+  const int64_t steps_per_epoch = n / global_batch;  // >= 1: global_batch <= n
   int64_t total = steps_per_epoch * opts.epochs;
   if (opts.max_steps > 0) total = std::min(total, opts.max_steps);
   AdamW opt({ParamGroup{"scales", scales, lr, 0.0}});
@@ -64,10 +76,18 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
     std::map<std::string, at::Tensor> st;
     for (const auto& k : ck.names()) st[k] = ck.get(k).clone();
     c10::NoGradGuard g;
-    for (size_t i = 0; i < scales.size(); ++i) scales[i].copy_(st.at("scale." + std::to_string(i)));
+    for (size_t i = 0; i < scales.size(); ++i) {
+      auto it = st.find("scale." + std::to_string(i));
+      EQAT_CHECK(it != st.end() && it->second.sizes() == scales[i].sizes(), state_file, ": tensor 'scale.", i,
+                 "' is missing or has the wrong shape; the state is from another model or quantization (delete it ",
+                 "to start over)");
+      scales[i].copy_(it->second);
+    }
     opt.load_state(st);
     start_step = opt.steps();
     auto losses = st.find("step_loss");
+    EQAT_CHECK(losses == st.end() || losses->second.scalar_type() == at::kDouble, state_file,
+               ": 'step_loss' must be float64");
     if (losses != st.end())
       res.step_loss.assign(losses->second.data_ptr<double>(), losses->second.data_ptr<double>() + losses->second.numel());
     std::fprintf(stderr, "resuming E2E-QP at step %lld of %lld\n", static_cast<long long>(start_step),
@@ -113,8 +133,8 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
     int64_t tokens = 0;
     for (int64_t a = 0; a < accum; ++a) {
       std::vector<CalibSample> mb;
-      for (int64_t j = 0; j < opts.micro_batch; ++j)
-        mb.push_back(data.train[order[static_cast<size_t>(in_ep * opts.global_batch + a * opts.micro_batch + j)]]);
+      for (int64_t j = 0; j < micro_batch; ++j)
+        mb.push_back(data.train[order.at(static_cast<size_t>(in_ep * global_batch + a * micro_batch + j))]);
       micro.push_back(embed_samples(m, mb));
       tokens += micro.back().answer.narrow(1, 1, micro.back().answer.size(1) - 1)
                     .logical_and(micro.back().valid.narrow(1, 1, micro.back().valid.size(1) - 1)).sum().item<int64_t>();

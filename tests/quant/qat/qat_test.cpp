@@ -4,9 +4,11 @@
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <limits>
 
+#include "data/error.h"
 #include "data/safetensors.h"
 #include "model_test_util.h"
 #include "quant/qat/block_ap.h"
@@ -137,6 +139,39 @@ TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
   E2eResult r = run_e2e_qp(m, calib, o);
   EXPECT_GT(r.steps, 0);
   EXPECT_LT(r.val_loss_after, r.val_loss_before);
+}
+
+// Fewer training samples than the batch (issue 16): the step used to read past the epoch's permutation. The batch
+// now shrinks to the data (3 samples, batch 8 of micro-batches 4 -> one micro-batch of 3), and no data at all is an
+// InputError; a resume state from another model is refused naming the file.
+TEST(E2eQp, FewerSamplesThanTheBatchShrinkTheBatch) {
+  Model m = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m);
+  run_block_quantization(m, calib, opts("rtn", 2));
+  calib.train.resize(3);
+  E2eOptions o;
+  o.global_batch = 8;
+  o.micro_batch = 4;
+  o.progress = false;
+  E2eResult r = run_e2e_qp(m, calib, o);
+  EXPECT_EQ(r.steps, 1);  // one epoch of 3 samples = one step of the shrunk batch
+  ASSERT_EQ(r.step_loss.size(), 1u);
+  EXPECT_TRUE(std::isfinite(r.step_loss[0]));
+
+  CalibSet empty = calib;
+  empty.train.clear();
+  EXPECT_THROW(run_e2e_qp(m, empty, o), InputError);
+
+  TempDir t;
+  write_safetensors(t.str("e2e_state.safetensors"), {{"step", at::tensor({int64_t{3}})}});
+  o.state_dir = t.str();
+  o.resume = true;
+  try {
+    run_e2e_qp(m, calib, o);
+    ADD_FAILURE() << "resumed from a state without scales";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("e2e_state.safetensors"), std::string::npos) << e.what();
+  }
 }
 
 // GradScaler semantics: gradients come back unscaled, an overflow skips the step and halves the scale, and
