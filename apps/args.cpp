@@ -1,7 +1,12 @@
 #include "args.h"
 
+#include <sched.h>
+
 #include <cerrno>
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <thread>
 #include <iostream>
 #include <sstream>
 
@@ -83,22 +88,35 @@ std::string ParsedArgs::require(const std::string& name) const {
   return str(name);
 }
 
-int64_t ParsedArgs::i64(const std::string& name) const {
+int64_t ParsedArgs::i64(const std::string& name, int64_t lo, int64_t hi) const {
   const std::string v = str(name);
   errno = 0;
   char* end = nullptr;
-  long long x = std::strtoll(v.c_str(), &end, 10);
-  EQAT_CHECK(!v.empty() && end && *end == '\0' && errno == 0, "--", name, ": expected an integer, got '", v, "'");
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  EQAT_CHECK(!v.empty() && end && *end == '\0', "--", name, ": expected an integer, got '", v, "'");
+  EQAT_CHECK(errno != ERANGE && x >= lo && x <= hi, "--", name, " must be in [", lo, ", ", hi, "], got ", v);
   return x;
 }
 
-double ParsedArgs::f64(const std::string& name) const {
+double ParsedArgs::f64(const std::string& name, double lo, double hi) const {
   const std::string v = str(name);
   errno = 0;
   char* end = nullptr;
-  double x = std::strtod(v.c_str(), &end);
-  EQAT_CHECK(!v.empty() && end && *end == '\0' && errno == 0, "--", name, ": expected a number, got '", v, "'");
+  const double x = std::strtod(v.c_str(), &end);
+  EQAT_CHECK(!v.empty() && end && *end == '\0', "--", name, ": expected a number, got '", v, "'");
+  EQAT_CHECK(errno != ERANGE && std::isfinite(x) && x >= lo && x <= hi, "--", name, " must be in [", lo, ", ", hi,
+             "], got ", v);
   return x;
+}
+
+int ParsedArgs::threads() const {
+  cpu_set_t set;  // the cores this process may run on (taskset / cgroup cpusets), not the machine's total
+  CPU_ZERO(&set);
+  const int cores = ::sched_getaffinity(0, sizeof(set), &set) == 0
+                        ? std::max(1, CPU_COUNT(&set))
+                        : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (!has("threads")) return std::min(static_cast<int>(i64("threads", 0, INT32_MAX)), cores);  // the default
+  return i32("threads", 0, cores);
 }
 
 }  // namespace eqat

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -32,8 +33,14 @@ class ParsedArgs {
   bool has(const std::string& name) const { return values_.count(name) != 0; }
   bool flag(const std::string& name) const { return has(name); }
   std::string str(const std::string& name) const;
-  int64_t i64(const std::string& name) const;
-  double f64(const std::string& name) const;
+  // Numeric flags, range-checked here and only here: every numeric flag is read through one of these, so no
+  // value is cut to 32 bits or used out of range. InputError "--name must be in [lo, hi], got V" otherwise;
+  // non-numbers, trailing junk, values beyond 64 bits and non-finite numbers are refused the same way.
+  int64_t i64(const std::string& name, int64_t lo, int64_t hi) const;
+  int i32(const std::string& name, int lo, int hi) const { return static_cast<int>(i64(name, lo, hi)); }
+  double f64(const std::string& name, double lo, double hi) const;
+  // --threads: 0 (auto) up to the machine's cores; more threads than cores only spin on a 2-core machine.
+  int threads() const;
   const std::vector<std::string>& positional() const { return positional_; }
   std::string require(const std::string& name) const;  // InputError "--name is required"
 

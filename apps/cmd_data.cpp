@@ -4,6 +4,7 @@
 #include "args.h"
 #include "commands.h"
 #include "data/error.h"
+#include "data/output.h"
 #include "data/shapes.h"
 
 namespace eqat {
@@ -18,7 +19,8 @@ int cmd_data(const Argv& argv) {
                    "Writes the procedural shapes world: DIR/train.json (LLaVA instruction JSON), DIR/test.jsonl "
                    "(LLaVA eval questions), DIR/test_answers.jsonl and DIR/images/*.png. Test questions come from "
                    "a stream disjoint from the training images.",
-                   {{"out", "DIR", "output directory (replaced atomically)", ""},
+                   {{"out", "DIR", "output directory (written atomically)", ""},
+                    {"overwrite", "", kOverwriteHelp, ""},
                     {"train", "N", "training images (one single-turn conversation each)", "1000"},
                     {"test", "N", "test questions (one image each, families balanced)", "700"},
                     {"seed", "S", "seed", "1"},
@@ -29,14 +31,12 @@ int cmd_data(const Argv& argv) {
                    1, 1};
   ParsedArgs a = parse_args(spec, argv);
   EQAT_CHECK(a.positional()[0] == "shapes", "data: unknown world '", a.positional()[0], "' (only: shapes)");
-  const std::string out = a.require("out");
-  check_output_path(out, "--out", /*is_dir=*/true);
-  const int64_t train = a.i64("train"), test = a.i64("test"), seed = a.i64("seed");
-  EQAT_CHECK(train >= 0, "--train: must be >= 0");
-  EQAT_CHECK(test >= 0, "--test: must be >= 0");
-  EQAT_CHECK(seed >= 0, "--seed: must be >= 0");
-  const double hard = a.f64("hard-choice");
-  EQAT_CHECK(hard >= 0 && hard <= 1, "--hard-choice: must be in [0, 1], got ", hard);
+  const std::string out = check_replaced_dir({a.require("out"), "--out", OutputKind::kDataset, a.flag("overwrite"), {}});
+  // Each image is a ~1-4 KB PNG plus a JSON record: 10^6 images are a few GB, the most a dataset here should be.
+  constexpr int64_t kMaxImages = 1000000;
+  const int64_t train = a.i64("train", 0, kMaxImages), test = a.i64("test", 0, kMaxImages);
+  const int64_t seed = a.i64("seed", 0, INT64_MAX);
+  const double hard = a.f64("hard-choice", 0, 1);
   write_shapes_dataset(out, train, test, static_cast<uint64_t>(seed), hard, a.flag("choice-by-word"));
   std::cerr << "wrote " << out << ": " << train << " training conversations, " << test << " test questions"
             << std::endl;

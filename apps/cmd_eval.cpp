@@ -6,6 +6,7 @@
 #include "commands.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/output.h"
 #include "eval/report.h"
 #include "eval/runner.h"
 #include "eval/score.h"
@@ -72,18 +73,17 @@ int cmd_eval(const Argv& argv) {
   o.data = a.str("data");
   o.images = a.str("images");
   o.ground_truth = a.str("ground-truth");
-  o.batch_size = a.i64("batch-size");
-  o.limit = a.i64("limit");
+  o.batch_size = a.i64("batch-size", 1, 4096);
+  o.limit = a.i64("limit", -1, INT64_MAX);
   o.skip_bad = a.flag("skip-bad");
-  o.max_new_tokens = a.i64("max-new-tokens");
-  o.seq_len = a.i64("seq-len");
+  o.max_new_tokens = a.i64("max-new-tokens", -1, int64_t{1} << 24);
+  o.seq_len = a.i64("seq-len", 2, int64_t{1} << 24);
   o.template_name = a.str("template");
   o.progress = !a.flag("no-progress");
   o.strict_images = a.flag("strict");
   o.device = a.str("device");
   o.dtype = a.str("dtype");
-  o.threads = a.i64("threads");
-  EQAT_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
+  o.threads = a.threads();
   EvalResult r = run_eval(o);
   std::cerr << "eval: " << r.total << " items, " << r.answered << " answered now, " << r.resumed
             << " resumed, " << r.skipped << " skipped; " << static_cast<int>(r.seconds * 10) / 10.0 << " s; "
@@ -112,6 +112,7 @@ int cmd_score(const Argv& argv) {
        {"ground-truth", "PATH", "ground-truth file or directory", ""},
        {"problems", "FILE", "scienceqa: llava_test_CQM-A.json or problems.json", ""},
        {"out", "FILE", "vqav2/gqa: upload file to write", ""},
+       {"overwrite", "", kOverwriteHelp, ""},
        {"only-answered", "", "score only questions that have an answer (default: missing answers are wrong)", ""},
        {"json", "", "print JSON", ""}},
       1,
@@ -121,6 +122,11 @@ int cmd_score(const Argv& argv) {
   const std::string answers = a.require("answers");
   ScoreOptions so;
   so.only_answered = a.flag("only-answered");
+  std::string upload;
+  if (a.has("out"))
+    upload = check_output_file({a.str("out"), "--out", OutputKind::kUpload, a.flag("overwrite"),
+                                {answers, a.str("questions"), a.str("annotations"), a.str("ground-truth"),
+                                 a.str("problems")}});
   ScoreReport r;
   if (bench == "shapes") {
     r = score_shapes(a.require("questions"), a.require("ground-truth"), answers, so);
@@ -135,16 +141,15 @@ int cmd_score(const Argv& argv) {
   } else if (bench == "textvqa") {
     r = score_textvqa(a.require("ground-truth"), answers, so);
   } else if (bench == "gqa") {
-    if (a.has("out")) write_gqa_predictions(answers, a.str("out"));
+    if (!upload.empty()) write_gqa_predictions(answers, upload);
     if (!a.has("ground-truth")) return 0;
     r = score_gqa(a.str("ground-truth"), answers, so);
   } else if (bench == "seed") {
     r = score_seed(a.require("ground-truth"), answers, so);
   } else if (bench == "vqav2") {
-    const std::string out = a.require("out");
-    check_output_path(out, "--out");
-    write_vqav2_upload(answers, out);
-    std::cerr << "wrote " << out << " (upload to the EvalAI VQAv2 server)" << std::endl;
+    a.require("out");
+    write_vqav2_upload(answers, upload);
+    std::cerr << "wrote " << upload << " (upload to the EvalAI VQAv2 server)" << std::endl;
     return 0;
   } else {
     throw_input_error("score: unknown benchmark '" + bench +
@@ -162,7 +167,8 @@ int cmd_report(const Argv& argv) {
                    {{"out", "FILE", "HTML report to write", ""},
                     {"markdown", "FILE", "also write the score table as Markdown", ""},
                     {"examples", "N", "examples on the page (disagreements first)", "40"},
-                    {"thumb", "PX", "thumbnail size", "128"}},
+                    {"thumb", "PX", "thumbnail size", "128"},
+                    {"overwrite", "", kOverwriteHelp, ""}},
                    1,
                    1000};
   ParsedArgs a = parse_args(spec, argv);
@@ -170,10 +176,12 @@ int cmd_report(const Argv& argv) {
   o.runs = a.positional();
   o.html = a.require("out");
   o.markdown = a.str("markdown");
-  o.examples = a.i64("examples");
-  o.thumb = a.i64("thumb");
-  check_output_path(o.html, "--out");
-  if (!o.markdown.empty()) check_output_path(o.markdown, "--markdown");
+  o.examples = a.i64("examples", 0, 100000);
+  o.thumb = a.i64("thumb", 8, 1024);
+  o.html = check_output_file({o.html, "--out", OutputKind::kReport, a.flag("overwrite"), o.runs});
+  if (!o.markdown.empty())
+    o.markdown = check_output_file({o.markdown, "--markdown", OutputKind::kMarkdown, a.flag("overwrite"), o.runs});
+  EQAT_CHECK(o.markdown.empty() || o.markdown != o.html, "--markdown: same file as --out");
   write_report(o);
   std::cerr << "wrote " << o.html << (o.markdown.empty() ? "" : " and " + o.markdown) << std::endl;
   return 0;

@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/output.h"
 #include "data/safetensors.h"
 #include "llm/generate.h"
 #include "llm/prompt.h"
@@ -28,6 +29,7 @@ std::vector<FlagSpec> generation_flags(const std::string& default_template) {
       {"template", "NAME", "prompt template: llava-1.5 | hf | none", default_template},
       {"print-prompt", "", "print the exact prompt text and token ids on stderr", ""},
       {"dump-logits", "FILE", "write the logits of the prompt's last position and of every step (safetensors)", ""},
+      {"overwrite", "", kOverwriteHelp, ""},
       {"device", "DEV", "cpu | cuda[:N]", "cpu"},
       {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
       {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
@@ -37,14 +39,23 @@ std::vector<FlagSpec> generation_flags(const std::string& default_template) {
   };
 }
 
+// --dump-logits is checked before the model loads: never over a file eqat did not write, never into an input.
+void check_dump_path(const ParsedArgs& a, std::vector<std::string> inputs) {
+  if (!a.has("dump-logits")) return;
+  inputs.push_back(a.has("model") ? a.str("model") : default_model_dir());
+  check_output_file({a.str("dump-logits"), "--dump-logits", OutputKind::kTensors, a.flag("overwrite"), inputs});
+}
+
+// The flag's own bound; generation caps it further at the model's context.
+constexpr int64_t kMaxNewTokensFlag = int64_t{1} << 24;
+
 GenerateOptions generate_options(const ParsedArgs& a, const Model& m) {
   GenerateOptions o;
-  o.max_new_tokens = a.i64("max-new-tokens");
-  EQAT_CHECK(o.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", o.max_new_tokens);
-  o.sampling.temperature = a.f64("temperature");
-  o.sampling.top_k = a.i64("top-k");
-  o.sampling.top_p = a.f64("top-p");
-  o.sampling.seed = static_cast<uint64_t>(a.i64("seed"));
+  o.max_new_tokens = a.i64("max-new-tokens", 0, kMaxNewTokensFlag);
+  o.sampling.temperature = a.f64("temperature", 0, 100);
+  o.sampling.top_k = a.i64("top-k", 0, INT32_MAX);
+  o.sampling.top_p = a.f64("top-p", 0, 1);
+  o.sampling.seed = static_cast<uint64_t>(a.i64("seed", 0, INT64_MAX));
   o.stop_ids = {m.tok->eos_id()};
   if (m.cfg.text.eos_token_id >= 0 && m.cfg.text.eos_token_id != m.tok->eos_id())
     o.stop_ids.push_back(m.cfg.text.eos_token_id);
@@ -58,15 +69,14 @@ GenerateOptions generate_options(const ParsedArgs& a, const Model& m) {
 }
 
 void apply_threads(const ParsedArgs& a) {
-  const int64_t n = a.i64("threads");
-  EQAT_CHECK(n >= 0, "--threads must be >= 0, got ", n);
-  if (n > 0) at::set_num_threads(static_cast<int>(n));
+  const int n = a.threads();
+  if (n > 0) at::set_num_threads(n);
 }
 
 // With --threads 0 (auto), tiny models run on one thread: their ops are microseconds long, so OpenMP fork/join and
 // spinning cost more than they gain (stories260K: 2070 tok/s on 1 thread vs ~125 on 2 with a busy second core).
 void auto_threads(const ParsedArgs& a, const Model& m) {
-  if (a.i64("threads") == 0 && m.device.is_cpu() && m.cfg.text.hidden_size < 1024) at::set_num_threads(1);
+  if (a.threads() == 0 && m.device.is_cpu() && m.cfg.text.hidden_size < 1024) at::set_num_threads(1);
 }
 
 // The template a model's own files name ("conv_template" in config.json), else `fallback`.
@@ -166,8 +176,8 @@ int cmd_ask(const Argv& argv) {
                 {"strict", "", "refuse a corrupt JPEG that libjpeg would decode with a warning", ""}};
   for (auto& f : generation_flags("llava-1.5")) spec.flags.push_back(f);
   ParsedArgs a = parse_args(spec, argv);
-  if (a.has("dump-logits")) check_output_path(a.str("dump-logits"), "--dump-logits");
   const std::string image = a.require("image");
+  check_dump_path(a, {image});
   const std::string question = a.positional()[0];
   EQAT_CHECK(!question.empty(), "QUESTION is empty");
   apply_threads(a);
@@ -191,7 +201,7 @@ int cmd_generate(const Argv& argv) {
   spec.flags = {{"model", "DIR", "model directory (Llama or LLaVA)", ""}};
   for (auto& f : generation_flags("none")) spec.flags.push_back(f);
   ParsedArgs a = parse_args(spec, argv);
-  if (a.has("dump-logits")) check_output_path(a.str("dump-logits"), "--dump-logits");
+  check_dump_path(a, {});
   apply_threads(a);
   const std::string dir = resolve_model_dir(a.str("model"), "generate");
   Model m = load_model(dir, load_options(a));
@@ -201,14 +211,6 @@ int cmd_generate(const Argv& argv) {
   EQAT_CHECK(count_image_markers(prompt) == 0, "PROMPT contains <image> but 'eqat generate' takes no image; use ",
              "'eqat ask --image FILE'");
   return run_single(m, a, prompt, at::Tensor());
-}
-
-void check_output_path(const std::string& path, const std::string& flag, bool is_dir) {
-  EQAT_CHECK(!path.empty(), flag, ": empty path");
-  const size_t slash = path.find_last_of('/');
-  const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  EQAT_CHECK(is_directory(parent), flag, ": directory '", parent, "' of ", path, " does not exist");
-  EQAT_CHECK(is_dir || !is_directory(path), flag, ": ", path, " is a directory");
 }
 
 std::string default_model_dir() {

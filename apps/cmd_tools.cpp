@@ -13,6 +13,7 @@
 #include "data/fs.h"
 #include "data/image.h"
 #include "data/llama2c.h"
+#include "data/output.h"
 #include "data/safetensors.h"
 
 namespace eqat {
@@ -35,11 +36,13 @@ int cmd_preprocess(const Argv& argv) {
                     {"image", "FILE", "image file", ""},
                     {"strict", "", "refuse a corrupt JPEG that libjpeg would decode with a warning", ""},
                     {"out", "FILE", "output .safetensors file", ""},
+                    {"overwrite", "", kOverwriteHelp, ""},
                     {"aspect", "MODE", "override the aspect mode: pad (LLaVA-1.5) | crop (llava-hf default)", ""}},
                    0, 0};
   ParsedArgs a = parse_args(spec, argv);
-  const std::string image = a.require("image"), out = a.require("out");
-  check_output_path(out, "--out");
+  const std::string image = a.require("image");
+  const std::string out = check_output_file(
+      {a.require("out"), "--out", OutputKind::kTensors, a.flag("overwrite"), {image, a.str("model")}});
   Image img = load_image(image, a.flag("strict"));
   ImageProcessorConfig ipc;
   std::string dir = a.str("model");
@@ -157,14 +160,16 @@ int cmd_convert(const Argv& argv) {
                    "Converts a llama2.c checkpoint + tokenizer.bin into an HF-style Llama directory.",
                    {{"checkpoint", "FILE", "llama2.c model (.bin, legacy version-0 format)", ""},
                     {"tokenizer", "FILE", "llama2.c tokenizer (.bin)", ""},
-                    {"out", "DIR", "output directory (written atomically)", ""}},
+                    {"out", "DIR", "output directory (written atomically)", ""},
+                    {"overwrite", "", kOverwriteHelp, ""}},
                    1, 1};
   ParsedArgs a = parse_args(spec, argv);
   const std::string kind = a.positional()[0];
   EQAT_CHECK(kind == "llama2c", "convert: unknown source format '", kind, "' (supported: llama2c)");
-  const std::string out = a.require("out");
-  check_output_path(out, "--out", /*is_dir=*/true);
-  convert_llama2c(a.require("checkpoint"), a.require("tokenizer"), out);
+  const std::string checkpoint = a.require("checkpoint"), tokenizer = a.require("tokenizer");
+  const std::string out = check_replaced_dir(
+      {a.require("out"), "--out", OutputKind::kModel, a.flag("overwrite"), {checkpoint, tokenizer}});
+  convert_llama2c(checkpoint, tokenizer, out);
   std::cerr << "wrote " << out << std::endl;
   return 0;
 }

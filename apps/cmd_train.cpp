@@ -37,6 +37,7 @@ int cmd_train_tiny(const Argv& argv) {
                    {{"out", "DIR", "output model directory", ""},
                     {"seed", "S", "seed for data, init and tokenizer", s(d.seed)},
                     {"resume", "", "continue from DIR/checkpoint", ""},
+                    {"overwrite", "", "start over in an earlier train-tiny output (anything else is never replaced)", ""},
                     {"threads", "N", "CPU threads", s(d.threads)},
                     {"no-progress", "", "no progress bar", ""},
                     {"vocab", "N", "SentencePiece vocabulary (<= 1024)", s(d.sp_vocab)},
@@ -94,40 +95,43 @@ int cmd_train_tiny(const Argv& argv) {
   ParsedArgs a = parse_args(spec, argv);
   TinyTrainOptions o;
   o.out = a.require("out");
-  o.seed = static_cast<uint64_t>(a.i64("seed"));
+  // Bounds: the model is "tiny" (a CPU trains it in hours); these keep a typo from allocating gigabytes.
+  constexpr int64_t kMaxDim = 4096, kMaxLayers = 64, kMaxSteps = 100000000, kMaxBatch = 4096;
+  o.seed = static_cast<uint64_t>(a.i64("seed", 0, INT64_MAX));
   o.resume = a.flag("resume");
-  o.threads = a.i64("threads");
+  o.overwrite = a.flag("overwrite");
+  o.threads = a.threads();
   o.progress = !a.flag("no-progress");
-  o.sp_vocab = a.i64("vocab");
+  o.sp_vocab = a.i64("vocab", 400, 1024);
   o.option_pieces = !a.flag("no-option-pieces");
-  o.dim = a.i64("dim"), o.layers = a.i64("layers"), o.heads = a.i64("heads"), o.kv_heads = a.i64("kv-heads");
-  o.ff = a.i64("ff");
-  o.vit_dim = a.i64("vit-dim"), o.vit_layers = a.i64("vit-layers"), o.vit_ff = a.i64("vit-ff");
-  o.patch_size = a.i64("patch");
-  o.stage0_steps = a.i64("stage0-steps"), o.stage0_batch = a.i64("stage0-batch"), o.stage0_lr = a.f64("stage0-lr");
-  o.stage1_steps = a.i64("steps"), o.stage1_batch = a.i64("batch"), o.stage1_lr = a.f64("lr");
-  o.vit_lr_scale = a.f64("vit-lr-scale");
-  o.questions_per_family = a.i64("questions-per-family");
+  o.dim = a.i64("dim", 8, kMaxDim), o.layers = a.i64("layers", 1, kMaxLayers);
+  o.heads = a.i64("heads", 1, 128), o.kv_heads = a.i64("kv-heads", 1, 128);
+  o.ff = a.i64("ff", 8, 4 * kMaxDim);
+  o.vit_dim = a.i64("vit-dim", 8, kMaxDim), o.vit_layers = a.i64("vit-layers", 1, kMaxLayers);
+  o.vit_ff = a.i64("vit-ff", 8, 4 * kMaxDim);
+  o.patch_size = a.i64("patch", 1, 336);
+  o.stage0_steps = a.i64("stage0-steps", 0, kMaxSteps), o.stage0_batch = a.i64("stage0-batch", 1, kMaxBatch);
+  o.stage0_lr = a.f64("stage0-lr", 0, 1);
+  o.stage1_steps = a.i64("steps", 1, kMaxSteps), o.stage1_batch = a.i64("batch", 1, kMaxBatch);
+  o.stage1_lr = a.f64("lr", 0, 1);
+  o.vit_lr_scale = a.f64("vit-lr-scale", 0, 1000);
+  o.questions_per_family = a.i64("questions-per-family", 1, 8);
   for (int k : {2, 3}) {
     TinyTrainOptions::Restart& r = k == 2 ? o.stage2 : o.stage3;
     const std::string p = "stage" + std::to_string(k) + "-";
-    r.steps = a.i64(p + "steps"), r.lr = a.f64(p + "lr");
-    EQAT_CHECK(r.steps >= 0, "--", p, "steps: must be >= 0");
+    r.steps = a.i64(p + "steps", 0, kMaxSteps), r.lr = a.f64(p + "lr", 0, 1);
     using Probability = std::pair<const char*, double ShapesQAMix::*>;
     for (const auto& [name, field] : {Probability{"drop-format", &ShapesQAMix::drop_format},
                                       Probability{"hard-choice", &ShapesQAMix::hard_choice},
                                       Probability{"choice-by-word", &ShapesQAMix::choice_by_word},
                                       Probability{"fewer-options", &ShapesQAMix::fewer_options},
                                       Probability{"in-the-image", &ShapesQAMix::in_the_image}}) {
-      r.mix.*field = a.f64(p + name);
-      EQAT_CHECK(r.mix.*field >= 0 && r.mix.*field <= 1, "--", p, name, ": must be in [0, 1]");
+      r.mix.*field = a.f64(p + name, 0, 1);
     }
     using Count = std::pair<const char*, int ShapesQAMix::*>;
     for (const auto& [name, field] : {Count{"locate", &ShapesQAMix::locate},
                                       Count{"confusable-position", &ShapesQAMix::confusable_position}}) {
-      const int64_t n = a.i64(p + name);
-      EQAT_CHECK(n >= 0 && n <= 8, "--", p, name, ": must be in [0, 8]");
-      r.mix.*field = static_cast<int>(n);
+      r.mix.*field = a.i32(p + name, 0, 8);
     }
     const std::string m = a.str(p + "mix");
     std::istringstream in(m);
@@ -143,18 +147,13 @@ int cmd_train_tiny(const Argv& argv) {
     EQAT_CHECK(n == 7 && *std::max_element(r.mix.per_family.begin(), r.mix.per_family.end()) >= 1,
                "--", p, "mix: expected 7 comma-separated counts in [0, 8], at least one >= 1, got '", m, "'");
   }
-  o.stage3_grow_layers = a.i64("stage3-grow-layers");
-  EQAT_CHECK(o.stage3_grow_layers >= 0 && o.stage3_grow_layers <= 8, "--stage3-grow-layers: must be in [0, 8]");
-  o.warmup = a.i64("warmup");
-  o.eval_every = a.i64("eval-every"), o.eval_questions = a.i64("eval-questions");
-  o.final_eval_questions = a.i64("final-eval");
-  o.checkpoint_every = a.i64("checkpoint-every");
-  if (a.has("max-steps")) o.max_steps = a.i64("max-steps");
-  EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1");
-  EQAT_CHECK(o.stage0_steps >= 0 && o.stage1_steps >= 1, "--steps: must be >= 1 (and --stage0-steps >= 0)");
-  EQAT_CHECK(o.stage0_batch >= 1 && o.stage1_batch >= 1, "--batch: must be >= 1");
-  EQAT_CHECK(o.questions_per_family >= 1 && o.questions_per_family <= 8, "--questions-per-family: must be in [1, 8]");
-  EQAT_CHECK(o.checkpoint_every >= 1, "--checkpoint-every: must be >= 1");
+  o.stage3_grow_layers = a.i64("stage3-grow-layers", 0, 8);
+  o.warmup = a.i64("warmup", 0, kMaxSteps);
+  o.eval_every = a.i64("eval-every", 0, kMaxSteps), o.eval_questions = a.i64("eval-questions", 0, 100000);
+  o.final_eval_questions = a.i64("final-eval", 0, 100000);
+  o.checkpoint_every = a.i64("checkpoint-every", 1, kMaxSteps);
+  if (a.has("max-steps")) o.max_steps = a.i64("max-steps", 1, 3 * kMaxSteps);
+  EQAT_CHECK(o.threads >= 1, "--threads: must be >= 1 for train-tiny");
   EQAT_CHECK(o.dim % o.heads == 0 && o.heads % o.kv_heads == 0, "--dim/--heads/--kv-heads: inconsistent");
   EQAT_CHECK(o.vit_dim % o.vit_heads == 0, "--vit-dim: must be a multiple of the ViT heads");
   train_tiny(o);

@@ -20,8 +20,8 @@ std::string default_model_dir();
 // --model when given, else the default model, else an InputError explaining what to pass.
 std::string resolve_model_dir(const std::string& flag_value, const std::string& command);
 
-// Fails early (before any work) when an output path's directory does not exist; `flag` names the argument.
-// is_dir: the output is a directory (an existing one is replaced atomically on success).
-void check_output_path(const std::string& path, const std::string& flag, bool is_dir = false);
+// --overwrite, shared by every command that writes an output (data/output.h says what it may replace).
+inline constexpr const char* kOverwriteHelp =
+    "replace an existing output of the same kind written by eqat (anything else is never replaced)";
 
 }  // namespace eqat

@@ -292,7 +292,7 @@ void write_report(const ReportOptions& o) {
   }
   h << "</table>\n</body></html>\n";
   write_file_atomic(o.html, h.str());
-  if (!o.markdown.empty()) write_file_atomic(o.markdown, markdown_table(names, scores));
+  if (!o.markdown.empty()) write_file_atomic(o.markdown, "<!-- eqat report -->\n" + markdown_table(names, scores));
 }
 
 }  // namespace eqat

@@ -26,6 +26,7 @@
 #include "data/error.h"
 #include "data/json_util.h"
 #include "data/fs.h"
+#include "data/output.h"
 #include "eval/text_util.h"
 #include "llm/generate.h"
 #include "llm/prompt.h"
@@ -418,7 +419,7 @@ void write_standard_shapes_test(const std::string& dir) {
   std::cerr << "generating the standard shapes test split (" << kShapesStandardTestSize << " questions, seed "
             << kShapesStandardTestSeed << ") in " << dir << "\n";
   const std::vector<ShapesEvalItem> items = shapes_standard_test_split();
-  write_dir_atomic(dir, [&](const std::string& tmp) {
+  write_dir_atomic(dir, OutputKind::kDataset, [&](const std::string& tmp) {
     std::filesystem::create_directories(path_join(tmp, "images"));
     std::string q, a;
     for (const auto& it : items) {
@@ -587,18 +588,20 @@ std::string scienceqa_prompt(const std::string& human_value, bool has_image) {
 EvalResult run_eval(const EvalOptions& o_in) {
   EvalOptions o = o_in;
   EQAT_CHECK(!o.out.empty(), "--out DIR is required");
-  std::error_code ec;
-  std::filesystem::create_directories(o.out, ec);
-  EQAT_CHECK(!ec && is_directory(o.out), o.out, ": cannot create the output directory (--out)");
   EQAT_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got ", o.batch_size);
-  if (o.bench == "ppl" || o.bench == "kl") return run_text_metric(o);
-  EQAT_CHECK(o.reference_dir.empty() || o.bench == "shapes", "--reference: only --bench kl and shapes use it, not ",
-             o.bench);
-
-  static const std::set<std::string> kBenches = {"shapes", "pope", "mme",  "scienceqa", "mmbench",
-                                                  "textvqa", "gqa", "vqav2", "seed",    "llava"};
+  static const std::set<std::string> kBenches = {"shapes",  "pope", "mme",   "scienceqa", "mmbench", "textvqa",
+                                                  "gqa",     "vqav2", "seed", "llava",     "ppl",     "kl"};
   EQAT_CHECK(kBenches.count(o.bench), "--bench: unknown benchmark '", o.bench,
              "' (shapes, pope, mme, scienceqa, mmbench, textvqa, gqa, vqav2, seed, llava, ppl, kl)");
+  EQAT_CHECK(o.reference_dir.empty() || o.bench == "shapes" || o.bench == "kl",
+             "--reference: only --bench kl and shapes use it, not ", o.bench);
+  // The run directory is eqat's own: new, empty, or an earlier eval run (continued). One run at a time.
+  o.out = check_in_place_dir({o.out, "--out", OutputKind::kEvalRun, /*overwrite=*/false,
+                              {o.model_dir, o.reference_dir, o.data, o.images, o.ground_truth}},
+                             /*may_continue=*/true);
+  claim_dir(o.out, OutputKind::kEvalRun);
+  FileLock lock(path_join(o.out, ".eqat-lock"), "--out " + o.out);
+  if (o.bench == "ppl" || o.bench == "kl") return run_text_metric(o);
   EvalResult res;
   const double t0 = now_s();
 

@@ -18,8 +18,7 @@ hr() { printf '\n== %s ==\n' "$1"; }
 t0=$SECONDS
 
 hr "eqat quantize: EfficientQAT W2g64 of the default model (Block-AP + E2E-QP)"
-rm -rf "$Q"
-"$EQAT" quantize --out "$Q" --bits 2 --group-size 64 --samples "${DEMO_SAMPLES:-1024}"
+"$EQAT" quantize --out "$Q" --overwrite --bits 2 --group-size 64 --samples "${DEMO_SAMPLES:-1024}"
 
 hr "the demo questions: full precision vs EfficientQAT W2g64"
 for img in "$FP"/demo/*.png; do
@@ -48,7 +47,7 @@ echo "per-family scores: $OUT/eval-*/scores.json; quantization summary: $Q/eqat_
 
 hr "eqat convert llama2c: stories260K (a real pretrained Llama, GQA, shared classifier) tells a story"
 "$EQAT" convert llama2c --checkpoint "$ROOT/tests/data/models/stories260K/stories260K.bin" \
-  --tokenizer "$ROOT/tests/data/models/stories260K/tok512.bin" --out "$OUT/stories260K" > /dev/null
+  --tokenizer "$ROOT/tests/data/models/stories260K/tok512.bin" --out "$OUT/stories260K" --overwrite > /dev/null
 "$EQAT" generate --model "$OUT/stories260K" --max-new-tokens 200 ""
 echo
 echo "demo finished in $((SECONDS - t0)) s"

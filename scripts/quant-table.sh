@@ -56,7 +56,7 @@ fi
 if [[ $WHAT == stories || $WHAT == all ]]; then
   S="$OUT/stories260K"
   "$EQAT" convert llama2c --checkpoint "$ROOT/tests/data/models/stories260K/stories260K.bin" \
-    --tokenizer "$ROOT/tests/data/models/stories260K/tok512.bin" --out "$S" > /dev/null 2>> "$OUT/eval.log"
+    --tokenizer "$ROOT/tests/data/models/stories260K/tok512.bin" --out "$S" --overwrite > /dev/null 2>> "$OUT/eval.log"
   TXT="$ROOT/tests/data/text/tinyshakespeare.txt"
   n=$(wc -c < "$TXT")
   head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"

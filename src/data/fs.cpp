@@ -17,7 +17,9 @@ namespace eqat {
 namespace fs = std::filesystem;
 
 namespace {
-std::string temp_sibling(const std::string& path) {
+// `PATH.tmp.PID.N`: output.cpp's remove_stale_temps recognises this shape (and the `.old` of a swap).
+std::string temp_sibling(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
   std::random_device rd;
   return str_cat(path, ".tmp.", ::getpid(), ".", rd() % 1000000);
 }
@@ -66,26 +68,41 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   });
 }
 
-void write_dir_atomic(const std::string& dir, const std::function<void(const std::string&)>& fill) {
-  fs::path target = fs::absolute(dir);
+void write_dir_atomic(const std::string& dir, OutputKind kind, const std::function<void(const std::string&)>& fill) {
+  std::string stripped = dir;
+  while (stripped.size() > 1 && stripped.back() == '/') stripped.pop_back();
+  const fs::path target = fs::absolute(stripped).lexically_normal();
+  std::error_code ec;
   if (target.has_parent_path()) {
-    std::error_code ec;
     fs::create_directories(target.parent_path(), ec);
     EQAT_CHECK(!ec, dir, ": cannot create parent directory (", ec.message(), ")");
   }
-  const std::string tmp = temp_sibling(target.lexically_normal().string());
-  std::error_code ec;
-  fs::create_directories(tmp, ec);
+  auto check_replaceable = [&] {
+    EQAT_CHECK(replaceable_dir(target.string(), kind), dir, ": exists and is not an eqat ", output_kind_name(kind),
+               "; eqat does not replace it");
+  };
+  check_replaceable();
+  const std::string tmp = temp_sibling(target.string());
+  fs::create_directory(tmp, ec);
   EQAT_CHECK(!ec, dir, ": cannot create temp directory ", tmp, " (", ec.message(), ")");
+  const std::string old = tmp + ".old";
+  bool moved_aside = false;
   try {
     fill(tmp);
-    const std::string old = tmp + ".old";
-    bool had_old = fs::exists(target);
-    if (had_old) fs::rename(target, old);
-    fs::rename(tmp, target);
-    if (had_old) fs::remove_all(old);
+    write_output_marker(tmp, kind);
+    fsync_path(tmp);
+    check_replaceable();
+    if (fs::exists(target) && !fs::is_empty(target)) {
+      fs::rename(target, old, ec);
+      EQAT_CHECK(!ec, dir, ": cannot move the previous output aside (", ec.message(), ")");
+      moved_aside = true;
+    }
+    fs::rename(tmp, target, ec);  // over a missing or empty directory
+    EQAT_CHECK(!ec, dir, ": cannot rename the temp directory into place (", ec.message(), ")");
+    if (moved_aside) fs::remove_all(old, ec);
   } catch (...) {
     fs::remove_all(tmp, ec);
+    if (moved_aside && !fs::exists(target)) fs::rename(old, target, ec);
     throw;
   }
 }

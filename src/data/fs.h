@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "data/output.h"
+
 namespace eqat {
 
 // Reads a whole file; InputError naming the file when it is missing or unreadable.
@@ -19,9 +21,12 @@ void write_file_atomic(const std::string& path, const std::function<void(const s
 // Convenience: atomically writes `bytes` to `path`.
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
-// Creates a directory for outputs atomically: `fill` populates a temp sibling directory, which is then renamed
-// to `dir` (an existing `dir` is replaced only after `fill` succeeded).
-void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp_dir)>& fill);
+// Creates a directory for outputs atomically: `fill` populates a temp sibling directory, the kind's marker is added
+// (output.h), and the directory is renamed to `dir`. An existing `dir` is replaced only after `fill` succeeded, and
+// only when it is empty or an eqat output of the same kind (checked before `fill` and again at the swap): anything
+// else is an InputError and stays untouched. The caller decides --overwrite beforehand (check_replaced_dir).
+void write_dir_atomic(const std::string& dir, OutputKind kind,
+                      const std::function<void(const std::string& tmp_dir)>& fill);
 
 bool file_exists(const std::string& path);
 bool is_directory(const std::string& path);

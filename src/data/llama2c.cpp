@@ -343,7 +343,7 @@ std::string llama2c_tokenizer_to_sentencepiece(const std::string& tokenizer_bin_
 void convert_llama2c(const std::string& checkpoint_path, const std::string& tokenizer_path,
                      const std::string& out_dir) {
   // Everything, validation included, happens inside the temp directory: any failure leaves `out_dir` as it was.
-  write_dir_atomic(out_dir, [&](const std::string& tmp) {
+  write_dir_atomic(out_dir, OutputKind::kModel, [&](const std::string& tmp) {
     ModelConfig cfg;
     std::vector<std::pair<std::string, at::Tensor>> tensors = read_checkpoint(checkpoint_path, &cfg);
     std::vector<Piece> pieces = read_tokenizer_bin(tokenizer_path);

@@ -262,9 +262,11 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   }
 
   ordered_json h = ordered_json::object();
-  if (!metadata.empty()) {
+  {
+    // "producer": "eqat" marks the file as eqat's own: a later --overwrite may replace it (data/output.h).
     ordered_json m = ordered_json::object();
     for (const auto& [k, v] : metadata) m[k] = v;
+    if (!m.contains("producer")) m["producer"] = "eqat";
     h["__metadata__"] = std::move(m);
   }
   for (size_t i = 0; i < tensors.size(); ++i) {

@@ -67,7 +67,8 @@ class Checkpoint {
 // Writes one safetensors file atomically. The header lists tensors in the given order; the data area holds them
 // contiguous and without holes (the format forbids holes), stably sorted by element size, largest first, so that
 // every tensor starts aligned for its dtype (the header is padded to a multiple of 8) and maps zero-copy.
-// Tensors may live on any device / be non-contiguous; they are copied to contiguous CPU first.
+// Tensors may live on any device / be non-contiguous; they are copied to contiguous CPU first. The metadata gets
+// "producer": "eqat" unless it names a producer.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 

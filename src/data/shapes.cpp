@@ -566,7 +566,7 @@ std::vector<std::string> shapes_corpus(uint64_t seed, int64_t n) {
 void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_n, uint64_t seed, double hard_choice,
                           bool choice_by_word) {
   EQAT_CHECK(train_n >= 0 && test_n >= 0, "shapes: negative sample count");
-  write_dir_atomic(dir, [&](const std::string& tmp) {
+  write_dir_atomic(dir, OutputKind::kDataset, [&](const std::string& tmp) {
     const std::string images = path_join(tmp, "images");
     EQAT_CHECK(::mkdir(images.c_str(), 0755) == 0, images, ": cannot create directory");
     nlohmann::json train = nlohmann::json::array();

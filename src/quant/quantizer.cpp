@@ -6,7 +6,7 @@
 
 namespace eqat {
 
-std::string QuantSpec::tag() const { return str_cat("w", bits, "g", group_size); }
+std::string QuantSpec::tag() const { return str_cat("w", bits, "g", group_size, zero_min ? "z1" : ""); }
 
 namespace {
 // Straight-through helpers: forward value of f(x), gradient of the identity.
@@ -31,7 +31,7 @@ at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Ten
   const double qmax = static_cast<double>(spec.qmax());
   at::Tensor s1 = ste(s, s.clamp(kScaleMin, kScaleMax)).unsqueeze(-1);  // [N, G, 1]
   at::Tensor zr = ste(z, z.round());
-  at::Tensor z1 = ste(zr, zr.clamp(0, qmax)).unsqueeze(-1);
+  at::Tensor z1 = ste(zr, zr.clamp(spec.zero_min, qmax)).unsqueeze(-1);
   at::Tensor u = grouped(W, g) / s1;
   at::Tensor q = (ste(u, u.round()) + z1).clamp(0, qmax);
   return ((q - z1) * s1).reshape(W.sizes());
@@ -41,7 +41,7 @@ QuantizedWeight quantize_integers(const at::Tensor& W, const at::Tensor& s, cons
   const int64_t g = spec.group_for(W.size(1));
   const double qmax = static_cast<double>(spec.qmax());
   at::Tensor sc = s.detach().clamp(kScaleMin, kScaleMax);
-  at::Tensor zc = z.detach().round().clamp(0, qmax);
+  at::Tensor zc = z.detach().round().clamp(spec.zero_min, qmax);
   at::Tensor q = (grouped(W.detach(), g) / sc.unsqueeze(-1)).round().add(zc.unsqueeze(-1)).clamp(0, qmax);
   return {q.reshape(W.sizes()).to(at::kInt), zc.to(at::kInt), sc};
 }

@@ -1,7 +1,7 @@
 // EfficientQAT's quantizer (EFFICIENTQAT.md §1): asymmetric, unsigned, per-group along the input dimension.
 //   groups: contiguous runs of g input columns of one output row; W [N, K] -> G = K/g groups per row.
 //   init (min–max, in the weight's own dtype): s = clamp((max−min)/(2^b−1), 1e-4, 1e4), z = round(clamp(−min/s, ±1e4))
-//   fake quant (Block-AP):  s' = ste_clamp(s, 1e-4, 1e4); z' = ste_clamp(ste_round(z), 0, qmax)
+//   fake quant (Block-AP):  s' = ste_clamp(s, 1e-4, 1e4); z' = ste_clamp(ste_round(z), zero_min, qmax)
 //                           q = clamp(ste_round(W/s') + z', 0, qmax)   (a real clamp: zero gradient outside)
 //                           Ŵ = (q − z')·s'
 // Legend: N out_features, K in_features, g group size, G = K/g.
@@ -17,10 +17,13 @@ namespace eqat {
 struct QuantSpec {
   int bits = 4;
   int64_t group_size = 128;  // -1: per channel (one group per output row)
+  // Smallest zero point: 0, or 1 for GPTQ v1 checkpoints (they store zero − 1 in `bits` bits, so a zero point of 0
+  // cannot be written). Every clamp of z below uses [zero_min, qmax].
+  int zero_min = 0;
   int64_t qmax() const { return (int64_t{1} << bits) - 1; }
   // The concrete group length for in_features K.
   int64_t group_for(int64_t K) const { return group_size < 0 ? K : group_size; }
-  std::string tag() const;  // e.g. "w4g128", "w2g-1"
+  std::string tag() const;  // e.g. "w4g128", "w2g-1", "w2g64z1" (zero_min 1)
 };
 
 constexpr double kScaleMin = 1e-4, kScaleMax = 1e4;

@@ -421,7 +421,7 @@ at::Tensor cell_features(LlavaForConditionalGeneration& m, const ModelConfig& cf
 // Checkpoint: fp32 weights (+ head in stage 0), optimizer state, step.
 void save_checkpoint(const std::string& out, LlavaForConditionalGeneration& m, const CellHead* head,
                      torch::optim::AdamW& opt, int64_t step) {
-  write_dir_atomic(path_join(out, "checkpoint"), [&](const std::string& tmp) {
+  write_dir_atomic(path_join(out, "checkpoint"), OutputKind::kCheckpoint, [&](const std::string& tmp) {
     std::vector<std::pair<std::string, at::Tensor>> ts;
     for (auto& it : m->named_parameters(true)) ts.emplace_back(it.key(), it.value().detach());
     if (head) ts.emplace_back("stage0_head.weight", head->w.detach()), ts.emplace_back("stage0_head.bias", head->b.detach());
@@ -601,7 +601,8 @@ ShapesScore score_shapes(const std::vector<ShapesEvalItem>& items, const std::ve
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-void train_tiny(const TinyTrainOptions& o) {
+void train_tiny(const TinyTrainOptions& o_in) {
+  TinyTrainOptions o = o_in;
   EQAT_CHECK(!o.out.empty(), "train-tiny: --out is required");
   EQAT_CHECK(o.sp_vocab >= 400 && o.sp_vocab <= 1024, "--vocab: must be in [400, 1024] (259 byte and control pieces + the characters come first)");
   EQAT_CHECK(o.image_size % (o.patch_size * kShapesGrid) == 0, "--patch: the image (", o.image_size,
@@ -612,9 +613,12 @@ void train_tiny(const TinyTrainOptions& o) {
              "--steps/--stage2-steps/--stage3-steps x --batch: a stage would use more images than its index range "
              "holds (stage 1: ", kStage2Offset, ", stages 2 and 3: ", kStage3Offset - kStage2Offset,
              ") and overlap the next stage's");
+  // The output is eqat's own: new, empty, or an earlier train-tiny run (continued with --resume, restarted with
+  // --overwrite). One run at a time.
+  o.out = check_in_place_dir({o.out, "--out", OutputKind::kTrainRun, o.overwrite, {}}, o.resume);
+  claim_dir(o.out, OutputKind::kTrainRun, /*start_over=*/o.overwrite && !o.resume);
+  FileLock lock(path_join(o.out, ".eqat-lock"), "--out " + o.out);
   at::set_num_threads(static_cast<int>(o.threads));
-  ::mkdir(o.out.c_str(), 0755);
-  EQAT_CHECK(is_directory(o.out), o.out, ": cannot create the output directory");
   const bool resume = o.resume && file_exists(path_join(o.out, "checkpoint/state.json"));
   if (!resume) train_tokenizer(o.out, o.seed, o.sp_vocab, o.option_pieces);
   Tokenizer sp_only = Tokenizer::from_model_file(path_join(o.out, "tokenizer.model"));

@@ -68,6 +68,7 @@ struct TinyTrainOptions {
   std::string out;         // output directory (model files + checkpoint/ + logs)
   uint64_t seed = 1;       // training images, init and tokenizer corpus all derive from it
   bool resume = false;     // continue from out/checkpoint
+  bool overwrite = false;  // start over in an earlier train-tiny output (otherwise it is refused without resume)
   int64_t threads = 2;
   bool progress = true;    // progress bar on stderr
   // Model (LLaVA-1.5 layout at toy scale).

@@ -12,69 +12,12 @@
 #include <sys/wait.h>
 
 #include "data/safetensors.h"
+#include "apps/cli_util.h"
 #include "model_test_util.h"
 
 using namespace eqat;
 using namespace eqat_test;
 namespace fs = std::filesystem;
-
-namespace {
-
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += (c == '\'') ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-RunResult run_eqat(const std::vector<std::string>& args) {
-  TempDir io;
-  std::string cmd = quote(EQAT_BIN);
-  for (const auto& a : args) cmd += " " + quote(a);
-  cmd += " >" + io.str("out") + " 2>" + io.str("err");
-  int st = std::system(cmd.c_str());
-  RunResult r;
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  r.out = slurp(io.str("out"));
-  r.err = slurp(io.str("err"));
-  return r;
-}
-
-// The contract for bad input: exit 2 and exactly one line on stderr that mentions `needle`.
-void expect_input_error(const RunResult& r, const std::string& needle) {
-  EXPECT_EQ(r.code, 2) << r.err;
-  ASSERT_FALSE(r.err.empty());
-  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err << " lacks " << needle;
-}
-
-std::string copy_fixture(const TempDir& t, const std::string& name) {
-  fs::path dst = t.path / name;
-  fs::copy(fixture(name), dst, fs::copy_options::recursive);
-  return dst.string();
-}
-
-void write_text(const std::string& path, const std::string& s) {
-  std::ofstream(path, std::ios::binary) << s;
-}
-
-std::string strip(const std::string& s) {
-  size_t b = s.find_first_not_of(" \n"), e = s.find_last_not_of(" \n");
-  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
-}
-
-}  // namespace
 
 TEST(Cli, UsageAndHelp) {
   EXPECT_EQ(run_eqat({}).code, 2);

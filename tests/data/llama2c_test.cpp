@@ -333,8 +333,9 @@ TEST(Llama2cErrors, TokenizerProblems) {
 TEST(Llama2cErrors, FailedConversionIsAtomic) {
   TempDir t;
   const std::string out = t.str("model");
-  fs::create_directories(out);
-  spit(out + "/marker.txt", "previous");
+  // A previous eqat model at `out` (only those are ever replaced; see data/output.h).
+  eqat::write_dir_atomic(out, eqat::OutputKind::kModel,
+                         [](const std::string& tmp) { spit(tmp + "/marker.txt", "previous"); });
   const std::string tok = slurp(kTok512);
   const std::string bad = t.str("tok_truncated.bin");
   spit(bad, tok.substr(0, tok.size() - 3));
@@ -348,6 +349,14 @@ TEST(Llama2cErrors, FailedConversionIsAtomic) {
   EXPECT_FALSE(fs::exists(out + "/marker.txt"));
   EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
   EXPECT_EQ(siblings_with_prefix(out), std::vector<std::string>{out});
+
+  // A directory eqat did not write is never replaced, even by a conversion that would succeed.
+  const std::string user = t.str("user");
+  fs::create_directories(user);
+  spit(user + "/notes.txt", "mine");
+  EXPECT_THROW(eqat::convert_llama2c(kStories, kTok512, user), eqat::InputError);
+  EXPECT_EQ(slurp(user + "/notes.txt"), "mine");
+  EXPECT_FALSE(fs::exists(user + "/model.safetensors"));
 }
 
 // A negative vocab_size marks an unshared classifier: wcls follows the freq_cis arrays and becomes lm_head.

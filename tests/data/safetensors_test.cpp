@@ -95,7 +95,7 @@ TEST(SafetensorsTest, RoundTripEveryDtype) {
 
   auto f = SafetensorsFile::open(path);
   EXPECT_EQ(f->tensors().size(), in.size());
-  EXPECT_EQ(f->metadata(), (std::map<std::string, std::string>{{"format", "pt"}, {"note", "round trip"}}));
+  EXPECT_EQ(f->metadata(), (std::map<std::string, std::string>{{"format", "pt"}, {"note", "round trip"}, {"producer", "eqat"}}));
   for (const auto& [name, t] : in) {
     ASSERT_TRUE(f->has(name)) << name;
     at::Tensor got = f->get(name);

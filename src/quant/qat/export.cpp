@@ -70,7 +70,7 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
                                 {"pack_dtype", "int32"},
                                 {"lm_head", false},
                                 {"meta", {{"quantizer", "eqat"}, {"method", opts.method}}}};
-  write_dir_atomic(out_dir, [&](const std::string& tmp) {
+  write_dir_atomic(out_dir, OutputKind::kModel, [&](const std::string& tmp) {
     write_checkpoint(tmp, out);
     write_file_atomic(path_join(tmp, "config.json"), cfg.dump(2));
     // Tokenizer, processor and generation files travel unchanged.
@@ -78,12 +78,14 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
       while (dirent* e = ::readdir(d)) {
         const std::string name = e->d_name;
         if (name == "." || name == ".." || name == "config.json" || name.find(".safetensors") != std::string::npos ||
+            name.rfind(".eqat-", 0) == 0 ||  // the source's output marker and lock are its own
             is_directory(path_join(m.dir, name)))
           continue;
         write_file_atomic(path_join(tmp, name), read_file(path_join(m.dir, name)));
       }
       ::closedir(d);
     }
+    if (opts.extra_files) opts.extra_files(tmp);
   });
 }
 

@@ -5,6 +5,7 @@
 // tokenizer and processor files are copied. The directory is written atomically.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "quant/quantizer.h"
@@ -16,6 +17,9 @@ struct ExportOptions {
   std::string format = "gptq-v2";  // gptq-v2 (true zero points) | gptq-v1 (legacy; every zero point must be >= 1)
   QuantSpec spec;
   std::string method;  // recorded in quantization_config.meta
+  // Called with the temp directory after the checkpoint is written, before it is renamed into place: files that
+  // must appear together with the checkpoint (the run's log, plots, summary).
+  std::function<void(const std::string& tmp_dir)> extra_files;
 };
 
 void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts);

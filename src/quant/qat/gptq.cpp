@@ -63,6 +63,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
         // Group parameters from W as updated by the previous lazy blocks (AutoGPTQ reads the outer W here, which
         // does not yet hold this block's own updates).
         std::tie(s_cur, z_cur) = gptq_params(W.narrow(1, col, gs), qmax);
+        z_cur = z_cur.clamp(spec.zero_min, static_cast<double>(qmax));  // GPTQ v1 cannot store a zero point of 0
         S.select(1, col / gs).copy_(s_cur);
         Z.select(1, col / gs).copy_(z_cur);
       }
@@ -79,7 +80,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
   }
   QuantizedWeight out;
   out.q = Q;
-  out.zero = Z.clamp(0, static_cast<double>(qmax)).to(at::kInt);
+  out.zero = Z.clamp(spec.zero_min, static_cast<double>(qmax)).to(at::kInt);
   out.scale = S.clamp(kScaleMin, kScaleMax).to(at::kFloat);
   return out;
 }

@@ -1,0 +1,380 @@
+#include "quant/qat/pipeline.h"
+
+#include <ATen/Parallel.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "data/config.h"
+#include "data/error.h"
+#include "data/fs.h"
+#include "data/output.h"
+#include "data/plot.h"
+#include "data/shapes.h"
+#include "quant/pack.h"
+#include "quant/qat/export.h"
+#include "quant/qat/progress.h"
+
+namespace eqat {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+
+CalibSet load_data(const Model& m, const std::string& file, const std::string& images, const CalibOptions& co) {
+  if (ends_with(file, ".json")) return load_instruction_data(m, file, images, co);
+  return load_text_data(m, file, co);
+}
+
+int64_t dir_bytes(const std::string& dir) {
+  int64_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.is_regular_file()) n += static_cast<int64_t>(e.file_size());
+  return n;
+}
+
+// A data file: a readable regular file with a known extension.
+void check_data_file(const std::string& path, const std::string& flag) {
+  if (path.empty()) return;
+  struct stat st;
+  EQAT_CHECK(::stat(path.c_str(), &st) == 0, flag, ": ", path, ": no such file");
+  EQAT_CHECK(S_ISREG(st.st_mode), flag, ": ", path, ": not a regular file");
+  EQAT_CHECK(ends_with(path, ".json") || ends_with(path, ".jsonl") || ends_with(path, ".txt"), flag, ": ", path,
+             ": expected LLaVA instruction .json, or text .txt / .jsonl");
+  std::ifstream in(path, std::ios::binary);
+  EQAT_CHECK(in.good(), flag, ": ", path, ": cannot open for reading");
+}
+
+void check_dir(const std::string& path, const std::string& flag) {
+  if (path.empty()) return;
+  EQAT_CHECK(is_directory(path), flag, ": ", path, ": not a directory");
+}
+
+// Size, mtime and canonical path of a file: what identifies an input in the saved settings (hashing a 1-GB
+// instruction JSON on every resume would cost more than it protects).
+nlohmann::json file_identity(const std::string& path) {
+  if (path.empty()) return nullptr;
+  std::error_code ec;
+  const std::string canon = std::filesystem::weakly_canonical(path, ec).string();
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return canon;
+  return {{"path", canon}, {"bytes", static_cast<int64_t>(st.st_size)},
+          {"mtime_ns", static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec}};
+}
+
+// The group size must divide every quantized layer's in_features (q,k,v,gate,up: hidden; o: heads × head_dim;
+// down: intermediate). Checked on the config, before the weights load.
+void check_group_size(QuantizeOptions& o, const ModelConfig& cfg) {
+  const LlamaConfig& t = cfg.text;
+  const std::pair<const char*, int64_t> layers[] = {{"q/k/v/gate/up_proj", t.hidden_size},
+                                                    {"o_proj", t.num_attention_heads * t.head_dim},
+                                                    {"down_proj", t.intermediate_size}};
+  for (const auto& [name, k] : layers) {
+    if (o.spec.group_size <= 0 || k % o.spec.group_size == 0) continue;
+    EQAT_CHECK(o.group_size_fallback, "--group-size ", o.spec.group_size, " does not divide ", name,
+               ".in_features = ", k, "; pick another group size or pass --group-size-fallback per-channel");
+    std::fprintf(stderr, "warning: group size %lld does not divide %s (%lld); using per-channel\n",
+                 static_cast<long long>(o.spec.group_size), name, static_cast<long long>(k));
+    o.spec.group_size = -1;
+  }
+}
+
+bool is_finite_nonneg(double x) { return std::isfinite(x) && x >= 0; }
+
+}  // namespace
+
+void validate_quantize_flags(const QuantizeOptions& o) {
+  EQAT_CHECK(o.method == "efficientqat" || o.method == "rtn" || o.method == "gptq", "--method: unknown '", o.method,
+             "' (efficientqat, rtn or gptq)");
+  EQAT_CHECK(o.phases == "both" || o.phases == "block-ap" || o.phases == "e2e-qp", "--phases: unknown '", o.phases,
+             "' (both, block-ap or e2e-qp)");
+  EQAT_CHECK(o.phases == "both" || o.method == "efficientqat", "--phases ", o.phases,
+             ": only --method efficientqat has phases");
+  EQAT_CHECK(packable_bits(o.spec.bits), "--bits must be 2, 3, 4 or 8, got ", o.spec.bits);
+  EQAT_CHECK(o.spec.group_size == -1 || (o.spec.group_size > 0 && o.spec.group_size <= (1 << 20)),
+             "--group-size must be in [1, 1048576] or -1, got ", o.spec.group_size);
+  EQAT_CHECK(o.format == "gptq-v2" || o.format == "gptq-v1", "--format: expected gptq-v2 or gptq-v1, got '", o.format,
+             "'");
+  const CalibOptions& c = o.calib_opts;
+  EQAT_CHECK(c.n_train >= 1 && c.n_train <= kMaxSamples, "--samples must be in [1, ", kMaxSamples, "], got ",
+             c.n_train);
+  EQAT_CHECK(c.n_val >= 0 && c.n_val <= kMaxSamples, "--val-samples must be in [0, ", kMaxSamples, "], got ", c.n_val);
+  EQAT_CHECK(c.seq_len >= 2 && c.seq_len <= kMaxSeqLen, "--seq-len must be in [2, ", kMaxSeqLen, "], got ", c.seq_len);
+  EQAT_CHECK(o.e2e_samples < 0 || (o.e2e_samples >= 1 && o.e2e_samples <= kMaxSamples), "--e2e-samples must be in [1, ",
+             kMaxSamples, "], got ", o.e2e_samples);
+  const BlockApOptions& b = o.block;
+  EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
+  EQAT_CHECK(b.batch_size >= 1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch, "], got ",
+             b.batch_size);
+  EQAT_CHECK(is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ", b.quant_lr);
+  EQAT_CHECK(b.weight_lr < 0 || std::isfinite(b.weight_lr), "--weight-lr must be finite, got ", b.weight_lr);
+  EQAT_CHECK(std::isfinite(b.min_lr_factor) && b.min_lr_factor >= 1, "--min-lr-factor must be >= 1, got ",
+             b.min_lr_factor);
+  const E2eOptions& e = o.e2e;
+  EQAT_CHECK(e.lr < 0 || std::isfinite(e.lr), "--e2e-lr must be finite, got ", e.lr);
+  EQAT_CHECK(e.epochs >= 0 && e.epochs <= kMaxEpochs, "--e2e-epochs must be in [0, ", kMaxEpochs, "], got ", e.epochs);
+  EQAT_CHECK(e.micro_batch >= 1 && e.micro_batch <= kMaxBatch, "--e2e-micro-batch must be in [1, ", kMaxBatch,
+             "], got ", e.micro_batch);
+  EQAT_CHECK(e.global_batch >= e.micro_batch && e.global_batch <= kMaxBatch && e.global_batch % e.micro_batch == 0,
+             "--e2e-batch must be a multiple of --e2e-micro-batch (", e.micro_batch, ") up to ", kMaxBatch, ", got ",
+             e.global_batch);
+  EQAT_CHECK(e.max_steps == -1 || e.max_steps >= 1, "--e2e-steps must be >= 1, got ", e.max_steps);
+  EQAT_CHECK(std::isfinite(e.warmup_ratio) && e.warmup_ratio >= 0 && e.warmup_ratio <= 1,
+             "--warmup-ratio must be in [0, 1], got ", e.warmup_ratio);
+  EQAT_CHECK(std::isfinite(e.max_grad_norm) && e.max_grad_norm > 0, "--max-grad-norm must be > 0, got ",
+             e.max_grad_norm);
+  EQAT_CHECK(e.save_every >= 0, "--e2e-save-every must be >= 0, got ", e.save_every);
+  EQAT_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
+}
+
+nlohmann::json quantize_settings(const QuantizeOptions& o) {
+  const bool e2e = o.method == "efficientqat" && o.phases != "block-ap";
+  nlohmann::json s = {
+      {"--model", file_identity(path_join(o.model_dir, "config.json"))},
+      {"--method", o.method},
+      {"--phases", o.phases},
+      {"--bits", o.spec.bits},
+      {"--group-size", o.spec.group_size},
+      {"--format", o.format},
+      {"--calib", file_identity(o.calib)},
+      {"--calib-images", o.calib_images},
+      {"--samples", o.calib_opts.n_train},
+      {"--val-samples", o.calib_opts.n_val},
+      {"--seq-len", o.calib_opts.seq_len},
+      {"--seed", o.calib_opts.seed},
+      {"--epochs", o.block.epochs},
+      {"--batch-size", o.block.batch_size},
+      {"--quant-lr", o.block.quant_lr},
+      {"--weight-lr", o.block.weight_lr},
+      {"--min-lr-factor", o.block.min_lr_factor},
+      {"--device", o.device},
+      {"--dtype", o.dtype},
+  };
+  if (e2e) {
+    s["--train-data"] = file_identity(o.train_data);
+    s["--train-images"] = o.train_images;
+    s["--e2e-samples"] = o.e2e_samples;
+    s["--e2e-lr"] = o.e2e.lr;
+    s["--e2e-epochs"] = o.e2e.epochs;
+    s["--e2e-batch"] = o.e2e.global_batch;
+    s["--e2e-micro-batch"] = o.e2e.micro_batch;
+    s["--e2e-steps"] = o.e2e.max_steps;
+    s["--warmup-ratio"] = o.e2e.warmup_ratio;
+    s["--max-grad-norm"] = o.e2e.max_grad_norm;
+  }
+  return s;
+}
+
+std::string settings_differences(const nlohmann::json& saved, const nlohmann::json& now) {
+  auto show = [](const nlohmann::json& v) -> std::string {
+    if (v.is_null()) return "(none)";
+    if (v.is_string()) return v.get<std::string>().empty() ? "(none)" : v.get<std::string>();
+    if (v.is_object() && v.contains("path")) return v["path"].get<std::string>() + " as of its size and time then";
+    return v.dump();
+  };
+  std::string out;
+  auto add = [&](const std::string& key, const nlohmann::json& a, const nlohmann::json& b) {
+    if (a == b) return;
+    if (!out.empty()) out += ", ";
+    if (a.is_object() && b.is_object() && a.value("path", "") == b.value("path", ""))
+      out += key + " " + b.value("path", "") + " changed since the saved run";
+    else
+      out += key + " " + show(a) + " -> " + show(b);
+  };
+  for (auto it = now.begin(); it != now.end(); ++it)
+    add(it.key(), saved.contains(it.key()) ? saved[it.key()] : nlohmann::json(), it.value());
+  for (auto it = saved.begin(); it != saved.end(); ++it)
+    if (!now.contains(it.key())) add(it.key(), it.value(), nlohmann::json());
+  return out;
+}
+
+nlohmann::json run_quantize(QuantizeOptions o) {
+  // ---- validation: nothing is created before all of it passes.
+  validate_quantize_flags(o);
+  o.out = check_replaced_dir({o.out, "--out", OutputKind::kModel, o.overwrite,
+                              {o.model_dir, o.calib, o.calib_images, o.train_data, o.train_images,
+                               o.block.offload_dir}});
+  const std::string state_dir = o.out + ".eqat-state";
+  check_data_file(o.calib, "--calib");
+  check_data_file(o.train_data, "--train-data");
+  check_dir(o.calib_images, "--calib-images");
+  check_dir(o.train_images, "--train-images");
+  if (!o.block.offload_dir.empty()) {
+    const std::string parent = std::filesystem::absolute(o.block.offload_dir).parent_path().string();
+    EQAT_CHECK(is_directory(o.block.offload_dir) || is_directory(parent), "--offload-dir: ", o.block.offload_dir,
+               ": neither it nor its parent directory exists");
+    EQAT_CHECK(!file_exists(o.block.offload_dir) || is_directory(o.block.offload_dir), "--offload-dir: ",
+               o.block.offload_dir, ": not a directory");
+    EQAT_CHECK(::access((is_directory(o.block.offload_dir) ? o.block.offload_dir : parent).c_str(), W_OK) == 0,
+               "--offload-dir: ", o.block.offload_dir, ": not writable");
+  }
+  const ModelConfig cfg = load_model_config(o.model_dir);
+  const bool e2e_only = o.phases == "e2e-qp";
+  if (e2e_only) {
+    EQAT_CHECK(cfg.quant.present, "--phases e2e-qp: ", o.model_dir, " is not quantized; run Block-AP first");
+    o.spec.bits = static_cast<int>(cfg.quant.bits);
+    o.spec.group_size = cfg.quant.group_size;
+  } else {
+    EQAT_CHECK(!cfg.quant.present, o.model_dir, ": is already quantized; quantize a full-precision model");
+    check_group_size(o, cfg);
+  }
+  EQAT_CHECK(!o.calib.empty() || !o.train_data.empty() || cfg.arch == Arch::kLlava,
+             "--calib FILE is required for a text-only model (text .txt/.jsonl, or instruction .json with images)");
+  if (o.format == "gptq-v1" && !e2e_only) {
+    // GPTQ v1 stores zero − 1 in `bits` bits: zero points are trained and rounded within [1, qmax] from the start,
+    // so the export can never meet one it cannot write.
+    o.spec.zero_min = 1;
+    std::fprintf(stderr, "note: --format gptq-v1 stores zero - 1, so zero points are limited to [1, %lld] at %d bits\n",
+                 static_cast<long long>(o.spec.qmax()), o.spec.bits);
+  }
+  EQAT_CHECK(!(o.format == "gptq-v1" && e2e_only && cfg.quant.checkpoint_format != "gptq"),
+             "--format gptq-v1 with --phases e2e-qp: the zero points were fixed by Block-AP and may be 0, which v1 ",
+             "cannot store; run Block-AP with --format gptq-v1, or export gptq-v2");
+
+  // ---- the run's state directory: eqat's own, locked, fresh unless resuming a run with the same settings.
+  const bool had_state = is_directory(state_dir);
+  EQAT_CHECK(!had_state || replaceable_dir(state_dir, OutputKind::kQuantizeState), state_dir,
+             ": exists and is not an eqat quantize state; move it away (eqat does not delete it)");
+  EQAT_CHECK(!file_exists(state_dir) || had_state, state_dir, ": exists and is not a directory");
+  claim_dir(state_dir, OutputKind::kQuantizeState);
+  FileLock lock(path_join(state_dir, ".eqat-lock"), "--out " + o.out);
+  remove_stale_temps(state_dir);
+  const nlohmann::json settings = quantize_settings(o);
+  const std::string settings_file = path_join(state_dir, "settings.json");
+  bool resume = o.resume;
+  if (resume) {
+    if (!file_exists(settings_file)) {
+      std::fprintf(stderr, "--resume: %s holds no earlier run; starting from the beginning\n", state_dir.c_str());
+      resume = false;
+    } else {
+      const nlohmann::json saved = nlohmann::json::parse(read_file(settings_file), nullptr, false);
+      EQAT_CHECK(saved.is_object(), settings_file, ": corrupt state file (not a JSON object); rerun without --resume");
+      const std::string diff = settings_differences(saved, settings);
+      EQAT_CHECK(diff.empty(), "--resume: ", state_dir, " was made with other settings: ", diff,
+                 "; rerun with the saved settings, or without --resume to start over");
+    }
+  }
+  if (!resume) claim_dir(state_dir, OutputKind::kQuantizeState, /*start_over=*/true);  // keeps marker and lock
+  write_file_atomic(settings_file, settings.dump(2));
+
+  // ---- the model and the data.
+  LoadOptions lo;
+  lo.device = o.device;
+  lo.dtype = o.dtype;
+  Model m = load_model(o.model_dir, lo);
+  if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
+  if (m.device.is_cpu() && o.threads == 0 && m.cfg.text.hidden_size < 1024) at::set_num_threads(2);
+  // Without --calib, a LLaVA model calibrates (and E2E-QP trains) on the default model's world: shapes
+  // instruction conversations from the --seed stream (never the test stream), written once into the state dir.
+  std::string calib_file = !o.calib.empty() ? o.calib : o.train_data;
+  std::string calib_images = o.calib_images;
+  if (calib_file.empty()) {
+    const std::string world = path_join(state_dir, "shapes-calib");
+    if (!file_exists(path_join(world, "train.json"))) {
+      const int64_t n = std::max(o.calib_opts.n_train, o.e2e_samples) + o.calib_opts.n_val;
+      std::fprintf(stderr, "calibration: no --calib given; generating %lld shapes conversations (seed %lld)\n",
+                   static_cast<long long>(n), static_cast<long long>(o.calib_opts.seed));
+      write_shapes_dataset(world, n, 0, o.calib_opts.seed);
+    }
+    calib_file = path_join(world, "train.json");
+    calib_images = path_join(world, "images");
+  }
+  const std::string log = path_join(state_dir, "log.jsonl");
+  if (!resume) std::filesystem::remove(log);
+  nlohmann::json summary = {{"method", o.method}, {"bits", o.spec.bits}, {"group_size", o.spec.group_size},
+                            {"source", o.model_dir}};
+  // Loss curves, one PNG each: per-block MSE, and the E2E-QP step loss.
+  std::vector<std::pair<std::string, std::string>> plots;  // (file name, PNG bytes)
+  auto curve = [](const std::string& label, const std::vector<double>& y) {
+    PlotSeries s{label, {}};
+    for (size_t i = 0; i < y.size(); ++i)
+      if (std::isfinite(y[i])) s.xy.emplace_back(static_cast<double>(i), y[i]);
+    return s;
+  };
+
+  if (!e2e_only) {
+    CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
+    int64_t tokens = 0;
+    for (const auto& smp : calib.train) tokens += static_cast<int64_t>(smp.ids.size());
+    std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
+                 calib.train.size(), calib.val.size(), static_cast<long long>(tokens), calib.source.c_str());
+    summary["calibration_tokens"] = tokens;
+    // The paper trains each block on 4096 × 2048 tokens for 2 epochs (16.8 M token passes). Far fewer leaves
+    // Block-AP under-trained: on the shapes model (~36-token samples) 4× the samples or epochs cut the answer-token
+    // KL vs FP by half (models/SOURCES.md).
+    constexpr double kPaperTokenPasses = 4096.0 * 2048.0 * 2.0;
+    if (o.method == "efficientqat" &&
+        static_cast<double>(tokens) * static_cast<double>(o.block.epochs) < kPaperTokenPasses / 16)
+      std::fprintf(stderr, "note: Block-AP sees %lld tokens x %lld epochs per block, under 1/16 of the paper's "
+                   "4096 x 2048 x 2; more --samples or --epochs usually brings it closer to the FP model\n",
+                   static_cast<long long>(tokens), static_cast<long long>(o.block.epochs));
+    BlockApOptions bo = o.block;
+    bo.method = o.method;
+    bo.spec = o.spec;
+    bo.state_dir = state_dir;
+    bo.resume = resume;
+    bo.progress = o.progress;
+    bo.log_jsonl = log;
+    BlockApResult r = run_block_quantization(m, calib, bo);
+    std::vector<double> tr, va;
+    for (const auto& b : r.blocks) {
+      tr.push_back(b.train_loss.empty() ? NAN : b.train_loss.back());
+      va.push_back(b.val_loss.back());
+    }
+    std::vector<PlotSeries> series;
+    if (o.method == "efficientqat") series.push_back(curve("train", tr));
+    series.push_back(curve("val", va));
+    plots.emplace_back("eqat_quantize_blocks.png",
+                       plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
+    summary["block_phase"] = {{"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
+                              {"peak_rss_mib", r.peak_rss_mib}};
+  }
+  if (o.method == "efficientqat" && o.phases != "block-ap") {
+    const std::string train_file = !o.train_data.empty() ? o.train_data : calib_file;
+    CalibOptions eo = o.calib_opts;
+    if (o.e2e_samples > 0) eo.n_train = o.e2e_samples;
+    CalibSet data =
+        load_data(m, train_file, !o.train_images.empty() ? o.train_images : calib_images, eo);
+    E2eOptions e = o.e2e;
+    e.state_dir = state_dir;
+    e.resume = resume;
+    e.progress = o.progress;
+    e.log_jsonl = log;
+    E2eResult r = run_e2e_qp(m, data, e);
+    std::fprintf(stderr, "E2E-QP: %lld steps, val loss %.4f -> %.4f (%.1fs)\n", static_cast<long long>(r.steps),
+                 r.val_loss_before, r.val_loss_after, r.seconds);
+    plots.emplace_back("eqat_quantize_e2e.png",
+                       plot_png({curve("loss", r.step_loss)}, "E2E-QP: training loss per step", "step", true));
+    summary["e2e_phase"] = {{"seconds", r.seconds}, {"ms_per_step", r.ms_per_step}, {"steps", r.steps},
+                            {"val_loss_before", r.val_loss_before}, {"val_loss_after", r.val_loss_after},
+                            {"peak_rss_mib", r.peak_rss_mib}};
+  }
+
+  // ---- export: the checkpoint and the run's artefacts (log, plots, summary) land in one atomic rename.
+  ExportOptions eo;
+  eo.format = o.format;
+  eo.spec = o.spec;
+  eo.method = o.method;
+  const double g = static_cast<double>(o.spec.group_size > 0 ? o.spec.group_size : m.cfg.text.hidden_size);
+  summary["bits_per_param_decoder_linears"] = o.spec.bits + (16.0 + o.spec.bits) / g;
+  summary["source_size_on_disk_bytes"] = dir_bytes(o.model_dir);
+  eo.extra_files = [&](const std::string& tmp) {
+    if (file_exists(log)) write_file_atomic(path_join(tmp, "eqat_quantize_log.jsonl"), read_file(log));
+    for (const auto& [name, png] : plots) write_file_atomic(path_join(tmp, name), png);
+    summary["size_on_disk_bytes"] = dir_bytes(tmp);
+    summary["peak_rss_mib"] = peak_rss_mib();
+    write_file_atomic(path_join(tmp, "eqat_quantize_summary.json"), summary.dump(2));
+  };
+  export_gptq(m, o.out, eo);
+  std::error_code ec;
+  std::filesystem::remove_all(state_dir, ec);
+  return summary;
+}
+
+}  // namespace eqat

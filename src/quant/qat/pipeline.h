@@ -1,0 +1,57 @@
+// The whole quantization run as one library call (the CLI's `eqat quantize`, tests and benchmarks share it):
+//   validate everything → load the model → calibration data → block loop (Block-AP / RTN / GPTQ) → E2E-QP → export.
+// Validation comes first and creates nothing: flags and their ranges, the output (data/output.h: never over
+// foreign data, never into an input), the data files, the offload directory, the model's config against the group
+// size, and the GPTQ-v1 zero-point limit. Then the run takes OUT.eqat-state/ under a lock (one run per output).
+// Without `resume` a stale state directory is cleared; with it, the saved settings must match this run's (every
+// setting that changes the result), and the differences are named when they do not.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+
+#include "quant/qat/block_ap.h"
+#include "quant/qat/calib.h"
+#include "quant/qat/e2e_qp.h"
+#include "quant/quantizer.h"
+
+namespace eqat {
+
+struct QuantizeOptions {
+  std::string model_dir;  // resolved source model
+  std::string out;        // output model directory
+  bool overwrite = false;  // replace an earlier eqat model at `out`
+  bool resume = false;     // continue from OUT.eqat-state/
+  bool progress = true;
+  std::string method = "efficientqat";  // efficientqat | rtn | gptq
+  std::string phases = "both";          // both | block-ap | e2e-qp (e2e-qp needs a quantized model)
+  QuantSpec spec;                       // bits, group size (zero_min is set from the format)
+  bool group_size_fallback = false;     // per-channel when the group size does not divide a layer
+  std::string format = "gptq-v2";       // gptq-v2 | gptq-v1
+  std::string calib, calib_images;      // Block-AP / GPTQ data (empty: a LLaVA model's shapes world)
+  std::string train_data, train_images; // E2E-QP data (empty: calib)
+  CalibOptions calib_opts;              // samples, val samples, seq len, seed
+  int64_t e2e_samples = -1;             // <0: calib_opts.n_train
+  BlockApOptions block;                 // epochs, batch, lrs, offload_dir (method/spec/state are filled in)
+  E2eOptions e2e;                       // lr, epochs, batches, steps, warmup, clipping, save interval
+  std::string device = "cpu", dtype = "auto";
+  int64_t threads = 0;  // CPU threads (0: LibTorch's default, 2 for tiny models)
+};
+
+// Bounds that keep a typo from turning into an hour of work or an allocation failure.
+constexpr int64_t kMaxSamples = 1 << 20, kMaxSeqLen = 1 << 20, kMaxEpochs = 1000, kMaxBatch = 1 << 16;
+
+// Checks the options that need no file (ranges, names, combinations); InputError naming the flag.
+void validate_quantize_flags(const QuantizeOptions& o);
+
+// The settings that change the result, as recorded in OUT.eqat-state/settings.json.
+nlohmann::json quantize_settings(const QuantizeOptions& o);
+// "--seed 2 → 3, --epochs 2 → 1": the differences between saved and current settings (empty when equal).
+std::string settings_differences(const nlohmann::json& saved, const nlohmann::json& now);
+
+// Runs the whole pipeline; returns the summary written to OUT/eqat_quantize_summary.json.
+nlohmann::json run_quantize(QuantizeOptions o);
+
+}  // namespace eqat

@@ -1,0 +1,96 @@
+// The quantize pipeline as a library call (quant/qat/pipeline.h): resume compares the settings that change the
+// result and names each difference; GPTQ v1's zero-point limit is honoured from the first step, so its export
+// never meets a zero point it cannot store.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "data/config.h"
+#include "data/error.h"
+#include "data/safetensors.h"
+#include "model_test_util.h"
+#include "quant/pack.h"
+#include "quant/qat/gptq.h"
+#include "quant/qat/pipeline.h"
+#include "quant/quantizer.h"
+
+using namespace eqat;
+using namespace eqat_test;
+
+namespace pipeline_test {
+
+QuantizeOptions rtn_options(const std::string& out) {
+  QuantizeOptions o;
+  o.model_dir = fixture("tiny_llama");
+  o.out = out;
+  o.method = "rtn";
+  o.spec.bits = 2;
+  o.spec.group_size = -1;
+  o.calib = data_path("text/tinyshakespeare.txt");
+  o.calib_opts.n_train = 2;
+  o.calib_opts.n_val = 1;
+  o.calib_opts.seq_len = 16;
+  o.progress = false;
+  return o;
+}
+
+}  // namespace pipeline_test
+
+TEST(Pipeline, ResumeNamesEverySettingThatChanged) {
+  TempDir t;
+  const std::string calib = t.str("calib.txt");
+  std::ofstream(calib) << "some text";
+  QuantizeOptions a = pipeline_test::rtn_options(t.str("q"));
+  a.calib = calib;
+  const nlohmann::json saved = quantize_settings(a);
+  EXPECT_EQ(settings_differences(saved, quantize_settings(a)), "");
+  QuantizeOptions b = a;
+  b.calib_opts.seed = 3;
+  b.block.epochs = 1;
+  EXPECT_EQ(settings_differences(saved, quantize_settings(b)), "--epochs 2 -> 1, --seed 2 -> 3");
+  // The same path with other content (here: another size) is another data set.
+  std::ofstream(calib) << "some other text";
+  EXPECT_NE(settings_differences(saved, quantize_settings(a)).find("--calib " + std::filesystem::weakly_canonical(calib).string() +
+                                                                   " changed since the saved run"),
+            std::string::npos);
+  // E2E-QP settings count only when E2E-QP runs.
+  QuantizeOptions e = a;
+  e.method = "efficientqat";
+  e.e2e.max_steps = 5;
+  const std::string d = settings_differences(quantize_settings(a), quantize_settings(e));
+  EXPECT_NE(d.find("--method rtn -> efficientqat"), std::string::npos) << d;
+  EXPECT_NE(d.find("--e2e-steps (none) -> 5"), std::string::npos) << d;
+}
+
+// Rows whose weights are all >= 0 have a min–max zero point of 0, which GPTQ v1 (zero − 1 in `bits` bits) cannot
+// store; with zero_min = 1 the quantizers never produce it and stay consistent (Ŵ = (q − z)·s).
+TEST(Pipeline, GptqV1ZeroPointLimitHoldsInEveryQuantizer) {
+  at::manual_seed(0);
+  at::Tensor W = at::rand({8, 64});  // all in [0, 1)
+  QuantSpec spec{2, 32};
+  auto [s, z] = minmax_init(W, spec);
+  EXPECT_EQ(quantize_integers(W, s, z, spec).zero.min().item<int>(), 0) << "the case v1 cannot store";
+  spec.zero_min = 1;
+  QuantizedWeight qw = quantize_integers(W, s, z, spec);
+  EXPECT_GE(qw.zero.min().item<int>(), 1);
+  EXPECT_TRUE(at::allclose(fake_quantize(W, s, z, spec), dequantize_integers(qw, 32), 1e-5, 1e-6));
+  const QuantizedWeight g = gptq_quantize(W, W.t().mm(W).to(at::kDouble) + at::eye(64, at::kDouble), spec);
+  EXPECT_GE(g.zero.min().item<int>(), 1);
+  EXPECT_LE(g.q.max().item<int>(), 3);
+  EXPECT_NO_THROW(qzeros_v2_to_v1(pack_rows(g.zero, 2).t().contiguous(), 2, 8, "test"));
+}
+
+TEST(Pipeline, GptqV1ExportOfA2BitRunLoadsBack) {
+  TempDir t;
+  QuantizeOptions o = pipeline_test::rtn_options(t.str("q"));
+  o.format = "gptq-v1";
+  const nlohmann::json summary = run_quantize(o);
+  EXPECT_EQ(summary["bits"], 2);
+  const ModelConfig cfg = load_model_config(t.str("q"));
+  EXPECT_EQ(cfg.quant.checkpoint_format, "gptq");
+  EXPECT_FALSE(std::filesystem::exists(t.str("q.eqat-state")));
+  Model m = load_model(t.str("q"));  // v1 zero points read back
+  EXPECT_TRUE(m.cfg.quant.present);
+}
