@@ -139,23 +139,23 @@ std::string score_to_json(const ScoreReport& r) {
   j["bench"] = r.bench;
   j["unit"] = r.unit;
   for (const auto& [key, value] : r.metrics) {
+    ordered_json v;  // null for NaN/inf
+    if (std::isfinite(value)) v = is_count_key(key) ? ordered_json(std::llround(value)) : ordered_json(value);
+    // Names taken from the data (MMBench categories, SEED types, POPE splits, shapes families) may contain dots, so
+    // a path can run into a value already placed ("categories.a" then "categories.a.b") or end on an object. Such
+    // a metric keeps its whole dotted key at the top level instead of failing (found by fuzz/eval_fuzz).
+    const std::vector<std::string> parts = split(key, '.');
     ordered_json* node = &j;
-    size_t start = 0;
-    while (true) {
-      size_t dot = key.find('.', start);
-      std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-      if (dot == std::string::npos) {
-        if (!std::isfinite(value))
-          (*node)[part] = nullptr;
-        else if (is_count_key(key))
-          (*node)[part] = static_cast<int64_t>(std::llround(value));
-        else
-          (*node)[part] = value;
-        break;
-      }
-      node = &(*node)[part];
-      start = dot + 1;
+    size_t i = 0;
+    for (; i + 1 < parts.size(); ++i) {
+      auto it = node->find(parts[i]);
+      if (it != node->end() && !it->is_object()) break;
+      node = &(*node)[parts[i]];
     }
+    if (i + 1 == parts.size() && !(node->contains(parts[i]) && (*node)[parts[i]].is_object()))
+      (*node)[parts[i]] = std::move(v);
+    else
+      j[key] = std::move(v);
   }
   if (!r.notes.empty()) j["notes"] = r.notes;
   return j.dump(2);
@@ -972,6 +972,8 @@ ScoreReport score_seed(const std::string& gt_json, const std::string& answers, c
   int64_t ok = 0, n = 0, img_ok = 0, img_n = 0;
   std::map<std::string, std::pair<int64_t, int64_t>> types;
   for (const auto& q : j["questions"]) {
+    EQAT_CHECK(q.is_object() && q.contains("question_id"), gt_json, ": each \"questions\" entry must be an object with a ",
+               "\"question_id\"");
     const std::string qid = qid_text(q["question_id"]);
     auto a = by.find(qid);
     if (a == by.end() && o.only_answered) continue;

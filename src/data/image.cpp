@@ -35,6 +35,12 @@
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_NO_STDIO
 #define STBI_FAILURE_USERMSG
+// Only the formats eqat reads. Debian's stb snapshot (2022-09) has known memory bugs in the others, e.g. a 16-bit
+// PGM (maxval > 255) overflowed the heap in stbi__convert_16_to_8 (found by fuzz/image_fuzz; stb 2.28 fixed it).
+#define STBI_ONLY_JPEG
+#define STBI_ONLY_PNG
+#define STBI_ONLY_BMP
+#define STBI_ONLY_GIF
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
@@ -223,6 +229,39 @@ bool jpeg_is_complete(const std::string& bytes) {
   return sos != std::string::npos && bytes.find("\xFF\xD9", sos) != std::string::npos;
 }
 
+// stb_image (Debian's 2022-09 snapshot) trusts the 16 code counts of a DHT table: more than 256 codes overflow its
+// fixed Huffman arrays (found by fuzz/image_fuzz; stb 2.28 checks it). Walks every marker segment (and skips the
+// entropy-coded data after each SOS) and checks each table the way stb reads it: tables follow one another while
+// stb's remaining-length counter is positive, bytes past the end reading as 0.
+bool jpeg_huffman_tables_ok(const std::string& b) {
+  const auto at = [&](size_t i) { return i < b.size() ? static_cast<uint8_t>(b[i]) : uint8_t{0}; };
+  // stb takes any run of 0xFF fill bytes before the SOI's D8, so "FF FF D8 ..." is a JPEG to it as well.
+  size_t i = 0;
+  while (i < b.size() && at(i) == 0xFF) ++i;
+  if (i == 0 || at(i) != 0xD8) return true;  // not a JPEG: stb will not run its JPEG code on it
+  ++i;  // the first byte after SOI
+  while (i + 1 < b.size()) {
+    const uint8_t m = at(i + 1);
+    // Not a marker, a fill byte, a stuffed 0xFF00, RSTn, TEM, SOI: no length field (entropy-coded data included).
+    if (at(i) != 0xFF || m == 0xFF || m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {
+      ++i;
+      continue;
+    }
+    if (m == 0xD9) break;  // EOI
+    const size_t seg_end = i + 2 + (static_cast<size_t>(at(i + 2)) << 8 | at(i + 3));
+    if (m == 0xC4) {
+      for (size_t p = i + 4; p < seg_end;) {
+        size_t n = 0;
+        for (size_t k = 1; k <= 16; ++k) n += at(p + k);
+        if (n > 256) return false;
+        p += 17 + n;
+      }
+    }
+    i = std::max(seg_end, i + 2);
+  }
+  return true;
+}
+
 // Returns false for streams OpenCV cannot decode as 8-bit colour (left to stb_image for its error message).
 bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image* img) {
   cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8UC1, const_cast<char*>(bytes.data()));
@@ -253,6 +292,7 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
   const std::string name = image_context(source);
   EQAT_CHECK(!bytes.empty(), name, ": empty file, not an image");
   EQAT_CHECK(bytes.size() <= static_cast<size_t>(INT32_MAX), name, ": file too large (", bytes.size(), " bytes)");
+  EQAT_CHECK(jpeg_huffman_tables_ok(bytes), name, ": corrupt JPEG (a Huffman table defines more than 256 codes)");
   if (bytes.size() >= 3 && bytes.compare(0, 3, "\xFF\xD8\xFF") == 0) {  // JPEG SOI + first marker
     int w = 0, h = 0, comp = 0;
     // Header first (stb), so absurd sizes are refused before anything allocates for them.

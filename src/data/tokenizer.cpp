@@ -10,6 +10,7 @@
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -135,7 +136,14 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer Tokenizer::from_model_file(const std::string& path) {
   const std::string bytes = read_file(path);
   Tokenizer tok;
-  const auto status = tok.sp_->LoadFromSerializedProto(bytes);
+  sentencepiece::util::Status status;
+  try {
+    status = tok.sp_->LoadFromSerializedProto(bytes);
+  } catch (const std::exception& e) {
+    // libsentencepiece validates less than it builds: e.g. an empty piece in a unigram model makes its trie
+    // builder (darts_clone) throw instead of returning a status.
+    throw_input_error(str_cat(path, ": not a valid SentencePiece model (", e.what(), ")"));
+  }
   EQAT_CHECK(status.ok(), path, ": not a valid SentencePiece model (", status.ToString(), ")");
   EQAT_CHECK(tok.sp_->GetPieceSize() > 0, path, ": SentencePiece model has no pieces");
   // SentencePiece reports -1 for ids the model does not define; Llama models define all three.
@@ -153,6 +161,10 @@ Tokenizer Tokenizer::load(const std::string& dir) {
 
   const auto add = [&tok](const std::string& content, int64_t id, bool special, const std::string& source) {
     EQAT_CHECK(!content.empty(), source, ": added token ", id, " has empty content");
+    // Token ids are int32 everywhere (SentencePiece, HF, embedding rows); the bound also keeps vocab_size() = id + 1
+    // from overflowing.
+    EQAT_CHECK(id <= INT32_MAX, source, ": added token \"", content, "\" has id ", id, ", beyond the largest token id ",
+               INT32_MAX);
     auto it = tok.added_.find(content);
     EQAT_CHECK(it == tok.added_.end() || it->second == id, source, ": added token \"", content,
                "\" has two ids (", it == tok.added_.end() ? 0 : it->second, " and ", id, ")");
@@ -276,7 +288,12 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_bos) co
             [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
 
   std::vector<int64_t> ids;
-  if (add_bos) ids.push_back(bos_id_);
+  if (add_bos) {
+    // SentencePiece reports bos_id -1 when tokenizer.model has no control "<s>"; -1 must never reach a model.
+    EQAT_CHECK(bos_id_ >= 0, "the tokenizer defines no BOS token (tokenizer.model has no control piece \"<s>\" and ",
+               "tokenizer_config.json names no bos_token), so none can be prepended");
+    ids.push_back(bos_id_);
+  }
   std::vector<int> chunk_ids;
   const auto encode_chunk = [&](size_t begin, size_t end) {
     if (begin >= end) return;

@@ -52,6 +52,44 @@ void make_llava_hf_dir(const TempDir& dir, const std::string& file) {
   }
 }
 
+// A serialized SentencePiece ModelProto with the given pieces (sentencepiece_model.proto: ModelProto 1 pieces,
+// 2 trainer_spec; SentencePiece 1 piece, 2 score, 3 type; TrainerSpec 3 model_type, 40..42 unk/bos/eos ids) —
+// enough for the hand-made models the fuzz regressions need (fuzz/README.md).
+struct SpPiece {
+  std::string text;
+  int type;  // NORMAL 1, UNKNOWN 2, CONTROL 3
+};
+std::string sp_model_proto(const std::vector<SpPiece>& pieces, int model_type) {
+  const auto varint = [](std::string& out, uint64_t v) {
+    for (; v >= 0x80; v >>= 7) out += static_cast<char>((v & 0x7F) | 0x80);
+    out += static_cast<char>(v);
+  };
+  const auto field_int = [&](std::string& out, int field, uint64_t v) {
+    varint(out, static_cast<uint64_t>(field) << 3);
+    varint(out, v);
+  };
+  const auto field_bytes = [&](std::string& out, int field, const std::string& b) {
+    varint(out, static_cast<uint64_t>(field) << 3 | 2);
+    varint(out, b.size());
+    out += b;
+  };
+  std::string model;
+  for (const SpPiece& p : pieces) {
+    std::string sp;
+    field_bytes(sp, 1, p.text);
+    sp += std::string("\x15\x00\x00\x80\xbf", 5);  // field 2 (fixed32): score -1.0f
+    field_int(sp, 3, static_cast<uint64_t>(p.type));
+    field_bytes(model, 1, sp);
+  }
+  std::string trainer;
+  field_int(trainer, 3, static_cast<uint64_t>(model_type));  // 1 unigram, 2 BPE
+  field_int(trainer, 40, 0);
+  field_int(trainer, 41, 1);
+  field_int(trainer, 42, 2);
+  field_bytes(model, 2, trainer);
+  return model;
+}
+
 Ids replace_id(Ids ids, int64_t from, int64_t to) {
   for (auto& id : ids)
     if (id == from) id = to;
@@ -277,6 +315,41 @@ TEST(Tokenizer, Errors) {
   EXPECT_THROW(Tokenizer::load(clash.str()), InputError);
   const Tokenizer tok = Tokenizer::load(data_path(kLlamaDir));
   EXPECT_THROW(tok.id_to_piece(32000), InputError);
+}
+
+// Fuzz finding (tokenizer_fuzz): libsentencepiece's trie builder throws Darts::Details::Exception (not a status)
+// for a unigram model whose piece starts with a NUL byte; it escaped Tokenizer::load as a non-InputError.
+TEST(Tokenizer, SentencePieceLoaderExceptionIsInputError) {
+  TempDir dir;
+  write(dir.str("tokenizer.model"), sp_model_proto({{"<unk>", 2}, {"<s>", 3}, {"</s>", 3},
+                                                    {std::string("\0h", 2), 1}, {"a", 1}},
+                                                   /*model_type=*/1));
+  try {
+    Tokenizer::load(dir.str());
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir.str("tokenizer.model") + ": not a valid SentencePiece model"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// Fuzz finding (tokenizer_fuzz): a model without a control "<s>" has bos_id -1, and encode(text, true) used to
+// prepend that -1 (which later indexes the embedding table).
+TEST(Tokenizer, NoBosTokenRefusesAddBos) {
+  TempDir dir;
+  write(dir.str("tokenizer.model"),
+        sp_model_proto({{"<unk>", 2}, {"<s>", 1}, {"</s>", 3}, {"a", 1}, {"b", 1}}, /*model_type=*/2));
+  const Tokenizer tok = Tokenizer::load(dir.str());
+  EXPECT_EQ(tok.bos_id(), -1);
+  const Ids plain = tok.encode("ab", false);
+  for (int64_t id : plain) EXPECT_GE(id, 0);
+  try {
+    tok.encode("ab", true);
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("defines no BOS token"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace tokenizer_test

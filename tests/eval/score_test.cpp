@@ -432,3 +432,46 @@ TEST(Answers, MalformedLineNamesFileAndLine) {
   eqat::write_file_atomic(t.str("b.jsonl"), "{\"question_id\": 1, \"text\": \"yes\"}\n{\"question_id\": 2, \"te");
   EXPECT_EQ(eqat::read_answers(t.str("b.jsonl"), true).size(), 1u);
 }
+
+// Fuzz findings (fuzz/eval_fuzz, fuzz/README.md).
+// Category names come from the data and may contain dots: "categories.a" then "categories.a.b" made score_to_json
+// index into a number (nlohmann type_error escaping `eqat score`). The colliding metric now keeps its whole key.
+TEST(ScoreJson, DottedDataNamesDoNotCollide) {
+  TempDir t;
+  std::ofstream(t.str("mmb.tsv")) << "index\tquestion\tA\tB\tanswer\tcategory\n"
+                                     "0\tq\tx\ty\tA\ta\n"
+                                     "1\tq\tx\ty\tA\ta.b\n";
+  write_answers(t.str("a.jsonl"), {{0, "", "A"}, {1, "", "B"}});
+  const eqat::ScoreReport r = eqat::score_mmbench(t.str("mmb.tsv"), t.str("a.jsonl"));
+  EXPECT_NEAR(r.get("categories.a"), 100.0, kEps);
+  EXPECT_NEAR(r.get("categories.a.b"), 0.0, kEps);
+  const json j = json::parse(eqat::score_to_json(r));
+  EXPECT_NEAR(j["categories"]["a"].get<double>(), 100.0, kEps);
+  EXPECT_NEAR(j["categories.a.b"].get<double>(), 0.0, kEps);
+  EXPECT_FALSE(eqat::score_to_text(r).empty());
+
+  // The reverse order: a leaf where an object already is.
+  eqat::ScoreReport rev;
+  rev.bench = "x";
+  rev.metrics = {{"s.a.b", 1.0}, {"s.a", 2.0}};
+  const json k = json::parse(eqat::score_to_json(rev));
+  EXPECT_EQ(k["s"]["a"]["b"].get<double>(), 1.0);
+  EXPECT_EQ(k["s.a"].get<double>(), 2.0);
+}
+
+// SEED-Bench "questions" entries were indexed without a check: a number made nlohmann throw type_error, an
+// object without question_id read freed memory (operator[] on a missing key of a const object).
+TEST(GqaSeedScore, SeedQuestionsMustBeObjectsWithId) {
+  TempDir t;
+  write_answers(t.str("s.jsonl"), {{"1", "", "A"}});
+  for (const char* gt : {R"({"questions": [1]})", R"({"questions": [{"answer": "A"}]})"}) {
+    std::ofstream(t.str("seed.json")) << gt;
+    try {
+      eqat::score_seed(t.str("seed.json"), t.str("s.jsonl"));
+      ADD_FAILURE() << "accepted " << gt;
+    } catch (const eqat::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("seed.json: each \"questions\" entry must be an object"), std::string::npos)
+          << e.what();
+    }
+  }
+}
