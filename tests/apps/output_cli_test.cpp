@@ -231,3 +231,23 @@ TEST(CliOutput, NumericFlagsAreRangeCheckedNotTruncated) {
   expect_input_error(run_eqat({"eval", "--bench", "shapes", "--batch-size", "0", "--out", "/tmp/x"}), "--batch-size");
   expect_input_error(run_eqat({"bench", "decode", "--layers", "4294967297"}), "--layers must be in [1, 32]");
 }
+
+// Block-AP's two activation streams are sized before training: what memory cannot hold is refused (nothing left
+// behind), and --offload-dir keeps them in a directory of the run's own, never over the files already there.
+TEST(CliOutput, QuantizeSizesItsActivationCachesAndOffloadsBesideUserFiles) {
+  TempDir t;
+  const std::string model = fixture("tiny_llama");
+  ::setenv("EQAT_MEMORY_LIMIT_MB", "1", 1);  // the tiny model's weights are mmapped; its caches need ~4 MiB
+  RunResult r = run_eqat(with(quantize_args(model, t.str("q")), {"--samples", "256", "--seq-len", "64"}));
+  ::unsetenv("EQAT_MEMORY_LIMIT_MB");
+  expect_input_error(r, "activation caches");
+  EXPECT_FALSE(fs::exists(t.str("q")));
+  EXPECT_FALSE(fs::exists(t.str("q.eqat-state"))) << "a run that saved no progress leaves no state";
+
+  fs::create_directory(t.str("scratch"));
+  write_text(t.str("scratch/fp_train_0.safetensors"), "user file with a cache's name");
+  r = run_eqat(with(quantize_args(model, t.str("q")), {"--offload-dir", t.str("scratch")}));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(snapshot(t.str("scratch")),
+            (std::map<std::string, std::string>{{"fp_train_0.safetensors", "user file with a cache's name"}}));
+}

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "data/config.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/memory.h"
 #include "data/output.h"
 #include "data/plot.h"
 #include "data/shapes.h"
@@ -83,6 +85,32 @@ void check_group_size(QuantizeOptions& o, const ModelConfig& cfg) {
                  static_cast<long long>(o.spec.group_size), name, static_cast<long long>(k));
     o.spec.group_size = -1;
   }
+}
+
+// Block-AP caches every sample's block input twice (the FP and the quantized stream), fp16, each batch padded to
+// its longest sample: refuse up front what neither memory nor the offload directory's disk can hold.
+void check_activation_caches_fit(const QuantizeOptions& o, const CalibSet& calib, int64_t hidden) {
+  int64_t positions = 0;
+  for (const auto* set : {&calib.train, &calib.val})
+    for (size_t i = 0; i < set->size(); i += static_cast<size_t>(o.block.batch_size)) {
+      const size_t end = std::min(set->size(), i + static_cast<size_t>(o.block.batch_size));
+      size_t longest = 0;
+      for (size_t k = i; k < end; ++k) longest = std::max(longest, (*set)[k].ids.size());
+      positions = add_sat(positions, mul_sat(static_cast<int64_t>(longest), static_cast<int64_t>(end - i)));
+    }
+  const int64_t bytes = mul_sat(mul_sat(positions, hidden), 2 /*streams*/ * 2 /*fp16*/);
+  const std::string what = str_cat("Block-AP's activation caches (", calib.train.size() + calib.val.size(),
+                                   " samples x 2 streams x hidden ", hidden, ", fp16)");
+  if (o.block.offload_dir.empty()) {
+    check_memory_fits(bytes, what, "pass --offload-dir DIR to keep them on disk, or fewer --samples / --seq-len");
+    return;
+  }
+  struct statvfs vfs;
+  if (::statvfs(o.block.offload_dir.c_str(), &vfs) != 0) return;
+  const int64_t free_bytes = mul_sat(static_cast<int64_t>(vfs.f_bavail), static_cast<int64_t>(vfs.f_frsize));
+  EQAT_CHECK(bytes <= free_bytes, "--offload-dir ", o.block.offload_dir, ": ", what, " need about ",
+             format_bytes(static_cast<double>(bytes)), " of disk, only ", format_bytes(static_cast<double>(free_bytes)),
+             " is free; use fewer --samples / --seq-len or another disk");
 }
 
 bool is_finite_nonneg(double x) { return std::isfinite(x) && x >= 0; }
@@ -262,6 +290,37 @@ nlohmann::json run_quantize(QuantizeOptions o) {
   }
   if (!resume) claim_dir(state_dir, OutputKind::kQuantizeState, /*start_over=*/true);  // keeps marker and lock
   write_file_atomic(settings_file, settings.dump(2));
+  // A run that fails before it saved any progress (bad data, too little memory) leaves no state behind. Only once
+  // the lock is held and the resume check passed: another run's state, or one to resume later, is never touched.
+  struct DropEmptyState {
+    std::string dir;
+    ~DropEmptyState() {
+      std::error_code ec;
+      if (std::filesystem::exists(dir) && !file_exists(path_join(dir, "state.json")) &&
+          !file_exists(path_join(dir, "e2e_state.safetensors")))
+        std::filesystem::remove_all(dir, ec);
+    }
+  } drop_empty_state{state_dir};
+  // Offloaded activations go to a directory of this run's own inside --offload-dir (never over files there), named
+  // like a temp so that a killed run's is removed by the next run; removed when the run ends, however it ends.
+  std::string offload;
+  if (!o.block.offload_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.block.offload_dir, ec);
+    EQAT_CHECK(!ec, "--offload-dir: ", o.block.offload_dir, ": cannot create it (", ec.message(), ")");
+    const std::string base = std::filesystem::path(o.out).filename().string() + "-activations";
+    remove_stale_temps(o.block.offload_dir, base);
+    offload = path_join(o.block.offload_dir, str_cat(base, ".tmp.", ::getpid(), ".0"));
+    std::filesystem::create_directory(offload, ec);
+    EQAT_CHECK(!ec, "--offload-dir: cannot create ", offload, " (", ec.message(), ")");
+  }
+  struct RemoveOnExit {
+    std::string dir;
+    ~RemoveOnExit() {
+      std::error_code ec;
+      if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+    }
+  } offload_guard{offload};
 
   // ---- the model and the data.
   LoadOptions lo;
@@ -302,6 +361,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
     int64_t tokens = 0;
     for (const auto& smp : calib.train) tokens += static_cast<int64_t>(smp.ids.size());
+    check_activation_caches_fit(o, calib, m.cfg.text.hidden_size);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
                  calib.train.size(), calib.val.size(), static_cast<long long>(tokens), calib.source.c_str());
     summary["calibration_tokens"] = tokens;
@@ -315,6 +375,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                    "4096 x 2048 x 2; more --samples or --epochs usually brings it closer to the FP model\n",
                    static_cast<long long>(tokens), static_cast<long long>(o.block.epochs));
     BlockApOptions bo = o.block;
+    if (!offload.empty()) bo.offload_dir = offload;
     bo.method = o.method;
     bo.spec = o.spec;
     bo.state_dir = state_dir;
