@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <utility>
 #include <vector>
 
@@ -226,6 +227,17 @@ void restore_pieces(std::vector<Piece>& pieces, const std::string& path) {
       p.type = 1;  // NORMAL
     }
   }
+  // What SentencePiece refuses to load must be refused here, not written as a tokenizer.model nothing can read
+  // (found by fuzz/llama2c_fuzz): every piece once, and byte pieces all 256 (byte_fallback) or none.
+  std::map<std::string, size_t> seen;
+  int n_bytes = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const auto [it, fresh] = seen.emplace(pieces[i].text, i);
+    EQAT_CHECK(fresh, path, ": entries ", it->second, " and ", i, " are the same token '", pieces[i].text, "'");
+    n_bytes += pieces[i].type == 6;
+  }
+  EQAT_CHECK(n_bytes == 0 || n_bytes == 256, path, ": has ", n_bytes,
+             " byte tokens <0xHH>; a SentencePiece vocabulary has all 256 (byte fallback) or none");
 }
 
 // --- protobuf wire format (only what ModelProto needs) ---

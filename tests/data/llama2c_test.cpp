@@ -404,4 +404,36 @@ TEST(Llama2cConvert, UnsharedClassifier) {
   EXPECT_EQ(sp.IdToPiece(3), "\xE2\x96\x81" "a");
 }
 
+// Fuzz finding (fuzz/llama2c_fuzz): a tokenizer.bin with only some byte tokens <0xHH> (or a token twice) was
+// converted into a tokenizer.model that SentencePiece refuses to load ("byte piece <0x00> is found although
+// byte_fallback is false", "already defined"): the import succeeded and wrote an unusable model. Now refused.
+TEST(Llama2cErrors, TokenizerSentencePieceWouldRefuse) {
+  TempDir t;
+  const auto tokenizer_bin = [](const std::vector<std::string>& pieces) {
+    std::string tok;
+    const auto put_i32 = [&](int32_t v) { tok.append(reinterpret_cast<const char*>(&v), 4); };
+    put_i32(8);
+    for (const std::string& p : pieces) {
+      const float score = 0.f;
+      tok.append(reinterpret_cast<const char*>(&score), 4);
+      put_i32(static_cast<int32_t>(p.size()));
+      tok += p;
+    }
+    return tok;
+  };
+  const std::vector<std::string> base = {"<unk>", "\n<s>\n", "\n</s>\n"};
+  std::vector<std::string> one_byte = base;
+  one_byte.push_back("<0x41>");
+  spit(t.str("bytes.bin"), tokenizer_bin(one_byte));
+  std::string msg = input_error_message([&] { eqat::llama2c_tokenizer_to_sentencepiece(t.str("bytes.bin")); });
+  EXPECT_NE(msg.find(t.str("bytes.bin") + ": has 1 byte tokens"), std::string::npos) << msg;
+
+  std::vector<std::string> twice = base;
+  twice.push_back(" a");
+  twice.push_back(" a");
+  spit(t.str("twice.bin"), tokenizer_bin(twice));
+  msg = input_error_message([&] { eqat::llama2c_tokenizer_to_sentencepiece(t.str("twice.bin")); });
+  EXPECT_NE(msg.find(t.str("twice.bin") + ": entries 3 and 4 are the same token"), std::string::npos) << msg;
+}
+
 }  // namespace llama2c_test

@@ -352,5 +352,25 @@ TEST(Tokenizer, NoBosTokenRefusesAddBos) {
   }
 }
 
+// Fuzz finding (a probe written for tokenizer_fuzz): an added-token id of 2^63 - 1 passed the JSON checks and
+// vocab_size() = id + 1 overflowed int64 (UBSan). Added-token ids are bounded by INT32_MAX in every file.
+TEST(Tokenizer, AddedTokenIdBeyondInt32IsRefused) {
+  for (const std::string file : {"added_tokens.json", "tokenizer_config.json"}) {
+    TempDir dir;
+    make_llava_hf_dir(dir, "");
+    write(dir.str(file), file == "added_tokens.json"
+                             ? R"({"<x>": 9223372036854775807})"
+                             : R"({"added_tokens_decoder": {"9223372036854775807": {"content": "<x>"}}})");
+    try {
+      Tokenizer::load(dir.str());
+      FAIL() << "expected InputError for " << file;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(file + ": added token \"<x>\" has id 9223372036854775807"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
 }  // namespace tokenizer_test
 }  // namespace eqat
