@@ -20,7 +20,7 @@ struct Image {
   uint8_t at(int y, int x, int c) const { return rgb[(static_cast<size_t>(y) * width + x) * 3 + c]; }
 };
 
-// Decodes JPEG/PNG/BMP/GIF (first frame)/…; gray and gray+alpha are replicated, alpha is dropped (PIL
+// Decodes JPEG/PNG/BMP/GIF (first frame) only; gray and gray+alpha are replicated, alpha is dropped (PIL
 // convert('RGB')). InputError naming the file for missing, truncated, corrupt, non-image or 0x0 input.
 // Limits (hostile input): only regular files (not /dev/zero, a FIFO, a directory), at most 256 MiB; at most 16384
 // pixels per side and 64 Mpx in all, checked from the header before decoding.
