@@ -58,7 +58,8 @@ int cmd_eval(const Argv& argv) {
        {"template", "NAME", "prompt template: llava-1.5 (vicuna_v1) | hf | none (default: the model's "
                             "conv_template, else llava-1.5)", ""},
        {"no-progress", "", "no progress bar on stderr", ""},
-       {"strict", "", "refuse corrupt JPEGs that libjpeg would decode with a warning (a bad question)", ""},
+       {"strict", "", "refuse corrupt JPEGs that libjpeg would decode with a warning (a bad question), and make "
+                      "the answer checks (duplicate or unknown question ids, non-string text) errors", ""},
        {"device", "DEV", "cpu | cuda[:N]", "cpu"},
        {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
        {"threads", "N", "CPU threads (0 = auto)", "0"}},
@@ -81,6 +82,7 @@ int cmd_eval(const Argv& argv) {
   o.template_name = a.str("template");
   o.progress = !a.flag("no-progress");
   o.strict_images = a.flag("strict");
+  o.strict_answers = a.flag("strict");
   o.device = a.str("device");
   o.dtype = a.str("dtype");
   o.threads = a.threads();
@@ -114,6 +116,8 @@ int cmd_score(const Argv& argv) {
        {"out", "FILE", "vqav2/gqa: upload file to write", ""},
        {"overwrite", "", kOverwriteHelp, ""},
        {"only-answered", "", "score only questions that have an answer (default: missing answers are wrong)", ""},
+       {"strict", "", "duplicate or unknown question ids and non-string text are an error (default: counted in "
+                      "answer_checks.*, noted, the first answer of a duplicate scored)", ""},
        {"json", "", "print JSON", ""}},
       1,
       1};
@@ -122,6 +126,7 @@ int cmd_score(const Argv& argv) {
   const std::string answers = a.require("answers");
   ScoreOptions so;
   so.only_answered = a.flag("only-answered");
+  so.strict = a.flag("strict");
   std::string upload;
   if (a.has("out"))
     upload = check_output_file({a.str("out"), "--out", OutputKind::kUpload, a.flag("overwrite"),
@@ -141,14 +146,18 @@ int cmd_score(const Argv& argv) {
   } else if (bench == "textvqa") {
     r = score_textvqa(a.require("ground-truth"), answers, so);
   } else if (bench == "gqa") {
-    if (!upload.empty()) write_gqa_predictions(answers, upload);
-    if (!a.has("ground-truth")) return 0;
+    AnswerChecks checks;
+    if (!upload.empty()) checks = write_gqa_predictions(answers, upload, so);
+    if (!a.has("ground-truth")) {
+      for (const auto& n : checks.notes) std::cerr << "note: " << n << "\n";
+      return 0;
+    }
     r = score_gqa(a.str("ground-truth"), answers, so);
   } else if (bench == "seed") {
     r = score_seed(a.require("ground-truth"), answers, so);
   } else if (bench == "vqav2") {
     a.require("out");
-    write_vqav2_upload(answers, upload);
+    for (const auto& n : write_vqav2_upload(answers, upload, so).notes) std::cerr << "note: " << n << "\n";
     std::cerr << "wrote " << upload << " (upload to the EvalAI VQAv2 server)" << std::endl;
     return 0;
   } else {

@@ -479,9 +479,10 @@ void reorder_answers(const std::string& path, const std::vector<Item>& items) {
 // OUT/judged.jsonl: {question_id, prompt, correct} per scored answer, for the report's examples page.
 void write_judgements(const std::string& path, const std::string& answers, const ScoreReport& r) {
   std::string out;
+  std::set<std::string> written;  // a duplicate answer (same key) is judged once, as the scorer judged the first
   for (const auto& a : read_answers(answers)) {
     auto it = r.correct.find(answer_key(a));
-    if (it == r.correct.end()) continue;
+    if (it == r.correct.end() || !written.insert(it->first).second) continue;
     ordered_json j;
     j["question_id"] = json::parse(a.qid_json);
     j["prompt"] = a.prompt;
@@ -649,17 +650,28 @@ EvalResult run_eval(const EvalOptions& o_in) {
     write_file_atomic(source_path, source);
   }
   repair_tail(res.answers_path);
-  std::set<std::string> done;
+  std::set<std::string> done, queued;
   if (file_exists(res.answers_path))
     for (const auto& a : read_answers(res.answers_path, true)) done.insert(answer_key(a.qid, a.prompt));
+  // Never two answers for one key: answered keys are skipped, and a question repeated in the question file (same
+  // question_id and prompt) is answered once (the scorers would count the second answer as a duplicate).
   std::vector<Item> todo;
+  int64_t repeated = 0;
   for (auto& it : items) {
-    if (done.count(answer_key(it.qid, it.answer_prompt))) {
+    const std::string key = answer_key(it.qid, it.answer_prompt);
+    if (done.count(key)) {
       ++res.resumed;
+      continue;
+    }
+    if (!queued.insert(key).second) {
+      ++repeated;
       continue;
     }
     todo.push_back(it);
   }
+  if (repeated)
+    std::cerr << "warning: " << repeated << " question(s) of " << questions
+              << " repeat an earlier question's question_id and prompt; each is answered once\n";
   if (res.resumed) std::cerr << "resuming: " << res.resumed << " of " << res.total << " already answered\n";
 
   std::vector<std::string> bad_msgs;
@@ -783,6 +795,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
   // Score.
   ScoreOptions so;
   so.only_answered = o.limit >= 0 || res.skipped > 0;
+  so.strict = o.strict_answers;
   const std::string& A = res.answers_path;
   if (!file_exists(A)) write_file_atomic(A, "");
   auto have = [](const std::string& p) { return !p.empty() && file_exists(p); };
@@ -800,12 +813,16 @@ EvalResult run_eval(const EvalOptions& o_in) {
   } else if (o.bench == "textvqa" && have(o.ground_truth)) {
     res.score = score_textvqa(o.ground_truth, A, so), res.scored = true;
   } else if (o.bench == "gqa") {
-    write_gqa_predictions(A, path_join(o.out, "gqa_predictions.json"));
-    if (have(o.ground_truth)) res.score = score_gqa(o.ground_truth, A, so), res.scored = true;
+    const AnswerChecks checks = write_gqa_predictions(A, path_join(o.out, "gqa_predictions.json"), so);
+    if (have(o.ground_truth))
+      res.score = score_gqa(o.ground_truth, A, so), res.scored = true;  // its notes repeat the checks
+    else
+      for (const auto& n : checks.notes) std::cerr << "note: " << n << "\n";
   } else if (o.bench == "seed" && have(o.ground_truth)) {
     res.score = score_seed(o.ground_truth, A, so), res.scored = true;
   } else if (o.bench == "vqav2") {
-    write_vqav2_upload(A, path_join(o.out, "vqav2_upload.json"));
+    for (const auto& n : write_vqav2_upload(A, path_join(o.out, "vqav2_upload.json"), so).notes)
+      std::cerr << "note: " << n << "\n";
     std::cerr << "VQAv2 is scored by the EvalAI server: upload " << path_join(o.out, "vqav2_upload.json") << "\n";
   }
   if (!res.scored && o.bench != "vqav2")

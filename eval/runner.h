@@ -27,6 +27,7 @@ struct EvalOptions {
   int64_t limit = -1;           // first N questions (ppl/kl: windows); -1 all
   int64_t max_new_tokens = -1;  // -1: LLaVA's per-benchmark default (128; ScienceQA 1024)
   bool strict_images = false;   // --strict: a corrupt JPEG (libjpeg warning) is a bad question, not a warning
+  bool strict_answers = false;  // --strict: the scorers' answer checks (ScoreOptions::strict) are errors
   int64_t seq_len = 2048;       // ppl/kl window, capped at the model context
   bool skip_bad = false;
   bool progress = true;

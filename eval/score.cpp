@@ -98,6 +98,7 @@ std::vector<Answer> read_answers(const std::string& path, bool tolerate_torn_tai
     a.qid_json = j["question_id"].dump();
     a.prompt = str_field(j, "prompt");
     a.text = str_field(j, "text");
+    a.text_is_string = j["text"].is_string();
     if (j.contains("metadata")) a.metadata_json = j["metadata"].dump();
     a.line = line;
     out.push_back(std::move(a));
@@ -122,7 +123,83 @@ std::vector<Question> read_questions(const std::string& path) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Answer checks: one pass over an answer file's records for every scorer, so a duplicate is never silently merged
+// (a map by question id would keep the last; a list would score both), an answer for a question the benchmark
+// does not have is never silently dropped, and a non-string "text" (which the official Python scripts mostly
+// crash on: .find / .rstrip / re on an int) is never silently stringified. Counted and noted by default; --strict
+// makes any of them an error.
+
+namespace {
+struct FirstFinding {
+  int64_t line = 0;
+  std::string id;
+  void note(const Answer& a, int64_t count) {
+    if (count == 1) line = a.line, id = a.qid_json;
+  }
+  // "(line 9: id 999)" for one, "(first at line 7: id 12)" for several.
+  std::string where(int64_t n) const { return str_cat("(", n > 1 ? "first at " : "", "line ", line, ": id ", id, ")"); }
+};
+}  // namespace
+
+AnswerChecks audit_answers(std::vector<Answer>& answers, AnswerKey key,
+                           const std::function<bool(const std::string& qid)>& known, const std::string& path,
+                           const ScoreOptions& o) {
+  AnswerChecks c;
+  FirstFinding dup, unk, nstr;
+  std::set<std::string> seen;
+  std::vector<Answer> kept;
+  kept.reserve(answers.size());
+  for (Answer& a : answers) {
+    if (!a.text_is_string) nstr.note(a, ++c.non_string_text);
+    if (known && !known(a.qid)) {  // before the duplicate test: an unknown id is never scored, however often
+      unk.note(a, ++c.unknown_ids);
+      continue;
+    }
+    if (!seen.insert(key == AnswerKey::kQuestionId ? a.qid : answer_key(a)).second) {
+      dup.note(a, ++c.duplicates);
+      continue;
+    }
+    kept.push_back(std::move(a));
+  }
+  answers = std::move(kept);
+  const std::string dup_what = key == AnswerKey::kQuestionId
+                                   ? (c.duplicates == 1 ? "duplicate question id" : "duplicate question ids")
+                                   : (c.duplicates == 1 ? "duplicate question id + prompt"
+                                                        : "duplicate question id + prompt pairs");
+  const std::string unk_what = c.unknown_ids == 1 ? "unknown id" : "unknown ids";
+  const std::string nstr_what = c.non_string_text == 1 ? "non-string text" : "non-string texts";
+  if (o.strict && (c.duplicates || c.unknown_ids || c.non_string_text)) {
+    std::vector<std::string> parts;
+    if (c.duplicates) parts.push_back(str_cat(c.duplicates, " ", dup_what, " ", dup.where(c.duplicates)));
+    if (c.unknown_ids) parts.push_back(str_cat(c.unknown_ids, " ", unk_what, " ", unk.where(c.unknown_ids)));
+    if (c.non_string_text)
+      parts.push_back(str_cat(c.non_string_text, " ", nstr_what, " ", nstr.where(c.non_string_text)));
+    std::string msg = path + ": ";
+    for (size_t i = 0; i < parts.size(); ++i) msg += (i ? ", " : "") + parts[i];
+    throw_input_error(msg + "; rerun without --strict to score anyway");
+  }
+  if (c.duplicates)
+    c.notes.push_back(str_cat(c.duplicates, " ", dup_what, " in ", path, ": later answers ignored, the first scored ",
+                              dup.where(c.duplicates)));
+  if (c.unknown_ids)
+    c.notes.push_back(str_cat(c.unknown_ids, " ", unk_what, " in ", path, ": not in the benchmark, not scored ",
+                              unk.where(c.unknown_ids)));
+  if (c.non_string_text)
+    c.notes.push_back(str_cat(c.non_string_text, " ", nstr_what, " in ", path, ": scored as the JSON text read ",
+                              nstr.where(c.non_string_text)));
+  return c;
+}
+
+void AnswerChecks::add_to(ScoreReport& r) const {
+  r.metrics.push_back({"answer_checks.duplicates", static_cast<double>(duplicates)});
+  r.metrics.push_back({"answer_checks.unknown_ids", static_cast<double>(unknown_ids)});
+  r.metrics.push_back({"answer_checks.non_string_text", static_cast<double>(non_string_text)});
+  r.notes.insert(r.notes.end(), notes.begin(), notes.end());
+}
+
 bool is_count_key(const std::string& key) {
+  if (key.rfind("answer_checks.", 0) == 0) return true;
   const std::string last = key.substr(key.rfind('.') == std::string::npos ? 0 : key.rfind('.') + 1);
   return last == "n" || (last.size() > 2 && last.compare(last.size() - 2, 2, "_n") == 0) || last == "windows" ||
          last == "tokens" || last == "seq_len" || last == "failed_extractions";
@@ -443,9 +520,13 @@ ScoreReport score_shapes(const std::string& questions, const std::string& ground
                          const ScoreOptions& o) {
   std::vector<Question> qs = read_questions(questions);
   const std::map<std::string, std::string> gt = read_shapes_ground_truth(ground_truth);
-  std::map<std::string, const Answer*> by_qid;
+  std::set<std::string> qids;
+  for (const auto& q : qs) qids.insert(q.qid);
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans) by_qid[a.qid] = &a;
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return qids.count(id) > 0; }, answers, o);
+  std::map<std::string, const Answer*> by_qid;
+  for (const auto& a : ans) by_qid.emplace(a.qid, &a);
 
   ScoreReport r;
   r.bench = "shapes";
@@ -492,6 +573,7 @@ ScoreReport score_shapes(const std::string& questions, const std::string& ground
   if (missing)
     r.notes.push_back(str_cat(missing, " questions have no answer",
                               o.only_answered ? " (not scored)" : " (scored as wrong)"));
+  checks.add_to(r);
   return r;
 }
 
@@ -503,8 +585,12 @@ ScoreReport score_pope(const std::string& annotation_dir, const std::string& que
   std::map<std::string, std::string> category;  // qid -> split
   for (const auto& q : read_questions(questions)) category[q.qid] = q.category;
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans)
-    EQAT_CHECK(category.count(a.qid), answers, ":", a.line, ": question_id ", a.qid_json, " is not in ", questions);
+  // eval_pope.py would stop with a KeyError on an answer whose question_id is not in the question file. Such an
+  // answer belongs to no split, so leaving it out scores every split exactly as the official script scores the
+  // file without it: counted and noted like every other scorer's unknown ids (an error under --strict). A later
+  // duplicate is dropped too (the official script would zip it with the next label, shifting the whole split).
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return category.count(id) > 0; }, answers, o);
 
   std::vector<std::string> splits;
   for (const auto& e : list_dir(annotation_dir)) {
@@ -560,7 +646,7 @@ ScoreReport score_pope(const std::string& annotation_dir, const std::string& que
     ++nsplits;
   }
   r.metrics.insert(r.metrics.begin(), {"f1_mean", nsplits ? f1_sum / nsplits : 0.0});
-  (void)o;
+  checks.add_to(r);
   return r;
 }
 
@@ -578,6 +664,7 @@ ScoreReport score_mme(const std::string& gt_dir, const std::string& questions, c
                       const ScoreOptions& o) {
   // GT: (category, image, question) -> yes/no.
   std::map<std::string, std::string> gt;
+  std::set<std::string> gt_images;  // category \t image: the question ids the ground truth knows
   auto key = [](const std::string& c, const std::string& img, const std::string& q) {
     return c + '\t' + img + '\t' + q;
   };
@@ -595,6 +682,7 @@ ScoreReport score_mme(const std::string& gt_dir, const std::string& questions, c
       auto f = split(line, '\t');
       EQAT_CHECK(f.size() >= 3, path, ":", ln, ": expected image<TAB>question<TAB>answer");
       gt[key(cat, f[0], f[1])] = lower(trim(f[2]));
+      gt_images.insert(cat + '\t' + f[0]);
     }
   }
   EQAT_CHECK(!gt.empty(), gt_dir, ": no MME ground-truth <category>.txt files");
@@ -609,6 +697,15 @@ ScoreReport score_mme(const std::string& gt_dir, const std::string& questions, c
   };
   std::map<std::string, std::vector<Row>> rows;  // category -> rows in answer order
   std::vector<Answer> ans = read_answers(answers);
+  // question_id is "<category>/<image>"; it is known when the ground truth has that image in that category (a
+  // known image with a question the ground truth lacks stays an error below: the answer file is malformed).
+  // Duplicates by id + prompt: MME asks two questions per image id.
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionIdAndPrompt,
+      [&](const std::string& id) {
+        return gt_images.count(id.substr(0, id.find('/')) + '\t' + id.substr(id.rfind('/') + 1)) > 0;
+      },
+      answers, o);
   for (const auto& a : ans) {
     const std::string cat = a.qid.substr(0, a.qid.find('/'));
     const std::string image = a.qid.substr(a.qid.rfind('/') + 1);
@@ -675,7 +772,7 @@ ScoreReport score_mme(const std::string& gt_dir, const std::string& questions, c
   if (np < 10 || nc < 4)
     r.notes.push_back(str_cat("answers cover ", np, "/10 perception and ", nc,
                               "/4 cognition categories; totals sum the covered ones"));
-  (void)o;
+  checks.add_to(r);
   return r;
 }
 
@@ -744,9 +841,13 @@ std::vector<SqaProblem> read_sqa_problems(const std::string& path) {
 // the two agree for prompts built as model_vqa_science does, and ours also counts a missing IMG answer as IMG.
 ScoreReport score_scienceqa(const std::string& problems, const std::string& answers, const ScoreOptions& o) {
   std::vector<SqaProblem> probs = read_sqa_problems(problems);
-  std::map<std::string, const Answer*> by_pid;
+  std::set<std::string> pids;
+  for (const auto& p : probs) pids.insert(p.pid);
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans) by_pid[a.qid] = &a;
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return pids.count(id) > 0; }, answers, o);
+  std::map<std::string, const Answer*> by_pid;
+  for (const auto& a : ans) by_pid.emplace(a.qid, &a);
   ScoreReport r;
   r.bench = "scienceqa";
   r.headline = "img_accuracy";
@@ -777,6 +878,7 @@ ScoreReport score_scienceqa(const std::string& problems, const std::string& answ
   if (missing)
     r.notes.push_back(str_cat(missing, " problems have no answer",
                               o.only_answered ? " (not scored)" : " (scored as wrong, as the official script)"));
+  checks.add_to(r);
   return r;
 }
 
@@ -800,9 +902,22 @@ ScoreReport score_mmbench(const std::string& tsv, const std::string& answers, co
     auto it = col.find(c);
     return it == col.end() || it->second >= row.size() ? "" : row[it->second];
   };
-  std::map<std::string, const Answer*> by_idx;
+  std::vector<int64_t> index(rows.size(), 0);  // per data row; rows[0] is the header
+  std::set<std::string> known;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const std::string idx_s = trim(get(rows[i], "index"));
+    try {
+      index[i] = std::stoll(idx_s);
+    } catch (...) {
+      throw_input_error(str_cat(tsv, ": row ", i, ": bad index '", idx_s, "'"));
+    }
+    known.insert(std::to_string(index[i]));
+  }
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans) by_idx[a.qid] = &a;
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return known.count(id) > 0; }, answers, o);
+  std::map<std::string, const Answer*> by_idx;
+  for (const auto& a : ans) by_idx.emplace(a.qid, &a);
 
   ScoreReport r;
   r.bench = "mmbench";
@@ -816,13 +931,7 @@ ScoreReport score_mmbench(const std::string& tsv, const std::string& answers, co
   int64_t missing = 0, rows_ok = 0, rows_n = 0;
   for (size_t i = 1; i < rows.size(); ++i) {
     const auto& row = rows[i];
-    const std::string idx_s = trim(get(row, "index"));
-    int64_t idx = 0;
-    try {
-      idx = std::stoll(idx_s);
-    } catch (...) {
-      throw_input_error(str_cat(tsv, ": row ", i, ": bad index '", idx_s, "'"));
-    }
+    const int64_t idx = index[i];
     std::vector<std::pair<std::string, std::string>> options;
     for (char L = 'A'; L <= 'Z'; ++L) {
       const std::string l(1, L);
@@ -857,6 +966,7 @@ ScoreReport score_mmbench(const std::string& tsv, const std::string& answers, co
   r.metrics.push_back({"row_accuracy", pct(rows_ok, rows_n)});
   for (const auto& [c, v] : cat) r.metrics.push_back({"categories." + c, pct(v.first, v.second)});
   if (missing) r.notes.push_back(str_cat(missing, " rows have no answer"));
+  checks.add_to(r);
   return r;
 }
 
@@ -889,18 +999,25 @@ ScoreReport score_textvqa(const std::string& gt_json, const std::string& answers
   json j = parse_json_file(gt_json);
   EQAT_CHECK(j.is_object() && j.contains("data") && j["data"].is_array(), gt_json, ": expected {\"data\": [...]}");
   std::map<std::string, std::vector<std::string>> gt;  // image_id \t question.lower() -> answers
+  std::set<std::string> image_ids;                      // the question ids answers carry
   for (const auto& e : j["data"]) {
     std::vector<std::string> a;
     if (e.contains("answers"))
       for (const auto& s : e["answers"]) a.push_back(s.is_string() ? s.get<std::string>() : s.dump());
     gt[str_field(e, "image_id") + '\t' + lower(str_field(e, "question"))] = a;
+    image_ids.insert(str_field(e, "image_id"));
   }
+  // An answer's question_id is the image id; its question comes from the prompt, so duplicates are by id + prompt.
+  std::vector<Answer> ans = read_answers(answers);
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionIdAndPrompt, [&](const std::string& id) { return image_ids.count(id) > 0; },
+      answers, o);
   ScoreReport r;
   r.bench = "textvqa";
   r.headline = "accuracy";
   double sum = 0;
   int64_t n = 0;
-  for (const auto& a : read_answers(answers)) {
+  for (const auto& a : ans) {
     const std::string where = str_cat(answers, ":", a.line);
     auto it = gt.find(a.qid + '\t' + textvqa_question(a.prompt, where));
     EQAT_CHECK(it != gt.end(), where, ": no TextVQA ground truth for image_id ", a.qid);
@@ -913,7 +1030,7 @@ ScoreReport score_textvqa(const std::string& gt_json, const std::string& answers
   }
   r.metrics.push_back({"accuracy", pct(sum, n)});
   r.metrics.push_back({"n", static_cast<double>(n)});
-  (void)o;
+  checks.add_to(r);
   return r;
 }
 
@@ -934,9 +1051,11 @@ ScoreReport score_gqa(const std::string& gt_json, const std::string& answers, co
   ScoreReport r;
   r.bench = "gqa";
   r.headline = "accuracy";
-  std::map<std::string, const Answer*> by;
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans) by[a.qid] = &a;
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return j.contains(id); }, answers, o);
+  std::map<std::string, const Answer*> by;
+  for (const auto& a : ans) by.emplace(a.qid, &a);
   int64_t ok = 0, n = 0, missing = 0;
   for (auto it = j.begin(); it != j.end(); ++it) {
     auto a = by.find(it.key());
@@ -952,6 +1071,7 @@ ScoreReport score_gqa(const std::string& gt_json, const std::string& answers, co
   r.metrics.push_back({"accuracy", pct(ok, n)});
   r.metrics.push_back({"n", static_cast<double>(n)});
   if (missing) r.notes.push_back(str_cat(missing, " questions have no answer"));
+  checks.add_to(r);
   return r;
 }
 
@@ -963,9 +1083,14 @@ ScoreReport score_seed(const std::string& gt_json, const std::string& answers, c
   if (j.contains("question_type") && j["question_type"].is_object())
     for (auto it = j["question_type"].begin(); it != j["question_type"].end(); ++it)
       type_name[qid_text(it.value())] = it.key();
-  std::map<std::string, const Answer*> by;
+  std::set<std::string> qids;  // malformed entries are refused in the scoring loop below
+  for (const auto& q : j["questions"])
+    if (q.is_object() && q.contains("question_id")) qids.insert(qid_text(q["question_id"]));
   std::vector<Answer> ans = read_answers(answers);
-  for (const auto& a : ans) by[a.qid] = &a;
+  const AnswerChecks checks = audit_answers(
+      ans, AnswerKey::kQuestionId, [&](const std::string& id) { return qids.count(id) > 0; }, answers, o);
+  std::map<std::string, const Answer*> by;
+  for (const auto& a : ans) by.emplace(a.qid, &a);
   ScoreReport r;
   r.bench = "seed";
   r.headline = "accuracy";
@@ -991,23 +1116,30 @@ ScoreReport score_seed(const std::string& gt_json, const std::string& answers, c
   r.metrics.push_back({"img_accuracy", pct(img_ok, img_n)});
   r.metrics.push_back({"n", static_cast<double>(n)});
   for (const auto& [t, v] : types) r.metrics.push_back({"types." + t, pct(v.first, v.second)});
+  checks.add_to(r);
   return r;
 }
 
-void write_vqav2_upload(const std::string& answers, const std::string& out_json) {
+// Without the question files every id is taken as known; the server would see a duplicate as two predictions.
+AnswerChecks write_vqav2_upload(const std::string& answers, const std::string& out_json, const ScoreOptions& o) {
+  std::vector<Answer> ans = read_answers(answers);
+  const AnswerChecks checks = audit_answers(ans, AnswerKey::kQuestionId, nullptr, answers, o);
   json out = json::array();
-  for (const auto& a : read_answers(answers)) {
+  for (const auto& a : ans) {
     json qid = json::parse(a.qid_json);
     out.push_back({{"question_id", qid}, {"answer", vqa_normalize(a.text)}});
   }
   write_file_atomic(out_json, out.dump());
+  return checks;
 }
 
-void write_gqa_predictions(const std::string& answers, const std::string& out_json) {
+AnswerChecks write_gqa_predictions(const std::string& answers, const std::string& out_json, const ScoreOptions& o) {
+  std::vector<Answer> ans = read_answers(answers);
+  const AnswerChecks checks = audit_answers(ans, AnswerKey::kQuestionId, nullptr, answers, o);
   json out = json::array();
-  for (const auto& a : read_answers(answers))
-    out.push_back({{"questionId", a.qid}, {"prediction", gqa_pred(a.text)}});
+  for (const auto& a : ans) out.push_back({{"questionId", a.qid}, {"prediction", gqa_pred(a.text)}});
   write_file_atomic(out_json, out.dump());
+  return checks;
 }
 
 }  // namespace eqat

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -21,7 +22,8 @@ struct Answer {
   std::string qid;       // question_id as text (a string's contents, or a number's JSON form)
   std::string qid_json;  // question_id exactly as JSON ("7" or "\"a/b.png\"")
   std::string prompt;
-  std::string text;
+  std::string text;            // a string's contents; any other JSON value as read_answers found it (see below)
+  bool text_is_string = true;  // false: "text" was a number/null/object/array, kept as its JSON form (null: "")
   std::string metadata_json = "{}";
   int64_t line = 0;  // 1-based line in the file, for messages
 };
@@ -46,6 +48,8 @@ struct ScoreOptions {
   // Score only the questions that have an answer (for --limit runs); the official scripts count missing answers
   // as wrong (ScienceQA, shapes) or fail.
   bool only_answered = false;
+  // audit_answers' findings (duplicates, unknown ids, non-string text) are an InputError instead of counts + notes.
+  bool strict = false;
 };
 
 struct ScoreReport {
@@ -58,6 +62,26 @@ struct ScoreReport {
   std::vector<std::string> notes;       // e.g. "12 answers without a ground truth were ignored"
   double get(const std::string& key) const;  // NaN when absent
 };
+
+// ---- answer checks (every scorer and upload writer runs them once on the answer file) ----
+// Duplicates are judged by the key a scorer looks answers up by: the question id alone, or id + prompt where one
+// id carries several questions (MME: two per image; TextVQA: image id + question).
+enum class AnswerKey { kQuestionId, kQuestionIdAndPrompt };
+struct AnswerChecks {
+  int64_t duplicates = 0;       // later answers for a key already answered: dropped, the first one is scored
+  int64_t unknown_ids = 0;      // question ids the benchmark's files do not have: dropped, not scored
+  int64_t non_string_text = 0;  // "text" not a JSON string: scored as its JSON form (5 -> "5", null -> "")
+  std::vector<std::string> notes;  // one per nonzero kind, naming its first line
+  // Appends "answer_checks.{duplicates,unknown_ids,non_string_text}" (always, zeros included) and the notes.
+  void add_to(ScoreReport& r) const;
+};
+// Removes duplicates and unknown ids from `answers` (in place, order kept) and counts all three kinds; known(qid)
+// says whether a question id is in the benchmark (nullptr: every id is). Under o.strict any finding throws one
+// InputError naming `path`, the counts and each kind's first line.
+AnswerChecks audit_answers(std::vector<Answer>& answers, AnswerKey key,
+                           const std::function<bool(const std::string& qid)>& known, const std::string& path,
+                           const ScoreOptions& o);
+
 bool is_count_key(const std::string& key);  // "n", "*.n", "*_n", windows, tokens, …: printed as integers
 std::string score_to_json(const ScoreReport& r);  // {"bench":…, "unit":…, metrics nested…}
 std::string score_to_text(const ScoreReport& r);  // aligned "key  value" lines
@@ -96,8 +120,10 @@ ScoreReport score_gqa(const std::string& gt_json, const std::string& answers, co
 ScoreReport score_seed(const std::string& gt_json, const std::string& answers, const ScoreOptions& o = {});
 
 // Upload files for server-scored benchmarks: VQAv2 [{question_id, answer}] (EvalAI-normalised) and GQA
-// [{questionId, prediction}]. Written atomically.
-void write_vqav2_upload(const std::string& answers, const std::string& out_json);
-void write_gqa_predictions(const std::string& answers, const std::string& out_json);
+// [{questionId, prediction}]. Written atomically. Duplicate answers are dropped (the first kept) and counted; the
+// returned checks' notes are for the caller to show (strict: an InputError before anything is written).
+AnswerChecks write_vqav2_upload(const std::string& answers, const std::string& out_json, const ScoreOptions& o = {});
+AnswerChecks write_gqa_predictions(const std::string& answers, const std::string& out_json,
+                                   const ScoreOptions& o = {});
 
 }  // namespace eqat

@@ -280,3 +280,28 @@ TEST(Cli, HostileImagesAreRefusedOrWarned) {
   expect_input_error(run_eqat({"ask", "--model", model, "--image", t.str("bad.jpg"), "--strict", "What?"}),
                      "bad.jpg: corrupt JPEG data");
 }
+
+// `eqat score` answer checks: a duplicate question id, an unknown id and a non-string text are counted in the
+// JSON (exit 0), and with --strict refused in one line naming the file and the first offending line (exit 2).
+TEST(Cli, ScoreCountsOrRefusesBadAnswerRecords) {
+  TempDir t;
+  write_text(t.str("a.jsonl"),
+             "{\"question_id\": 0, \"prompt\": \"\", \"text\": \"blue\"}\n"
+             "{\"question_id\": 2, \"prompt\": \"\", \"text\": 0}\n"
+             "{\"question_id\": 0, \"prompt\": \"\", \"text\": \"red\"}\n"
+             "{\"question_id\": 999, \"prompt\": \"\", \"text\": \"yes\"}\n");
+  const std::vector<std::string> args = {"score",          "shapes", "--questions", data_path("bench/shapes/test.jsonl"),
+                                         "--ground-truth", data_path("bench/shapes/test_answers.jsonl"),
+                                         "--answers",      t.str("a.jsonl"), "--only-answered", "--json"};
+  RunResult ok = run_eqat(args);
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  EXPECT_NE(ok.out.find("\"answer_checks\": {\n    \"duplicates\": 1,\n    \"unknown_ids\": 1,\n"
+                        "    \"non_string_text\": 1\n  }"),
+            std::string::npos)
+      << ok.out;
+  EXPECT_NE(ok.out.find("\"accuracy\": 1.0"), std::string::npos) << ok.out;  // "blue" (first) and 0 -> "0" right
+  std::vector<std::string> strict = args;
+  strict.push_back("--strict");
+  expect_input_error(run_eqat(strict), t.str("a.jsonl") + ": 1 duplicate question id (line 3: id 0), 1 unknown id "
+                                       "(line 4: id 999), 1 non-string text (line 2: id 2); rerun without --strict");
+}

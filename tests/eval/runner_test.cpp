@@ -58,6 +58,7 @@ TEST(Runner, BatchingMatchesBatchOneAndResumes) {
   auto o4 = shapes_opts(t.str("b4"));
   o4.batch_size = 4;
   o4.limit = 5;
+  o4.strict_answers = true;  // the runner's own answer file, appended over runs, never repeats an answer
   eqat::EvalResult part = eqat::run_eval(o4);
   EXPECT_EQ(part.answered, 5);
   o4.limit = -1;
@@ -77,6 +78,8 @@ TEST(Runner, BatchingMatchesBatchOneAndResumes) {
   eqat::EvalResult again = eqat::run_eval(o4);
   EXPECT_EQ(again.answered, 0);
   EXPECT_EQ(again.resumed, 14);
+  EXPECT_EQ(again.score.get("answer_checks.duplicates"), 0);
+  EXPECT_EQ(again.score.get("answer_checks.unknown_ids"), 0);
   EXPECT_TRUE(eqat::file_exists(t.str("b4/scores.json")));
 
   // A torn last line (a killed run) is dropped and that question answered again.
@@ -88,6 +91,7 @@ TEST(Runner, BatchingMatchesBatchOneAndResumes) {
   eqat::EvalResult repaired = eqat::run_eval(o4);
   EXPECT_EQ(repaired.answered, 1);
   EXPECT_EQ(lines(t.str("b4/answers.jsonl")).size(), 14u);
+  EXPECT_EQ(repaired.score.get("answer_checks.duplicates"), 0);
 
   // Report over the two runs: self-contained HTML with thumbnails, Markdown table.
   eqat::ReportOptions ro;

@@ -172,15 +172,21 @@ TEST(PopeScore, PerfectWithPhrasingAndAllNo) {
   EXPECT_NEAR(r.get("f1_mean"), 0, 1e-9);
 }
 
+// An unknown question id is counted and not scored (eval_pope.py would stop with a KeyError); --strict refuses it
+// naming the file and the line.
 TEST(PopeScore, UnknownQuestionIdNamesTheRecord) {
   TempDir t;
   write_answers(t.str("a.jsonl"), {{99999, "", "yes"}});
+  auto r = eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), t.str("a.jsonl"));
+  EXPECT_EQ(r.get("answer_checks.unknown_ids"), 1);
+  EXPECT_EQ(r.get("f1_mean"), 0);  // no split has an answer
+  eqat::ScoreOptions strict;
+  strict.strict = true;
   try {
-    eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), t.str("a.jsonl"));
+    eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), t.str("a.jsonl"), strict);
     FAIL() << "expected InputError";
   } catch (const eqat::InputError& e) {
-    EXPECT_NE(std::string(e.what()).find("a.jsonl:1"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("99999"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("a.jsonl: 1 unknown id (line 1: id 99999)"), std::string::npos) << e.what();
   }
 }
 
@@ -474,4 +480,222 @@ TEST(GqaSeedScore, SeedQuestionsMustBeObjectsWithId) {
           << e.what();
     }
   }
+}
+
+// ---- answer checks: duplicates, unknown ids, non-string text (issue 16) ------------------------------------------
+
+namespace {
+void write_jsonl(const std::string& path, const std::vector<json>& rows) {
+  std::ofstream f(path);
+  for (const auto& j : rows) f << j.dump() << "\n";
+}
+
+// The three counts in the report and in its JSON (as integers).
+void expect_checks(const eqat::ScoreReport& r, int dup, int unknown, int non_string) {
+  EXPECT_EQ(r.get("answer_checks.duplicates"), dup);
+  EXPECT_EQ(r.get("answer_checks.unknown_ids"), unknown);
+  EXPECT_EQ(r.get("answer_checks.non_string_text"), non_string);
+  const json j = json::parse(eqat::score_to_json(r));
+  ASSERT_TRUE(j.contains("answer_checks")) << j.dump();
+  EXPECT_TRUE(j["answer_checks"]["duplicates"].is_number_integer());
+  EXPECT_EQ(j["answer_checks"]["duplicates"].get<int>(), dup);
+  EXPECT_EQ(j["answer_checks"]["unknown_ids"].get<int>(), unknown);
+  EXPECT_EQ(j["answer_checks"]["non_string_text"].get<int>(), non_string);
+  EXPECT_NE(eqat::score_to_text(r).find("answer_checks.duplicates"), std::string::npos);
+}
+
+// fn(strict options) must throw one InputError containing every needle.
+template <typename Fn>
+void expect_strict_error(Fn fn, const std::vector<std::string>& needles) {
+  eqat::ScoreOptions o;
+  o.strict = true;
+  try {
+    fn(o);
+    ADD_FAILURE() << "expected InputError under strict";
+  } catch (const eqat::InputError& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << msg << "\nlacks: " << n;
+  }
+}
+}  // namespace
+
+TEST(AnswerChecks, Shapes) {
+  // Every question answered right except id 1, whose FIRST answer (line 2) is wrong; its duplicate (line 15) is
+  // right and must be ignored -> 13/14 (a map keeping the last answer would give 14/14). Line 3 answers id 2
+  // (gt "0") with the number 0: counted, scored as "0" -> right. Line 16 answers an id the questions lack.
+  TempDir t;
+  std::vector<json> rows;
+  for (const auto& g : read_jsonl(bench("shapes/test_answers.jsonl"))) {
+    const int id = g["question_id"].get<int>();
+    json a = {{"question_id", id}, {"prompt", ""}, {"text", g["text"]}};
+    if (id == 1) a["text"] = "square";
+    if (id == 2) a["text"] = 0;
+    rows.push_back(a);
+  }
+  rows.push_back({{"question_id", 1}, {"prompt", ""}, {"text", "circle"}});
+  rows.push_back({{"question_id", 999}, {"prompt", ""}, {"text", "yes"}});
+  write_jsonl(t.str("a.jsonl"), rows);
+  auto score = [&](const eqat::ScoreOptions& o) {
+    return eqat::score_shapes(bench("shapes/test.jsonl"), bench("shapes/test_answers.jsonl"), t.str("a.jsonl"), o);
+  };
+  const eqat::ScoreReport r = score({});
+  EXPECT_NEAR(r.get("accuracy"), 13.0 / 14.0, kEps);
+  EXPECT_EQ(r.get("n"), 14);
+  EXPECT_FALSE(r.correct.at(eqat::answer_key("1", "")));
+  EXPECT_TRUE(r.correct.at(eqat::answer_key("2", "")));
+  expect_checks(r, 1, 1, 1);
+  ASSERT_EQ(r.notes.size(), 3u);
+  EXPECT_NE(r.notes[0].find("line 15: id 1"), std::string::npos) << r.notes[0];
+  EXPECT_NE(r.notes[1].find("line 16: id 999"), std::string::npos) << r.notes[1];
+  EXPECT_NE(r.notes[2].find("line 3: id 2"), std::string::npos) << r.notes[2];
+  expect_strict_error(score, {t.str("a.jsonl") + ": 1 duplicate question id (line 15: id 1), 1 unknown id (line 16: "
+                              "id 999), 1 non-string text (line 3: id 2); rerun without --strict"});
+  // A clean file: zero counts, strict passes.
+  write_answers(t.str("b.jsonl"), {{0, "", "blue"}});
+  eqat::ScoreOptions strict;
+  strict.strict = true;
+  const eqat::ScoreReport clean =
+      eqat::score_shapes(bench("shapes/test.jsonl"), bench("shapes/test_answers.jsonl"), t.str("b.jsonl"), strict);
+  expect_checks(clean, 0, 0, 0);
+  EXPECT_EQ(clean.notes.size(), 1u);  // only "13 questions have no answer"
+}
+
+TEST(AnswerChecks, Pope) {
+  // All answers right; line 1 (label yes) answered with the number 0 -> "0" -> yes (right); a wrong duplicate of
+  // line 2 (label no) and an unknown id appended. Both dropped: every split stays at 100 and the adversarial split
+  // keeps 3000 answers for its 3000 labels (kept, the duplicate would be a 3001st answer: no label to zip with,
+  // but a yes-ratio of 1501/3001).
+  TempDir t;
+  std::vector<json> rows = read_jsonl(
+      pope_answers(t, [](const std::string& l) { return l == "yes" ? std::string("Yes") : std::string("No"); }));
+  ASSERT_EQ(rows.size(), 8910u);
+  rows[0]["text"] = 0;
+  json dup = rows[1];
+  dup["text"] = "Yes";
+  rows.push_back(dup);
+  rows.push_back({{"question_id", 99999}, {"prompt", "x"}, {"text", "Yes"}});
+  write_jsonl(t.str("pope.jsonl"), rows);
+  auto score = [&](const eqat::ScoreOptions& o) {
+    return eqat::score_pope(bench("pope"), bench("pope/llava_pope_test.jsonl"), t.str("pope.jsonl"), o);
+  };
+  const eqat::ScoreReport r = score({});
+  for (const char* s : {"random", "popular", "adversarial"})
+    EXPECT_NEAR(r.get(std::string("splits.") + s + ".accuracy"), 100, 1e-9) << s;
+  EXPECT_NEAR(r.get("splits.adversarial.yes_ratio"), 50, 1e-9);
+  EXPECT_EQ(r.get("splits.adversarial.n"), 3000);
+  EXPECT_FALSE(r.correct.empty());
+  EXPECT_TRUE(r.correct.at(eqat::answer_key(rows[1]["question_id"].dump(), rows[1]["prompt"].get<std::string>())));
+  expect_checks(r, 1, 1, 1);
+  expect_strict_error(score, {t.str("pope.jsonl") + ": 1 duplicate question id (line 8911: id 2)",
+                              "1 unknown id (line 8912: id 99999)", "1 non-string text (line 1: id 1)"});
+}
+
+TEST(AnswerChecks, Mme) {
+  // All right; the second record answered with `true` ("true": neither yes nor no -> wrong); a wrong duplicate of
+  // the first record (same id AND prompt) and an image the ground truth lacks appended. The two questions of one
+  // image share its id but differ in prompt: not duplicates. Category of record 2 (n answers, n/2 images): acc
+  // (n-1)/n, acc+ (n/2-1)/(n/2); kept, the duplicate would make the count odd (an error).
+  TempDir t;
+  std::vector<json> rows = read_jsonl(mme_answers(t, [](const std::string& gt, int) {
+    return gt == "yes" ? std::string("Yes") : std::string("No");
+  }));
+  ASSERT_EQ(rows[0]["question_id"], rows[1]["question_id"]);
+  rows[1]["text"] = true;
+  json dup = rows[0];
+  dup["text"] = dup["text"] == "Yes" ? "No" : "Yes";
+  rows.push_back(dup);
+  rows.push_back({{"question_id", "existence/not_there.jpg"}, {"prompt", "Is there a cat?"}, {"text", "Yes"}});
+  write_jsonl(t.str("mme.jsonl"), rows);
+  const std::string qid = rows[0]["question_id"].get<std::string>(), cat = qid.substr(0, qid.find('/'));
+  auto score = [&](const eqat::ScoreOptions& o) {
+    return eqat::score_mme(bench("mme/ground_truth"), bench("mme/llava_mme.jsonl"), t.str("mme.jsonl"), o);
+  };
+  const eqat::ScoreReport r = score({});
+  const double n = r.get("categories." + cat + ".n");
+  ASSERT_GT(n, 2);
+  EXPECT_NEAR(r.get("categories." + cat + ".acc"), 100 * (n - 1) / n, 1e-9);
+  EXPECT_NEAR(r.get("categories." + cat + ".acc_plus"), 100 * (n / 2 - 1) / (n / 2), 1e-9);
+  EXPECT_TRUE(r.correct.at(eqat::answer_key(qid, rows[0]["prompt"].get<std::string>())));
+  expect_checks(r, 1, 1, 1);
+  const std::string lines = std::to_string(rows.size() - 1);
+  expect_strict_error(score, {t.str("mme.jsonl") + ": 1 duplicate question id + prompt (line " + lines + ": id \"" +
+                                  qid + "\")",
+                              "1 unknown id (line " + std::to_string(rows.size()) + ": id \"existence/not_there.jpg\")",
+                              "1 non-string text (line 2: id \"" + qid + "\")"});
+}
+
+TEST(AnswerChecks, ScienceQa) {
+  // All right; the first problem's answer repeated (wrong) at the end, an unknown id, and the second problem
+  // answered with the number 1 ("1": FAILED, wrong) -> 4240 of 4241, one failed extraction.
+  TempDir t;
+  std::vector<json> rows = read_jsonl(sqa_answers(t, [](const std::string& g) { return g; }));
+  json dup = rows[0];
+  dup["text"] = dup["text"] == "A" ? "B" : "A";
+  rows[1]["text"] = 1;
+  rows.push_back(dup);
+  rows.push_back({{"question_id", "no-such-problem"}, {"prompt", ""}, {"text", "A"}});
+  write_jsonl(t.str("sqa.jsonl"), rows);
+  auto score = [&](const eqat::ScoreOptions& o) {
+    return eqat::score_scienceqa(bench("scienceqa/llava_test_CQM-A.json"), t.str("sqa.jsonl"), o);
+  };
+  const eqat::ScoreReport r = score({});
+  EXPECT_NEAR(r.get("accuracy"), 100.0 * 4240 / 4241, 1e-9);
+  EXPECT_EQ(r.get("failed_extractions"), 1);
+  EXPECT_TRUE(r.correct.at(eqat::answer_key(rows[0]["question_id"].get<std::string>(),
+                                            rows[0]["prompt"].get<std::string>())));
+  expect_checks(r, 1, 1, 1);
+  expect_strict_error(score, {t.str("sqa.jsonl") + ": 1 duplicate question id (line 4242: id \"4\")",
+                              "1 unknown id (line 4243: id \"no-such-problem\")", "1 non-string text (line 2"});
+}
+
+TEST(AnswerChecks, OtherScorersAndUploads) {
+  TempDir t;
+  // GQA: q1 answered twice (first right), q9 unknown -> 100 % of the one question.
+  eqat::write_file_atomic(t.str("gqa.json"), R"({"q1": {"answer": "left"}})");
+  write_answers(t.str("g.jsonl"), {{"q1", "", "left"}, {"q1", "", "right"}, {"q9", "", "no"}});
+  auto r = eqat::score_gqa(t.str("gqa.json"), t.str("g.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 100, 1e-9);
+  expect_checks(r, 1, 1, 0);
+  // The GQA prediction file keeps the first answer of q1 (the unknown q9 stays: no question file to know it by).
+  expect_checks([&] {
+    eqat::ScoreReport u;
+    u.bench = "x";
+    eqat::write_gqa_predictions(t.str("g.jsonl"), t.str("gp.json")).add_to(u);
+    return u;
+  }(), 1, 0, 0);
+  json gp = json::parse(eqat::read_file(t.str("gp.json")));
+  ASSERT_EQ(gp.size(), 2u);
+  EXPECT_EQ(gp[0]["prediction"], "left");
+  // SEED.
+  eqat::write_file_atomic(t.str("seed.json"), R"({"questions": [{"question_id": "1", "answer": "A"}]})");
+  write_answers(t.str("s.jsonl"), {{"1", "", "A"}, {"1", "", "B"}, {"2", "", "A"}});
+  r = eqat::score_seed(t.str("seed.json"), t.str("s.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 100, 1e-9);
+  expect_checks(r, 1, 1, 0);
+  // MMBench: row index 0 answered twice (first right), index 7 unknown.
+  std::ofstream(t.str("mmb.tsv")) << "index\tquestion\tA\tB\tanswer\tcategory\n0\tq\tx\ty\tA\tc\n";
+  write_answers(t.str("m.jsonl"), {{0, "", "A"}, {0, "", "B"}, {7, "", "A"}});
+  r = eqat::score_mmbench(t.str("mmb.tsv"), t.str("m.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 100, 1e-9);
+  expect_checks(r, 1, 1, 0);
+  // TextVQA: duplicates by image id + prompt; an image id the ground truth lacks.
+  json gt = {{"data", {{{"image_id", "img1"}, {"question", "What brand?"},
+                        {"answers", {"nike", "nike", "nike", "nike", "nike", "nike", "nike", "nike", "nike", "nike"}}}}}};
+  eqat::write_file_atomic(t.str("tv.json"), gt.dump());
+  const std::string p = "What brand?\nAnswer the question using a single word or phrase.";
+  write_answers(t.str("tv.jsonl"), {{"img1", p, "nike"}, {"img1", p, "puma"}, {"img2", p, "nike"}});
+  r = eqat::score_textvqa(t.str("tv.json"), t.str("tv.jsonl"));
+  EXPECT_NEAR(r.get("accuracy"), 100, 1e-9);
+  expect_checks(r, 1, 1, 0);
+  // VQAv2 upload: one entry per question id, the first answer; strict refuses before writing.
+  write_answers(t.str("v.jsonl"), {{7, "", "Two"}, {7, "", "three"}});
+  const eqat::AnswerChecks vc = eqat::write_vqav2_upload(t.str("v.jsonl"), t.str("up.json"));
+  EXPECT_EQ(vc.duplicates, 1);
+  json up = json::parse(eqat::read_file(t.str("up.json")));
+  ASSERT_EQ(up.size(), 1u);
+  EXPECT_EQ(up[0]["answer"], "2");
+  expect_strict_error([&](const eqat::ScoreOptions& o) { eqat::write_vqav2_upload(t.str("v.jsonl"), t.str("up2.json"), o); },
+                      {"v.jsonl: 1 duplicate question id (line 2: id 7)"});
+  EXPECT_FALSE(eqat::file_exists(t.str("up2.json")));
 }
