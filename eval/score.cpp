@@ -235,7 +235,9 @@ std::string score_to_json(const ScoreReport& r) {
       j[key] = std::move(v);
   }
   if (!r.notes.empty()) j["notes"] = r.notes;
-  return j.dump(2);
+  // Names from the data (a TSV category, a POPE file name) need not be UTF-8; JSON must be, so bad bytes become
+  // U+FFFD instead of a type_error 316 (found by fuzz/eval_fuzz).
+  return j.dump(2, ' ', false, ordered_json::error_handler_t::replace);
 }
 
 std::string score_to_text(const ScoreReport& r) {

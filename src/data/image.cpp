@@ -262,6 +262,35 @@ bool jpeg_huffman_tables_ok(const std::string& b) {
   return true;
 }
 
+// stb_image copies an IDAT chunk into its data buffer even when the chunk is empty and no buffer exists yet:
+// memcpy(nullptr, p, 0), which is undefined (UBSan stops on it; found by fuzz/image_fuzz). Empty IDAT chunks carry
+// no data, so a PNG that has any is copied into `out` without them (returns true); corrupt chunk lengths end the
+// walk and leave the rest as it is, for stb to report.
+bool drop_empty_png_idat(const std::string& b, std::string* out) {
+  const auto be32 = [&](size_t i) {
+    uint32_t v = 0;
+    for (size_t k = 0; k < 4; ++k) v = v << 8 | static_cast<uint8_t>(b[i + k]);
+    return v;
+  };
+  if (b.size() < 8 || b.compare(0, 8, "\x89PNG\r\n\x1a\n", 8) != 0) return false;
+  for (int pass = 0; pass < 2; ++pass) {  // 0: look for one, 1: copy without them (rare: only then a copy)
+    bool found = false;
+    if (pass == 1) out->assign(b, 0, 8);
+    size_t i = 8;
+    while (i + 12 <= b.size()) {  // length, type, data, CRC
+      const uint32_t len = be32(i);
+      if (len > b.size() - i - 12) break;
+      const bool empty_idat = len == 0 && b.compare(i + 4, 4, "IDAT") == 0;
+      found = found || empty_idat;
+      if (pass == 1 && !empty_idat) out->append(b, i, 12 + len);
+      i += 12 + len;
+    }
+    if (pass == 0 && !found) return false;
+    if (pass == 1) out->append(b, i, std::string::npos);
+  }
+  return true;
+}
+
 // Returns false for streams OpenCV cannot decode as 8-bit colour (left to stb_image for its error message).
 bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image* img) {
   cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8UC1, const_cast<char*>(bytes.data()));
@@ -310,8 +339,10 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
     Image img;
     if (decode_jpeg_opencv(bytes, name, &img)) return img;
   }
-  const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
-  const int len = static_cast<int>(bytes.size());
+  std::string png_copy;
+  const std::string& stb_bytes = drop_empty_png_idat(bytes, &png_copy) ? png_copy : bytes;
+  const auto* data = reinterpret_cast<const stbi_uc*>(stb_bytes.data());
+  const int len = static_cast<int>(stb_bytes.size());
   int w = 0, h = 0, comp = 0;
   // Header first: refuse absurd sizes before stb allocates for them.
   EQAT_CHECK(stbi_info_from_memory(data, len, &w, &h, &comp), name, ": cannot decode image (",

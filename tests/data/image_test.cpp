@@ -433,5 +433,21 @@ TEST(Image, FuzzJpegLibjpegErrorMidScanIsInputError) {
   expect_input_error_naming([] { load_image(data_path("images/fuzz_longjmp.jpg")); }, "fuzz_longjmp.jpg");
 }
 
+TEST(Image, FuzzEmptyPngIdatChunkIsSkipped) {
+  // An empty IDAT chunk before the first data chunk made stb memcpy 0 bytes into its still-null buffer (undefined;
+  // UBSan stopped fuzz/image_fuzz). Empty IDAT chunks carry no data and are dropped: same pixels as without.
+  std::ifstream in(data_path("images/one_px.png"), std::ios::binary);
+  const std::string png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t idat = png.find("IDAT");
+  ASSERT_NE(idat, std::string::npos);
+  std::string with_empty = png;
+  with_empty.insert(idat - 4, std::string("\0\0\0\0IDAT\0\0\0\0", 12));
+  const Image a = decode_image(png, "one_px.png");
+  const Image b = decode_image(with_empty, "empty_idat.png");
+  EXPECT_EQ(b.width, a.width);
+  EXPECT_EQ(b.height, a.height);
+  EXPECT_EQ(b.rgb, a.rgb);
+}
+
 }  // namespace image_test
 }  // namespace eqat

@@ -699,3 +699,15 @@ TEST(AnswerChecks, OtherScorersAndUploads) {
                       {"v.jsonl: 1 duplicate question id (line 2: id 7)"});
   EXPECT_FALSE(eqat::file_exists(t.str("up2.json")));
 }
+
+// A category read from a TSV need not be UTF-8: score_to_json threw nlohmann's type_error 316 on dump (found by
+// fuzz/eval_fuzz). Invalid bytes now become U+FFFD.
+TEST(ScoreJson, NonUtf8NamesAreReplaced) {
+  eqat::ScoreReport r;
+  r.bench = "mmbench";
+  r.metrics = {{"categories.a\xB4z", 50.0}};
+  r.notes = {"note \xFF"};
+  const json j = json::parse(eqat::score_to_json(r));
+  EXPECT_NEAR(j["categories"]["a\xEF\xBF\xBDz"].get<double>(), 50.0, kEps);
+  EXPECT_EQ(j["notes"][0].get<std::string>(), "note \xEF\xBF\xBD");
+}
