@@ -47,11 +47,12 @@ demo: build
 
 fuzz: setup
 	cmake -G Ninja -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
-	  -DCMAKE_CXX_COMPILER=clang++ -DEQAT_FUZZ=ON -DEQAT_BUILD_TESTS=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)"
-	cmake --build build-fuzz -j $(JOBS) --target safetensors_header_fuzz config_fuzz
+	  -DCMAKE_CXX_COMPILER=clang++ -DEQAT_FUZZ=ON -DEQAT_BUILD_TESTS=OFF -DEQAT_CUDA=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)"
+	cmake --build build-fuzz -j $(JOBS) --target safetensors_header_fuzz config_fuzz tokenizer_fuzz image_fuzz eval_fuzz \
+	  llama2c_fuzz
 
-# The CPU suite under AddressSanitizer + UndefinedBehaviorSanitizer (GCC), in its own build dir. Niced and -j1 so
-# it never starves a normal build on the 2-core machines; the shared lock is held only around ctest.
+# The CPU suite under AddressSanitizer + UndefinedBehaviorSanitizer (GCC), in its own build dir (niced, so an
+# interactive build next to it keeps priority).
 # LibTorch, OpenCV and SentencePiece are prebuilt, not instrumented; the runtime options avoid their false positives:
 #   detect_leaks=0           LibTorch/OpenMP keep static registries and thread pools alive at exit (LSan "leaks").
 #   protect_shadow_gap=0     the CUDA-enabled torch wheel loads libcudart/libcuda, whose mappings land in the
@@ -69,8 +70,8 @@ sanitize: setup
 	    -DCMAKE_CXX_FLAGS="$(SANITIZE_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SANITIZE_FLAGS)" \
 	    -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" > build-asan/configure.log 2>&1 || { cat build-asan/configure.log; exit 1; }; \
 	fi
-	nice -n 10 cmake --build build-asan -j 1
-	$(SANITIZE_ENV) flock /tmp/eqat-build.lock bash -c 'cd build-asan && ctest -LE gpu --output-on-failure'
+	nice -n 10 cmake --build build-asan -j $(JOBS)
+	cd build-asan && $(SANITIZE_ENV) ctest -LE gpu --output-on-failure -j $(JOBS)
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log build-fuzz build-asan

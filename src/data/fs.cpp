@@ -33,9 +33,18 @@ void fsync_path(const std::string& path) {
 }
 }  // namespace
 
-std::string read_file(const std::string& path) {
-  EQAT_CHECK(file_exists(path), path, ": no such file");
-  EQAT_CHECK(!is_directory(path), path, ": is a directory, expected a file");
+int64_t check_regular_file(const std::string& path, int64_t max_bytes) {
+  struct stat st;
+  EQAT_CHECK(::stat(path.c_str(), &st) == 0, path, ": no such file");
+  EQAT_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, expected a file");
+  EQAT_CHECK(S_ISREG(st.st_mode), path, ": not a regular file (a pipe, socket or device); eqat reads only files");
+  EQAT_CHECK(st.st_size <= max_bytes, path, ": ", st.st_size, " bytes, more than the ", max_bytes,
+             " this input may have");
+  return static_cast<int64_t>(st.st_size);
+}
+
+std::string read_file(const std::string& path, int64_t max_bytes) {
+  check_regular_file(path, max_bytes);
   std::ifstream in(path, std::ios::binary);
   EQAT_CHECK(in.good(), path, ": cannot open for reading (", std::strerror(errno), ")");
   std::ostringstream ss;

@@ -11,8 +11,13 @@
 
 namespace eqat {
 
-// Reads a whole file; InputError naming the file when it is missing or unreadable.
-std::string read_file(const std::string& path);
+// Refuses (InputError naming the file) anything but an existing regular file (after symlinks) of at most
+// `max_bytes`: a FIFO or a device (/dev/zero) would hang or never end, a directory is not data. Returns its size.
+inline constexpr int64_t kMaxReadBytes = int64_t{4} << 30;  // what read_file takes whole into memory
+int64_t check_regular_file(const std::string& path, int64_t max_bytes = kMaxReadBytes);
+
+// Reads a whole regular file (check_regular_file); InputError naming the file when it is missing or unreadable.
+std::string read_file(const std::string& path, int64_t max_bytes = kMaxReadBytes);
 
 // Writes `path` atomically: `write` receives an open temp path next to `path`; on success the temp file is
 // fsynced and renamed over `path`; on any exception the temp file is removed and the exception rethrown.

@@ -97,8 +97,8 @@ at::Tensor meta_to_hf_rows(const at::Tensor& w, int64_t n_heads) {
 
 // Reads the whole checkpoint into HF-named tensors (in HF order). `cfg` receives the Llama config.
 std::vector<std::pair<std::string, at::Tensor>> read_checkpoint(const std::string& path, ModelConfig* cfg) {
-  EQAT_CHECK(file_exists(path), path, ": no such file");
   EQAT_CHECK(!is_directory(path), path, ": is a directory, expected a llama2.c checkpoint file");
+  check_regular_file(path);
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   EQAT_CHECK(in.good(), path, ": cannot open for reading");
   const int64_t file_size = static_cast<int64_t>(in.tellg());

@@ -3,7 +3,11 @@
 // own outputs of the same kind, quantize validates everything first and resumes only the run it saved, one run at a
 // time writes an output, and numeric flags are range-checked (never cut to 32 bits).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -250,4 +254,40 @@ TEST(CliOutput, QuantizeSizesItsActivationCachesAndOffloadsBesideUserFiles) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(snapshot(t.str("scratch")),
             (std::map<std::string, std::string>{{"fp_train_0.safetensors", "user file with a cache's name"}}));
+}
+
+// kill -9 in the middle of a quantize, then --resume: the run completes, and neither the killed run's temp names
+// nor the state directory remain.
+TEST(CliOutput, KilledQuantizeResumesAndLeavesNoTemps) {
+  TempDir t;
+  const std::string out = t.str("q");
+  std::vector<std::string> args = with(quantize_args(fixture("tiny_llama"), out),
+                                       {"--method", "efficientqat", "--bits", "2", "--epochs", "3", "--samples", "8",
+                                        "--e2e-steps", "1", "--e2e-batch", "4"});
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::vector<char*> argv{const_cast<char*>(EQAT_BIN)};
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    std::freopen("/dev/null", "w", stderr);
+    ::execv(EQAT_BIN, argv.data());
+    ::_exit(127);
+  }
+  // Kill once the first block's state is saved (tiny_llama has 3 blocks; each takes a second or more here).
+  bool saved = false;
+  for (int i = 0; i < 1200 && !saved; ++i) {
+    saved = fs::exists(out + ".eqat-state/state.json");
+    if (!saved) ::usleep(50 * 1000);
+  }
+  ::kill(pid, SIGKILL);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  ASSERT_TRUE(saved) << "the run never saved a block";
+  ASSERT_FALSE(fs::exists(out + "/config.json")) << "the run finished before it was killed; kill earlier";
+  RunResult r = run_eqat(with(args, {"--resume"}));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("resum"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
+  EXPECT_FALSE(fs::exists(out + ".eqat-state"));
+  expect_no_temps(t.str());
 }

@@ -257,3 +257,20 @@ TEST(Output, OneWriterAtATime) {
   const std::string msg = input_error([&] { FileLock second(t.str("lock"), "--out X"); });
   EXPECT_NE(msg.find("another eqat run (pid " + std::to_string(::getpid()) + ")"), std::string::npos) << msg;
 }
+
+// Inputs are read only from regular files of bounded size: a FIFO would block forever, /dev/zero never ends.
+TEST(Fs, ReadsOnlyRegularFilesOfBoundedSize) {
+  TempDir t;
+  ASSERT_EQ(::mkfifo(t.str("config.json").c_str(), 0644), 0);
+  EXPECT_NE(input_error([&] { read_file(t.str("config.json")); }).find("not a regular file"), std::string::npos);
+  EXPECT_NE(input_error([&] { SafetensorsFile::open(t.str("config.json")); }).find("not a regular file"),
+            std::string::npos)
+      << "opening a FIFO for mmap would block until a writer appears";
+  EXPECT_NE(input_error([&] { read_file("/dev/zero"); }).find("not a regular file"), std::string::npos);
+  put(t.str("ten.txt"), "0123456789");
+  EXPECT_EQ(read_file(t.str("ten.txt"), 10), "0123456789");
+  EXPECT_NE(input_error([&] { read_file(t.str("ten.txt"), 9); }).find("more than the 9"), std::string::npos);
+  fs::create_symlink("/dev/zero", t.str("zero.safetensors"));
+  EXPECT_NE(input_error([&] { SafetensorsFile::open(t.str("zero.safetensors")); }).find("not a regular file"),
+            std::string::npos);
+}
