@@ -162,6 +162,15 @@ fs::path check_common(const OutputTarget& t, std::string* stripped) {
 
 std::string kind_str(OutputKind k) { return output_kind_name(k); }
 
+// An existing, non-empty output directory must be an eqat output of the target's kind.
+void check_own_kind(const OutputTarget& t, const std::string& p, const char* verb) {
+  OutputKind k;
+  EQAT_CHECK(read_output_marker(p, &k), t.flag, ": ", t.path, " exists, is not empty and was not written by eqat; ",
+             "eqat never ", verb, " it (choose a new directory)");
+  EQAT_CHECK(k == t.kind, t.flag, ": ", t.path, " is an eqat ", kind_str(k), ", not a ", kind_str(t.kind),
+             "; eqat never ", verb, " it");
+}
+
 }  // namespace
 
 const char* output_kind_name(OutputKind k) {
@@ -223,12 +232,8 @@ std::string check_replaced_dir(const OutputTarget& t) {
   EQAT_CHECK(!S_ISLNK(st.st_mode), t.flag, ": ", t.path, " is a symbolic link; eqat does not replace it");
   EQAT_CHECK(S_ISDIR(st.st_mode), t.flag, ": ", t.path, " exists and is not a directory; eqat does not replace it");
   if (dir_is_empty(p)) return p;
-  OutputKind k;
-  EQAT_CHECK(read_output_marker(p, &k), t.flag, ": ", t.path,
-             " exists, is not empty and was not written by eqat; eqat never replaces it (choose a new directory)");
-  EQAT_CHECK(k == t.kind, t.flag, ": ", t.path, " is an eqat ", kind_str(k), ", not a ", kind_str(t.kind),
-             "; eqat does not replace it");
-  EQAT_CHECK(t.overwrite, t.flag, ": ", t.path, " already holds an eqat ", kind_str(k),
+  check_own_kind(t, p, "replaces");
+  EQAT_CHECK(t.overwrite, t.flag, ": ", t.path, " already holds an eqat ", kind_str(t.kind),
              "; pass --overwrite to replace it");
   return p;
 }
@@ -240,12 +245,8 @@ std::string check_in_place_dir(const OutputTarget& t, bool may_continue) {
   if (::stat(p.c_str(), &st) != 0) return p;
   EQAT_CHECK(S_ISDIR(st.st_mode), t.flag, ": ", t.path, " exists and is not a directory");
   if (dir_is_empty(p)) return p;
-  OutputKind k;
-  EQAT_CHECK(read_output_marker(p, &k), t.flag, ": ", t.path,
-             " exists, is not empty and was not written by eqat; eqat never writes into it (choose a new directory)");
-  EQAT_CHECK(k == t.kind, t.flag, ": ", t.path, " is an eqat ", kind_str(k), ", not a ", kind_str(t.kind),
-             "; eqat does not write into it");
-  EQAT_CHECK(may_continue || t.overwrite, t.flag, ": ", t.path, " holds an earlier eqat ", kind_str(k),
+  check_own_kind(t, p, "writes into");
+  EQAT_CHECK(may_continue || t.overwrite, t.flag, ": ", t.path, " holds an earlier eqat ", kind_str(t.kind),
              "; pass --resume to continue it or --overwrite to start over");
   remove_stale_temps(p);
   return p;

@@ -288,6 +288,10 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                  "; rerun with the saved settings, or without --resume to start over");
     }
   }
+  if (!resume && (file_exists(path_join(state_dir, "state.json")) ||
+                  file_exists(path_join(state_dir, "e2e_state.safetensors"))))
+    std::fprintf(stderr, "note: starting over; %s held an interrupted run (--resume continues one)\n",
+                 state_dir.c_str());
   if (!resume) claim_dir(state_dir, OutputKind::kQuantizeState, /*start_over=*/true);  // keeps marker and lock
   write_file_atomic(settings_file, settings.dump(2));
   // A run that fails before it saved any progress (bad data, too little memory) leaves no state behind. Only once
