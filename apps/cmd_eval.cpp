@@ -48,7 +48,9 @@ int cmd_eval(const Argv& argv) {
        {"images", "DIR", "image root (default: the question file's directory; DIR/images/ is also tried)", ""},
        {"ground-truth", "PATH", "pope: label dir; mme: ground-truth dir; textvqa/gqa/seed: GT json; shapes: "
                                 "answers JSONL (default: beside the questions)", ""},
-       {"out", "DIR", "output directory (answers.jsonl, scores.json, run.json)", ""},
+       {"out", "DIR", "output directory (answers.jsonl, scores.json, run.json); an earlier eval run there is "
+                      "continued", ""},
+       {"overwrite", "", "start an earlier eval run in --out over instead of continuing it", ""},
        {"json", "", "print the scores as JSON", ""},
        {"batch-size", "N", "questions per generation batch (left padding + KV cache)", "8"},
        {"limit", "N", "only the first N questions (ppl/kl: windows); scores count only answered ones", "-1"},
@@ -81,6 +83,7 @@ int cmd_eval(const Argv& argv) {
   o.seq_len = a.i64("seq-len", 2, int64_t{1} << 24);
   o.template_name = a.str("template");
   o.progress = !a.flag("no-progress");
+  o.overwrite = a.flag("overwrite");
   o.strict_images = a.flag("strict");
   o.strict_answers = a.flag("strict");
   o.device = a.str("device");

@@ -597,11 +597,12 @@ EvalResult run_eval(const EvalOptions& o_in) {
   EQAT_CHECK(o.reference_dir.empty() || o.bench == "shapes" || o.bench == "kl",
              "--reference: only --bench kl and shapes use it, not ", o.bench);
   // The run directory is eqat's own: new, empty, or an earlier eval run (continued). One run at a time.
-  o.out = check_in_place_dir({o.out, "--out", OutputKind::kEvalRun, /*overwrite=*/false,
+  o.out = check_in_place_dir({o.out, "--out", OutputKind::kEvalRun, o.overwrite,
                               {o.model_dir, o.reference_dir, o.data, o.images, o.ground_truth}},
                              /*may_continue=*/true);
   claim_dir(o.out, OutputKind::kEvalRun);
   FileLock lock(path_join(o.out, ".eqat-lock"), "--out " + o.out);
+  if (o.overwrite) claim_dir(o.out, OutputKind::kEvalRun, /*start_over=*/true);  // under the lock
   if (o.bench == "ppl" || o.bench == "kl") return run_text_metric(o);
   EvalResult res;
   const double t0 = now_s();

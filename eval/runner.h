@@ -30,6 +30,7 @@ struct EvalOptions {
   bool strict_answers = false;  // --strict: the scorers' answer checks (ScoreOptions::strict) are errors
   int64_t seq_len = 2048;       // ppl/kl window, capped at the model context
   bool skip_bad = false;
+  bool overwrite = false;       // --overwrite: start an earlier eval run of `out` over (default: continue it)
   bool progress = true;
   std::string device = "cpu", dtype = "auto";
   int64_t threads = 0;

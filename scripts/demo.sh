@@ -36,8 +36,7 @@ hr "accuracy on the standard shapes test split (1000 questions) and size on disk
 acc() { sed -n 's/^  "accuracy": \([0-9.]*\),*$/\1/p' "$1/scores.json" | head -1; }
 for m in fp16 W2g64; do
   dir=$FP; [[ $m == W2g64 ]] && dir=$Q
-  rm -rf "$OUT/eval-$m"
-  "$EQAT" eval --bench shapes --model "$dir" --out "$OUT/eval-$m" --batch-size 32 --no-progress > /dev/null
+  "$EQAT" eval --bench shapes --model "$dir" --out "$OUT/eval-$m" --overwrite --batch-size 32 --no-progress > /dev/null
 done
 printf '%-8s %10s %22s\n' model accuracy "model.safetensors (B)"
 printf '%-8s %10s %22s\n' fp16 "$(acc "$OUT/eval-fp16")" "$(stat -c %s "$FP/model.safetensors")"

@@ -25,8 +25,8 @@ field() { sed -n "s/^  \"$2\": \([-0-9.e]*\),*\$/\1/p" "$1" | head -1; }
 
 if [[ $WHAT == shapes || $WHAT == all ]]; then
   FP="$ROOT/models/shapes-llava"
-  rm -rf "$OUT/shapes-fp"  # eval resumes from an existing answer file: start clean
-  "$EQAT" eval --bench shapes --model "$FP" --out "$OUT/shapes-fp" --batch-size 32 --no-progress --threads "$THREADS" \
+  # --overwrite: eval would otherwise continue an earlier run's answer file
+  "$EQAT" eval --bench shapes --model "$FP" --out "$OUT/shapes-fp" --overwrite --batch-size 32 --no-progress --threads "$THREADS" \
     > /dev/null 2>> "$OUT/eval.log"
   fp=$(field "$OUT/shapes-fp/scores.json" accuracy)
   echo "| setting | method | accuracy | Δ vs FP (pt) | answer KL vs FP | answer top-1 agreement % | quantize s |"
@@ -38,11 +38,10 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
     for method in rtn gptq efficientqat; do
       q="$OUT/shapes-w$1g$2-$method"
       t=$SECONDS
-      rm -rf "$q" "$q-eval"
-      "$EQAT" quantize --out "$q" --bits "$1" --group-size "$2" --method "$method" --samples "$SAMPLES" \
+      "$EQAT" quantize --out "$q" --overwrite --bits "$1" --group-size "$2" --method "$method" --samples "$SAMPLES" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       dt=$((SECONDS - t))
-      "$EQAT" eval --bench shapes --model "$q" --reference "$FP" --out "$q-eval" --batch-size 32 --no-progress \
+      "$EQAT" eval --bench shapes --model "$q" --reference "$FP" --out "$q-eval" --overwrite --batch-size 32 --no-progress \
         --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
       acc=$(field "$q-eval/scores.json" accuracy)
       kl=$(field "$q-eval/scores.json" answer_kl_mean)
@@ -68,12 +67,11 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
     row="| W$bits per-channel |"
     for method in rtn gptq efficientqat; do
       q="$OUT/stories-w$bits-$method"
-      rm -rf "$q" "$q-kl"
-      "$EQAT" quantize --model "$S" --out "$q" --bits "$bits" --group-size -1 --method "$method" \
+      "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size -1 --method "$method" \
         --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       "$EQAT" eval --bench kl --model "$q" --reference "$S" --data "$OUT/shakespeare-eval.txt" --seq-len 256 \
-        --limit 64 --out "$q-kl" --no-progress --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
+        --limit 64 --out "$q-kl" --overwrite --no-progress --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
       row="$row $(awk -v k="$(field "$q-kl/scores.json" kl_mean)" 'BEGIN{printf "%.4f", k}') |"
     done
     echo "$row"

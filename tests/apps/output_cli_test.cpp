@@ -185,6 +185,11 @@ TEST(CliOutput, EvalTrainAndDataRefuseForeignDirectories) {
   ASSERT_EQ(r.code, 0) << r.err;
   r = run_eqat(ev);
   EXPECT_EQ(r.code, 0) << r.err;
+  write_text(t.str("run/stale.txt"), "from the earlier run");
+  r = run_eqat(with(ev, {"--overwrite"}));  // starts the run over: the earlier run's files go
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_FALSE(fs::exists(t.str("run/stale.txt")));
+  EXPECT_TRUE(fs::exists(t.str("run/run.json")));
   {
     FileLock other(t.str("run/.eqat-lock"), "test");
     expect_input_error(run_eqat(ev), "another eqat run");
