@@ -98,17 +98,27 @@ at::Tensor dequantize_gptq(const GptqTensors& t, int bits) {
   return (q.to(at::kFloat) - zk) * sk;
 }
 
+namespace {
+// [1, words]: a 1 in the lowest bit of each of the N fields (pack_rows' layout), per 32-bit word.
+at::Tensor ones_in_every_field(int bits, int64_t N) { return pack_rows(at::ones({N, 1}, at::kInt), bits).t(); }
+
+// (a + sign·b) mod 2^32 per word, on int32 tensors holding uint32 words.
+at::Tensor add_words(const at::Tensor& a, const at::Tensor& b, int sign) {
+  at::Tensor sum = a.to(at::kLong).bitwise_and(0xFFFFFFFFLL) + sign * b.to(at::kLong).bitwise_and(0xFFFFFFFFLL);
+  sum = sum.bitwise_and(0xFFFFFFFFLL);
+  return at::where(sum >= (int64_t{1} << 31), sum - (int64_t{1} << 32), sum).to(at::kInt);
+}
+}  // namespace
+
 at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, int64_t N, const std::string& what) {
   at::Tensor z = unpack_rows(qzeros_v2.t().contiguous(), bits, N);  // [N, G]
   EQAT_CHECK(z.min().item<int>() >= 1, what, ": a zero point of 0 cannot be stored in GPTQ v1 (it stores zero − 1); ",
              "use --format gptq-v2 (the default)");
-  return pack_rows(z - 1, bits).t().contiguous();
+  return add_words(qzeros_v2, ones_in_every_field(bits, N), -1).contiguous();
 }
 
 at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits, int64_t N) {
-  at::Tensor z = unpack_rows(qzeros_v1.t().contiguous(), bits, N);
-  // v1 of a zero point Z stores (Z − 1) mod 2^b; adding 1 back wraps the same way.
-  return pack_rows((z + 1).remainder(1 << bits), bits).t().contiguous();
+  return add_words(qzeros_v1, ones_in_every_field(bits, N), +1).contiguous();
 }
 
 }  // namespace eqat

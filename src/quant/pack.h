@@ -52,8 +52,13 @@ at::Tensor dequantize_gptq(const GptqTensors& t, int bits);
 at::Tensor pack_rows(const at::Tensor& values, int bits);
 at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t rows);
 
-// v2 <-> v1 zero conversion on packed qzeros: v1 stores Z − 1. v2→v1 requires every Z ≥ 1 (InputError otherwise,
-// naming `what`); v1→v2 adds 1 back.
+// v2 <-> v1 zero conversion on packed qzeros [G, words]. v1 is defined word by word, as GPTQModel converts it: each
+// packed 32-bit word minus the word that holds a 1 in every field (mod 2^32). A zero point of 0 therefore borrows from
+// the field above it, and a 3-bit field that straddles two words borrows only within its low word; v1→v2 adds the
+// same word back, the exact inverse. v2→v1 still requires every Z ≥ 1 (InputError naming `what`): then at 2, 4 and
+// 8 bits no field borrows and readers that decode field by field (Z = field + 1) agree with word-level ones; at 3
+// bits the two fields per 96-bit group that straddle words lose their borrow when their low bits are 0, so
+// field-by-field readers disagree there whatever the writer does — eqat follows GPTQModel's word-level rule.
 // N = out_features (the number of fields; a partial last word holds padding).
 at::Tensor qzeros_v2_to_v1(const at::Tensor& qzeros_v2, int bits, int64_t N, const std::string& what);
 at::Tensor qzeros_v1_to_v2(const at::Tensor& qzeros_v1, int bits, int64_t N);

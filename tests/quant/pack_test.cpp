@@ -79,6 +79,43 @@ TEST(Pack, ZeroPointFormatConversion) {
   EXPECT_THROW(qzeros_v2_to_v1(t0.qzeros, bits, 64, "layer"), InputError);
 }
 
+// GPTQModel writes v1 as "packed v2 word − a 1 in every field" per 32-bit word, so a zero point of 0 borrows from
+// the next field; reading must add the word back rather than add 1 to each field on its own.
+TEST(Pack, GptqV1ZeroPointsAreWordLevel) {
+  // 4-bit, 8 fields in one word: z = [0, 5, 1, 0, 0, 15, 2, 3] (LSB first).
+  const std::vector<int> zs = {0, 5, 1, 0, 0, 15, 2, 3};
+  at::Tensor z = at::tensor(zs, at::kInt).view({8, 1});
+  at::Tensor v2 = pack_rows(z, 4).t().contiguous();  // [G = 1, 1 word]
+  const uint32_t w2 = static_cast<uint32_t>(v2[0][0].item<int32_t>());
+  EXPECT_EQ(w2, 0x32F00150u);
+  const uint32_t w1 = w2 - 0x11111111u;  // GPTQModel's conversion: one integer subtraction (here 0x21DEF03F)
+  at::Tensor v1 = at::tensor({static_cast<int32_t>(w1)}, at::kInt).view({1, 1});
+  EXPECT_TRUE(at::equal(qzeros_v1_to_v2(v1, 4, 8), v2));
+  // Field by field (z = field + 1 mod 16) the borrows show: field 1 would read 4, not 5.
+  EXPECT_EQ((unpack_rows(v1.t().contiguous(), 4, 8)[1][0].item<int>() + 1) % 16, 4);
+  // 3-bit: fields straddle words (field 10 spans bits 30-32). A zero at a straddling field and at the last field.
+  at::Tensor z3 = at::randint(0, 8, {32, 3}, at::kInt);
+  z3[10][0] = 0;
+  z3[10][1] = 4;
+  z3[21][2] = 0;
+  z3[31][0] = 0;
+  at::Tensor v2_3 = pack_rows(z3, 3).t().contiguous();  // [3, 3 words]
+  at::Tensor words = at::tensor(std::vector<int64_t>{0x49249249, 0x92492492, 0x24924924}).view({1, 3});  // LSBs
+  at::Tensor v1_3 = (v2_3.to(at::kLong).bitwise_and(0xFFFFFFFFLL) - words).remainder(int64_t{1} << 32);
+  v1_3 = at::where(v1_3 >= (int64_t{1} << 31), v1_3 - (int64_t{1} << 32), v1_3).to(at::kInt);
+  EXPECT_TRUE(at::equal(qzeros_v1_to_v2(v1_3, 3, 32), v2_3));
+  // Writing v1 (every zero >= 1) is the same word subtraction, and round-trips.
+  for (int bits : {2, 3, 4, 8}) {
+    at::Tensor zz = at::randint(1, 1 << bits, {64, 4}, at::kInt);
+    at::Tensor w = pack_rows(zz, bits).t().contiguous();
+    at::Tensor back = qzeros_v1_to_v2(qzeros_v2_to_v1(w, bits, 64, "layer"), bits, 64);
+    EXPECT_TRUE(at::equal(back, w)) << bits;
+    if (bits != 3)  // fields never straddle words: with no zero of 0 nothing borrows, so each field reads Z − 1
+      EXPECT_TRUE(at::equal(unpack_rows(qzeros_v2_to_v1(w, bits, 64, "layer").t().contiguous(), bits, 64), zz - 1))
+          << bits;
+  }
+}
+
 TEST(Pack, DimensionsThatAreNotWholeWordsArePadded) {
   // stories260K's FFN is 172 wide: 172·3 bits = 16.1 words -> 17 words, the tail zero-filled.
   for (int bits : {2, 3, 4}) {
