@@ -54,7 +54,10 @@ int cmd_quantize(const Argv& argv) {
        {"offload-dir", "DIR", "keep Block-AP activation caches on disk (bounded RAM)", ""},
        {"resume", "", "continue an interrupted run (state in OUT.eqat-state/; the settings must be the same)", ""},
        {"overwrite", "", kOverwriteHelp, ""},
-       {"format", "F", "gptq-v2 (true zero points) | gptq-v1 (only when every zero point is >= 1)", "gptq-v2"},
+       {"format", "F", "gptq-v2 (true zero points) | gptq-v1 (zero points limited to [1, 2^B-1], stored as zero - 1)",
+        "gptq-v2"},
+       {"layout", "L", "LLaVA checkpoint keys: llava-hf (language_model.model.*) | transformers (model.language_model.*, "
+                       "what GPTQModel and current transformers read) (default: the source model's)", ""},
        {"device", "DEV", "cpu | cuda[:N]", "cpu"},
        {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
        {"threads", "N", "CPU threads (0 = LibTorch's default; at most the machine's cores)", "0"},
@@ -75,6 +78,7 @@ int cmd_quantize(const Argv& argv) {
     o.group_size_fallback = true;
   }
   o.format = a.str("format");
+  o.layout = a.str("layout");
   o.calib = a.str("calib");
   o.calib_images = a.str("calib-images");
   o.train_data = a.str("train-data");

@@ -72,19 +72,6 @@ int64_t Model::image_token_id() const { return multimodal() ? cfg.image_token_in
 
 namespace {
 
-// Checkpoint key for a module parameter name, per layout. Our names are the llava-hf "old" layout.
-std::string rewrite_key(const std::string& name, const std::string& layout) {
-  auto starts = [&](const char* p) { return name.rfind(p, 0) == 0; };
-  auto repl = [&](const std::string& from, const std::string& to) { return to + name.substr(from.size()); };
-  if (layout == "hf-new") {
-    if (starts("language_model.model.")) return repl("language_model.model.", "model.language_model.");
-    if (starts("language_model.lm_head.")) return repl("language_model.lm_head.", "lm_head.");
-    if (starts("vision_tower.")) return repl("vision_tower.", "model.vision_tower.");
-    if (starts("multi_modal_projector.")) return repl("multi_modal_projector.", "model.multi_modal_projector.");
-  }
-  return name;
-}
-
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -93,10 +80,29 @@ std::string shape_str(at::IntArrayRef s) {
 
 }  // namespace
 
+CheckpointLayout checkpoint_layout(const Checkpoint& ckpt) {
+  return ckpt.has("model.language_model.embed_tokens.weight") ? CheckpointLayout::kTransformers
+                                                               : CheckpointLayout::kLlavaHf;
+}
+
+std::string relayout_key(const std::string& key, CheckpointLayout layout) {
+  static const std::pair<const char*, const char*> kPrefixes[] = {  // (llava-hf, transformers)
+      {"language_model.model.", "model.language_model."},
+      {"language_model.lm_head.", "lm_head."},
+      {"vision_tower.", "model.vision_tower."},
+      {"multi_modal_projector.", "model.multi_modal_projector."}};
+  for (const auto& [old_prefix, new_prefix] : kPrefixes) {
+    const std::string from = layout == CheckpointLayout::kTransformers ? old_prefix : new_prefix;
+    const std::string to = layout == CheckpointLayout::kTransformers ? new_prefix : old_prefix;
+    if (key.rfind(from, 0) == 0) return to + key.substr(from.size());
+  }
+  return key;
+}
+
 std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key, bool multimodal) {
   if (!multimodal) return module_key;
-  const std::string layout = ckpt.has("model.language_model.embed_tokens.weight") ? "hf-new" : "hf-old";
-  std::string key = rewrite_key(module_key, layout);
+  // Module names are the llava-hf layout's.
+  std::string key = relayout_key(module_key, checkpoint_layout(ckpt));
   // transformers 5 saves the CLIP tower without the inner "vision_model." level.
   if (!ckpt.has(key) && key.find("vision_tower.vision_model.") != std::string::npos) {
     std::string alt = key;

@@ -72,6 +72,12 @@ Model load_model(const std::string& dir, const LoadOptions& opts = {});
 // The checkpoint key of a module tensor name (llava-hf old layout names) in `ckpt`'s layout.
 class Checkpoint;
 std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key, bool multimodal);
+// The two LLaVA checkpoint layouts: llava-hf's (`language_model.model.*`, `vision_tower.*`, ...) and current
+// transformers' (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`, ...). checkpoint_layout names the
+// one `ckpt` uses; relayout_key moves any key of either layout to `layout` (keys outside both stay as they are).
+enum class CheckpointLayout { kLlavaHf, kTransformers };
+CheckpointLayout checkpoint_layout(const Checkpoint& ckpt);
+std::string relayout_key(const std::string& key, CheckpointLayout layout);
 // Switches the decoder's block linears to packed mode (empty tensors shaped by cfg.quant), ready to load.
 void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType dtype);
 

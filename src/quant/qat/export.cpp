@@ -18,6 +18,8 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
   c10::NoGradGuard g;
   EQAT_CHECK(opts.format == "gptq-v2" || opts.format == "gptq-v1", "--format: expected gptq-v2 or gptq-v1, got '",
              opts.format, "'");
+  EQAT_CHECK(opts.layout.empty() || opts.layout == "llava-hf" || opts.layout == "transformers",
+             "--layout: expected llava-hf or transformers, got '", opts.layout, "'");
   Checkpoint src = Checkpoint::open(m.dir);
   const bool mm = m.multimodal();
   torch::nn::Module& root = mm ? static_cast<torch::nn::Module&>(*m.llava) : static_cast<torch::nn::Module&>(*m.lm);
@@ -59,6 +61,11 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
   EQAT_CHECK(quantized > 0, m.dir, ": the model has no quantized linears to export");
   for (const auto& n : src.names())  // anything the modules do not own (e.g. position_ids buffers)
     if (!written.count(n)) out.emplace_back(n, src.get(n).clone());
+  if (mm && !opts.layout.empty()) {  // keys so far are in the source's layout
+    const CheckpointLayout target =
+        opts.layout == "transformers" ? CheckpointLayout::kTransformers : CheckpointLayout::kLlavaHf;
+    for (auto& [key, t] : out) key = relayout_key(key, target);
+  }
 
   nlohmann::json cfg = nlohmann::json::parse(read_file(path_join(m.dir, "config.json")));
   cfg["quantization_config"] = {{"quant_method", "gptq"},

@@ -17,6 +17,9 @@ struct ExportOptions {
   std::string format = "gptq-v2";  // gptq-v2 (true zero points) | gptq-v1 (legacy; every zero point must be >= 1)
   QuantSpec spec;
   std::string method;  // recorded in quantization_config.meta
+  // LLaVA key layout of the export: "" (the source's), "llava-hf" (language_model.model.*) or "transformers"
+  // (model.language_model.*, what GPTQModel and current transformers expect). Plain Llama keys are the same in both.
+  std::string layout;
   // Called with the temp directory after the checkpoint is written, before it is renamed into place: files that
   // must appear together with the checkpoint (the run's log, plots, summary).
   std::function<void(const std::string& tmp_dir)> extra_files;

@@ -129,6 +129,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              "--group-size must be in [1, 1048576] or -1, got ", o.spec.group_size);
   EQAT_CHECK(o.format == "gptq-v2" || o.format == "gptq-v1", "--format: expected gptq-v2 or gptq-v1, got '", o.format,
              "'");
+  EQAT_CHECK(o.layout.empty() || o.layout == "llava-hf" || o.layout == "transformers",
+             "--layout: expected llava-hf or transformers, got '", o.layout, "'");
   const CalibOptions& c = o.calib_opts;
   EQAT_CHECK(c.n_train >= 1 && c.n_train <= kMaxSamples, "--samples must be in [1, ", kMaxSamples, "], got ",
              c.n_train);
@@ -424,6 +426,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
   // ---- export: the checkpoint and the run's artefacts (log, plots, summary) land in one atomic rename.
   ExportOptions eo;
   eo.format = o.format;
+  eo.layout = o.layout;
   eo.spec = o.spec;
   eo.method = o.method;
   const double g = static_cast<double>(o.spec.group_size > 0 ? o.spec.group_size : m.cfg.text.hidden_size);

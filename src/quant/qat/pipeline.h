@@ -30,6 +30,7 @@ struct QuantizeOptions {
   QuantSpec spec;                       // bits, group size (zero_min is set from the format)
   bool group_size_fallback = false;     // per-channel when the group size does not divide a layer
   std::string format = "gptq-v2";       // gptq-v2 | gptq-v1
+  std::string layout;                   // "" (the source's) | llava-hf | transformers (LLaVA checkpoint keys)
   std::string calib, calib_images;      // Block-AP / GPTQ data (empty: a LLaVA model's shapes world)
   std::string train_data, train_images; // E2E-QP data (empty: calib)
   CalibOptions calib_opts;              // samples, val samples, seq len, seed

@@ -1,10 +1,13 @@
 // The quantize pipeline as a library call (quant/qat/pipeline.h): resume compares the settings that change the
 // result and names each difference; GPTQ v1's zero-point limit is honoured from the first step, so its export
-// never meets a zero point it cannot store.
+// never meets a zero point it cannot store; --layout renames the LLaVA keys and nothing else.
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <map>
 #include <fstream>
 
 #include "data/config.h"
@@ -93,4 +96,42 @@ TEST(Pipeline, GptqV1ExportOfA2BitRunLoadsBack) {
   EXPECT_FALSE(std::filesystem::exists(t.str("q.eqat-state")));
   Model m = load_model(t.str("q"));  // v1 zero points read back
   EXPECT_TRUE(m.cfg.quant.present);
+}
+
+// --layout transformers writes the keys GPTQModel and current transformers expect (model.language_model.*), and
+// the export is the same model as the llava-hf-layout one: same tensors under other names, same logits.
+TEST(Pipeline, LayoutTransformersRenamesKeysOnly) {
+  TempDir t;
+  std::map<std::string, Model> models;
+  std::map<std::string, std::vector<std::string>> names;
+  for (const std::string layout : {"llava-hf", "transformers"}) {
+    QuantizeOptions o = pipeline_test::rtn_options(t.str(layout));
+    o.model_dir = fixture("tiny_llava");
+    o.spec.bits = 4;
+    o.layout = layout;
+    run_quantize(o);
+    names[layout] = Checkpoint::open(t.str(layout)).names();
+    models.emplace(layout, load_model(t.str(layout)));
+  }
+  auto count_prefix = [](const std::vector<std::string>& v, const std::string& p) {
+    return std::count_if(v.begin(), v.end(), [&](const std::string& n) { return n.rfind(p, 0) == 0; });
+  };
+  EXPECT_GT(count_prefix(names["transformers"], "model.language_model.layers.0."), 0);
+  EXPECT_EQ(count_prefix(names["transformers"], "language_model."), 0);
+  EXPECT_GT(count_prefix(names["transformers"], "model.vision_tower."), 0);
+  EXPECT_GT(count_prefix(names["llava-hf"], "language_model.model.layers.0."), 0);
+  EXPECT_EQ(names["transformers"].size(), names["llava-hf"].size());
+  for (const auto& n : names["llava-hf"])
+    EXPECT_NE(std::find(names["transformers"].begin(), names["transformers"].end(),
+                        relayout_key(n, CheckpointLayout::kTransformers)),
+              names["transformers"].end())
+        << n;
+  auto g = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
+  const std::vector<int64_t> ids = to_ids(g.get("p0.input_ids"));
+  c10::NoGradGuard ng;
+  auto logits = [&](Model& mm) {
+    at::Tensor e = embed_prompt(mm, ids, g.get("pixel_values"));
+    return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr);
+  };
+  EXPECT_TRUE(at::equal(logits(models.at("llava-hf")), logits(models.at("transformers"))));
 }
