@@ -45,8 +45,9 @@ at::Tensor random_tensor(c10::ScalarType type, at::IntArrayRef shape, uint32_t s
 }
 
 bool same_bytes(const at::Tensor& a, const at::Tensor& b) {
+  // An empty tensor's data_ptr may be null, and memcmp's arguments must not be even for 0 bytes (UBSan).
   return a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && a.nbytes() == b.nbytes() &&
-         std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(), a.nbytes()) == 0;
+         (a.nbytes() == 0 || std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(), a.nbytes()) == 0);
 }
 
 // Writes a file from a raw header and `data_bytes` zero bytes of data, with the length prefix given explicitly
