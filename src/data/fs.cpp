@@ -9,7 +9,6 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
-#include <sstream>
 
 #include "data/error.h"
 
@@ -33,23 +32,53 @@ void fsync_path(const std::string& path) {
 }
 }  // namespace
 
-int64_t check_regular_file(const std::string& path, int64_t max_bytes) {
-  struct stat st;
-  EQAT_CHECK(::stat(path.c_str(), &st) == 0, path, ": no such file");
-  EQAT_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, expected a file");
+namespace {
+// "256 MiB" for whole mebibytes, else "9 bytes".
+std::string limit_str(int64_t n) {
+  return n >= (int64_t{1} << 20) && n % (int64_t{1} << 20) == 0 ? str_cat(n >> 20, " MiB") : str_cat(n, " bytes");
+}
+
+// The checks of check_regular_file on a stat result.
+int64_t check_stat(const std::string& path, const struct stat& st, int64_t max_bytes) {
+  EQAT_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, not a regular file");
   EQAT_CHECK(S_ISREG(st.st_mode), path, ": not a regular file (a pipe, socket or device); eqat reads only files");
-  EQAT_CHECK(st.st_size <= max_bytes, path, ": ", st.st_size, " bytes, more than the ", max_bytes,
+  EQAT_CHECK(st.st_size <= max_bytes, path, ": ", st.st_size, " bytes, more than the ", limit_str(max_bytes),
              " this input may have");
   return static_cast<int64_t>(st.st_size);
 }
+}  // namespace
+
+int64_t check_regular_file(const std::string& path, int64_t max_bytes) {
+  struct stat st;
+  EQAT_CHECK(::stat(path.c_str(), &st) == 0, path, ": no such file");
+  return check_stat(path, st, max_bytes);
+}
 
 std::string read_file(const std::string& path, int64_t max_bytes) {
-  check_regular_file(path, max_bytes);
-  std::ifstream in(path, std::ios::binary);
-  EQAT_CHECK(in.good(), path, ": cannot open for reading (", std::strerror(errno), ")");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  // Opened non-blocking, so that a FIFO cannot block the open itself; fstat on the descriptor then decides, with no
+  // window between the check and the read.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  EQAT_CHECK(fd >= 0 || errno != ENOENT, path, ": no such file");
+  EQAT_CHECK(fd >= 0, path, ": cannot open for reading (", std::strerror(errno), ")");
+  struct stat st {};
+  std::string bytes;
+  try {
+    EQAT_CHECK(::fstat(fd, &st) == 0, path, ": cannot stat (", std::strerror(errno), ")");
+    bytes.resize(static_cast<size_t>(check_stat(path, st, max_bytes)));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  size_t got = 0;
+  while (got < bytes.size()) {
+    const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  EQAT_CHECK(got == bytes.size(), path, ": could not read the whole file (", got, " of ", bytes.size(), " bytes)");
+  return bytes;
 }
 
 void write_file_atomic(const std::string& path, const std::function<void(const std::string&)>& write) {

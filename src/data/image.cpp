@@ -23,9 +23,7 @@
 #include <cstdio>
 #include <jpeglib.h>
 
-#include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -120,37 +118,6 @@ std::string jpeg_warning(const std::string& bytes) {
   jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
   return err.warnings > 0 ? std::string(err.first) : std::string();
-}
-
-// The bytes of an image file: regular files only, at most kMaxImageFileBytes. Opened non-blocking so that a FIFO
-// cannot block the open itself; fstat on the open descriptor decides.
-std::string read_image_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  EQAT_CHECK(fd >= 0, path, ": cannot open image (", std::strerror(errno), ")");
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    const bool dir = S_ISDIR(st.st_mode);
-    ::close(fd);
-    throw_input_error(str_cat(path, ": not a regular file (", dir ? "a directory" : "a device, FIFO or socket",
-                              "); images are read from regular files only"));
-  }
-  if (st.st_size > kMaxImageFileBytes) {
-    ::close(fd);
-    throw_input_error(str_cat(path, ": image file is ", st.st_size, " bytes, more than the ", kMaxImageFileBytes >> 20,
-                              " MiB this tool reads"));
-  }
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
-  size_t got = 0;
-  while (got < bytes.size()) {
-    const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    got += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  EQAT_CHECK(got == bytes.size(), path, ": could not read the whole image file (", got, " of ", bytes.size(),
-             " bytes)");
-  return bytes;
 }
 
 // Pillow's fixed point (libImaging/Resample.c): 32 bits minus 8 for the pixel minus 2 of headroom.
@@ -360,7 +327,9 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
   return img;
 }
 
-Image load_image(const std::string& path, bool strict) { return decode_image(read_image_file(path), path, strict); }
+Image load_image(const std::string& path, bool strict) {
+  return decode_image(read_file(path, kMaxImageFileBytes), path, strict);  // regular files only, size-capped
+}
 
 Image resize_bicubic_pil(const Image& img, int out_w, int out_h) {
   EQAT_CHECK(out_w > 0 && out_h > 0, "cannot resize an image to ", out_w, "x", out_h);

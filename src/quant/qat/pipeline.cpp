@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 
 #include "data/config.h"
 #include "data/error.h"
@@ -44,13 +43,14 @@ int64_t dir_bytes(const std::string& dir) {
 // A data file: a readable regular file with a known extension.
 void check_data_file(const std::string& path, const std::string& flag) {
   if (path.empty()) return;
-  struct stat st;
-  EQAT_CHECK(::stat(path.c_str(), &st) == 0, flag, ": ", path, ": no such file");
-  EQAT_CHECK(S_ISREG(st.st_mode), flag, ": ", path, ": not a regular file");
+  try {
+    check_regular_file(path);
+  } catch (const InputError& e) {
+    throw_input_error(str_cat(flag, ": ", e.what()));
+  }
   EQAT_CHECK(ends_with(path, ".json") || ends_with(path, ".jsonl") || ends_with(path, ".txt"), flag, ": ", path,
              ": expected LLaVA instruction .json, or text .txt / .jsonl");
-  std::ifstream in(path, std::ios::binary);
-  EQAT_CHECK(in.good(), flag, ": ", path, ": cannot open for reading");
+  EQAT_CHECK(::access(path.c_str(), R_OK) == 0, flag, ": ", path, ": cannot open for reading");
 }
 
 void check_dir(const std::string& path, const std::string& flag) {
