@@ -26,7 +26,9 @@ int cmd_quantize(const Argv& argv) {
        {"out", "DIR", "output directory (written atomically)", ""},
        {"bits", "B", "weight bits: 2, 3, 4 or 8", "4"},
        {"group-size", "G", "group size along in_features (-1 = per channel)", "128"},
-       {"group-size-fallback", "MODE", "per-channel: use per-channel when G does not divide a layer", ""},
+       {"group-size-fallback", "MODE",
+        "when G does not divide a layer: ragged (a shorter last group, GPTQ g_idx) or per-channel (the whole model)",
+        "ragged"},
        {"method", "M", "efficientqat | rtn | gptq", "efficientqat"},
        {"phases", "P", "efficientqat phases: both | block-ap | e2e-qp (e2e-qp needs a quantized --model)", "both"},
        {"calib", "FILE", "Block-AP / GPTQ calibration data (instruction .json or text .txt/.jsonl; a LLaVA model defaults to its shapes world)", ""},
@@ -73,10 +75,7 @@ int cmd_quantize(const Argv& argv) {
   o.phases = a.str("phases");
   o.spec.bits = static_cast<int>(a.i64("bits", 2, 8));
   o.spec.group_size = a.i64("group-size", -1, 1 << 20);
-  if (a.has("group-size-fallback")) {
-    EQAT_CHECK(a.str("group-size-fallback") == "per-channel", "--group-size-fallback: only per-channel is supported");
-    o.group_size_fallback = true;
-  }
+  o.group_size_fallback = a.str("group-size-fallback");
   o.format = a.str("format");
   o.layout = a.str("layout");
   o.calib = a.str("calib");

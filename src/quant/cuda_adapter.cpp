@@ -70,8 +70,8 @@ int64_t slice_cols(int64_t K, int64_t N, int64_t elt, int64_t bytes) {
 }  // namespace
 
 bool supports(const GptqTensors& w, int bits, int64_t group_size) {
-  const int64_t N = w.qweight.size(1);
-  return (bits == 2 || bits == 3 || bits == 4) && group_size % 32 == 0 && N % 4 == 0 &&
+  const int64_t N = w.qweight.size(1), K = w.g_idx.numel();
+  return (bits == 2 || bits == 3 || bits == 4) && group_size % 32 == 0 && K % group_size == 0 && N % 4 == 0 &&
          (w.scales.scalar_type() == at::kHalf || w.scales.scalar_type() == at::kBFloat16 ||
           w.scales.scalar_type() == at::kFloat);
 }

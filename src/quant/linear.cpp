@@ -87,7 +87,7 @@ void QuantLinearImpl::to_packed(c10::ScalarType scale_dtype) {
 void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
   c10::NoGradGuard g;
   spec_ = spec;
-  const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
+  const int64_t N = out_features_, K = in_features_, G = spec.groups_for(K);
   check_packable(N, K, spec.bits, spec.group_for(K), "linear");
   EQAT_CHECK(t.qweight.sizes() == at::IntArrayRef({packed_words(K, spec.bits), N}) &&
                  t.qzeros.sizes() == at::IntArrayRef({G, packed_words(N, spec.bits)}) &&
@@ -113,7 +113,7 @@ void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
 }
 
 void QuantLinearImpl::init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype) {
-  const int64_t N = out_features_, K = in_features_, G = K / spec.group_for(K);
+  const int64_t N = out_features_, K = in_features_, G = spec.groups_for(K);
   GptqTensors t{at::zeros({packed_words(K, spec.bits), N}, at::kInt), at::zeros({G, packed_words(N, spec.bits)}, at::kInt),
                 at::ones({G, N}, scale_dtype), at::arange(K, at::kLong).div(spec.group_for(K), "floor").to(at::kInt)};
   set_packed(t, spec);

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "data/error.h"
+#include "quant/quantizer.h"
 
 namespace eqat {
 
@@ -10,8 +11,7 @@ bool packable_bits(int bits) { return bits == 2 || bits == 3 || bits == 4 || bit
 
 void check_packable(int64_t N, int64_t K, int bits, int64_t group_size, const std::string& what) {
   EQAT_CHECK(packable_bits(bits), what, ": bits must be 2, 3, 4 or 8 for packing, got ", bits);
-  EQAT_CHECK(group_size > 0 && K % group_size == 0, what, ": group size ", group_size,
-             " does not divide in_features ", K);
+  EQAT_CHECK(group_size > 0, what, ": group size must be positive, got ", group_size);
   EQAT_CHECK(N > 0 && K > 0, what, ": empty weight ", N, "x", K);
 }
 
@@ -62,7 +62,7 @@ GptqTensors pack_gptq(const at::Tensor& q, const at::Tensor& zeros, const at::Te
   EQAT_ASSERT(q.dim() == 2, "q must be [N, K]");
   const int64_t N = q.size(0), K = q.size(1);
   check_packable(N, K, bits, group_size, "pack");
-  const int64_t G = K / group_size;
+  const int64_t G = QuantSpec::num_groups(K, group_size);
   EQAT_ASSERT(zeros.sizes() == at::IntArrayRef({N, G}) && scales.sizes() == at::IntArrayRef({N, G}),
               "zeros/scales must be [N, G] = [", N, ", ", G, "]");
   const int64_t qmax = (1 << bits) - 1;

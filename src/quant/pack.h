@@ -1,5 +1,6 @@
 // GPTQ packed-weight layout (the export format and what the kernels consume; KERNELS.md §3.1).
-// For a linear W [N=out, K=in] quantized with b bits in groups of g input columns (G = K/g groups):
+// For a linear W [N=out, K=in] quantized with b bits in groups of g input columns (G = ⌈K/g⌉ groups, the last one
+// ragged when g does not divide K, as GPTQModel writes such layers):
 //   qweight int32 [⌈K·b/32⌉, N]  input rows packed into a dense LSB-first bitstream per output column: value k of
 //                              column n occupies bits [k·b, k·b+b) of the stream made of words qweight[:, n].
 //                              For b = 2/4/8 that is 32/b whole values per word; for b = 3 it is GPTQ's dense
@@ -33,7 +34,8 @@ bool packable_bits(int bits);
 // 172-wide FFN) get a zero-filled partial last word, as EfficientQAT's ceil(K/(32/b)) rows do.
 int64_t packed_words(int64_t rows, int bits);
 
-// Checks that a [N, K] weight can be packed with `bits`/`group_size` (K % g == 0).
+// Checks that a [N, K] weight can be packed with `bits`/`group_size` (g > 0; a g that does not divide K leaves a
+// ragged last group of K − (G−1)·g rows, G = ⌈K/g⌉, exactly as GPTQ's g_idx = k / g describes it).
 // InputError naming `what` (e.g. the module name) otherwise.
 void check_packable(int64_t N, int64_t K, int bits, int64_t group_size, const std::string& what);
 

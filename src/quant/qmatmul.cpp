@@ -8,6 +8,7 @@
 
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
+#include "quant/quantizer.h"
 #ifdef EQAT_WITH_CUDA
 #include "quant/cuda_adapter.h"
 #endif
@@ -25,8 +26,8 @@ void check_tensors(const GptqTensors& w, int bits, int64_t group_size, int64_t K
   const int64_t K = K_x, N = w.qweight.size(1);
   EQAT_CHECK(w.qweight.size(0) == packed_words(K, bits), what, ": x has ", K, " features but qweight [",
              w.qweight.size(0), ", ", N, "] does not hold ", K, " rows of ", bits, " bits");
-  EQAT_CHECK(group_size > 0 && K % group_size == 0, what, ": group size ", group_size, " does not divide K = ", K);
-  const int64_t G = K / group_size;
+  EQAT_CHECK(group_size > 0, what, ": group size must be positive, got ", group_size);
+  const int64_t G = QuantSpec::num_groups(K, group_size);
   EQAT_CHECK(w.qzeros.sizes() == at::IntArrayRef({G, packed_words(N, bits)}) && w.qzeros.scalar_type() == at::kInt,
              what, ": qzeros must be int32 [", G, ", ", packed_words(N, bits), "], got ", w.qzeros.sizes());
   EQAT_CHECK(w.scales.sizes() == at::IntArrayRef({G, N}), what, ": scales must be [", G, ", ", N, "], got ",
@@ -162,7 +163,7 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
   }
   EQAT_CHECK(x.is_cpu(), "quant_linear_forward: unsupported device ", x.device());
   at::Tensor y;
-  if (sequential && group_size % 32 == 0 && N % 8 == 0) {
+  if (sequential && group_size % 32 == 0 && K % group_size == 0 && N % 8 == 0) {
     y = cpu_linear(x2d, w, bits, group_size);
   } else {
     y = at::matmul(x2d.to(at::kFloat), dequantize_gptq(w, bits).t());
@@ -176,7 +177,7 @@ QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, con
                                                  bool need_input_grad, bool need_scale_grad) {
   check_tensors(w, bits, group_size, x.size(-1), "quant_linear_backward_reference");
   const GptqTensors wc = to_cpu(w);
-  const int64_t K = x.size(-1), N = w.qweight.size(1), G = K / group_size;
+  const int64_t K = x.size(-1), N = w.qweight.size(1), G = QuantSpec::num_groups(K, group_size);
   at::Tensor go = grad_out.cpu().to(at::kFloat).reshape({-1, N});
   at::Tensor x2 = x.cpu().to(at::kFloat).reshape({-1, K});
   QuantLinearGrads r;

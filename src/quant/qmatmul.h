@@ -1,6 +1,7 @@
 // Packed (GPTQ-layout) linear: the dispatch that QuantLinear's packed mode calls. CUDA tensors go to eqat's CUDA
 // kernels (kernels/, through cuda_adapter.cpp), CPU tensors to the vectorised CPU path (cpu_qgemv.h); anything the
-// fast paths do not cover (act-order g_idx, group sizes that are not multiples of 32, 8-bit on CUDA) falls back to
+// fast paths do not cover (act-order g_idx, group sizes that are not multiples of 32 or leave a ragged last group,
+// 8-bit on CUDA) falls back to
 // the reference: dequantize_gptq (fp32) + matmul. The weight layout is the export layout of pack.h, consumed as is:
 // no load-time repacking is needed (each kernel reads 32 input rows = `bits` whole words per column at a time).
 //

@@ -12,13 +12,23 @@ namespace {
 // Straight-through helpers: forward value of f(x), gradient of the identity.
 at::Tensor ste(const at::Tensor& x, const at::Tensor& fx) { return x + (fx - x).detach(); }
 
-// [N, K] -> [N, G, g]
-at::Tensor grouped(const at::Tensor& W, int64_t g) { return W.reshape({W.size(0), W.size(1) / g, g}); }
+// [N, K] -> [N, G, g]. A ragged last group is padded with copies of the row's last column: they change neither the
+// group's min nor its max, and ungrouped() cuts them off again (so they get no gradient either).
+at::Tensor grouped(const at::Tensor& W, int64_t g) {
+  const int64_t N = W.size(0), K = W.size(1), G = QuantSpec::num_groups(K, g), pad = G * g - K;
+  if (pad == 0) return W.reshape({N, G, g});
+  return at::cat({W, W.narrow(1, K - 1, 1).expand({N, pad})}, 1).reshape({N, G, g});
+}
+// [N, G, g] -> [N, K]
+at::Tensor ungrouped(const at::Tensor& Wg, int64_t K) {
+  const int64_t N = Wg.size(0), padded = Wg.size(1) * Wg.size(2);
+  at::Tensor flat = Wg.reshape({N, padded});
+  return padded == K ? flat : flat.narrow(1, 0, K);
+}
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> minmax_init(const at::Tensor& W, const QuantSpec& spec) {
   const int64_t g = spec.group_for(W.size(1));
-  EQAT_CHECK(W.size(1) % g == 0, "group size ", g, " does not divide in_features ", W.size(1));
   at::Tensor Wg = grouped(W.detach(), g);
   at::Tensor xmin = std::get<0>(Wg.min(-1)), xmax = std::get<0>(Wg.max(-1));  // [N, G]
   at::Tensor s = ((xmax - xmin) / static_cast<double>(spec.qmax())).clamp(kScaleMin, kScaleMax);
@@ -34,7 +44,7 @@ at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Ten
   at::Tensor z1 = ste(zr, zr.clamp(spec.zero_min, qmax)).unsqueeze(-1);
   at::Tensor u = grouped(W, g) / s1;
   at::Tensor q = (ste(u, u.round()) + z1).clamp(0, qmax);
-  return ((q - z1) * s1).reshape(W.sizes());
+  return ungrouped((q - z1) * s1, W.size(1));
 }
 
 QuantizedWeight quantize_integers(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
@@ -43,13 +53,14 @@ QuantizedWeight quantize_integers(const at::Tensor& W, const at::Tensor& s, cons
   at::Tensor sc = s.detach().clamp(kScaleMin, kScaleMax);
   at::Tensor zc = z.detach().round().clamp(spec.zero_min, qmax);
   at::Tensor q = (grouped(W.detach(), g) / sc.unsqueeze(-1)).round().add(zc.unsqueeze(-1)).clamp(0, qmax);
-  return {q.reshape(W.sizes()).to(at::kInt), zc.to(at::kInt), sc};
+  return {ungrouped(q, W.size(1)).to(at::kInt).contiguous(), zc.to(at::kInt), sc};
 }
 
 at::Tensor dequantize_integers(const QuantizedWeight& qw, int64_t group_size) {
   const int64_t N = qw.q.size(0), K = qw.q.size(1), g = group_size < 0 ? K : group_size;
-  at::Tensor q = qw.q.to(at::kFloat).view({N, K / g, g});
-  return ((q - qw.zero.to(at::kFloat).unsqueeze(-1)) * qw.scale.to(at::kFloat).unsqueeze(-1)).view({N, K});
+  (void)N;
+  at::Tensor q = grouped(qw.q.to(at::kFloat), g);
+  return ungrouped((q - qw.zero.to(at::kFloat).unsqueeze(-1)) * qw.scale.to(at::kFloat).unsqueeze(-1), K).contiguous();
 }
 
 }  // namespace eqat

@@ -1,10 +1,11 @@
 // EfficientQAT's quantizer (EFFICIENTQAT.md §1): asymmetric, unsigned, per-group along the input dimension.
-//   groups: contiguous runs of g input columns of one output row; W [N, K] -> G = K/g groups per row.
+//   groups: contiguous runs of g input columns of one output row; W [N, K] -> G = ⌈K/g⌉ groups per row. When g
+//   does not divide K the last group is ragged (K − (G−1)·g columns), as GPTQ's g_idx = k / g defines it.
 //   init (min–max, in the weight's own dtype): s = clamp((max−min)/(2^b−1), 1e-4, 1e4), z = round(clamp(−min/s, ±1e4))
 //   fake quant (Block-AP):  s' = ste_clamp(s, 1e-4, 1e4); z' = ste_clamp(ste_round(z), zero_min, qmax)
 //                           q = clamp(ste_round(W/s') + z', 0, qmax)   (a real clamp: zero gradient outside)
 //                           Ŵ = (q − z')·s'
-// Legend: N out_features, K in_features, g group size, G = K/g.
+// Legend: N out_features, K in_features, g group size, G = ⌈K/g⌉.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +24,9 @@ struct QuantSpec {
   int64_t qmax() const { return (int64_t{1} << bits) - 1; }
   // The concrete group length for in_features K.
   int64_t group_for(int64_t K) const { return group_size < 0 ? K : group_size; }
+  // Groups per row for in_features K: ⌈K/g⌉ (the last one ragged when g does not divide K).
+  int64_t groups_for(int64_t K) const { return num_groups(K, group_for(K)); }
+  static int64_t num_groups(int64_t K, int64_t g) { return (K + g - 1) / g; }
   std::string tag() const;  // e.g. "w4g128", "w2g-1", "w2g64z1" (zero_min 1)
 };
 

@@ -121,7 +121,7 @@ TEST(CliOutput, QuantizeValidatesEverythingBeforeWork) {
       {{"--calib", t.str("calib.d")}, "not a regular file"},
       {{"--calib-images", t.str("nope")}, "--calib-images"},
       {{"--offload-dir", t.str("no/such/dir")}, "--offload-dir"},
-      {{"--group-size", "48"}, "does not divide"},
+      {{"--group-size-fallback", "per-row"}, "--group-size-fallback: expected ragged or per-channel"},
   };
   for (const auto& [flags, needle] : bad) {
     expect_input_error(run_eqat(with(quantize_args(model, out), flags)), needle);  // a later flag wins

@@ -60,7 +60,7 @@ TEST(Pack, OutOfRangeIntegersAreRejected) {
   EXPECT_THROW(pack_gptq(q, at::zeros({32, 1}, at::kInt), at::ones({32, 1}), 2, 32), InputError);
   EXPECT_THROW(pack_gptq(at::zeros({32, 32}, at::kInt), at::full({32, 1}, -1, at::kInt), at::ones({32, 1}), 2, 32),
                InputError);
-  EXPECT_THROW(check_packable(32, 100, 4, 32, "layer"), InputError);  // group does not divide K
+  EXPECT_THROW(check_packable(32, 100, 4, 0, "layer"), InputError);  // no group size
   EXPECT_NO_THROW(check_packable(20, 172, 3, 172, "layer"));  // partial words are padded
 }
 
@@ -127,5 +127,28 @@ TEST(Pack, DimensionsThatAreNotWholeWordsArePadded) {
     auto [q2, z2] = unpack_gptq(t, bits);
     EXPECT_TRUE(at::equal(q2, q));
     EXPECT_TRUE(at::equal(z2, z));
+  }
+}
+
+// A group size that does not divide K leaves a ragged last group: G = ⌈K/g⌉ rows of scales and zero points, g_idx =
+// k / g (what GPTQModel writes for such layers), and the integers round-trip exactly.
+TEST(Pack, RaggedLastGroupRoundTrips) {
+  at::manual_seed(11);
+  const int64_t N = 24, K = 100, g = 32, G = 4;  // groups of 32, 32, 32 and 4 rows
+  for (int bits : {2, 3, 4, 8}) {
+    at::Tensor q = at::randint(0, 1 << bits, {N, K}, at::kInt);
+    at::Tensor z = at::randint(0, 1 << bits, {N, G}, at::kInt);
+    at::Tensor s = at::rand({N, G}) + 0.5;
+    const GptqTensors t = pack_gptq(q, z, s, bits, g);
+    EXPECT_EQ(t.scales.sizes(), at::IntArrayRef({G, N}));
+    EXPECT_EQ(t.qzeros.size(0), G);
+    EXPECT_TRUE(at::equal(t.g_idx.to(at::kLong), at::arange(K, at::kLong).div(g, "floor")));
+    auto [q2, z2] = unpack_gptq(t, bits);
+    EXPECT_TRUE(at::equal(q2, q)) << bits;
+    EXPECT_TRUE(at::equal(z2, z)) << bits;
+    // The last group's four rows use the fourth scale and zero point.
+    at::Tensor W = dequantize_gptq(t, bits);
+    at::Tensor expect = (q.narrow(1, 96, 4) - z.narrow(1, 3, 1)).to(at::kFloat) * s.narrow(1, 3, 1).to(at::kHalf).to(at::kFloat);
+    EXPECT_TRUE(at::equal(W.narrow(1, 96, 4), expect)) << bits;
   }
 }

@@ -29,7 +29,7 @@ struct Case {
 
 Case make_case(int64_t N, int64_t K, int bits, int64_t g, uint64_t seed, c10::ScalarType sdt = at::kHalf) {
   at::manual_seed(seed);
-  const int64_t G = K / g;
+  const int64_t G = (K + g - 1) / g;  // a ragged last group when g does not divide K
   at::Tensor q = at::randint(0, 1 << bits, {N, K}, at::kInt);
   at::Tensor z = at::randint(0, 1 << bits, {N, G}, at::kInt);
   at::Tensor s = at::rand({N, G}) * 0.02 + 0.001;
@@ -151,6 +151,15 @@ TEST(QMatmul, FallbacksActOrderSmallGroupsAndLargeM) {
   // N = 44 at 3 bits: zero-point rows end in a partial word and N % 8 != 0: reference path.
   const Case c44 = make_case(44, K, 3, 32, 6);
   expect_close(quant_linear_forward(x, c44.w, 3, 32, {}), at::matmul(x, c44.W.t()), fp32_bound(x, c44.w, 3, 32), "N44");
+  // K = 172 in groups of 64 (stories260K's FFN): a ragged last group of 44 rows, G = 3: reference path, forward
+  // and backward, and the same g_idx = k / g that GPTQModel writes for such layers.
+  const Case cr = make_case(N, 172, 4, 64, 7);
+  EXPECT_EQ(cr.w.scales.size(0), 3);
+  EXPECT_TRUE(gptq_is_sequential(cr.w, 64));
+  EXPECT_EQ(cr.w.g_idx[171].item<int>(), 2);
+  at::Tensor xr = at::randn({3, 172});
+  expect_close(quant_linear_forward(xr, cr.w, 4, 64, {}), at::matmul(xr, cr.W.t()), fp32_bound(xr, cr.w, 4, 64),
+               "ragged");
   // large M: dequantize + BLAS.
   const Case cl = make_case(N, K, 3, 64, 5);
   at::Tensor xl = at::randn({100, K});
@@ -167,8 +176,11 @@ TEST(QMatmul, BadInputsAreInputErrors) {
 
 // Backward: against autograd through the float formula W = s·(q − z) in fp64.
 TEST(QMatmul, BackwardMatchesAutograd) {
-  for (int bits : {2, 3, 4}) {
-    const int64_t N = 64, K = 128, g = 32, M = 5;
+  for (int bits : {2, 3, 4, 5}) {
+    // bits 5 stands for the ragged case: 4 bits, K = 172 in groups of 64 (the last group has 44 rows).
+    const bool ragged = bits == 5;
+    if (ragged) bits = 4;
+    const int64_t N = 64, K = ragged ? 172 : 128, g = ragged ? 64 : 32, M = 5;
     const Case c = make_case(N, K, bits, g, 20 + bits);
     auto [q, z] = unpack_gptq(c.w, bits);
     at::Tensor gi = at::arange(K, at::kLong).div(g, "floor");
@@ -186,7 +198,7 @@ TEST(QMatmul, BackwardMatchesAutograd) {
     at::Tensor gs_ref = s.grad().t().to(at::kFloat);  // [G, N]
     ASSERT_EQ(r.grad_scales.sizes(), gs_ref.sizes());
     const float mag = gs_ref.abs().max().item<float>();
-    EXPECT_LE((r.grad_scales - gs_ref).abs().max().item<float>(), 1e-5 * mag * (1 << bits)) << bits;
+    EXPECT_LE((r.grad_scales - gs_ref).abs().max().item<float>(), 1e-5 * mag * (1 << bits)) << bits << ragged;
   }
 }
 

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
+
 #include "data/error.h"
 
 namespace eqat {
@@ -40,8 +42,8 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
   c10::NoGradGuard g;
   at::Tensor W = W_in.detach().to(at::kCPU, at::kDouble).clone();
   at::Tensor H = H_in.to(at::kDouble).clone();
-  const int64_t N = W.size(0), K = W.size(1), gs = spec.group_for(K), G = K / gs, qmax = spec.qmax();
-  EQAT_CHECK(K % gs == 0, "GPTQ: group size ", gs, " does not divide in_features ", K);
+  const int64_t N = W.size(0), K = W.size(1), gs = spec.group_for(K), G = spec.groups_for(K),
+                qmax = spec.qmax();
   at::Tensor dead = H.diagonal() == 0;
   H.diagonal().masked_fill_(dead, 1);
   W.index_put_({at::indexing::Slice(), dead}, 0);
@@ -62,7 +64,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
       if (col % gs == 0) {
         // Group parameters from W as updated by the previous lazy blocks (AutoGPTQ reads the outer W here, which
         // does not yet hold this block's own updates).
-        std::tie(s_cur, z_cur) = gptq_params(W.narrow(1, col, gs), qmax);
+        std::tie(s_cur, z_cur) = gptq_params(W.narrow(1, col, std::min(gs, K - col)), qmax);  // ragged last group
         z_cur = z_cur.clamp(spec.zero_min, static_cast<double>(qmax));  // GPTQ v1 cannot store a zero point of 0
         S.select(1, col / gs).copy_(s_cur);
         Z.select(1, col / gs).copy_(z_cur);

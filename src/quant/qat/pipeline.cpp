@@ -70,8 +70,9 @@ nlohmann::json file_identity(const std::string& path) {
           {"mtime_ns", static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec}};
 }
 
-// The group size must divide every quantized layer's in_features (q,k,v,gate,up: hidden; o: heads × head_dim;
-// down: intermediate). Checked on the config, before the weights load.
+// A group size that does not divide a quantized layer's in_features (q,k,v,gate,up: hidden; o: heads × head_dim;
+// down: intermediate) gives that layer a ragged last group, or switches the model to per-channel. Checked on the
+// config, before the weights load.
 void check_group_size(QuantizeOptions& o, const ModelConfig& cfg) {
   const LlamaConfig& t = cfg.text;
   const std::pair<const char*, int64_t> layers[] = {{"q/k/v/gate/up_proj", t.hidden_size},
@@ -79,8 +80,13 @@ void check_group_size(QuantizeOptions& o, const ModelConfig& cfg) {
                                                     {"down_proj", t.intermediate_size}};
   for (const auto& [name, k] : layers) {
     if (o.spec.group_size <= 0 || k % o.spec.group_size == 0) continue;
-    EQAT_CHECK(o.group_size_fallback, "--group-size ", o.spec.group_size, " does not divide ", name,
-               ".in_features = ", k, "; pick another group size or pass --group-size-fallback per-channel");
+    if (o.group_size_fallback == "ragged") {
+      if (o.progress)
+        std::fprintf(stderr, "note: group size %lld does not divide %s.in_features = %lld; its last group has %lld columns\n",
+                     static_cast<long long>(o.spec.group_size), name, static_cast<long long>(k),
+                     static_cast<long long>(k % o.spec.group_size));
+      continue;
+    }
     std::fprintf(stderr, "warning: group size %lld does not divide %s (%lld); using per-channel\n",
                  static_cast<long long>(o.spec.group_size), name, static_cast<long long>(k));
     o.spec.group_size = -1;
@@ -129,6 +135,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              "--group-size must be in [1, 1048576] or -1, got ", o.spec.group_size);
   EQAT_CHECK(o.format == "gptq-v2" || o.format == "gptq-v1", "--format: expected gptq-v2 or gptq-v1, got '", o.format,
              "'");
+  EQAT_CHECK(o.group_size_fallback == "ragged" || o.group_size_fallback == "per-channel",
+             "--group-size-fallback: expected ragged or per-channel, got '", o.group_size_fallback, "'");
   EQAT_CHECK(o.layout.empty() || o.layout == "llava-hf" || o.layout == "transformers",
              "--layout: expected llava-hf or transformers, got '", o.layout, "'");
   const CalibOptions& c = o.calib_opts;
@@ -171,6 +179,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
       {"--phases", o.phases},
       {"--bits", o.spec.bits},
       {"--group-size", o.spec.group_size},
+      {"--group-size-fallback", o.group_size_fallback},
       {"--format", o.format},
       {"--calib", file_identity(o.calib)},
       {"--calib-images", o.calib_images},

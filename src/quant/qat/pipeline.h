@@ -28,7 +28,9 @@ struct QuantizeOptions {
   std::string method = "efficientqat";  // efficientqat | rtn | gptq
   std::string phases = "both";          // both | block-ap | e2e-qp (e2e-qp needs a quantized model)
   QuantSpec spec;                       // bits, group size (zero_min is set from the format)
-  bool group_size_fallback = false;     // per-channel when the group size does not divide a layer
+  // When the group size does not divide a layer's in_features: "ragged" gives that layer a shorter last group
+  // (G = ⌈K/g⌉ groups, g_idx = k / g, as GPTQModel writes it); "per-channel" quantizes the whole model per channel.
+  std::string group_size_fallback = "ragged";
   std::string format = "gptq-v2";       // gptq-v2 | gptq-v1
   std::string layout;                   // "" (the source's) | llava-hf | transformers (LLaVA checkpoint keys)
   std::string calib, calib_images;      // Block-AP / GPTQ data (empty: a LLaVA model's shapes world)

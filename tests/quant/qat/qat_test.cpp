@@ -4,6 +4,7 @@
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -16,6 +17,7 @@
 #include "quant/qat/e2e_qp.h"
 #include "quant/qat/export.h"
 #include "quant/qat/optim.h"
+#include "quant/pack.h"
 #include "quant/quantizer.h"
 
 using namespace eqat;
@@ -99,6 +101,51 @@ TEST(BlockAp, ExportReloadGivesTheSameLogits) {
   Model f = load_model(t.str("q"), lo);
   EXPECT_EQ(f.lm->fuse_projections(), 2 * f.cfg.text.num_hidden_layers);  // already merged: a no-op that says so
   EXPECT_LE(max_abs_diff(logits(f), logits(r)), kLogitTol);
+}
+
+// A group size that divides no layer of tiny_llama (48: hidden 64 = 48 + 16, FFN 160 = 3·48 + 16) gives every layer a
+// ragged last group, in every method: G = ⌈K/48⌉ scale rows, g_idx = k / 48 (GPTQModel's layout for such layers),
+// RTN's integers are those of each group quantized on its own, and export → reload gives the same logits.
+TEST(BlockAp, RaggedGroupsExportAndReloadExactly) {
+  for (const char* method : {"rtn", "gptq", "efficientqat"}) {
+    TempDir t;
+    Model m = load_model(fixture("tiny_llama"));
+    std::vector<at::Tensor> fp_down;
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+      fp_down.push_back(block_linears(m, b).back().second->weight.detach().clone());
+    BlockApOptions o = opts(method, 3);
+    o.spec.group_size = 48;
+    o.epochs = 1;
+    run_block_quantization(m, tiny_calib(m), o);
+    ExportOptions eo;
+    eo.spec = o.spec;
+    eo.method = method;
+    export_gptq(m, t.str("q"), eo);
+    Model r = load_model(t.str("q"));
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b) {
+      auto [name, down] = block_linears(r, b).back();
+      ASSERT_EQ(name, "mlp.down_proj");
+      EXPECT_EQ(down->scales.sizes(), at::IntArrayRef({4, 64})) << method;
+      EXPECT_TRUE(at::equal(down->g_idx.to(at::kLong), at::arange(160, at::kLong).div(48, "floor"))) << method;
+      if (std::string(method) != "rtn") continue;
+      auto [q, z] = unpack_gptq(down->packed(), 3);
+      for (int64_t g0 = 0; g0 < 160; g0 += 48) {
+        const int64_t w = std::min<int64_t>(48, 160 - g0);
+        at::Tensor Wg = fp_down[b].narrow(1, g0, w);
+        QuantSpec per_row{3, -1};
+        auto [sg, zg] = minmax_init(Wg, per_row);
+        QuantizedWeight qw = quantize_integers(Wg, sg, zg, per_row);
+        EXPECT_TRUE(at::equal(q.narrow(1, g0, w), qw.q)) << "layer " << b << " group at " << g0;
+        EXPECT_TRUE(at::equal(z.narrow(1, g0 / 48, 1), qw.zero)) << "layer " << b << " group at " << g0;
+      }
+    }
+    std::vector<int64_t> ids = {1, 45, 72, 300, 12, 99, 7};
+    c10::NoGradGuard ng;
+    auto logits = [&](Model& mm) {
+      return mm.lm->forward(mm.lm->embed(at::tensor(ids).view({1, -1})), at::arange(7).view({1, -1}), {}, nullptr);
+    };
+    EXPECT_LE(max_abs_diff(logits(m), logits(r)), kLogitTol) << method;
+  }
 }
 
 TEST(BlockAp, ResumeAfterKillIsBitIdentical) {
