@@ -7,6 +7,7 @@
 
 #include "args.h"
 #include "commands.h"
+#include "data/cpu.h"
 #include "data/error.h"
 #include "data/fs.h"
 #include "data/output.h"
@@ -68,15 +69,16 @@ GenerateOptions generate_options(const ParsedArgs& a, const Model& m) {
   return o;
 }
 
+// An explicit --threads applies from the start (the model's load included).
 void apply_threads(const ParsedArgs& a) {
-  const int n = a.threads();
-  if (n > 0) at::set_num_threads(n);
+  if (a.threads() > 0) set_compute_threads(a.threads());
 }
 
-// With --threads 0 (auto), tiny models run on one thread: their ops are microseconds long, so OpenMP fork/join and
-// spinning cost more than they gain (stories260K: 2070 tok/s on 1 thread vs ~125 on 2 with a busy second core).
+// With --threads 0 (auto), once the model is known: the idle cores (data/cpu.h), and one thread for tiny models:
+// their ops are microseconds long, so OpenMP fork/join costs more than it gains (stories260K: 2070 tok/s on 1
+// thread vs ~125 on 2 with a busy second core).
 void auto_threads(const ParsedArgs& a, const Model& m) {
-  if (a.threads() == 0 && m.device.is_cpu() && m.cfg.text.hidden_size < 1024) at::set_num_threads(1);
+  if (a.threads() == 0) set_compute_threads(0, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 1 : 0);
 }
 
 // The template a model's own files name ("conv_template" in config.json), else `fallback`.

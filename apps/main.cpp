@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
@@ -12,6 +13,19 @@
 #include "data/error.h"
 
 namespace {
+
+// OpenMP's idle threads wait passively (sleep on a futex) unless the user chose otherwise. libgomp's default is to
+// spin for up to ~300k iterations after every parallel region; on a machine whose other cores are busy that spinning
+// takes the core from the thread doing the work (RTN W4g128 with --threads 2 next to one busy core ran 15× slower
+// than one thread). libgomp reads its environment in its own constructor, before main, so the default is set from
+// the executable's .preinit_array, which the dynamic loader runs before any shared library's constructor. An
+// explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is. Measured in bench/threads.sh.
+void passive_openmp_wait(int, char**, char**) {
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr && std::getenv("GOMP_SPINCOUNT") == nullptr)
+    ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
+}
+__attribute__((section(".preinit_array"), used)) void (*const kPreinitOpenmp)(int, char**, char**) =
+    passive_openmp_wait;
 
 struct Entry {
   eqat::CommandFn fn;

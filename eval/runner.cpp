@@ -23,6 +23,7 @@
 #include <set>
 #include <sstream>
 
+#include "data/cpu.h"
 #include "data/error.h"
 #include "data/json_util.h"
 #include "data/fs.h"
@@ -305,8 +306,7 @@ std::string model_conv_template(const std::string& dir) {
 }
 
 void apply_threads(const EvalOptions& o, const Model& m) {
-  if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
-  else if (m.device.is_cpu() && m.cfg.text.hidden_size < 1024) at::set_num_threads(1);  // see cmd_generate.cpp
+  set_compute_threads(o.threads, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 1 : 0);  // see cmd_generate.cpp
 }
 
 // ---- text metrics --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include <sstream>
 #include <sys/stat.h>
 
+#include "data/cpu.h"
 #include "data/error.h"
 #include "data/json_util.h"
 #include "data/fs.h"
@@ -618,7 +619,7 @@ void train_tiny(const TinyTrainOptions& o_in) {
   o.out = check_in_place_dir({o.out, "--out", OutputKind::kTrainRun, o.overwrite, {}}, o.resume);
   claim_dir(o.out, OutputKind::kTrainRun, /*start_over=*/o.overwrite && !o.resume);
   FileLock lock(path_join(o.out, ".eqat-lock"), "--out " + o.out);
-  at::set_num_threads(static_cast<int>(o.threads));
+  set_compute_threads(o.threads);
   const bool resume = o.resume && file_exists(path_join(o.out, "checkpoint/state.json"));
   if (!resume) train_tokenizer(o.out, o.seed, o.sp_vocab, o.option_pieces);
   Tokenizer sp_only = Tokenizer::from_model_file(path_join(o.out, "tokenizer.model"));

@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "data/config.h"
+#include "data/cpu.h"
 #include "data/error.h"
 #include "data/fs.h"
 #include "data/memory.h"
@@ -342,8 +343,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
   lo.device = o.device;
   lo.dtype = o.dtype;
   Model m = load_model(o.model_dir, lo);
-  if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
-  if (m.device.is_cpu() && o.threads == 0 && m.cfg.text.hidden_size < 1024) at::set_num_threads(2);
+  set_compute_threads(o.threads, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 2 : 0);
   // Without --calib, a LLaVA model calibrates (and E2E-QP trains) on the default model's world: shapes
   // instruction conversations from the --seed stream (never the test stream), written once into the state dir.
   std::string calib_file = !o.calib.empty() ? o.calib : o.train_data;
