@@ -9,7 +9,7 @@
 #             tinyshakespeare: calibration windows from the first 90 % of the file, evaluation windows from the
 #             last 10 % (no overlap).
 # Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
-# Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 2),
+# Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
 #           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +17,7 @@ EQAT="${EQAT:-$ROOT/build/bin/eqat}"
 OUT="$ROOT/build/quant-table"
 WHAT="${1:-all}"
 SAMPLES="${SAMPLES:-1024}"
-THREADS="${THREADS:-2}"
+THREADS="${THREADS:-0}"
 SETTINGS="${SETTINGS:-4 128;3 128;2 64;2 128}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"

@@ -236,30 +236,47 @@ c10::ScalarType dtype_from_safetensors(const std::string& s) {
 
 // ------------------------------------------------------------------------------------------------ writer
 
-void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  std::vector<at::Tensor> cpu;
-  cpu.reserve(tensors.size());
-  std::set<std::string> names;
+namespace {
+uint64_t source_bytes(const TensorSource& t) {
+  uint64_t n = c10::elementSize(t.dtype);
+  for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+std::vector<TensorSource> as_sources(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                     const std::string& what) {
+  std::vector<TensorSource> out;
+  out.reserve(tensors.size());
   for (const auto& [name, t] : tensors) {
-    EQAT_CHECK(name != "__metadata__", path, ": '__metadata__' is reserved and cannot name a tensor");
-    EQAT_CHECK(names.insert(name).second, path, ": tensor '", name, "' given twice");
-    EQAT_CHECK(t.defined(), path, ": tensor '", name, "' is undefined");
-    dtype_to_safetensors(t.scalar_type());  // reject unsupported dtypes before writing anything
-    cpu.push_back(t.to(at::kCPU).contiguous());
+    EQAT_CHECK(t.defined(), what, ": tensor '", name, "' is undefined");
+    out.push_back({name, t.scalar_type(), t.sizes().vec(), [t] { return t; }});
+  }
+  return out;
+}
+}  // namespace
+
+void write_safetensors_streamed(const std::string& path, const std::vector<TensorSource>& tensors,
+                                const std::map<std::string, std::string>& metadata) {
+  std::set<std::string> names;
+  for (const auto& t : tensors) {
+    EQAT_CHECK(t.name != "__metadata__", path, ": '__metadata__' is reserved and cannot name a tensor");
+    EQAT_CHECK(names.insert(t.name).second, path, ": tensor '", t.name, "' given twice");
+    dtype_to_safetensors(t.dtype);  // reject unsupported dtypes before writing anything
+    for (int64_t d : t.shape) EQAT_CHECK(d >= 0, path, ": tensor '", t.name, "' has a negative dimension");
   }
 
   // Data order: stable sort by element size, largest first. With the header padded to 8 bytes this aligns every
   // tensor without holes (sizes of 8-byte tensors are multiples of 8, then 4, ...).
   std::vector<size_t> order(tensors.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return cpu[a].element_size() > cpu[b].element_size(); });
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return c10::elementSize(tensors[a].dtype) > c10::elementSize(tensors[b].dtype);
+  });
   std::vector<std::pair<uint64_t, uint64_t>> offs(tensors.size());
   uint64_t pos = 0;
   for (size_t i : order) {
-    offs[i] = {pos, pos + cpu[i].nbytes()};
-    pos += cpu[i].nbytes();
+    offs[i] = {pos, pos + source_bytes(tensors[i])};
+    pos = offs[i].second;
   }
 
   ordered_json h = ordered_json::object();
@@ -272,10 +289,10 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
     ordered_json e = ordered_json::object();
-    e["dtype"] = dtype_to_safetensors(cpu[i].scalar_type());
-    e["shape"] = cpu[i].sizes().vec();
+    e["dtype"] = dtype_to_safetensors(tensors[i].dtype);
+    e["shape"] = tensors[i].shape;
     e["data_offsets"] = {offs[i].first, offs[i].second};
-    h[tensors[i].first] = std::move(e);
+    h[tensors[i].name] = std::move(e);
   }
   std::string header;
   try {
@@ -294,7 +311,14 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     try {
       write_all(f, len, 8, path);
       write_all(f, header.data(), header.size(), path);
-      for (size_t i : order) write_all(f, cpu[i].data_ptr(), cpu[i].nbytes(), path);
+      for (size_t i : order) {  // one tensor in memory at a time: made, copied to contiguous CPU, written, dropped
+        const TensorSource& src = tensors[i];
+        at::Tensor t = src.make().to(at::kCPU).contiguous();
+        EQAT_ASSERT(t.scalar_type() == src.dtype && t.sizes() == at::IntArrayRef(src.shape), path, ": tensor '",
+                    src.name, "' was made as ", t.scalar_type(), " ", t.sizes(), ", declared ", src.dtype, " ",
+                    at::IntArrayRef(src.shape));
+        write_all(f, t.data_ptr(), t.nbytes(), path);
+      }
     } catch (...) {
       std::fclose(f);
       throw;
@@ -303,46 +327,60 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   });
 }
 
-void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                      uint64_t max_shard_bytes, const std::map<std::string, std::string>& metadata) {
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  write_safetensors_streamed(path, as_sources(tensors, path), metadata);
+}
+
+std::string shard_name(size_t i, size_t n) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, n);
+  return name;
+}
+
+void write_checkpoint_streamed(const std::string& dir, const std::vector<TensorSource>& tensors,
+                               uint64_t max_shard_bytes, const std::map<std::string, std::string>& metadata) {
   EQAT_CHECK(is_directory(dir), dir, ": output directory does not exist");
   EQAT_CHECK(max_shard_bytes > 0, dir, ": max_shard_bytes must be positive");
   uint64_t total = 0;
-  for (const auto& kv : tensors) total += kv.second.defined() ? kv.second.nbytes() : 0;
+  for (const auto& t : tensors) total += source_bytes(t);
   // A leftover file of the other layout would shadow or contradict the new one (Checkpoint::open prefers
   // model.safetensors), so it is removed once the new files are in place.
   std::error_code ec;
   if (total <= max_shard_bytes) {
-    write_safetensors(path_join(dir, "model.safetensors"), tensors, metadata);
+    write_safetensors_streamed(path_join(dir, "model.safetensors"), tensors, metadata);
     std::filesystem::remove(path_join(dir, "model.safetensors.index.json"), ec);
     return;
   }
 
   // Greedy split in the given order, as transformers' shard_checkpoint does: a new shard starts when the next
   // tensor would overflow the current one; a tensor larger than the limit gets a shard of its own.
-  std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
+  std::vector<std::vector<TensorSource>> shards(1);
   uint64_t cur = 0;
-  for (const auto& kv : tensors) {
-    const uint64_t b = kv.second.defined() ? kv.second.nbytes() : 0;
+  for (const auto& t : tensors) {
+    const uint64_t b = source_bytes(t);
     if (!shards.back().empty() && cur + b > max_shard_bytes) {
       shards.emplace_back();
       cur = 0;
     }
-    shards.back().push_back(kv);
+    shards.back().push_back(t);
     cur += b;
   }
   const size_t n = shards.size();
   json weight_map = json::object();
   for (size_t i = 0; i < n; ++i) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, n);
-    write_safetensors(path_join(dir, name), shards[i], metadata);
-    for (const auto& kv : shards[i]) weight_map[kv.first] = name;
+    write_safetensors_streamed(path_join(dir, shard_name(i, n)), shards[i], metadata);
+    for (const auto& t : shards[i]) weight_map[t.name] = shard_name(i, n);
   }
   // The index goes last, so its presence implies every shard it names is complete.
   json index = {{"metadata", {{"total_size", total}}}, {"weight_map", std::move(weight_map)}};
   write_file_atomic(path_join(dir, "model.safetensors.index.json"), index.dump(2) + "\n");
   std::filesystem::remove(path_join(dir, "model.safetensors"), ec);
+}
+
+void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      uint64_t max_shard_bytes, const std::map<std::string, std::string>& metadata) {
+  write_checkpoint_streamed(dir, as_sources(tensors, dir), max_shard_bytes, metadata);
 }
 
 }  // namespace eqat

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -67,7 +68,7 @@ class Checkpoint {
 // Writes one safetensors file atomically. The header lists tensors in the given order; the data area holds them
 // contiguous and without holes (the format forbids holes), stably sorted by element size, largest first, so that
 // every tensor starts aligned for its dtype (the header is padded to a multiple of 8) and maps zero-copy.
-// Tensors may live on any device / be non-contiguous; they are copied to contiguous CPU first. The metadata gets
+// Tensors may live on any device / be non-contiguous; each is copied to contiguous CPU as it is written. The metadata gets
 // "producer": "eqat" unless it names a producer.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
@@ -77,6 +78,24 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 void write_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       uint64_t max_shard_bytes = 5ull << 30,
                       const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+// A tensor written as a stream: its dtype and shape are declared up front (they go into the header), and make() is
+// called once, when its bytes are due, so a writer holds one tensor in memory at a time (random 13B checkpoints,
+// exports). make() must return exactly the declared dtype and shape (any device, any strides).
+struct TensorSource {
+  std::string name;
+  c10::ScalarType dtype;
+  std::vector<int64_t> shape;
+  std::function<at::Tensor()> make;
+};
+void write_safetensors_streamed(const std::string& path, const std::vector<TensorSource>& tensors,
+                                const std::map<std::string, std::string>& metadata = {});
+// write_checkpoint's sharding (same names, same greedy split, index last) over streamed tensors.
+void write_checkpoint_streamed(const std::string& dir, const std::vector<TensorSource>& tensors,
+                               uint64_t max_shard_bytes = 5ull << 30,
+                               const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+// "model-00002-of-00003.safetensors" for i = 1, n = 3 (HF's shard names).
+std::string shard_name(size_t i, size_t n);
 
 // dtype helpers: safetensors spelling <-> ATen scalar type (dtype_size is in safetensors_header.h).
 std::string dtype_to_safetensors(c10::ScalarType t);  // InputError for types safetensors cannot hold
