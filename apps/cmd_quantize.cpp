@@ -56,7 +56,9 @@ int cmd_quantize(const Argv& argv) {
        {"offload-dir", "DIR", "keep Block-AP activation caches on disk (bounded RAM)", ""},
        {"resume", "", "continue an interrupted run (state in OUT.eqat-state/; the settings must be the same)", ""},
        {"overwrite", "", kOverwriteHelp, ""},
-       {"format", "F", "gptq-v2 (true zero points) | gptq-v1 (zero points limited to [1, 2^B-1], stored as zero - 1)",
+       {"format", "F",
+        "gptq-v2 (true zero points) | gptq-v1 (zero points limited to [1, 2^B-1], stored as zero - 1; GPTQModel "
+        "refuses asymmetric v1 files it did not write itself, transformers loads them)",
         "gptq-v2"},
        {"layout", "L", "LLaVA checkpoint keys: llava-hf (language_model.model.*) | transformers (model.language_model.*, "
                        "what GPTQModel and current transformers read) (default: the source model's)", ""},

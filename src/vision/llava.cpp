@@ -86,10 +86,22 @@ CheckpointLayout checkpoint_layout(const Checkpoint& ckpt) {
 }
 
 std::string relayout_key(const std::string& key, CheckpointLayout layout) {
+  // The CLIP tower: transformers 5 holds it flat (model.vision_tower.X), llava-hf nests it under vision_model.
+  // Either nesting is accepted on the way in (llava-hf files saved by transformers 5 are flat, eqat's older
+  // transformers-layout files nested); the way out is the target layout's own.
+  static const std::string kHf = "vision_tower.", kTf = "model.vision_tower.", kNest = "vision_model.";
+  auto tower_rest = [&](const std::string& prefix, std::string* rest) {
+    if (key.rfind(prefix, 0) != 0) return false;
+    *rest = key.substr(prefix.size());
+    if (rest->rfind(kNest, 0) == 0) *rest = rest->substr(kNest.size());
+    return true;
+  };
+  std::string rest;
+  if (layout == CheckpointLayout::kTransformers && tower_rest(kHf, &rest)) return kTf + rest;
+  if (layout == CheckpointLayout::kLlavaHf && tower_rest(kTf, &rest)) return kHf + kNest + rest;
   static const std::pair<const char*, const char*> kPrefixes[] = {  // (llava-hf, transformers)
       {"language_model.model.", "model.language_model."},
       {"language_model.lm_head.", "lm_head."},
-      {"vision_tower.", "model.vision_tower."},
       {"multi_modal_projector.", "model.multi_modal_projector."}};
   for (const auto& [old_prefix, new_prefix] : kPrefixes) {
     const std::string from = layout == CheckpointLayout::kTransformers ? old_prefix : new_prefix;
@@ -103,10 +115,15 @@ std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key
   if (!multimodal) return module_key;
   // Module names are the llava-hf layout's.
   std::string key = relayout_key(module_key, checkpoint_layout(ckpt));
-  // transformers 5 saves the CLIP tower without the inner "vision_model." level.
+  // The CLIP tower with or without the inner "vision_model." level: transformers 5 saves it flat, llava-hf and
+  // older transformers-layout files (eqat's before 2026-12) nest it.
   if (!ckpt.has(key) && key.find("vision_tower.vision_model.") != std::string::npos) {
     std::string alt = key;
     alt.erase(alt.find("vision_model."), std::string("vision_model.").size());
+    if (ckpt.has(alt)) key = alt;
+  } else if (!ckpt.has(key) && key.rfind("model.vision_tower.", 0) == 0) {
+    std::string alt = key;
+    alt.insert(std::string("model.vision_tower.").size(), "vision_model.");
     if (ckpt.has(alt)) key = alt;
   }
   return key;

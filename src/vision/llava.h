@@ -73,7 +73,8 @@ Model load_model(const std::string& dir, const LoadOptions& opts = {});
 class Checkpoint;
 std::string checkpoint_key(const Checkpoint& ckpt, const std::string& module_key, bool multimodal);
 // The two LLaVA checkpoint layouts: llava-hf's (`language_model.model.*`, `vision_tower.*`, ...) and current
-// transformers' (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`, ...). checkpoint_layout names the
+// transformers' (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*` with the CLIP tower flat, without
+// llava-hf's inner `vision_model.`, ...). checkpoint_layout names the
 // one `ckpt` uses; relayout_key moves any key of either layout to `layout` (keys outside both stay as they are).
 enum class CheckpointLayout { kLlavaHf, kTransformers };
 CheckpointLayout checkpoint_layout(const Checkpoint& ckpt);

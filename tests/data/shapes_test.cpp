@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "data/error.h"
 #include "data/fs.h"
 #include "data/image.h"
 #include "data/shapes.h"

@@ -272,6 +272,10 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     o.spec.zero_min = 1;
     std::fprintf(stderr, "note: --format gptq-v1 stores zero - 1, so zero points are limited to [1, %lld] at %d bits\n",
                  static_cast<long long>(o.spec.qmax()), o.spec.bits);
+    // GPTQModel 7.7 (gptqmodel/models/loader.py) refuses any sym=False checkpoint of format "gptq" unless
+    // quantization_config.meta.quantizer names "gptqmodel:<version >= 0.9.0>"; eqat names itself, truthfully.
+    std::fprintf(stderr, "note: GPTQModel loads asymmetric gptq-v1 files only from gptqmodel >= 0.9.0 itself (its rule "
+                         "reads meta.quantizer); transformers loads this one; for GPTQModel use --format gptq-v2\n");
   }
   EQAT_CHECK(!(o.format == "gptq-v1" && e2e_only && cfg.quant.checkpoint_format != "gptq"),
              "--format gptq-v1 with --phases e2e-qp: the zero points were fixed by Block-AP and may be 0, which v1 ",

@@ -119,6 +119,10 @@ TEST(Pipeline, LayoutTransformersRenamesKeysOnly) {
   EXPECT_GT(count_prefix(names["transformers"], "model.language_model.layers.0."), 0);
   EXPECT_EQ(count_prefix(names["transformers"], "language_model."), 0);
   EXPECT_GT(count_prefix(names["transformers"], "model.vision_tower."), 0);
+  // transformers 5 holds the CLIP tower flat; GPTQModel loads keys as they are, so a nested one would stay
+  // uninitialised there (NaN logits, bench/peers/interop.py).
+  EXPECT_EQ(count_prefix(names["transformers"], "model.vision_tower.vision_model."), 0);
+  EXPECT_GT(count_prefix(names["transformers"], "model.vision_tower.encoder.layers.0."), 0);
   EXPECT_GT(count_prefix(names["llava-hf"], "language_model.model.layers.0."), 0);
   EXPECT_EQ(names["transformers"].size(), names["llava-hf"].size());
   for (const auto& n : names["llava-hf"])
@@ -134,4 +138,25 @@ TEST(Pipeline, LayoutTransformersRenamesKeysOnly) {
     return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr);
   };
   EXPECT_TRUE(at::equal(logits(models.at("llava-hf")), logits(models.at("transformers"))));
+  for (const auto& n : names["llava-hf"]) {  // the two layouts map onto each other (the tower nested in llava-hf's)
+    const std::string tf = relayout_key(n, CheckpointLayout::kTransformers), back = relayout_key(tf, CheckpointLayout::kLlavaHf);
+    if (n.rfind("vision_tower.", 0) == 0) EXPECT_EQ(back.rfind("vision_tower.vision_model.", 0), 0u) << n;
+    else EXPECT_EQ(back, n);
+    EXPECT_EQ(relayout_key(back, CheckpointLayout::kTransformers), tf);
+  }
+
+  // Files of the transformers layout with a nested tower (eqat's before the fix) still load, to the same model.
+  const std::string old = t.str("old");
+  std::filesystem::copy(t.str("transformers"), old);
+  std::vector<std::pair<std::string, at::Tensor>> renamed;
+  Checkpoint tf = Checkpoint::open(t.str("transformers"));
+  for (const auto& n : tf.names()) {
+    std::string k = n;
+    if (k.rfind("model.vision_tower.", 0) == 0) k.insert(std::string("model.vision_tower.").size(), "vision_model.");
+    renamed.emplace_back(k, tf.get(n).clone());
+  }
+  write_checkpoint(old, renamed);
+  EXPECT_EQ(checkpoint_layout(Checkpoint::open(old)), CheckpointLayout::kTransformers);
+  Model mo = load_model(old);
+  EXPECT_TRUE(at::equal(logits(models.at("llava-hf")), logits(mo)));
 }
