@@ -148,20 +148,7 @@ def emulate_variants(work: Path) -> list[dict]:
         fn(cfg["quantization_config"])
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
 
-    # 1. LLaVA transformers layout with the CLIP tower flattened as transformers 5 holds (and saves) it:
-    #    model.vision_tower.vision_model.X -> model.vision_tower.X
-    for bits, g in ((4, 128), (2, 64)):
-        src = f"l-w{bits}g{g}-gptq-v2-transformers"
-        d = copy(src, src + "-flatclip")
-        if d is not None:
-            sd = load_file(d / "model.safetensors")
-            if any(".vision_tower.vision_model." in k for k in sd):
-                sd = {k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v for k, v in sd.items()}
-                save_file(sd, d / "model.safetensors", metadata={"format": "pt", "producer": "eqat+rename"})
-            extra.append(dict(model="shapes-llava", bits=bits, group=g, format="gptq-v2",
-                              layout="transformers, CLIP keys flattened (emulated fix)", name=d.name,
-                              only=["transformers", "gptqmodel"]))
-    # 2. v1/asym with a meta.quantizer entry that satisfies GPTQModel's provenance rule
+    # 1. v1/asym with a meta.quantizer entry that satisfies GPTQModel's provenance rule
     d = copy("s-w4g128-gptq-v1", "s-w4g128-gptq-v1-metaq")
     if d is not None:
         def set_q(q):
@@ -169,7 +156,7 @@ def emulate_variants(work: Path) -> list[dict]:
         edit_qcfg(d, set_q)
         extra.append(dict(model="stories260K", bits=4, group=128, format="gptq-v1",
                           layout="meta.quantizer += gptqmodel:0.9.0 (emulated)", name=d.name, only=["gptqmodel"]))
-    # 3. negative control: a v2 file labelled v1 -> the loader adds 1 to every zero point
+    # 2. negative control: a v2 file labelled v1 -> the loader adds 1 to every zero point
     d = copy("s-w4g128-gptq-v2", "s-w4g128-control-v2-as-v1")
     if d is not None:
         edit_qcfg(d, lambda q: q.update(checkpoint_format="gptq"))

@@ -126,6 +126,15 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
   return at::from_blob(ptr, info.shape, [keep](void*) mutable { keep.reset(); }, opts);
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(map_->addr) + data_start_;
+  const uintptr_t begin = (base + it->second.begin + page - 1) / page * page, end = (base + it->second.end) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 // ------------------------------------------------------------------------------------------------ Checkpoint
 
 Checkpoint Checkpoint::open(const std::string& dir_or_file) {
@@ -203,6 +212,11 @@ at::Tensor Checkpoint::get(const std::string& name) const {
   auto it = index_.find(name);
   EQAT_CHECK(it != index_.end(), path_, ": no tensor '", name, "' in checkpoint (", index_.size(), " tensors)");
   return files_[it->second]->get(name);
+}
+
+void Checkpoint::release(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it != index_.end()) files_[it->second]->release(name);
 }
 
 std::vector<std::string> Checkpoint::names() const {

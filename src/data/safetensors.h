@@ -28,6 +28,11 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   at::Tensor get(const std::string& name) const;  // InputError naming file + tensor when absent
+  // Drops the resident pages that lie wholly inside the tensor's bytes (madvise MADV_DONTNEED): for a loader that
+  // has made its own copy (another dtype or device), so a 14 GB fp16 checkpoint loaded as bf16 does not keep both
+  // in RSS. Tensors still aliasing those pages see the file's bytes again on their next read (a private mapping's
+  // untouched pages); writes made through them would be lost, so release only what nobody aliases.
+  void release(const std::string& name) const;
   const std::string& path() const { return path_; }
   uint64_t file_size() const { return size_; }
   ~SafetensorsFile();
@@ -53,6 +58,7 @@ class Checkpoint {
   static Checkpoint open(const std::string& dir_or_file);
   bool has(const std::string& name) const { return index_.count(name) != 0; }
   at::Tensor get(const std::string& name) const;
+  void release(const std::string& name) const;  // SafetensorsFile::release on the file that holds it
   const TensorInfo& info(const std::string& name) const;
   std::vector<std::string> names() const;
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }

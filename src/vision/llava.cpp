@@ -162,8 +162,12 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
                c10::toString(t.scalar_type()), ", expected ", c10::toString(p.scalar_type()));
     dtype = p.scalar_type();
   }
-  // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size).
-  if (t.scalar_type() != dtype || device != t.device()) t = t.to(device, dtype);
+  // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size). Otherwise convert, and
+  // drop the source's pages at once: loading fp16 as bf16 then peaks near the bf16 bytes, not both.
+  if (t.scalar_type() != dtype || device != t.device()) {
+    t = t.to(device, dtype);
+    ckpt.release(key);
+  }
   if (t.is_floating_point()) check_finite(t, key, ckpt.info(key).file);
   const bool grad = p.requires_grad();
   p.set_data(t);
