@@ -460,6 +460,24 @@ std::array<double, 3> triple(const json& j, const char* key, std::array<double, 
 
 }  // namespace
 
+std::string clip_preprocessor_json(int64_t image_size, const std::string& aspect_ratio) {
+  nlohmann::ordered_json p{{"crop_size", {{"height", image_size}, {"width", image_size}}},
+                           {"do_center_crop", true},
+                           {"do_convert_rgb", true},
+                           {"do_normalize", true},
+                           {"do_rescale", true},
+                           {"do_resize", true}};
+  if (!aspect_ratio.empty()) p["image_aspect_ratio"] = aspect_ratio;
+  p["image_mean"] = {0.48145466, 0.4578275, 0.40821073};
+  p["image_processor_type"] = "CLIPImageProcessor";
+  p["image_std"] = {0.26862954, 0.26130258, 0.27577711};
+  p["processor_class"] = "LlavaProcessor";
+  p["resample"] = 3;
+  p["rescale_factor"] = 0.00392156862745098;
+  p["size"] = {{"shortest_edge", image_size}};
+  return p.dump(2) + "\n";
+}
+
 ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t image_size) {
   EQAT_CHECK(image_size > 0, "image size must be positive, got ", image_size);
   ImageProcessorConfig cfg;

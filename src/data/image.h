@@ -54,6 +54,9 @@ struct ImageProcessorConfig {
 };
 // Reads `dir`/preprocessor_config.json when present (else defaults sized to `image_size`).
 ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t image_size);
+// The preprocessor_config.json text of LLaVA-1.5's CLIPImageProcessor at `image_size` (LLAVA.md §1.3); with
+// `aspect_ratio` non-empty it also carries "image_aspect_ratio" (eqat's "pad" / "crop" switch).
+std::string clip_preprocessor_json(int64_t image_size, const std::string& aspect_ratio = "");
 
 // The full pipeline: returns float32 [3, crop_h, crop_w] (CHW, RGB).
 at::Tensor preprocess_image(const Image& img, const ImageProcessorConfig& cfg);

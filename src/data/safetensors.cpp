@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -59,13 +60,48 @@ void write_all(std::FILE* f, const void* data, size_t n, const std::string& path
 
 // The mapping is private (copy-on-write) and writable, so callers may modify the tensors in place (e.g.
 // quantize-in-place) without the changes ever reaching the file, and ATen never sees a read-only page.
+namespace {
+// Every live mapping, so release_mapped_bytes only ever advises file-backed pages (MADV_DONTNEED on anonymous
+// memory would zero it).
+std::mutex g_maps_mu;
+std::map<uintptr_t, size_t>& live_maps() {
+  static std::map<uintptr_t, size_t> m;
+  return m;
+}
+void madvise_interior(uintptr_t begin, uintptr_t end) {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t b = (begin + page - 1) / page * page, e = end / page * page;
+  if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+}  // namespace
+
 struct SafetensorsFile::Mapping {
   void* addr = nullptr;
   size_t size = 0;
+  void track() {
+    std::lock_guard<std::mutex> lock(g_maps_mu);
+    live_maps()[reinterpret_cast<uintptr_t>(addr)] = size;
+  }
   ~Mapping() {
-    if (addr != nullptr) ::munmap(addr, size);
+    if (addr == nullptr) return;
+    {
+      std::lock_guard<std::mutex> lock(g_maps_mu);
+      live_maps().erase(reinterpret_cast<uintptr_t>(addr));
+    }
+    ::munmap(addr, size);
   }
 };
+
+bool release_mapped_bytes(const void* p, size_t n) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p), e = b + n;
+  std::lock_guard<std::mutex> lock(g_maps_mu);
+  auto it = live_maps().upper_bound(b);
+  if (it == live_maps().begin()) return false;
+  --it;
+  if (e > it->first + it->second) return false;  // not inside one mapping: not ours
+  madvise_interior(b, e);
+  return true;
+}
 
 SafetensorsFile::~SafetensorsFile() = default;
 
@@ -92,6 +128,7 @@ std::shared_ptr<SafetensorsFile> open_safetensors_impl(const std::string& path) 
   EQAT_CHECK(addr != MAP_FAILED, path, ": mmap failed (", std::strerror(map_err), ")");
   map->addr = addr;
   map->size = size;
+  map->track();
 
   SafetensorsLayout layout = parse_safetensors_buffer(addr, size, path);
   std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
@@ -129,10 +166,8 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
 void SafetensorsFile::release(const std::string& name) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end()) return;
-  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t base = reinterpret_cast<uintptr_t>(map_->addr) + data_start_;
-  const uintptr_t begin = (base + it->second.begin + page - 1) / page * page, end = (base + it->second.end) / page * page;
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  madvise_interior(base + it->second.begin, base + it->second.end);
 }
 
 // ------------------------------------------------------------------------------------------------ Checkpoint

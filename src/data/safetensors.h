@@ -49,6 +49,10 @@ class SafetensorsFile {
   friend std::shared_ptr<SafetensorsFile> open_safetensors_impl(const std::string&);
 };
 
+// The same for any bytes [p, p + n) that lie inside one live SafetensorsFile mapping (e.g. a tensor get() handed
+// out, after its owner converted it); false, and nothing done, for memory that is not such a mapping.
+bool release_mapped_bytes(const void* p, size_t n);
+
 // A checkpoint: a directory holding model.safetensors (preferred, as in transformers) or
 // model.safetensors.index.json + its shards; or an explicit .safetensors file; or an explicit index .json path.
 // With an index, each shard is mapped once and only the tensors the weight_map lists are visible; a listed tensor

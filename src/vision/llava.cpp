@@ -148,8 +148,14 @@ void check_finite(const at::Tensor& t, const std::string& key, const std::string
                             " (", nan ? "NaN" : "inf", "); the checkpoint is corrupt"));
 }
 
+// A key (module or checkpoint, either layout) of a decoder layer: "model.layers.N." under the language model.
+bool is_decoder_layer_key(const std::string& key) {
+  return key.rfind("model.layers.", 0) == 0 || key.rfind("language_model.model.layers.", 0) == 0 ||
+         key.rfind("model.language_model.layers.", 0) == 0;
+}
+
 void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, c10::ScalarType dtype,
-                 c10::Device device, const std::string& dir) {
+                 c10::Device device, const std::string& dir, bool deferred = false) {
   EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
   at::Tensor t = ckpt.get(key);
   EQAT_CHECK(t.sizes() == p.sizes(), dir, ": tensor '", key, "' has shape ", shape_str(t.sizes()),
@@ -162,8 +168,15 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
                c10::toString(t.scalar_type()), ", expected ", c10::toString(p.scalar_type()));
     dtype = p.scalar_type();
   }
-  // Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file size). Otherwise convert, and
-  // drop the source's pages at once: loading fp16 as bf16 then peaks near the bf16 bytes, not both.
+  // Deferred (a decoder layer the quantize pipeline converts when it gets there, materialize_layer): the alias as
+  // stored, nothing read yet. Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file
+  // size). Otherwise convert, and drop the source's pages at once: loading fp16 as bf16 then peaks near the bf16
+  // bytes, not both.
+  if (deferred && device.is_cpu() && t.is_floating_point()) {
+    p.set_data(t);
+    p.set_requires_grad(false);
+    return;
+  }
   if (t.scalar_type() != dtype || device != t.device()) {
     t = t.to(device, dtype);
     ckpt.release(key);
@@ -177,10 +190,11 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
 // Walks the module tree: packed QuantLinears load qweight/qzeros/scales/g_idx (+bias), everything else its own
 // parameters and buffers (non-recursively, per module).
 void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multimodal, c10::ScalarType dtype,
-                  c10::Device device, const std::string& dir, int gptq_v1_bits) {
+                  c10::Device device, const std::string& dir, int gptq_v1_bits, bool defer_decoder) {
   c10::NoGradGuard no_grad;
   for (auto& item : module.named_modules("", /*include_self=*/true)) {
     const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    const bool deferred = defer_decoder && is_decoder_layer_key(prefix);
     torch::nn::Module& mod = *item.value();
     auto* lin = dynamic_cast<QuantLinearImpl*>(&mod);
     if (lin && lin->mode() == LinearMode::kPacked) {
@@ -198,7 +212,7 @@ void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multim
     }
     for (auto& p : mod.named_parameters(/*recurse=*/false)) {
       if (p.value().numel() == 0 && p.key() != "weight") continue;  // unused fake-quant slots
-      load_tensor(p.value(), ckpt, checkpoint_key(ckpt, prefix + p.key(), multimodal), dtype, device, dir);
+      load_tensor(p.value(), ckpt, checkpoint_key(ckpt, prefix + p.key(), multimodal), dtype, device, dir, deferred);
       p.value().set_requires_grad(false);
     }
   }
@@ -293,8 +307,12 @@ void check_sizes_against_checkpoint(const ModelConfig& cfg, const Checkpoint& ck
 // the mmapped file: page cache, evictable, not counted), plus, for a packed model, the placeholders pack_decoder
 // fills before loading (zeros/ones the size of the packed tensors). Weights sent to a CUDA device are not host
 // memory (the device allocator reports its own out-of-memory).
-int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const c10::Device& device, bool packed) {
+// With `defer_decoder`, the decoder layers' floats are converted one layer at a time later (materialize_layer), so
+// they count once, as the largest layer.
+int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const c10::Device& device, bool packed,
+                           bool defer_decoder) {
   int64_t bytes = 0;
+  std::map<std::string, int64_t> layer_bytes;  // "....layers.N." -> converted bytes
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   for (const auto& name : ckpt.names()) {
     const TensorInfo& info = ckpt.info(name);
@@ -303,9 +321,18 @@ int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const 
     const bool is_float = info.dtype == "F32" || info.dtype == "F16" || info.dtype == "BF16" || info.dtype == "F64";
     if (packed && !is_float) bytes = add_sat(bytes, mul_sat(numel, static_cast<int64_t>(dtype_size(info.dtype))));
     if (!device.is_cpu()) continue;
-    if (is_float && dtype_from_safetensors(info.dtype) != dtype) bytes = add_sat(bytes, mul_sat(numel, elem));
+    if (!is_float || dtype_from_safetensors(info.dtype) == dtype) continue;
+    if (defer_decoder && is_decoder_layer_key(name)) {
+      const size_t at = name.find("layers.") + 7, dot = name.find('.', at);
+      int64_t& lb = layer_bytes[name.substr(0, dot)];
+      lb = add_sat(lb, mul_sat(numel, elem));
+      continue;
+    }
+    bytes = add_sat(bytes, mul_sat(numel, elem));
   }
-  return bytes;
+  int64_t largest = 0;
+  for (const auto& [layer, b] : layer_bytes) largest = std::max(largest, b);
+  return add_sat(bytes, largest);
 }
 
 }  // namespace
@@ -340,7 +367,8 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
     m.dtype = parse_dtype(opts.dtype);
   }
   check_sizes_against_checkpoint(m.cfg, ckpt, m.cfg.arch == Arch::kLlava, dir);
-  check_memory_fits(host_bytes_to_load(ckpt, m.dtype, m.device, m.cfg.quant.present),
+  const bool defer = opts.defer_decoder && m.device.is_cpu() && !m.cfg.quant.present;
+  check_memory_fits(host_bytes_to_load(ckpt, m.dtype, m.device, m.cfg.quant.present, defer),
                     str_cat(dir, ": loading the weights as ", dtype_name(m.dtype)),
                     m.dtype == at::kFloat ? "a smaller --dtype (bfloat16) halves it" : "");
   if (opts.need_tokenizer) m.tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
@@ -354,13 +382,13 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
   if (m.cfg.arch == Arch::kLlava) {
     m.llava = LlavaForConditionalGeneration(m.cfg);
     if (m.cfg.quant.present) pack_decoder(m.llava->language_model, m.cfg, m.dtype);
-    load_weights(*m.llava, ckpt, true, m.dtype, m.device, dir, v1_bits);
+    load_weights(*m.llava, ckpt, true, m.dtype, m.device, dir, v1_bits, defer);
     m.lm = m.llava->language_model;
     m.image_cfg = load_image_processor_config(dir, m.cfg.vision.image_size);
   } else {
     m.lm = LlamaForCausalLM(m.cfg.text);
     if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
-    load_weights(*m.lm, ckpt, false, m.dtype, m.device, dir, v1_bits);
+    load_weights(*m.lm, ckpt, false, m.dtype, m.device, dir, v1_bits, defer);
   }
   if (opts.fuse_projections && m.cfg.quant.present) m.lm->fuse_projections();
   if (m.tok) {
@@ -368,6 +396,21 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
                " tokens but the model's vocabulary is ", m.cfg.text.vocab_size);
   }
   return m;
+}
+
+void materialize_layer(Model& m, int64_t layer) {
+  c10::NoGradGuard no_grad;
+  auto& l = *m.lm->model->layers[layer];
+  for (auto& p : l.named_parameters(/*recurse=*/true)) {
+    at::Tensor& t = p.value();
+    if (!t.is_floating_point() || t.numel() == 0 || !t.device().is_cpu()) continue;
+    if (t.scalar_type() != m.dtype) {
+      at::Tensor stored = t;
+      t.set_data(stored.to(m.dtype));
+      release_mapped_bytes(stored.data_ptr(), stored.nbytes());  // the checkpoint's pages of it leave RSS
+    }
+    check_finite(t, str_cat("model.layers.", layer, ".", p.key()), m.dir);  // deferred tensors skipped it at load
+  }
 }
 
 at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict) {

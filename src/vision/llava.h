@@ -48,6 +48,10 @@ struct LoadOptions {
   // Serving a packed model: merge each layer's q/k/v and gate/up (LlamaForCausalLM::fuse_projections). Leave it
   // off where step sizes are trained afterwards.
   bool fuse_projections = false;
+  // Quantize pipeline on the CPU: the decoder layers' float weights stay aliases of the checkpoint in their stored
+  // dtype (nothing read, nothing resident) until materialize_layer converts one, so a model larger than RAM can be
+  // quantized layer by layer. Unquantized models only.
+  bool defer_decoder = false;
 };
 
 // Everything needed to run a model directory.
@@ -86,6 +90,10 @@ c10::ScalarType parse_dtype(const std::string& name);  // InputError naming --dt
 const char* dtype_name(c10::ScalarType t);
 
 // Preprocesses one image file for `model` -> [1,3,S,S] float32. `strict`: see load_image.
+// Converts decoder layer `layer`'s deferred weights (LoadOptions::defer_decoder) to the model dtype, checks them
+// for NaN/inf, and drops the checkpoint's pages they were read from. A no-op for layers already in the model dtype.
+void materialize_layer(Model& m, int64_t layer);
+
 at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict = false);
 
 // Prompt ids (with image positions expanded) -> embeddings [1,T,C] in the model's dtype/device; `pixels` may be

@@ -13,6 +13,7 @@
 #include "data/config.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "data/image.h"
 #include "data/memory.h"
 #include "data/output.h"
 #include "data/safetensors.h"
@@ -86,24 +87,6 @@ void write_tokenizer_files(const std::string& dir, const std::string& tokenizer_
   for (const auto& [k, v] : special.items()) cfg[k] = v;
   write_file_atomic(path_join(dir, "tokenizer_config.json"), cfg.dump(2) + "\n");
   write_file_atomic(path_join(dir, "special_tokens_map.json"), special.dump(2) + "\n");
-}
-
-// CLIPImageProcessor of llava-1.5 (LLAVA.md §1.3); the size follows the vision config.
-void write_preprocessor(const std::string& dir, int64_t image_size) {
-  json p = {{"crop_size", {{"height", image_size}, {"width", image_size}}},
-            {"do_center_crop", true},
-            {"do_convert_rgb", true},
-            {"do_normalize", true},
-            {"do_rescale", true},
-            {"do_resize", true},
-            {"image_mean", {0.48145466, 0.4578275, 0.40821073}},
-            {"image_processor_type", "CLIPImageProcessor"},
-            {"image_std", {0.26862954, 0.26130258, 0.27577711}},
-            {"processor_class", "LlavaProcessor"},
-            {"resample", 3},
-            {"rescale_factor", 0.00392156862745098},
-            {"size", {{"shortest_edge", image_size}}}};
-  write_file_atomic(path_join(dir, "preprocessor_config.json"), p.dump(2) + "\n");
 }
 
 // HF's initialisation at initializer_range 0.02: norms 1, biases 0, every other weight N(0, 0.02²). Each tensor has
@@ -191,7 +174,7 @@ int64_t write_random_model(const RandomModelOptions& o) {
     write_file_atomic(path_join(tmp, "generation_config.json"),
                       json{{"bos_token_id", 1}, {"eos_token_id", 2}, {"pad_token_id", llava ? 32001 : 0}}.dump(2) + "\n");
     write_tokenizer_files(tmp, o.tokenizer, llava);
-    if (llava) write_preprocessor(tmp, cfg.vision.image_size);
+    if (llava) write_file_atomic(path_join(tmp, "preprocessor_config.json"), clip_preprocessor_json(cfg.vision.image_size));
     write_checkpoint_streamed(tmp, sources, o.shard_bytes, {{"format", "pt"}});
   });
   return params;

@@ -23,6 +23,7 @@
 #include "data/error.h"
 #include "data/json_util.h"
 #include "data/fs.h"
+#include "data/image.h"
 #include "data/plot.h"
 #include "data/safetensors.h"
 #include "llm/generate.h"
@@ -143,22 +144,7 @@ void write_tokenizer_json(const std::string& dir, int64_t image_id, int64_t pad_
 void write_side_files(const std::string& dir, const ModelConfig& cfg) {
   using nlohmann::ordered_json;
   write_file_atomic(path_join(dir, "config.json"), model_config_to_json(cfg) + "\n");
-  const int64_t S = cfg.vision.image_size;
-  ordered_json pp{{"crop_size", {{"height", S}, {"width", S}}},
-                  {"do_center_crop", true},
-                  {"do_convert_rgb", true},
-                  {"do_normalize", true},
-                  {"do_rescale", true},
-                  {"do_resize", true},
-                  {"image_aspect_ratio", "pad"},
-                  {"image_mean", {0.48145466, 0.4578275, 0.40821073}},
-                  {"image_processor_type", "CLIPImageProcessor"},
-                  {"image_std", {0.26862954, 0.26130258, 0.27577711}},
-                  {"processor_class", "LlavaProcessor"},
-                  {"resample", 3},
-                  {"rescale_factor", 0.00392156862745098},
-                  {"size", {{"shortest_edge", S}}}};
-  write_file_atomic(path_join(dir, "preprocessor_config.json"), pp.dump(2) + "\n");
+  write_file_atomic(path_join(dir, "preprocessor_config.json"), clip_preprocessor_json(cfg.vision.image_size, "pad"));
   write_file_atomic(path_join(dir, "generation_config.json"),
                     ordered_json{{"bos_token_id", 1}, {"eos_token_id", 2}, {"pad_token_id", cfg.text.pad_token_id},
                                  {"use_cache", true}}.dump(2) + "\n");

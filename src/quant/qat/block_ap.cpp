@@ -220,6 +220,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   for (int64_t b = 0; b < n_layer; ++b) {
     auto& layer = *m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
     auto t0 = std::chrono::steady_clock::now();
+    materialize_layer(m, b);  // a deferred layer (LoadOptions::defer_decoder) is read and converted only now
     // (1) FP targets: the FP block over the FP stream (also the FP inputs of block b+1).
     advance(tr, layer, true);
     advance(va, layer, true);

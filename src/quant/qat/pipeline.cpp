@@ -346,6 +346,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
   LoadOptions lo;
   lo.device = o.device;
   lo.dtype = o.dtype;
+  lo.defer_decoder = true;  // layers are converted one at a time as the block loop reaches them (CPU)
   Model m = load_model(o.model_dir, lo);
   set_compute_threads(o.threads, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 2 : 0);
   // Without --calib, a LLaVA model calibrates (and E2E-QP trains) on the default model's world: shapes
