@@ -3,7 +3,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 namespace eqat_test {
@@ -23,5 +25,14 @@ struct TempDir {
   }
   std::string str(const std::string& rel = "") const { return rel.empty() ? path.string() : (path / rel).string(); }
 };
+
+// RssFile of this process in KiB (/proc/self/status): the file-backed pages mapped in; -1 when unknown.
+inline int64_t rss_file_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("RssFile:", 0) == 0) return std::stoll(line.substr(8));
+  return -1;
+}
 
 }  // namespace eqat_test

@@ -405,9 +405,11 @@ void materialize_layer(Model& m, int64_t layer) {
     at::Tensor& t = p.value();
     if (!t.is_floating_point() || t.numel() == 0 || !t.device().is_cpu()) continue;
     if (t.scalar_type() != m.dtype) {
-      at::Tensor stored = t;
-      t.set_data(stored.to(m.dtype));
-      release_mapped_bytes(stored.data_ptr(), stored.nbytes());  // the checkpoint's pages of it leave RSS
+      // The stored bytes' address, taken before set_data swaps the storage under every handle of this tensor.
+      const void* stored = t.data_ptr();
+      const size_t stored_bytes = t.nbytes();
+      t.set_data(t.to(m.dtype));
+      release_mapped_bytes(stored, stored_bytes);  // the checkpoint's pages of it leave RSS
     }
     check_finite(t, str_cat("model.layers.", layer, ".", p.key()), m.dir);  // deferred tensors skipped it at load
   }

@@ -142,15 +142,6 @@ TEST(SafetensorsTest, GetIsZeroCopyAndCopyOnWrite) {
   EXPECT_TRUE(at::equal(again->get("w"), w));
 }
 
-// RssFile of this process in KiB (/proc/self/status): the file-backed pages mapped in.
-int64_t rss_file_kib() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("RssFile:", 0) == 0) return std::stoll(line.substr(8));
-  return -1;
-}
-
 // release() drops the tensor's resident pages (a loader that converted it keeps only its copy); the bytes read the
 // same afterwards, from the file.
 TEST(SafetensorsTest, ReleaseDropsResidentPages) {
@@ -161,13 +152,13 @@ TEST(SafetensorsTest, ReleaseDropsResidentPages) {
   auto f = SafetensorsFile::open(path);
   const double expect = w.sum().item<double>();
   w = at::Tensor();
-  const int64_t before = rss_file_kib();
+  const int64_t before = eqat_test::rss_file_kib();
   if (before < 0) GTEST_SKIP() << "no RssFile in /proc/self/status";
   EXPECT_DOUBLE_EQ(f->get("w").sum().item<double>(), expect);  // maps every page in
-  const int64_t touched = rss_file_kib();
+  const int64_t touched = eqat_test::rss_file_kib();
   EXPECT_GT(touched - before, 48 * 1024) << "reading 64 MiB should map most of it";
   f->release("w");
-  EXPECT_LT(rss_file_kib() - before, 16 * 1024) << "release should drop the pages";
+  EXPECT_LT(eqat_test::rss_file_kib() - before, 16 * 1024) << "release should drop the pages";
   EXPECT_DOUBLE_EQ(f->get("w").sum().item<double>(), expect);  // read again from the file
   f->release("no such tensor");  // a no-op
 }

@@ -168,5 +168,27 @@ TEST(Generate, KvCacheThatCannotFitIsRefused) {
   }
 }
 
+// LoadOptions::defer_decoder (the quantize pipeline's CPU load): decoder layers stay as stored until
+// materialize_layer converts them, and then equal an ordinary load exactly; everything else loads as usual.
+TEST(LoadChecks, DeferredDecoderLayersMaterializeToTheOrdinaryLoad) {
+  LoadOptions plain, deferred;
+  plain.dtype = deferred.dtype = "bfloat16";  // the fixture stores fp32: every float tensor converts
+  deferred.defer_decoder = true;
+  Model a = load_model(fixture("tiny_llama"), plain), b = load_model(fixture("tiny_llama"), deferred);
+  auto layer_params = [](Model& m, int64_t l) { return m.lm->model->layers[l]->named_parameters(true); };
+  EXPECT_EQ(layer_params(b, 0)["mlp.down_proj.weight"].scalar_type(), at::kFloat);  // still as stored
+  EXPECT_EQ(b.lm->model->embed_tokens->weight.scalar_type(), at::kBFloat16);         // not a decoder layer
+  for (int64_t l = 0; l < b.cfg.text.num_hidden_layers; ++l) {
+    materialize_layer(b, l);
+    materialize_layer(b, l);  // twice: a no-op
+    auto pa = layer_params(a, l), pb = layer_params(b, l);
+    for (const auto& kv : pa) {
+      EXPECT_EQ(pb[kv.key()].scalar_type(), at::kBFloat16) << kv.key();
+      EXPECT_TRUE(at::equal(kv.value(), pb[kv.key()])) << l << " " << kv.key();
+    }
+  }
+}
+
 }  // namespace load_checks_test
 }  // namespace eqat
+

@@ -103,6 +103,37 @@ TEST(RandomModel, UnknownModelsAndBadOutputsAreInputErrors) {
   EXPECT_EQ(random_model_likes(), (std::vector<std::string>{"llava-1.5-7b", "llava-1.5-13b", "llama-2-7b"}));
 }
 
+// The quantize pipeline's CPU load of a model in the real widths: deferred decoder layers are not resident until
+// read, and materialize_layer leaves only the converted copy (the checkpoint's pages of the layer leave RSS).
+TEST(RandomModel, MaterializedLayersLeaveOnlyTheirConvertedCopy) {
+  TempDir t;
+  RandomModelOptions o;
+  o.like = "llama-2-7b";
+  o.out = t.str("m");
+  o.tokenizer = data_path("tokenizers/llama2/tokenizer.model");
+  o.layers = 2;  // 2 × 25.7 MB of fp16 layers (hidden 1024, FFN 2816), 2 × 65.5 MB of embeddings
+  o.config_patch = R"({"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
+                       "num_key_value_heads": 8})";
+  write_random_model(o);
+  LoadOptions lo;
+  lo.dtype = "float32";
+  lo.defer_decoder = true;
+  Model m = load_model(o.out, lo);
+  const int64_t loaded = rss_file_kib();
+  if (loaded < 0) GTEST_SKIP() << "no RssFile in /proc/self/status";
+  double sum = 0;  // read every deferred byte, as the conversion will
+  for (int64_t l = 0; l < 2; ++l)
+    for (const auto& p : m.lm->model->layers[l]->named_parameters(true)) sum += p.value().to(at::kFloat).sum().item<double>();
+  const int64_t touched = rss_file_kib();
+  EXPECT_GT(touched - loaded, 40 * 1024) << sum;  // 51 MB of layers mapped in
+  // Layer 1 still aliases the shard, so the mapping stays: only the release can take layer 0's 25.7 MB out.
+  materialize_layer(m, 0);
+  EXPECT_LT(rss_file_kib(), touched - 20 * 1024) << "layer 0's checkpoint pages should have left RSS";
+  materialize_layer(m, 1);
+  EXPECT_LT(rss_file_kib() - loaded, 8 * 1024) << "the layers' checkpoint pages should have left RSS";
+  EXPECT_EQ(m.lm->model->layers[1]->named_parameters(true)["mlp.up_proj.weight"].scalar_type(), at::kFloat);
+}
+
 // The streamed writer holds one made tensor at a time: each make() finds the previous tensor already released.
 TEST(RandomModel, StreamedWriterHoldsOneTensorAtATime) {
   TempDir t;
