@@ -2,11 +2,39 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <torch/autograd.h>
 
 #include "data/error.h"
 #include "quant/qmatmul.h"
 
 namespace eqat {
+namespace {
+
+// y = x·Ŵᵀ with Ŵ[n, k] = s[g(k), n]·(q − z) read from the packed integers at every call, as an autograd function
+// (E2E-QP on the CPU): no [N, K] float copy of the weight outlives a call, where caching (q − z) would hold a full
+// fp32 copy of the model (26 GB for a 7B). Gradients for x and the step sizes (quant_linear_backward).
+struct PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scales,
+                            const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& g_idx, int64_t bits,
+                            int64_t group) {
+    ctx->save_for_backward({x, scales, qweight, qzeros, g_idx});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group"] = group;
+    return quant_linear_forward(x, {qweight, qzeros, scales, g_idx}, static_cast<int>(bits), group, at::Tensor());
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &scales = saved[1];
+    const QuantLinearGrads g = quant_linear_backward(
+        grads[0], x, {saved[2], saved[3], scales, saved[4]}, static_cast<int>(ctx->saved_data["bits"].toInt()),
+        ctx->saved_data["group"].toInt(), ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    return {g.grad_input, g.grad_scales.defined() ? g.grad_scales.to(scales.scalar_type()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 QuantLinearImpl::QuantLinearImpl(int64_t in_features, int64_t out_features, bool with_bias)
     : in_features_(in_features), out_features_(out_features) {
@@ -38,8 +66,11 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
     case LinearMode::kPacked:
       // Training step sizes (E2E-QP) needs autograd through (q − z)·s; inference goes to the fused kernels
       // (CPU AVX2 / CUDA; they fall back to the reference dequant where a shape is not covered).
-      if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad()))
-        return at::linear(x, packed_weight(x.scalar_type()), b);
+      if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad())) {
+        if (!x.is_cpu()) return at::linear(x, packed_weight(x.scalar_type()), b);  // CUDA: cached (q − z), as before
+        at::Tensor y = PackedLinearFn::apply(x, scales, qweight, qzeros, g_idx, spec_.bits, spec_.group_for(in_features_));
+        return b ? y + *b : y;
+      }
       return quant_linear_forward(x, packed(), spec_.bits, spec_.group_for(in_features_),
                                   bias.defined() ? bias : at::Tensor());
     case LinearMode::kCount:
