@@ -67,7 +67,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
       // Training step sizes (E2E-QP) needs autograd through (q − z)·s; inference goes to the fused kernels
       // (CPU AVX2 / CUDA; they fall back to the reference dequant where a shape is not covered).
       if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad())) {
-        if (!x.is_cpu()) return at::linear(x, packed_weight(x.scalar_type()), b);  // CUDA: cached (q − z), as before
+        if (!x.is_cpu() || cache_training_weight) return at::linear(x, packed_weight(x.scalar_type()), b);
         at::Tensor y = PackedLinearFn::apply(x, scales, qweight, qzeros, g_idx, spec_.bits, spec_.group_for(in_features_));
         return b ? y + *b : y;
       }
