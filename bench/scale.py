@@ -48,8 +48,10 @@ for like in a.like.split(","):
               r["peak_rss_gib"]), flush=True)
         steps.append(r)
         return r
-    step("random-model", [a.eqat, "data", "random-model", "--like", like, "--dtype", a.dtype, "--out", d,
-                          "--overwrite"])
+    made = step("random-model", [a.eqat, "data", "random-model", "--like", like, "--dtype", a.dtype, "--out", d,
+                                 "--overwrite"])
+    if made["exit"] != 0:  # eqat refused (e.g. a directory it did not write): never delete it
+        sys.exit("random-model failed: " + " ".join(made["stderr_tail"]))
     files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in files)
     step("inspect", [a.eqat, "inspect", d])
@@ -61,11 +63,11 @@ for like in a.like.split(","):
                                "Once upon a time"])
     if a.quantize:
         q = d + "-rtn-w4g128"
-        step("quantize rtn w4g128", [a.eqat, "quantize", "--model", d, "--out", q, "--overwrite", "--method", "rtn",
+        qr = step("quantize rtn w4g128", [a.eqat, "quantize", "--model", d, "--out", q, "--overwrite", "--method", "rtn",
                                      "--bits", "4", "--group-size", "128", "--dtype", "bfloat16", "--samples", "8",
                                      "--val-samples", "1", "--seq-len", "64", "--calib",
                                      os.path.join(ROOT, "tests/data/text/tinyshakespeare.txt"), "--no-progress"])
-        if os.path.isdir(q):
+        if qr["exit"] == 0:  # only an export this run wrote is inspected and removed
             step("inspect export", [a.eqat, "inspect", q])
             if not a.keep:
                 shutil.rmtree(q)

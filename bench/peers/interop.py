@@ -126,7 +126,6 @@ def export_and_dump(c: dict, work: Path, eqat: str, log: Path, threads: int) -> 
 def emulate_variants(work: Path) -> list[dict]:
     """Copies of eqat exports, edited in Python, that show what eqat would have to write differently (or, for the
     control, that the tolerance catches wrong zero points). eqat itself is not changed."""
-    from safetensors.torch import load_file, save_file
     extra = []
 
     def copy(src: str, dst: str) -> Path | None:
