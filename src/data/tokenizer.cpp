@@ -411,4 +411,39 @@ std::string TokenStreamer::finish() {
   return rest;
 }
 
+void write_llama_tokenizer_files(const std::string& dir, int64_t image_id, int64_t pad_id, int64_t model_max_length) {
+  using nlohmann::ordered_json;
+  const bool added = image_id >= 0;
+  auto tok = [](const std::string& content) {
+    return ordered_json{{"content", content}, {"lstrip", false}, {"normalized", false}, {"rstrip", false},
+                        {"single_word", false}, {"special", true}};
+  };
+  ordered_json dec;
+  dec["0"] = tok("<unk>"), dec["1"] = tok("<s>"), dec["2"] = tok("</s>");
+  if (added) {
+    dec[std::to_string(image_id)] = tok("<image>");
+    dec[std::to_string(pad_id)] = tok("<pad>");
+  }
+  ordered_json cfg{{"add_bos_token", true},      {"add_eos_token", false},   {"added_tokens_decoder", dec},
+                   {"bos_token", "<s>"},         {"clean_up_tokenization_spaces", false},
+                   {"eos_token", "</s>"},        {"legacy", true},           {"model_max_length", model_max_length}};
+  if (added) cfg["pad_token"] = "<pad>";
+  cfg["padding_side"] = "left";
+  cfg["sp_model_kwargs"] = ordered_json::object();
+  cfg["tokenizer_class"] = "LlamaTokenizer";
+  cfg["unk_token"] = "<unk>";
+  cfg["use_default_system_prompt"] = false;
+  write_file_atomic(path_join(dir, "tokenizer_config.json"), cfg.dump(2) + "\n");
+  if (added)
+    write_file_atomic(path_join(dir, "added_tokens.json"),
+                      ordered_json{{"<image>", image_id}, {"<pad>", pad_id}}.dump(2) + "\n");
+  auto sp = [](const std::string& c) {
+    return ordered_json{{"content", c}, {"lstrip", false}, {"normalized", false}, {"rstrip", false}, {"single_word", false}};
+  };
+  ordered_json special{{"bos_token", sp("<s>")}, {"eos_token", sp("</s>")}};
+  if (added) special["pad_token"] = sp("<pad>");
+  special["unk_token"] = sp("<unk>");
+  write_file_atomic(path_join(dir, "special_tokens_map.json"), special.dump(2) + "\n");
+}
+
 }  // namespace eqat

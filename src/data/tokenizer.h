@@ -67,4 +67,8 @@ class TokenStreamer {
   size_t emitted_ = 0;  // bytes of decode(ids_) already returned
 };
 
+// Writes tokenizer_config.json and special_tokens_map.json of a Llama sentencepiece tokenizer as HF writes them,
+// and, with image_id >= 0, <image> (image_id) and <pad> (pad_id) as added special tokens (+ added_tokens.json).
+void write_llama_tokenizer_files(const std::string& dir, int64_t image_id, int64_t pad_id, int64_t model_max_length);
+
 }  // namespace eqat

@@ -17,6 +17,7 @@
 #include "data/memory.h"
 #include "data/output.h"
 #include "data/safetensors.h"
+#include "data/tokenizer.h"
 #include "llm/llama.h"
 #include "vision/llava.h"
 
@@ -62,32 +63,6 @@ constexpr Like kLikes[] = {
   "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null, "tie_word_embeddings": false,
   "torch_dtype": "float16", "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})"},
 };
-
-// Files every Llama-2-tokenizer model carries; LLaVA adds <image> (32000) and <pad> (32001) as special tokens.
-json added_token(const std::string& content) {
-  return {{"content", content}, {"lstrip", false}, {"normalized", false}, {"rstrip", false},
-          {"single_word", false}, {"special", true}};
-}
-
-void write_tokenizer_files(const std::string& dir, const std::string& tokenizer_model, bool llava) {
-  std::error_code ec;
-  std::filesystem::copy_file(tokenizer_model, path_join(dir, "tokenizer.model"), ec);
-  EQAT_CHECK(!ec, "--tokenizer ", tokenizer_model, ": cannot copy (", ec.message(), ")");
-  json decoder = {{"0", added_token("<unk>")}, {"1", added_token("<s>")}, {"2", added_token("</s>")}};
-  json special = {{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}};
-  if (llava) {
-    decoder["32000"] = added_token("<image>");
-    decoder["32001"] = added_token("<pad>");
-    special["pad_token"] = "<pad>";
-    write_file_atomic(path_join(dir, "added_tokens.json"), json{{"<image>", 32000}, {"<pad>", 32001}}.dump(2) + "\n");
-  }
-  json cfg = {{"add_bos_token", true}, {"add_eos_token", false}, {"added_tokens_decoder", decoder},
-              {"clean_up_tokenization_spaces", false}, {"legacy", true}, {"model_max_length", 4096},
-              {"padding_side", "left"}, {"sp_model_kwargs", json::object()}, {"tokenizer_class", "LlamaTokenizer"}};
-  for (const auto& [k, v] : special.items()) cfg[k] = v;
-  write_file_atomic(path_join(dir, "tokenizer_config.json"), cfg.dump(2) + "\n");
-  write_file_atomic(path_join(dir, "special_tokens_map.json"), special.dump(2) + "\n");
-}
 
 // HF's initialisation at initializer_range 0.02: norms 1, biases 0, every other weight N(0, 0.02²). Each tensor has
 // its own generator, seeded from --seed and its position, so the bytes do not depend on how the stream is cut.
@@ -173,7 +148,11 @@ int64_t write_random_model(const RandomModelOptions& o) {
     write_file_atomic(path_join(tmp, "config.json"), config);
     write_file_atomic(path_join(tmp, "generation_config.json"),
                       json{{"bos_token_id", 1}, {"eos_token_id", 2}, {"pad_token_id", llava ? 32001 : 0}}.dump(2) + "\n");
-    write_tokenizer_files(tmp, o.tokenizer, llava);
+    std::error_code ec;
+    std::filesystem::copy_file(o.tokenizer, path_join(tmp, "tokenizer.model"), ec);
+    EQAT_CHECK(!ec, "--tokenizer ", o.tokenizer, ": cannot copy (", ec.message(), ")");
+    // The Llama-2 tokenizer; LLaVA adds <image> (32000) and <pad> (32001) as special tokens.
+    write_llama_tokenizer_files(tmp, llava ? 32000 : -1, 32001, 4096);
     if (llava) write_file_atomic(path_join(tmp, "preprocessor_config.json"), clip_preprocessor_json(cfg.vision.image_size));
     write_checkpoint_streamed(tmp, sources, o.shard_bytes, {{"format", "pt"}});
   });

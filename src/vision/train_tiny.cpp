@@ -114,33 +114,6 @@ void train_tokenizer(const std::string& dir, uint64_t seed, int64_t vocab, bool 
   std::remove(path_join(dir, "tokenizer.vocab").c_str());
 }
 
-void write_tokenizer_json(const std::string& dir, int64_t image_id, int64_t pad_id) {
-  using nlohmann::ordered_json;
-  auto tok = [](const std::string& content) {
-    return ordered_json{{"content", content}, {"lstrip", false}, {"normalized", false}, {"rstrip", false},
-                        {"single_word", false}, {"special", true}};
-  };
-  ordered_json dec;
-  dec["0"] = tok("<unk>"), dec["1"] = tok("<s>"), dec["2"] = tok("</s>");
-  dec[std::to_string(image_id)] = tok("<image>");
-  dec[std::to_string(pad_id)] = tok("<pad>");
-  ordered_json cfg{{"add_bos_token", true},      {"add_eos_token", false},   {"added_tokens_decoder", dec},
-                   {"bos_token", "<s>"},         {"clean_up_tokenization_spaces", false},
-                   {"eos_token", "</s>"},        {"legacy", true},           {"model_max_length", 512},
-                   {"pad_token", "<pad>"},       {"padding_side", "left"},   {"sp_model_kwargs", ordered_json::object()},
-                   {"tokenizer_class", "LlamaTokenizer"}, {"unk_token", "<unk>"},
-                   {"use_default_system_prompt", false}};
-  write_file_atomic(path_join(dir, "tokenizer_config.json"), cfg.dump(2) + "\n");
-  write_file_atomic(path_join(dir, "added_tokens.json"),
-                    ordered_json{{"<image>", image_id}, {"<pad>", pad_id}}.dump(2) + "\n");
-  auto sp = [](const std::string& c) {
-    return ordered_json{{"content", c}, {"lstrip", false}, {"normalized", false}, {"rstrip", false}, {"single_word", false}};
-  };
-  write_file_atomic(path_join(dir, "special_tokens_map.json"),
-                    ordered_json{{"bos_token", sp("<s>")}, {"eos_token", sp("</s>")}, {"pad_token", sp("<pad>")},
-                                 {"unk_token", sp("<unk>")}}.dump(2) + "\n");
-}
-
 void write_side_files(const std::string& dir, const ModelConfig& cfg) {
   using nlohmann::ordered_json;
   write_file_atomic(path_join(dir, "config.json"), model_config_to_json(cfg) + "\n");
@@ -614,7 +587,7 @@ void train_tiny(const TinyTrainOptions& o_in) {
   ModelConfig cfg = final_cfg;  // the training config: stages 0-2 run without stage 3's grown layers
   const int64_t grow = o.stage3.steps > 0 ? o.stage3_grow_layers : 0;
   cfg.text.num_hidden_layers -= grow;
-  write_tokenizer_json(o.out, cfg.image_token_index, cfg.text.pad_token_id);
+  write_llama_tokenizer_files(o.out, cfg.image_token_index, cfg.text.pad_token_id, 512);
   write_side_files(o.out, final_cfg);
   Tokenizer tok = Tokenizer::load(o.out);
   const ImageProcessorConfig ipc = load_image_processor_config(o.out, cfg.vision.image_size);
