@@ -40,12 +40,19 @@ int cmd_quantize(const Argv& argv) {
        {"seq-len", "L", "max tokens per sample (text windows are exactly L)", "2048"},
        {"batch-size", "N", "Block-AP batch size", "2"},
        {"epochs", "N", "Block-AP epochs per block", "2"},
-       {"quant-lr", "LR", "Block-AP lr of step sizes and zero points", "1e-4"},
+       {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
+                          "sit on their grid points where s and z get no gradient)", ""},
        {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5)", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
+       {"init", "I", "Block-AP's start: gptq (GPTQ's integers on the block's inputs) | minmax (W as loaded, s and z "
+                     "from min-max: the paper's) (default: gptq)", ""},
        {"seed", "S", "data sampling seed", "2"},
-       {"e2e-lr", "LR", "E2E-QP lr of the step sizes (default 2e-5 at 2 bits, else 1e-5)", ""},
-       {"e2e-epochs", "N", "E2E-QP epochs", "1"},
+       {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
+                          "divergence from the FP model's next-token distributions at the same positions) (default: "
+                          "kd when its targets take at most 2 GiB, else ce)", ""},
+       {"e2e-lr", "LR", "E2E-QP lr of the step sizes (default 2e-5 at 2 bits, else 1e-5; 1e-4 when distilling at 2 "
+                        "bits)", ""},
+       {"e2e-epochs", "N", "E2E-QP epochs (default 1; 4 when distilling at 2 bits)", ""},
        {"e2e-batch", "N", "E2E-QP global batch (gradient accumulation over micro-batches)", "32"},
        {"e2e-micro-batch", "N", "E2E-QP micro-batch", "4"},
        {"e2e-samples", "N", "E2E-QP training samples (default: --samples)", ""},
@@ -91,12 +98,14 @@ int cmd_quantize(const Argv& argv) {
   if (a.has("e2e-samples")) o.e2e_samples = a.i64("e2e-samples", 1, kMaxSamples);
   o.block.epochs = a.i64("epochs", 0, kMaxEpochs);
   o.block.batch_size = a.i64("batch-size", 1, kMaxBatch);
-  o.block.quant_lr = a.f64("quant-lr", 0, 1);
+  if (a.has("quant-lr")) o.block.quant_lr = a.f64("quant-lr", 0, 1);
   if (a.has("weight-lr")) o.block.weight_lr = a.f64("weight-lr", 0, 1);
   o.block.min_lr_factor = a.f64("min-lr-factor", 1, 1e6);
   o.block.offload_dir = a.str("offload-dir");
+  o.block.init = a.str("init");
+  o.e2e_loss = a.str("e2e-loss");
   if (a.has("e2e-lr")) o.e2e.lr = a.f64("e2e-lr", 0, 1);
-  o.e2e.epochs = a.i64("e2e-epochs", 0, kMaxEpochs);
+  if (a.has("e2e-epochs")) o.e2e.epochs = a.i64("e2e-epochs", 0, kMaxEpochs);
   o.e2e.global_batch = a.i64("e2e-batch", 1, kMaxBatch);
   o.e2e.micro_batch = a.i64("e2e-micro-batch", 1, kMaxBatch);
   if (a.has("e2e-steps")) o.e2e.max_steps = a.i64("e2e-steps", 1, INT64_MAX);

@@ -5,12 +5,15 @@
 #             disjoint from the test split), plus the answer-token KL(FP || quantized) on the same questions
 #             (teacher-forced ground-truth answers: a finer measure than exact match). W2g128 is an extra row
 #             beyond the issue's three settings (SETTINGS overrides the list).
-#   stories:  stories260K per-channel W4/W3/W2, mean KL(FP || quantized) of the next-token distributions on
+#   stories:  stories260K at W2g64, W3g64 and per-channel W2/W3/W4 (its 172-wide down_proj gets a ragged last group
+#             at g64), mean KL(FP || quantized) of the next-token distributions on
 #             tinyshakespeare: calibration windows from the first 90 % of the file, evaluation windows from the
 #             last 10 % (no overlap).
 # Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
 # Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
-#           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128").
+#           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128"), STORIES_SETTINGS (default
+#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs twice: eqat's defaults (Block-AP from GPTQ's integers,
+#           E2E-QP by distillation) and the paper's recipe (--init minmax --e2e-loss ce).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EQAT="${EQAT:-$ROOT/build/bin/eqat}"
@@ -19,6 +22,7 @@ WHAT="${1:-all}"
 SAMPLES="${SAMPLES:-1024}"
 THREADS="${THREADS:-0}"
 SETTINGS="${SETTINGS:-4 128;3 128;2 64;2 128}"
+STORIES_SETTINGS="${STORIES_SETTINGS:-2 64;3 64;2 -1;3 -1;4 -1}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"
 field() { sed -n "s/^  \"$2\": \([-0-9.e]*\),*\$/\1/p" "$1" | head -1; }
@@ -35,10 +39,13 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
   IFS=';' read -ra settings <<< "$SETTINGS"
   for setting in "${settings[@]}"; do
     set -- $setting
-    for method in rtn gptq efficientqat; do
+    for method in rtn gptq efficientqat efficientqat-paper; do
       q="$OUT/shapes-w$1g$2-$method"
+      flags=(--method "$method")
+      # eqat's defaults start Block-AP from GPTQ's integers and distil in E2E-QP; the paper's recipe is the extra row.
+      [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
       t=$SECONDS
-      "$EQAT" quantize --out "$q" --overwrite --bits "$1" --group-size "$2" --method "$method" --samples "$SAMPLES" \
+      "$EQAT" quantize --out "$q" --overwrite --bits "$1" --group-size "$2" "${flags[@]}" --samples "$SAMPLES" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       dt=$((SECONDS - t))
       "$EQAT" eval --bench shapes --model "$q" --reference "$FP" --out "$q-eval" --overwrite --batch-size 32 --no-progress \
@@ -61,13 +68,19 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
   head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"
   tail -c $((n - n * 9 / 10)) "$TXT" > "$OUT/shakespeare-eval.txt"
   echo
-  echo "| bits | RTN KL | GPTQ KL | EfficientQAT KL |"
-  echo "|---|---:|---:|---:|"
-  for bits in 4 3 2; do
-    row="| W$bits per-channel |"
-    for method in rtn gptq efficientqat; do
-      q="$OUT/stories-w$bits-$method"
-      "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size -1 --method "$method" \
+  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT (paper's recipe) KL |"
+  echo "|---|---:|---:|---:|---:|"
+  IFS=';' read -ra ssettings <<< "$STORIES_SETTINGS"
+  for setting in "${ssettings[@]}"; do
+    set -- $setting
+    bits=$1 group=$2
+    row="| W${bits}g${group} |"
+    [[ $group == -1 ]] && row="| W$bits per-channel |"
+    for method in rtn gptq efficientqat efficientqat-paper; do
+      q="$OUT/stories-w${bits}g$group-$method"
+      flags=(--method "$method")
+      [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
+      "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size "$group" "${flags[@]}" \
         --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       "$EQAT" eval --bench kl --model "$q" --reference "$S" --data "$OUT/shakespeare-eval.txt" --seq-len 256 \

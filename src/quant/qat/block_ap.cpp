@@ -129,12 +129,14 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   EQAT_CHECK(opts.method == "efficientqat" || opts.method == "rtn" || opts.method == "gptq", "--method: unknown '",
              opts.method, "' (efficientqat, rtn or gptq)");
   EQAT_CHECK(packable_bits(opts.spec.bits), "--bits must be 2, 3, 4 or 8, got ", opts.spec.bits);
+  EQAT_CHECK(opts.init == "minmax" || opts.init == "gptq", "--init: unknown '", opts.init, "' (minmax or gptq)");
   const int64_t n_layer = m.cfg.text.num_hidden_layers;
   for (int64_t b = 0; b < n_layer; ++b)
     for (auto& [name, lin] : block_linears(m, b))
       check_packable(lin->out_features(), lin->in_features(), opts.spec.bits,
                      opts.spec.group_for(lin->in_features()), str_cat("layer ", b, " ", name));
   const double weight_lr = opts.weight_lr > 0 ? opts.weight_lr : (opts.spec.bits == 2 ? 2e-5 : 1e-5);
+  const double quant_lr = opts.quant_lr >= 0 ? opts.quant_lr : (opts.init == "gptq" ? 0.0 : 1e-4);
   const c10::ScalarType model_dtype = m.dtype;
   // Training runs on fp32 master copies of the block (P8); on CUDA the reference adds fp16 autocast + loss scaling.
   const c10::ScalarType train_dtype = at::kFloat;
@@ -150,17 +152,25 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
             ActivationCache(opts.offload_dir, "q_train", batches_tr.size()), {}};
   Stream va{ActivationCache(opts.offload_dir, "fp_val", batches_va.size()),
             ActivationCache(opts.offload_dir, "q_val", batches_va.size()), {}};
+  // The distillation samples ride the FP stream only; their `valid` holds the loss positions instead.
+  auto batches_te = opts.teacher_samples ? make_batches(*opts.teacher_samples, opts.batch_size)
+                                         : std::vector<std::vector<CalibSample>>{};
+  Stream te{ActivationCache(opts.offload_dir, "fp_teacher", batches_te.size()), ActivationCache("", "", 0), {}};
   {
-    Progress p("embedding calibration samples", static_cast<int64_t>(batches_tr.size() + batches_va.size()),
-               opts.progress);
+    Progress p("embedding calibration samples",
+               static_cast<int64_t>(batches_tr.size() + batches_va.size() + batches_te.size()), opts.progress);
     int64_t done = 0;
-    for (auto* pair : {&batches_tr, &batches_va}) {
-      Stream& st = pair == &batches_tr ? tr : va;
+    for (auto* pair : {&batches_tr, &batches_va, &batches_te}) {
+      Stream& st = pair == &batches_tr ? tr : pair == &batches_va ? va : te;
       for (size_t i = 0; i < pair->size(); ++i) {
         EmbeddedBatch e = embed_samples(m, (*pair)[i]);
         st.fp.put(i, e.embeds);
-        st.q.put(i, e.embeds);
-        st.valid.push_back(e.valid);
+        if (pair == &batches_te) {
+          st.valid.push_back(loss_positions(e));
+        } else {
+          st.q.put(i, e.embeds);
+          st.valid.push_back(e.valid);
+        }
         p.update(++done);
       }
     }
@@ -214,6 +224,28 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     return va.valid.empty() ? 0.0 : total / static_cast<double>(va.valid.size());
   };
 
+  // GPTQ on one block: Hessians of the linears' inputs on the quantized stream, then each linear's integers.
+  auto gptq_block = [&](std::vector<std::pair<std::string, QuantLinear>>& lins, LlamaDecoderLayerImpl& layer) {
+    std::vector<HessianAccumulator> hs;
+    at::Tensor current_valid;
+    for (auto& [name, lin] : lins) hs.emplace_back(lin->in_features());
+    for (size_t k = 0; k < lins.size(); ++k)
+      lins[k].second->input_observer = [&, k](const at::Tensor& x) { hs[k].add(x, current_valid); };
+    {
+      c10::NoGradGuard g;
+      for (size_t i = 0; i < tr.valid.size(); ++i) {
+        current_valid = tr.valid[i];
+        runner.forward(layer, tr.q.get(i), model_dtype);
+      }
+    }
+    std::vector<QuantizedWeight> out;
+    for (size_t k = 0; k < lins.size(); ++k) {
+      lins[k].second->input_observer = nullptr;
+      out.push_back(gptq_quantize(lins[k].second->weight, hs[k].H(), opts.spec, opts.gptq_damp));
+    }
+    return out;
+  };
+
   int64_t iterations = 0;
   double train_seconds = 0;
   auto t_start = std::chrono::steady_clock::now();
@@ -224,6 +256,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     // (1) FP targets: the FP block over the FP stream (also the FP inputs of block b+1).
     advance(tr, layer, true);
     advance(va, layer, true);
+    advance(te, layer, true);
     if (b < blocks_done) {
       load_block_state(m, b, opts.state_dir, opts.spec);
       advance(tr, layer, false);
@@ -241,35 +274,33 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         lin->to_packed(at::kHalf);
       }
     } else if (opts.method == "gptq") {
-      std::vector<HessianAccumulator> hs;
-      at::Tensor current_valid;
-      for (auto& [name, lin] : lins) hs.emplace_back(lin->in_features());
-      for (size_t k = 0; k < lins.size(); ++k)
-        lins[k].second->input_observer = [&, k](const at::Tensor& x) { hs[k].add(x, current_valid); };
-      {
-        c10::NoGradGuard g;
-        for (size_t i = 0; i < tr.valid.size(); ++i) {
-          current_valid = tr.valid[i];
-          runner.forward(layer, tr.q.get(i), model_dtype);
-        }
-      }
+      std::vector<QuantizedWeight> qws = gptq_block(lins, layer);
       for (size_t k = 0; k < lins.size(); ++k) {
         auto& lin = lins[k].second;
-        lin->input_observer = nullptr;
-        QuantizedWeight qw = gptq_quantize(lin->weight, hs[k].H(), opts.spec, opts.gptq_damp);
-        lin->set_packed(pack_gptq(qw.q, qw.zero, qw.scale, opts.spec.bits,
+        lin->set_packed(pack_gptq(qws[k].q, qws[k].zero, qws[k].scale, opts.spec.bits,
                                   opts.spec.group_for(lin->in_features()), at::kHalf),
                         opts.spec);
       }
     } else {
-      // Block-AP: fake-quant (s, z from min–max in the checkpoint's dtype), fp32 master copies, two groups.
-      for (auto& [name, lin] : lins) {
+      // Block-AP: fake-quant, fp32 master copies, two groups. s and z from min–max in the checkpoint's dtype, or
+      // (--init gptq) W, s and z from GPTQ's integers: W = (q − z)·s rounds back to exactly q.
+      std::vector<QuantizedWeight> start;
+      if (opts.init == "gptq") start = gptq_block(lins, layer);
+      for (size_t k = 0; k < lins.size(); ++k) {
+        auto& lin = lins[k].second;
         lin->weight.set_data(lin->weight.to(train_dtype));
         lin->to_fake_quant(opts.spec);
+        if (!start.empty()) {
+          c10::NoGradGuard g;
+          lin->weight.set_data(dequantize_integers(start[k], opts.spec.group_for(lin->in_features()))
+                                   .to(lin->weight.device(), train_dtype));
+          lin->weight_scale.set_data(start[k].scale.to(lin->weight.device(), train_dtype));
+          lin->weight_zero.set_data(start[k].zero.to(lin->weight.device(), train_dtype));
+        }
       }
       layer.input_layernorm->weight.set_data(layer.input_layernorm->weight.to(train_dtype));
       layer.post_attention_layernorm->weight.set_data(layer.post_attention_layernorm->weight.to(train_dtype));
-      ParamGroup gq{"quant", {}, opts.quant_lr, 0.0}, gw{"weight", {}, weight_lr, 0.0};
+      ParamGroup gq{"quant", {}, quant_lr, 0.0}, gw{"weight", {}, weight_lr, 0.0};
       for (auto& [name, lin] : lins) {
         gq.params.push_back(lin->weight_scale);
         gq.params.push_back(lin->weight_zero);
@@ -306,7 +337,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
           EQAT_CHECK(amp ? bad_in_a_row < 20 : bad_in_a_row == 0, "block ", b, ": non-finite training loss at step ",
                      step, " (try a lower --weight-lr / --quant-lr)");
           scaler.scale(loss).backward();
-          opt.groups()[0].lr = cosine_lr(opts.quant_lr, opts.min_lr_factor, step, total);
+          opt.groups()[0].lr = cosine_lr(quant_lr, opts.min_lr_factor, step, total);
           opt.groups()[1].lr = cosine_lr(weight_lr, opts.min_lr_factor, step, total);
           if (scaler.unscale_and_check(trained)) opt.step();
           opt.zero_grad();
@@ -349,6 +380,13 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     if (opts.after_block) opts.after_block(b);
     advance(tr, layer, false);
     advance(va, layer, false);
+  }
+  // The teacher's last hidden states at each sample's loss positions (right-padded batches: row j's first T_j).
+  for (size_t i = 0; i < te.valid.size(); ++i) {
+    at::Tensor h = te.fp.get(i);  // [B, L, C]
+    const int64_t L = h.size(1);
+    for (int64_t j = 0; j < h.size(0); ++j)
+      res.teacher_hidden.push_back(h[j].narrow(0, 0, L - 1).index({te.valid[i][j]}).contiguous());
   }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.ms_per_iteration = iterations > 0 ? 1000.0 * train_seconds / static_cast<double>(iterations) : 0.0;

@@ -29,10 +29,21 @@ struct BlockApOptions {
   QuantSpec spec;
   int64_t epochs = 2;
   int64_t batch_size = 2;
-  double quant_lr = 1e-4;
+  // <0: 1e-4 (the paper's), or 0 with init "gptq": GPTQ's error compensation leaves every weight exactly on its
+  // grid point, where the STE gradient of s and z is exactly zero; Adam normalises that zero (float noise) into
+  // full-size steps in random directions (measured on the default model: block MSE up 6x). The step sizes are then
+  // left to E2E-QP.
+  double quant_lr = -1;
   double weight_lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's)
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
+  // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's).
+  // "gptq": GPTQ's result on the block's quantized-stream inputs: W = (q − z)·s, so Block-AP starts from GPTQ's
+  // integers and trains away from them only where the block's output error falls.
+  std::string init = "minmax";
+  // E2E-QP's distillation targets (--e2e-loss kd): these samples also ride the FP stream through every block;
+  // BlockApResult::teacher_hidden returns the FP model's last hidden states at their loss positions.
+  const std::vector<CalibSample>* teacher_samples = nullptr;
   std::string offload_dir;  // activation caches on disk (bounded RAM) instead of in memory
   std::string state_dir;    // where per-block state goes (resume); empty: no checkpointing
   bool resume = false;
@@ -56,6 +67,9 @@ struct BlockApResult {
   double seconds = 0;
   double ms_per_iteration = 0;
   double peak_rss_mib = 0;
+  // Per teacher sample: [n_i, C] fp16, the FP model's output of the last decoder block (before the final norm) at
+  // the sample's loss positions (loss_positions), in order.
+  std::vector<at::Tensor> teacher_hidden;
 };
 
 // Quantizes every decoder block of `m` in place (its linears end in packed mode).

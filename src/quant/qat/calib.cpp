@@ -143,4 +143,15 @@ EmbeddedBatch embed_samples(Model& m, const std::vector<CalibSample>& samples) {
   return b;
 }
 
+at::Tensor loss_positions(const EmbeddedBatch& b) {
+  const int64_t L = b.ids.size(1);
+  return b.answer.narrow(1, 1, L - 1).logical_and(b.valid.narrow(1, 1, L - 1));
+}
+
+int64_t loss_position_count(const CalibSample& s) {
+  int64_t n = 0;
+  for (size_t t = 1; t < s.is_answer.size(); ++t) n += s.is_answer[t] != 0;
+  return n;
+}
+
 }  // namespace eqat

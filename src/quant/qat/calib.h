@@ -47,4 +47,10 @@ struct EmbeddedBatch {
 };
 EmbeddedBatch embed_samples(Model& m, const std::vector<CalibSample>& samples);
 
+// The loss positions of a batch: [S, L − 1] bool, true at position t when t predicts a valid answer token t + 1
+// (every valid token for text). E2E-QP's losses and its distillation targets count exactly these positions.
+at::Tensor loss_positions(const EmbeddedBatch& b);
+// The number of loss positions of one sample (what loss_positions marks in its row).
+int64_t loss_position_count(const CalibSample& s);
+
 }  // namespace eqat

@@ -20,17 +20,43 @@
 namespace eqat {
 
 namespace {
-// Causal-LM loss of one micro-batch: position t predicts ids[t+1], counted where answer[t+1] (and valid).
-std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b) {
+// Logits from the last decoder block's output h [..., C]: the final norm, then lm_head (or the tied embedding).
+at::Tensor head_logits(Model& m, const at::Tensor& h) {
+  at::Tensor x = m.lm->model->norm->forward(h);
+  return m.lm->lm_head ? m.lm->lm_head->forward(x) : at::linear(x, m.lm->model->embed_tokens->weight);
+}
+
+// Loss of one micro-batch, summed over its loss positions (position t predicts ids[t+1] where answer[t+1] and
+// valid), with the number of positions. teacher: null for cross-entropy; for distillation, the FP model's last
+// hidden states at those positions, [n, C] (the batch's samples' rows, in order).
+std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b, const at::Tensor& teacher = at::Tensor()) {
   const int64_t L = b.embeds.size(1);
   at::Tensor pos = at::arange(L, at::TensorOptions().dtype(at::kLong).device(m.device)).view({1, L});
   at::Tensor logits = m.lm->forward(b.embeds.to(m.device), pos, at::Tensor(), nullptr);  // [B, L, V]
+  at::Tensor mask = loss_positions(b).to(m.device);
+  const int64_t n = mask.sum().item<int64_t>();
+  if (teacher.defined()) {
+    EQAT_ASSERT(teacher.size(0) == n, "distillation targets: ", teacher.size(0), " rows for ", n, " loss positions");
+    at::Tensor lq = logits.narrow(1, 0, L - 1).index({mask}).to(at::kFloat).log_softmax(-1);  // [n, V]
+    at::Tensor lp;
+    {
+      c10::NoGradGuard g;
+      lp = head_logits(m, teacher.to(m.device, m.dtype)).to(at::kFloat).log_softmax(-1);
+    }
+    return {(lp.exp() * (lp - lq)).sum(), n};  // Σ_positions KL(p_FP ‖ p_q)
+  }
   at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device);
-  at::Tensor mask = b.answer.narrow(1, 1, L - 1).logical_and(b.valid.narrow(1, 1, L - 1)).to(m.device);
   at::Tensor lp = logits.narrow(1, 0, L - 1).to(at::kFloat).log_softmax(-1);
   at::Tensor nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1);
-  const int64_t n = mask.sum().item<int64_t>();
   return {(nll * mask.to(at::kFloat)).sum(), n};
+}
+
+// The distillation rows of samples `idx` of the teacher list, concatenated in order (undefined for cross-entropy).
+at::Tensor teacher_rows(const E2eOptions& o, const std::vector<size_t>& idx) {
+  if (o.loss != "kd") return at::Tensor();
+  std::vector<at::Tensor> rows;
+  for (size_t i : idx) rows.push_back(o.teacher_hidden->at(i));
+  return at::cat(rows);
 }
 }  // namespace
 
@@ -38,6 +64,10 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   EQAT_CHECK(opts.micro_batch > 0 && opts.global_batch >= opts.micro_batch && opts.global_batch % opts.micro_batch == 0,
              "--e2e-batch must be a multiple of --e2e-micro-batch (got ", opts.global_batch, " and ",
              opts.micro_batch, ")");
+  EQAT_CHECK(opts.loss == "ce" || opts.loss == "kd", "--e2e-loss: unknown '", opts.loss, "' (ce or kd)");
+  EQAT_ASSERT(opts.loss != "kd" || (opts.teacher_hidden && opts.teacher_hidden->size() == data.train.size() +
+                                                                                          data.val.size()),
+              "E2E-QP distillation needs the FP model's hidden states of every train and val sample");
   std::vector<at::Tensor> scales;
   int bits = 0;
   // Cache each layer's (q − z) in fp32 between steps only when all of them together take at most a quarter of the
@@ -62,6 +92,9 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       bits = lin->spec().bits;
     }
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
+  // Block-AP's step sizes, kept in case training raises the validation loss (restored at the end, see below).
+  std::vector<at::Tensor> start_scales;
+  for (const auto& s : scales) start_scales.push_back(s.detach().clone());
   const int64_t n = static_cast<int64_t>(data.train.size());
   EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
   // A step reads global_batch distinct samples of one epoch's permutation. With fewer samples than that, the batch
@@ -118,9 +151,11 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
     double sum = 0;
     int64_t cnt = 0;
     for (size_t i = 0; i < data.val.size(); i += static_cast<size_t>(opts.micro_batch)) {
-      std::vector<CalibSample> mb(data.val.begin() + i,
-                                  data.val.begin() + std::min(data.val.size(), i + static_cast<size_t>(opts.micro_batch)));
-      auto [s, c] = lm_loss(m, embed_samples(m, mb));
+      const size_t end = std::min(data.val.size(), i + static_cast<size_t>(opts.micro_batch));
+      std::vector<CalibSample> mb(data.val.begin() + i, data.val.begin() + end);
+      std::vector<size_t> idx;
+      for (size_t j = i; j < end; ++j) idx.push_back(data.train.size() + j);
+      auto [s, c] = lm_loss(m, embed_samples(m, mb), teacher_rows(opts, idx));
       sum += s.item<double>();
       cnt += c;
     }
@@ -143,18 +178,22 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
     const std::vector<size_t> order = order_for_epoch(ep);
     // First pass counts the loss tokens of the whole global batch so accumulation averages over tokens.
     std::vector<EmbeddedBatch> micro;
+    std::vector<at::Tensor> teachers;
     int64_t tokens = 0;
     for (int64_t a = 0; a < accum; ++a) {
       std::vector<CalibSample> mb;
-      for (int64_t j = 0; j < micro_batch; ++j)
-        mb.push_back(data.train[order.at(static_cast<size_t>(in_ep * global_batch + a * micro_batch + j))]);
+      std::vector<size_t> idx;
+      for (int64_t j = 0; j < micro_batch; ++j) {
+        idx.push_back(order.at(static_cast<size_t>(in_ep * global_batch + a * micro_batch + j)));
+        mb.push_back(data.train[idx.back()]);
+      }
       micro.push_back(embed_samples(m, mb));
-      tokens += micro.back().answer.narrow(1, 1, micro.back().answer.size(1) - 1)
-                    .logical_and(micro.back().valid.narrow(1, 1, micro.back().valid.size(1) - 1)).sum().item<int64_t>();
+      teachers.push_back(teacher_rows(opts, idx));
+      tokens += loss_positions(micro.back()).sum().item<int64_t>();
     }
     double step_loss = 0;
-    for (auto& mb : micro) {
-      auto [s, c] = lm_loss(m, mb);
+    for (size_t a = 0; a < micro.size(); ++a) {
+      auto [s, c] = lm_loss(m, micro[a], teachers[a]);
       at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
       loss.backward();
       step_loss += loss.item<double>();
@@ -180,6 +219,15 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   res.seconds = secs;
   res.ms_per_step = total > start_step ? 1000.0 * secs / static_cast<double>(total - start_step) : 0.0;
   res.val_loss_after = val_loss();
+  // Early stopping at its coarsest: step sizes that ended with a higher validation loss than Block-AP's are not
+  // kept (measured: W3g128 with a 1e-4 lr doubled the distillation KL). Needs validation samples to judge.
+  if (!data.val.empty() && res.val_loss_after > res.val_loss_before) {
+    c10::NoGradGuard g;
+    for (size_t i = 0; i < scales.size(); ++i) scales[i].copy_(start_scales[i]);
+    res.reverted = true;
+    std::fprintf(stderr, "E2E-QP raised the validation loss (%.4g -> %.4g); keeping Block-AP's step sizes\n",
+                 res.val_loss_before, res.val_loss_after);
+  }
   res.peak_rss_mib = peak_rss_mib();
   return res;
 }

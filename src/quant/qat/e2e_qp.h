@@ -1,7 +1,9 @@
 // E2E-QP (EFFICIENTQAT.md §4): integers and zero points frozen, only the step sizes (fp32 masters) train, end to
 // end through the whole model with the causal-LM loss — on answer tokens only for instruction data (is_answer), on
 // every token for text. AdamW (wd 0), HF cosine schedule with linear warmup, global-norm clipping, gradient
-// accumulation to a global batch. The run state (scales + optimizer moments + step) is checkpointed every
+// accumulation to a global batch. If the validation loss ends above where it started, the step sizes go back to
+// Block-AP's. Or (--e2e-loss kd) the KL divergence from the FP model's next-token
+// distributions at the same positions. The run state (scales + optimizer moments + step) is checkpointed every
 // `save_every` steps so a killed run resumes.
 #pragma once
 
@@ -14,6 +16,12 @@
 namespace eqat {
 
 struct E2eOptions {
+  // "ce": the paper's cross-entropy with the data's tokens. "kd": distillation, KL(FP ‖ quantized) of the next-token
+  // distributions at the same positions, the FP model's taken from `teacher_hidden`.
+  std::string loss = "ce";
+  // kd: per sample of data.train, then of data.val, the FP model's last hidden states at the sample's loss positions
+  // (BlockApResult::teacher_hidden for those samples).
+  const std::vector<at::Tensor>* teacher_hidden = nullptr;
   double lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (LLaVA recipe: 3e-5 for 2/3-bit, 2e-5 for 4-bit)
   int64_t epochs = 1;
   int64_t micro_batch = 4;
@@ -34,6 +42,8 @@ struct E2eResult {
   double val_loss_before = 0, val_loss_after = 0;
   double seconds = 0, ms_per_step = 0, peak_rss_mib = 0;
   int64_t steps = 0;
+  // Training raised the validation loss (val_loss_after > val_loss_before), so Block-AP's step sizes were restored.
+  bool reverted = false;
 };
 
 E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts);

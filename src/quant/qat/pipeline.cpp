@@ -95,19 +95,24 @@ void check_group_size(QuantizeOptions& o, const ModelConfig& cfg) {
 }
 
 // Block-AP caches every sample's block input twice (the FP and the quantized stream), fp16, each batch padded to
-// its longest sample: refuse up front what neither memory nor the offload directory's disk can hold.
-void check_activation_caches_fit(const QuantizeOptions& o, const CalibSet& calib, int64_t hidden) {
+// its longest sample, and the distillation samples (--e2e-loss kd) once more on the FP stream: refuse up front what
+// neither memory nor the offload directory's disk can hold.
+void check_activation_caches_fit(const QuantizeOptions& o, const CalibSet& calib, int64_t hidden,
+                                 const std::vector<CalibSample>& teacher) {
   int64_t positions = 0;
-  for (const auto* set : {&calib.train, &calib.val})
+  for (const auto* set : {&calib.train, &calib.val, &teacher})
     for (size_t i = 0; i < set->size(); i += static_cast<size_t>(o.block.batch_size)) {
       const size_t end = std::min(set->size(), i + static_cast<size_t>(o.block.batch_size));
       size_t longest = 0;
       for (size_t k = i; k < end; ++k) longest = std::max(longest, (*set)[k].ids.size());
-      positions = add_sat(positions, mul_sat(static_cast<int64_t>(longest), static_cast<int64_t>(end - i)));
+      const int64_t streams = set == &teacher ? 1 : 2;
+      positions = add_sat(positions, mul_sat(static_cast<int64_t>(longest), static_cast<int64_t>(end - i) * streams));
     }
-  const int64_t bytes = mul_sat(mul_sat(positions, hidden), 2 /*streams*/ * 2 /*fp16*/);
-  const std::string what = str_cat("Block-AP's activation caches (", calib.train.size() + calib.val.size(),
-                                   " samples x 2 streams x hidden ", hidden, ", fp16)");
+  const int64_t bytes = mul_sat(mul_sat(positions, hidden), 2 /*fp16*/);
+  const std::string what =
+      str_cat("Block-AP's activation caches (", calib.train.size() + calib.val.size(), " samples x 2 streams",
+              teacher.empty() ? "" : str_cat(" + ", teacher.size(), " distillation samples"), " x hidden ", hidden,
+              ", fp16)");
   if (o.block.offload_dir.empty()) {
     check_memory_fits(bytes, what, "pass --offload-dir DIR to keep them on disk, or fewer --samples / --seq-len");
     return;
@@ -148,16 +153,26 @@ void validate_quantize_flags(const QuantizeOptions& o) {
   EQAT_CHECK(o.e2e_samples < 0 || (o.e2e_samples >= 1 && o.e2e_samples <= kMaxSamples), "--e2e-samples must be in [1, ",
              kMaxSamples, "], got ", o.e2e_samples);
   const BlockApOptions& b = o.block;
+  EQAT_CHECK(b.init.empty() || b.init == "minmax" || b.init == "gptq", "--init: expected minmax or gptq, got '", b.init,
+             "'");
+  EQAT_CHECK(b.init.empty() || b.init == "minmax" || o.method == "efficientqat", "--init ", b.init,
+             ": only --method efficientqat trains from a starting point");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
   EQAT_CHECK(b.batch_size >= 1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch, "], got ",
              b.batch_size);
-  EQAT_CHECK(is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ", b.quant_lr);
+  EQAT_CHECK(b.quant_lr == -1 || is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ",
+             b.quant_lr);
   EQAT_CHECK(b.weight_lr < 0 || std::isfinite(b.weight_lr), "--weight-lr must be finite, got ", b.weight_lr);
   EQAT_CHECK(std::isfinite(b.min_lr_factor) && b.min_lr_factor >= 1, "--min-lr-factor must be >= 1, got ",
              b.min_lr_factor);
   const E2eOptions& e = o.e2e;
   EQAT_CHECK(e.lr < 0 || std::isfinite(e.lr), "--e2e-lr must be finite, got ", e.lr);
-  EQAT_CHECK(e.epochs >= 0 && e.epochs <= kMaxEpochs, "--e2e-epochs must be in [0, ", kMaxEpochs, "], got ", e.epochs);
+  EQAT_CHECK(o.e2e_loss.empty() || o.e2e_loss == "ce" || o.e2e_loss == "kd", "--e2e-loss: expected ce or kd, got '",
+             o.e2e_loss, "'");
+  EQAT_CHECK(o.e2e_loss != "kd" || o.phases == "both", "--e2e-loss kd with --phases ", o.phases,
+             ": the FP model's outputs come from Block-AP's FP stream, so kd needs --phases both");
+  EQAT_CHECK(e.epochs == -1 || (e.epochs >= 0 && e.epochs <= kMaxEpochs), "--e2e-epochs must be in [0, ", kMaxEpochs,
+             "], got ", e.epochs);
   EQAT_CHECK(e.micro_batch >= 1 && e.micro_batch <= kMaxBatch, "--e2e-micro-batch must be in [1, ", kMaxBatch,
              "], got ", e.micro_batch);
   EQAT_CHECK(e.global_batch >= e.micro_batch && e.global_batch <= kMaxBatch && e.global_batch % e.micro_batch == 0,
@@ -193,6 +208,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
       {"--quant-lr", o.block.quant_lr},
       {"--weight-lr", o.block.weight_lr},
       {"--min-lr-factor", o.block.min_lr_factor},
+      {"--init", o.block.init},
       {"--device", o.device},
       {"--dtype", o.dtype},
   };
@@ -201,6 +217,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
     s["--train-images"] = o.train_images;
     s["--e2e-samples"] = o.e2e_samples;
     s["--e2e-lr"] = o.e2e.lr;
+    s["--e2e-loss"] = o.e2e_loss;
     s["--e2e-epochs"] = o.e2e.epochs;
     s["--e2e-batch"] = o.e2e.global_batch;
     s["--e2e-micro-batch"] = o.e2e.micro_batch;
@@ -377,11 +394,48 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     return s;
   };
 
+  // E2E-QP's data, loaded before Block-AP when it distils: its samples then ride Block-AP's FP stream.
+  const bool e2e = o.method == "efficientqat" && o.phases != "block-ap";
+  CalibSet e2e_data;
+  std::vector<CalibSample> teacher_samples;
+  std::vector<at::Tensor> teacher_hidden;
+  std::string e2e_loss = o.e2e_loss;
+  if (e2e) {
+    CalibOptions eo = o.calib_opts;
+    if (o.e2e_samples > 0) eo.n_train = o.e2e_samples;
+    e2e_data = load_data(m, !o.train_data.empty() ? o.train_data : calib_file,
+                         !o.train_images.empty() ? o.train_images : calib_images, eo);
+    // kd's targets: the FP model's last hidden state at every loss position of every E2E sample, fp16.
+    int64_t rows = 0;
+    for (const auto* set : {&e2e_data.train, &e2e_data.val})
+      for (const auto& smp : *set) rows = add_sat(rows, loss_position_count(smp));
+    const int64_t bytes = mul_sat(mul_sat(rows, m.cfg.text.hidden_size), 2);
+    if (e2e_loss.empty()) {
+      // The default: distil when the targets are small (instruction data: a few answer tokens per sample), the
+      // paper's cross-entropy otherwise (text trains on every token). A fixed bound, so a resumed run decides alike.
+      e2e_loss = e2e_only ? "ce" : bytes <= kDistillAutoBytes ? "kd" : "ce";
+      if (e2e_loss == "ce" && o.progress)
+        std::fprintf(stderr, "note: E2E-QP trains with cross-entropy (%s)\n",
+                     e2e_only ? "distillation needs Block-AP's FP stream: --phases both"
+                              : str_cat("distillation targets would take ", format_bytes(static_cast<double>(bytes)),
+                                        "; --e2e-loss kd asks for them anyway").c_str());
+    }
+    if (e2e_loss == "kd")
+      check_memory_fits(bytes, str_cat("E2E-QP's distillation targets (", rows, " positions x hidden ",
+                                       m.cfg.text.hidden_size, ", fp16)"),
+                        "use --e2e-loss ce, or fewer --e2e-samples / --seq-len");
+  }
+  const bool kd = e2e_loss == "kd";
+  if (kd) {
+    teacher_samples = e2e_data.train;
+    teacher_samples.insert(teacher_samples.end(), e2e_data.val.begin(), e2e_data.val.end());
+  }
+
   if (!e2e_only) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
     int64_t tokens = 0;
     for (const auto& smp : calib.train) tokens += static_cast<int64_t>(smp.ids.size());
-    check_activation_caches_fit(o, calib, m.cfg.text.hidden_size);
+    check_activation_caches_fit(o, calib, m.cfg.text.hidden_size, teacher_samples);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
                  calib.train.size(), calib.val.size(), static_cast<long long>(tokens), calib.source.c_str());
     summary["calibration_tokens"] = tokens;
@@ -397,12 +451,15 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     BlockApOptions bo = o.block;
     if (!offload.empty()) bo.offload_dir = offload;
     bo.method = o.method;
+    if (bo.init.empty()) bo.init = o.method == "efficientqat" ? kDefaultInit : "minmax";
     bo.spec = o.spec;
     bo.state_dir = state_dir;
     bo.resume = resume;
     bo.progress = o.progress;
     bo.log_jsonl = log;
+    if (kd) bo.teacher_samples = &teacher_samples;
     BlockApResult r = run_block_quantization(m, calib, bo);
+    teacher_hidden = std::move(r.teacher_hidden);
     std::vector<double> tr, va;
     for (const auto& b : r.blocks) {
       tr.push_back(b.train_loss.empty() ? NAN : b.train_loss.back());
@@ -413,27 +470,29 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     series.push_back(curve("val", va));
     plots.emplace_back("eqat_quantize_blocks.png",
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
-    summary["block_phase"] = {{"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
+    summary["block_phase"] = {{"init", bo.init}, {"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }
-  if (o.method == "efficientqat" && o.phases != "block-ap") {
-    const std::string train_file = !o.train_data.empty() ? o.train_data : calib_file;
-    CalibOptions eo = o.calib_opts;
-    if (o.e2e_samples > 0) eo.n_train = o.e2e_samples;
-    CalibSet data =
-        load_data(m, train_file, !o.train_images.empty() ? o.train_images : calib_images, eo);
+  if (e2e) {
+    const CalibSet& data = e2e_data;
     E2eOptions e = o.e2e;
+    e.loss = e2e_loss;
+    const bool distil2 = kd && o.spec.bits == 2;
+    if (e.epochs < 0) e.epochs = distil2 ? kDistill2BitEpochs : 1;
+    if (e.lr < 0 && distil2) e.lr = kDistill2BitLr;
+    if (kd) e.teacher_hidden = &teacher_hidden;
     e.state_dir = state_dir;
     e.resume = resume;
     e.progress = o.progress;
     e.log_jsonl = log;
     E2eResult r = run_e2e_qp(m, data, e);
-    std::fprintf(stderr, "E2E-QP: %lld steps, val loss %.4f -> %.4f (%.1fs)\n", static_cast<long long>(r.steps),
-                 r.val_loss_before, r.val_loss_after, r.seconds);
+    std::fprintf(stderr, "E2E-QP: %lld steps, val %s %.4g -> %.4g (%.1fs)\n", static_cast<long long>(r.steps),
+                 kd ? "KL to the FP model" : "loss", r.val_loss_before, r.val_loss_after, r.seconds);
     plots.emplace_back("eqat_quantize_e2e.png",
                        plot_png({curve("loss", r.step_loss)}, "E2E-QP: training loss per step", "step", true));
-    summary["e2e_phase"] = {{"seconds", r.seconds}, {"ms_per_step", r.ms_per_step}, {"steps", r.steps},
+    summary["e2e_phase"] = {{"loss", e2e_loss}, {"seconds", r.seconds}, {"ms_per_step", r.ms_per_step}, {"steps", r.steps},
                             {"val_loss_before", r.val_loss_before}, {"val_loss_after", r.val_loss_after},
+                            {"reverted", r.reverted},
                             {"peak_rss_mib", r.peak_rss_mib}};
   }
 

@@ -20,6 +20,12 @@
 namespace eqat {
 
 struct QuantizeOptions {
+  // Defaults that depend on the run: Block-AP's start (kDefaultInit for efficientqat), E2E-QP's epochs (-1: 1, or
+  // kDistill2BitEpochs when distilling at 2 bits; its lr likewise, see kDistill2BitLr).
+  QuantizeOptions() {
+    block.init.clear();
+    e2e.epochs = -1;
+  }
   std::string model_dir;  // resolved source model
   std::string out;        // output model directory
   bool overwrite = false;  // replace an earlier eqat model at `out`
@@ -37,14 +43,26 @@ struct QuantizeOptions {
   std::string train_data, train_images; // E2E-QP data (empty: calib)
   CalibOptions calib_opts;              // samples, val samples, seq len, seed
   int64_t e2e_samples = -1;             // <0: calib_opts.n_train
-  BlockApOptions block;                 // epochs, batch, lrs, offload_dir (method/spec/state are filled in)
+  BlockApOptions block;                 // epochs, batch, lrs, offload_dir (method/spec/state are filled in); an
+                                        // empty init is kDefaultInit for efficientqat
   E2eOptions e2e;                       // lr, epochs, batches, steps, warmup, clipping, save interval
+  // E2E-QP's objective: ce | kd | "" (kd when its targets take at most kDistillAutoBytes and Block-AP runs, else ce).
+  std::string e2e_loss;
   std::string device = "cpu", dtype = "auto";
   int64_t threads = 0;  // CPU threads (0: LibTorch's default, 2 for tiny models)
 };
 
 // Bounds that keep a typo from turning into an hour of work or an allocation failure.
 constexpr int64_t kMaxSamples = 1 << 20, kMaxSeqLen = 1 << 20, kMaxEpochs = 1000, kMaxBatch = 1 << 16;
+// Block-AP's default start (--init): GPTQ's integers (models/SOURCES.md: the measurements that chose it).
+constexpr const char* kDefaultInit = "gptq";
+// The default E2E-QP objective distils (--e2e-loss kd) when its targets take at most this much memory.
+constexpr int64_t kDistillAutoBytes = int64_t{2} << 30;
+// Distillation at 2 bits trains longer and faster than the paper's cross-entropy recipe (models/SOURCES.md: W2g64
+// answer KL 0.00029 / 0.00035 on two calibration seeds against 0.00041 with the paper's 2e-5 × 1 epoch; at 3 and 4
+// bits a 1e-4 lr raised the KL, so they keep the paper's).
+constexpr double kDistill2BitLr = 1e-4;
+constexpr int64_t kDistill2BitEpochs = 4;
 
 // Checks the options that need no file (ranges, names, combinations); InputError naming the flag.
 void validate_quantize_flags(const QuantizeOptions& o);

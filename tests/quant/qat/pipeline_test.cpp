@@ -67,6 +67,50 @@ TEST(Pipeline, ResumeNamesEverySettingThatChanged) {
   EXPECT_NE(d.find("--e2e-steps (none) -> 5"), std::string::npos) << d;
 }
 
+// EfficientQAT's defaults: Block-AP from GPTQ's integers and E2E-QP by distillation when the targets are small (a
+// few answer tokens per sample: 2 text windows of 16 tokens here). Both choices are named in the summary and the
+// saved settings; the combinations that cannot work are refused before anything is created.
+TEST(Pipeline, DistillationAndGptqStartAreChosenAndChecked) {
+  TempDir t;
+  QuantizeOptions o = pipeline_test::rtn_options(t.str("q"));
+  o.method = "efficientqat";
+  o.block.init = "gptq";
+  o.block.epochs = 1;
+  o.e2e.max_steps = 1;
+  o.e2e.global_batch = o.e2e.micro_batch = 1;
+  const nlohmann::json summary = run_quantize(o);
+  EXPECT_EQ(summary["e2e_phase"]["loss"], "kd");
+  EXPECT_GT(summary["e2e_phase"]["val_loss_before"].get<double>(), 0.0);  // a KL, not a cross-entropy of ~6
+  EXPECT_LT(summary["e2e_phase"]["val_loss_before"].get<double>(), 1.0);
+  o.e2e_loss = "ce";
+  o.overwrite = true;
+  EXPECT_GT(run_quantize(o)["e2e_phase"]["val_loss_before"].get<double>(), 1.0);
+  EXPECT_EQ(quantize_settings(o)["--init"], "gptq");
+  auto refused = [&](QuantizeOptions bad, const std::string& flag) {
+    bad.out = t.str("never");
+    try {
+      run_quantize(bad);
+      ADD_FAILURE() << flag << " accepted";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(flag), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(std::filesystem::exists(t.str("never")));
+  };
+  QuantizeOptions b = o;
+  b.e2e_loss = "kd";
+  b.phases = "e2e-qp";
+  refused(b, "--e2e-loss kd with --phases e2e-qp");
+  b = o;
+  b.e2e_loss = "mse";
+  refused(b, "--e2e-loss");
+  b = o;
+  b.method = "gptq";
+  refused(b, "--init gptq");
+  b = o;
+  b.block.init = "absmax";
+  refused(b, "--init");
+}
+
 // Rows whose weights are all >= 0 have a min–max zero point of 0, which GPTQ v1 (zero − 1 in `bits` bits) cannot
 // store; with zero_min = 1 the quantizers never produce it and stay consistent (Ŵ = (q − z)·s).
 TEST(Pipeline, GptqV1ZeroPointLimitHoldsInEveryQuantizer) {

@@ -1,5 +1,6 @@
 // EfficientQAT end to end on the tiny fixtures: STE gradients, Block-AP beats RTN, GPTQ beats RTN on the block
-// MSE, export -> reload gives the in-memory model's logits, resume after a killed run is bit-identical.
+// MSE, export -> reload gives the in-memory model's logits, resume after a killed run is bit-identical, Block-AP from
+// GPTQ's start, E2E-QP by distillation.
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
@@ -42,6 +43,16 @@ BlockApOptions opts(const std::string& method, int bits) {
   o.progress = false;
   o.weight_lr = 1e-3;  // tiny model, few steps: a larger lr than the paper's so 8 iterations/block move weights
   o.quant_lr = 1e-2;
+  return o;
+}
+// E2E-QP on the tiny fixtures: 8 samples in steps of 4, 4 epochs, an lr large enough to move in 8 steps.
+E2eOptions e2e_opts() {
+  E2eOptions o;
+  o.lr = 1e-2;
+  o.global_batch = 4;
+  o.micro_batch = 2;
+  o.epochs = 4;
+  o.progress = false;
   return o;
 }
 }  // namespace
@@ -148,6 +159,36 @@ TEST(BlockAp, RaggedGroupsExportAndReloadExactly) {
   }
 }
 
+// --init gptq: W = (q − z)·s rounds back to exactly GPTQ's integers, so Block-AP with 0 epochs exports GPTQ's tensors
+// bit for bit; with training it only moves where the block's output error falls (block MSE below GPTQ's).
+TEST(BlockAp, GptqInitStartsFromGptqsIntegers) {
+  auto packed = [](Model& m) {
+    std::vector<at::Tensor> out;
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+      for (auto& [n, lin] : block_linears(m, b))
+        for (const at::Tensor& t : {lin->qweight, lin->qzeros, lin->scales}) out.push_back(t.clone());
+    return out;
+  };
+  Model g = load_model(fixture("tiny_llama"));
+  const double gptq_mse = last_val(run_block_quantization(g, tiny_calib(g), opts("gptq", 2)));
+  Model e = load_model(fixture("tiny_llama"));
+  BlockApOptions o = opts("efficientqat", 2);
+  o.init = "gptq";
+  o.epochs = 0;
+  run_block_quantization(e, tiny_calib(e), o);
+  auto a = packed(g), b = packed(e);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+
+  Model t = load_model(fixture("tiny_llama"));
+  o.epochs = 2;
+  o.weight_lr = 1e-4;  // tiny model, 8 iterations per block (the weight lr of opts() would overshoot a good start)
+  o.quant_lr = -1;     // the default for this start: s and z stay GPTQ's
+  EXPECT_LT(last_val(run_block_quantization(t, tiny_calib(t), o)), gptq_mse);
+  o.init = "absmax";
+  EXPECT_THROW(run_block_quantization(t, tiny_calib(t), o), InputError);
+}
+
 TEST(BlockAp, ResumeAfterKillIsBitIdentical) {
   TempDir t;
   auto run = [&](const std::string& state, bool kill_after_first, bool resume) {
@@ -177,15 +218,76 @@ TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
   Model m = load_model(fixture("tiny_llama"));
   CalibSet calib = tiny_calib(m);
   run_block_quantization(m, calib, opts("rtn", 2));
-  E2eOptions o;
-  o.lr = 1e-2;
-  o.global_batch = 4;
-  o.micro_batch = 2;
-  o.epochs = 4;
-  o.progress = false;
-  E2eResult r = run_e2e_qp(m, calib, o);
+  E2eResult r = run_e2e_qp(m, calib, e2e_opts());
   EXPECT_GT(r.steps, 0);
   EXPECT_LT(r.val_loss_after, r.val_loss_before);
+}
+
+// --e2e-loss kd: the distillation targets Block-AP's FP stream returns are the FP model's (its logits at every loss
+// position, through the final norm and lm_head), and E2E-QP's val loss is then the mean KL(FP ‖ quantized) over
+// those positions, which training lowers.
+TEST(E2eQp, DistillationTargetsAreTheFpModelsAndKlFalls) {
+  Model fp = load_model(fixture("tiny_llama"));
+  Model m = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m);
+  std::vector<CalibSample> teacher = calib.train;
+  teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
+  BlockApOptions bo = opts("rtn", 2);
+  bo.teacher_samples = &teacher;
+  BlockApResult br = run_block_quantization(m, calib, bo);
+  ASSERT_EQ(br.teacher_hidden.size(), teacher.size());
+  double kl_sum = 0;
+  int64_t positions = 0;
+  for (size_t i = 0; i < teacher.size(); ++i) {
+    c10::NoGradGuard ng;
+    EmbeddedBatch e = embed_samples(fp, {teacher[i]});
+    const int64_t L = e.ids.size(1);
+    at::Tensor mask = loss_positions(e)[0];
+    ASSERT_EQ(br.teacher_hidden[i].size(0), loss_position_count(teacher[i]));
+    ASSERT_EQ(br.teacher_hidden[i].size(0), mask.sum().item<int64_t>());
+    at::Tensor pos = at::arange(L).view({1, L});
+    at::Tensor want = fp.lm->forward(e.embeds, pos, {}, nullptr)[0].narrow(0, 0, L - 1).index({mask});
+    at::Tensor h = br.teacher_hidden[i].to(at::kFloat);
+    at::Tensor x = fp.lm->model->norm->forward(h);  // tiny_llama ties lm_head to the embedding
+    at::Tensor got = fp.lm->lm_head ? fp.lm->lm_head->forward(x) : at::linear(x, fp.lm->model->embed_tokens->weight);
+    // The FP stream is cached in fp16 at each of the 3 blocks' inputs and outputs (relative rounding 2^-11 each, 4
+    // roundings) and the norm rescales: logits of magnitude ≲ 8 move by ≲ 8 · 4 · 2^-11 ≈ 0.015.
+    EXPECT_LE(max_abs_diff(got, want), 0.015) << "sample " << i;
+    if (i >= calib.train.size()) {  // val: the KL E2E-QP reports before training
+      at::Tensor lq = m.lm->forward(e.embeds, pos, {}, nullptr)[0].narrow(0, 0, L - 1).index({mask}).log_softmax(-1);
+      at::Tensor lp = got.log_softmax(-1);
+      kl_sum += (lp.exp() * (lp - lq)).sum().item<double>();
+      positions += mask.sum().item<int64_t>();
+    }
+  }
+  E2eOptions o = e2e_opts();
+  o.loss = "kd";
+  o.teacher_hidden = &br.teacher_hidden;
+  E2eResult r = run_e2e_qp(m, calib, o);
+  // Same positions, same targets; the quantized logits differ only by batching (fp32 sums in another order).
+  EXPECT_NEAR(r.val_loss_before, kl_sum / static_cast<double>(positions), 1e-4 * r.val_loss_before);
+  EXPECT_GT(r.val_loss_before, 0);
+  EXPECT_LT(r.val_loss_after, r.val_loss_before);
+}
+
+// A learning rate far too large for step sizes raises the validation loss; E2E-QP then restores Block-AP's step
+// sizes exactly (a run never ends worse on validation than it started).
+TEST(E2eQp, AWorseValidationLossRestoresBlockApsStepSizes) {
+  Model m = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m);
+  run_block_quantization(m, calib, opts("rtn", 2));
+  std::vector<at::Tensor> before;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [n, lin] : block_linears(m, b)) before.push_back(lin->scales.to(at::kFloat).clone());
+  E2eOptions o = e2e_opts();
+  o.lr = 50;  // Adam moves every step size by ~lr per step: scales of ~0.05 end far from any useful value
+  o.warmup_ratio = 0;
+  E2eResult r = run_e2e_qp(m, calib, o);
+  EXPECT_GT(r.val_loss_after, r.val_loss_before);
+  EXPECT_TRUE(r.reverted);
+  size_t i = 0;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [n, lin] : block_linears(m, b)) EXPECT_TRUE(at::equal(lin->scales, before[i++])) << n;
 }
 
 // Fewer training samples than the batch (issue 16): the step used to read past the epoch's permutation. The batch
