@@ -12,8 +12,8 @@
 # Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
 # Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
 #           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128"), STORIES_SETTINGS (default
-#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs twice: eqat's defaults (Block-AP from GPTQ's integers,
-#           E2E-QP by distillation) and the paper's recipe (--init minmax --e2e-loss ce).
+#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs three times: eqat's defaults (E2E-QP by distillation),
+#           Block-AP from GPTQ's integers (--init gptq) and the paper's recipe (--init minmax --e2e-loss ce).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EQAT="${EQAT:-$ROOT/build/bin/eqat}"
@@ -39,10 +39,11 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
   IFS=';' read -ra settings <<< "$SETTINGS"
   for setting in "${settings[@]}"; do
     set -- $setting
-    for method in rtn gptq efficientqat efficientqat-paper; do
+    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
       q="$OUT/shapes-w$1g$2-$method"
       flags=(--method "$method")
-      # eqat's defaults start Block-AP from GPTQ's integers and distil in E2E-QP; the paper's recipe is the extra row.
+      # eqat's defaults distil in E2E-QP; extra rows: Block-AP from GPTQ's integers, and the paper's recipe.
+      [[ $method == efficientqat-gptq ]] && flags=(--method efficientqat --init gptq)
       [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
       t=$SECONDS
       "$EQAT" quantize --out "$q" --overwrite --bits "$1" --group-size "$2" "${flags[@]}" --samples "$SAMPLES" \
@@ -68,17 +69,18 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
   head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"
   tail -c $((n - n * 9 / 10)) "$TXT" > "$OUT/shakespeare-eval.txt"
   echo
-  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT (paper's recipe) KL |"
-  echo "|---|---:|---:|---:|---:|"
+  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT from GPTQ KL | EfficientQAT (paper's recipe) KL |"
+  echo "|---|---:|---:|---:|---:|---:|"
   IFS=';' read -ra ssettings <<< "$STORIES_SETTINGS"
   for setting in "${ssettings[@]}"; do
     set -- $setting
     bits=$1 group=$2
     row="| W${bits}g${group} |"
     [[ $group == -1 ]] && row="| W$bits per-channel |"
-    for method in rtn gptq efficientqat efficientqat-paper; do
+    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
       q="$OUT/stories-w${bits}g$group-$method"
       flags=(--method "$method")
+      [[ $method == efficientqat-gptq ]] && flags=(--method efficientqat --init gptq)
       [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
       "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size "$group" "${flags[@]}" \
         --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \

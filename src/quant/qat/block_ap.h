@@ -37,7 +37,8 @@ struct BlockApOptions {
   double weight_lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's)
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
-  // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's).
+  // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's; the
+  // CLI's default).
   // "gptq": GPTQ's result on the block's quantized-stream inputs: W = (q − z)·s, so Block-AP starts from GPTQ's
   // integers and trains away from them only where the block's output error falls.
   std::string init = "minmax";
