@@ -25,6 +25,15 @@ SETTINGS="${SETTINGS:-4 128;3 128;2 64;2 128}"
 STORIES_SETTINGS="${STORIES_SETTINGS:-2 64;3 64;2 -1;3 -1;4 -1}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"
+# The quantize flags of a table column: eqat's methods at their defaults (EfficientQAT distils in E2E-QP), plus
+# EfficientQAT from GPTQ's integers and the paper's recipe.
+method_flags() {
+  case $1 in
+    efficientqat-gptq) flags=(--method efficientqat --init gptq) ;;
+    efficientqat-paper) flags=(--method efficientqat --init minmax --e2e-loss ce) ;;
+    *) flags=(--method "$1") ;;
+  esac
+}
 field() { sed -n "s/^  \"$2\": \([-0-9.e]*\),*\$/\1/p" "$1" | head -1; }
 
 if [[ $WHAT == shapes || $WHAT == all ]]; then
@@ -41,10 +50,7 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
     set -- $setting
     for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
       q="$OUT/shapes-w$1g$2-$method"
-      flags=(--method "$method")
-      # eqat's defaults distil in E2E-QP; extra rows: Block-AP from GPTQ's integers, and the paper's recipe.
-      [[ $method == efficientqat-gptq ]] && flags=(--method efficientqat --init gptq)
-      [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
+      method_flags "$method"
       t=$SECONDS
       "$EQAT" quantize --out "$q" --overwrite --bits "$1" --group-size "$2" "${flags[@]}" --samples "$SAMPLES" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
@@ -79,9 +85,7 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
     [[ $group == -1 ]] && row="| W$bits per-channel |"
     for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
       q="$OUT/stories-w${bits}g$group-$method"
-      flags=(--method "$method")
-      [[ $method == efficientqat-gptq ]] && flags=(--method efficientqat --init gptq)
-      [[ $method == efficientqat-paper ]] && flags=(--method efficientqat --init minmax --e2e-loss ce)
+      method_flags "$method"
       "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size "$group" "${flags[@]}" \
         --calib "$OUT/shakespeare-calib.txt" --samples 512 --seq-len 256 --epochs "${STORIES_EPOCHS:-2}" \
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }

@@ -94,7 +94,8 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
   // Block-AP's step sizes, kept in case training raises the validation loss (restored at the end, see below).
   std::vector<at::Tensor> start_scales;
-  for (const auto& s : scales) start_scales.push_back(s.detach().clone());
+  if (!data.val.empty())  // without validation samples there is nothing to judge by, so nothing to keep
+    for (const auto& s : scales) start_scales.push_back(s.detach().clone());
   const int64_t n = static_cast<int64_t>(data.train.size());
   EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
   // A step reads global_batch distinct samples of one epoch's permutation. With fewer samples than that, the batch
