@@ -120,7 +120,7 @@ for like in a.like.split(","):
             resume_result = {"killed_exit": killed["exit"], "resumed_exit": resumed["exit"],
                              "files_compared": sorted(full), "byte_identical": same}
             print("resume after kill -9: byte-identical" if same else "resume after kill -9: DIFFERENT", flush=True)
-            if os.path.isdir(q2) and not a.keep:
+            if resumed["exit"] == 0 and not a.keep:  # only an export this run wrote (eqat refuses foreign dirs)
                 shutil.rmtree(q2)
         if not a.keep:
             shutil.rmtree(q)
