@@ -65,6 +65,7 @@ ParsedArgs parse_args(const CommandSpec& spec, const std::vector<std::string>& a
         value = argv[++i];
       }
       out.values_[name] = value;
+      out.repeated_[name].push_back(value);
     } else {
       out.positional_.push_back(a);
     }
@@ -81,6 +82,11 @@ std::string ParsedArgs::str(const std::string& name) const {
   if (it != values_.end()) return it->second;
   const FlagSpec* f = find_flag(*spec_, name);
   return f ? f->default_value : "";
+}
+
+std::vector<std::string> ParsedArgs::all(const std::string& name) const {
+  auto it = repeated_.find(name);
+  return it == repeated_.end() ? std::vector<std::string>{} : it->second;
 }
 
 std::string ParsedArgs::require(const std::string& name) const {

@@ -41,6 +41,8 @@ class ParsedArgs {
   double f64(const std::string& name, double lo, double hi) const;
   // --threads: 0 (auto) up to the machine's cores; more threads than cores only spin on a 2-core machine.
   int threads() const;
+  // Every value of a flag given more than once, in order (str() returns the last).
+  std::vector<std::string> all(const std::string& name) const;
   const std::vector<std::string>& positional() const { return positional_; }
   std::string require(const std::string& name) const;  // InputError "--name is required"
 
@@ -48,6 +50,7 @@ class ParsedArgs {
   friend ParsedArgs parse_args(const CommandSpec&, const std::vector<std::string>&);
   const CommandSpec* spec_ = nullptr;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> repeated_;
   std::vector<std::string> positional_;
 };
 

@@ -269,14 +269,16 @@ int bench_kernels(const ParsedArgs& a) {
 
 int bench_decode(const ParsedArgs& a);  // bench_decode.cpp
 int bench_quant(const ParsedArgs& a);   // bench_quant.cpp
+int bench_serve(const ParsedArgs& a);   // bench_serve.cpp
 
 int cmd_bench(const Argv& argv) {
   CommandSpec spec{
       "bench",
-      "eqat bench kernels|decode|quant [--device cpu|cuda] [--json] [options]",
+      "eqat bench kernels|decode|quant|serve [--device cpu|cuda] [--json] [options]",
       "Benchmarks the packed linear against the float baseline (kernels) or a LLaVA-1.5-7B-shaped decoder with "
       "random weights (decode: prefill 576 image + 64 text tokens, then greedy decode), or the EfficientQAT phases on one "
-      "Llama-2-7B-shaped block (quant: Block-AP ms/iteration, E2E-QP ms/step, peak memory).",
+      "Llama-2-7B-shaped block (quant: Block-AP ms/iteration, E2E-QP ms/step, peak memory), or eqat serve under "
+      "1, 4, 16 concurrent clients (serve: throughput, latency and time-to-first-token percentiles, rows per step).",
       {{"device", "DEV", "cpu or cuda", "cpu"},
        {"json", "", "print JSON (with device name and date) instead of a table", ""},
        {"formats", "LIST", "quantized formats besides the float baseline", "W4g128,W3g128,W2g64"},
@@ -295,7 +297,11 @@ int cmd_bench(const Argv& argv) {
        {"group-size", "G", "quant: group size", "64"},
        {"batch", "N", "quant: samples per iteration (0 = 2 on CUDA, 1 on CPU)", "0"},
        {"seq-len", "L", "quant: tokens per sample (0 = 2048 on CUDA, 256 on CPU)", "0"},
-       {"iters", "N", "quant: Block-AP iterations and E2E-QP steps to time", "4"}},
+       {"iters", "N", "quant: Block-AP iterations and E2E-QP steps to time", "4"},
+       {"model", "DIR", "serve: the model (default: the embedded default model)", ""},
+       {"clients", "LIST", "serve: concurrent clients per level", "1,4,16"},
+       {"requests", "N", "serve: requests each client sends, one after the other", "4"},
+       {"max-tokens", "N", "serve: tokens each request generates (its end-of-sequence ignored)", "64"}},
       1,
       1};
   ParsedArgs a = parse_args(spec, argv);
@@ -303,7 +309,8 @@ int cmd_bench(const Argv& argv) {
   if (what == "kernels") return bench_kernels(a);
   if (what == "decode") return bench_decode(a);
   if (what == "quant") return bench_quant(a);
-  EQAT_CHECK(false, "bench: expected 'kernels', 'decode' or 'quant', got '", what, "'");
+  if (what == "serve") return bench_serve(a);
+  EQAT_CHECK(false, "bench: expected 'kernels', 'decode', 'quant' or 'serve', got '", what, "'");
   return 2;
 }
 

@@ -81,17 +81,6 @@ void auto_threads(const ParsedArgs& a, const Model& m) {
   if (a.threads() == 0) set_compute_threads(0, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 1 : 0);
 }
 
-// The template a model's own files name ("conv_template" in config.json), else `fallback`.
-std::string model_template(const std::string& dir, const std::string& fallback) {
-  const std::string path = path_join(dir, "config.json");
-  std::string text = read_file(path);
-  size_t p = text.find("\"conv_template\"");
-  if (p == std::string::npos) return fallback;
-  size_t q1 = text.find('"', text.find(':', p) + 1), q2 = text.find('"', q1 + 1);
-  if (q1 == std::string::npos || q2 == std::string::npos) return fallback;
-  return text.substr(q1 + 1, q2 - q1 - 1);
-}
-
 void print_prompt(const Model& m, const std::string& prompt, const std::vector<int64_t>& ids) {
   std::cerr << "prompt: " << prompt << "\n";
   std::cerr << "prompt ids (" << ids.size() << "):";

@@ -8,7 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
 VENV="${EQAT_VENV:-$ROOT/.venv}"
 PKGS=(build-essential cmake ninja-build ccache pkg-config python3-venv
-      libopencv-dev libjpeg-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev)
+      libopencv-dev libjpeg-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev
+      libcpp-httplib-dev
+      chromium)  # chromium: the headless browser of eqat serve's page test (skipped where it is absent)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -43,4 +45,11 @@ if [[ "$have" != "$TORCH_VERSION" ]]; then
   fi
   echo "setup: installing torch==$TORCH_VERSION into $VENV (LibTorch for the C++ build; about 5 GB the first time)" >&2
   "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+# The official openai client, for the test that talks to `eqat serve` with it (pure Python, a few MB).
+OPENAI_VERSION="3.57.0"
+have_openai="$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/null || true)"
+if [[ "$have_openai" != "$OPENAI_VERSION" ]]; then
+  echo "setup: installing openai==$OPENAI_VERSION into $VENV (the serve test's client)" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
 fi

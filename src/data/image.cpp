@@ -64,12 +64,14 @@ constexpr int64_t kMaxImagePixels = int64_t{1} << 26;
 // (a 64-Mpx PNG is ~100-200 MiB).
 constexpr int64_t kMaxImageFileBytes = int64_t{256} << 20;
 
-void check_dimensions(const std::string& name, int64_t w, int64_t h) {
+void check_dimensions(const std::string& name, int64_t w, int64_t h, int64_t max_pixels) {
   EQAT_CHECK(w > 0 && h > 0, name, ": image has no pixels (", w, "x", h, ")");
   EQAT_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, name, ": image is ", w, "x", h, ", larger than the ",
              kMaxImageSide, " pixels per side this tool accepts");
   EQAT_CHECK(w * h <= kMaxImagePixels, name, ": image is ", w, "x", h, " = ", w * h, " pixels, more than the ",
              kMaxImagePixels, " (64 Mpx) this tool decodes");
+  EQAT_CHECK(max_pixels <= 0 || w * h <= max_pixels, name, ": image is ", w, "x", h, " = ", w * h,
+             " pixels, more than the cap of ", max_pixels);
 }
 
 // libjpeg (the same libjpeg-turbo OpenCV decodes with) run over the entropy-coded data only to collect what it
@@ -269,7 +271,7 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
     throw_input_error(str_cat(name, ": cannot decode JPEG (OpenCV: ", e.msg, ")"));
   }
   if (bgr.empty() || bgr.type() != CV_8UC3) return false;
-  check_dimensions(name, bgr.cols, bgr.rows);
+  check_dimensions(name, bgr.cols, bgr.rows, 0);
   cv::Mat rgb;
   cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
   img->width = rgb.cols;
@@ -284,7 +286,7 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
 
 const char* jpeg_decoder() { return "libjpeg-turbo"; }  // through OpenCV's imdecode
 
-Image decode_image(const std::string& bytes, const std::string& source, bool strict) {
+Image decode_image(const std::string& bytes, const std::string& source, bool strict, int64_t max_pixels) {
   const std::string name = image_context(source);
   EQAT_CHECK(!bytes.empty(), name, ": empty file, not an image");
   EQAT_CHECK(bytes.size() <= static_cast<size_t>(INT32_MAX), name, ": file too large (", bytes.size(), " bytes)");
@@ -295,7 +297,7 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
     EQAT_CHECK(stbi_info_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()), static_cast<int>(bytes.size()),
                                      &w, &h, &comp),
                name, ": cannot decode JPEG (", stbi_failure_reason(), ")");
-    check_dimensions(name, w, h);
+    check_dimensions(name, w, h, max_pixels);
     EQAT_CHECK(jpeg_is_complete(bytes), name, ": JPEG file is truncated (no end-of-image marker after the last scan)");
     const std::string warning = jpeg_warning(bytes);
     if (!warning.empty()) {
@@ -314,7 +316,7 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
   // Header first: refuse absurd sizes before stb allocates for them.
   EQAT_CHECK(stbi_info_from_memory(data, len, &w, &h, &comp), name, ": cannot decode image (",
              stbi_failure_reason(), ")");
-  check_dimensions(name, w, h);
+  check_dimensions(name, w, h, max_pixels);
   // 3 requested channels = PIL convert('RGB') for the modes that matter: gray replicated, alpha dropped (not
   // composited), palette expanded. GIF: the first frame.
   stbi_uc* pixels = stbi_load_from_memory(data, len, &w, &h, &comp, 3);

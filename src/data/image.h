@@ -27,7 +27,8 @@ struct Image {
 // A JPEG that libjpeg decodes with a warning ("Corrupt JPEG data: ...") gives one "warning:" line on stderr and is
 // decoded anyway — or, with `strict` (the --strict flag of ask / preprocess / eval), is an InputError.
 Image load_image(const std::string& path, bool strict = false);
-Image decode_image(const std::string& bytes, const std::string& source, bool strict = false);
+// `max_pixels` > 0 lowers the pixel cap (a server's --max-image-pixels), checked from the header like the others.
+Image decode_image(const std::string& bytes, const std::string& source, bool strict = false, int64_t max_pixels = 0);
 // Which library decodes JPEG: "libjpeg-turbo" through OpenCV's imdecode (Pillow's decoder: bit-exact). Other
 // formats use stb_image (lossless formats decode identically everywhere).
 const char* jpeg_decoder();

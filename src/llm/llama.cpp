@@ -119,10 +119,18 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   k = k * c + rotate_half(k) * s;
   if (cache && cache->slot.defined()) {
     EQAT_ASSERT(T == 1 && mask.defined(), "a static-shape decode step takes one position and a mask");
-    cache->k[layer_idx].index_copy_(2, cache->slot, k);
-    cache->v[layer_idx].index_copy_(2, cache->slot, v);
-    k = cache->k[layer_idx];
-    v = cache->v[layer_idx];
+    if (cache->slot.numel() == 1) {
+      cache->k[layer_idx].index_copy_(2, cache->slot, k);
+      cache->v[layer_idx].index_copy_(2, cache->slot, v);
+    } else {  // row b writes at slot[b]
+      EQAT_ASSERT(cache->slot.numel() == B, "a per-row slot needs one index per row");
+      at::Tensor idx = cache->slot.view({B, 1, 1, 1}).expand({B, n_kv_head_, 1, head_dim_});
+      cache->k[layer_idx].scatter_(2, idx, k);
+      cache->v[layer_idx].scatter_(2, idx, v);
+    }
+    const int64_t S = cache->window > 0 ? cache->window : cache->capacity;
+    k = cache->k[layer_idx].narrow(2, 0, S);
+    v = cache->v[layer_idx].narrow(2, 0, S);
   } else if (cache) {
     const int64_t past = cache->length;
     EQAT_CHECK(past + T <= cache->capacity, "sequence of ", past + T, " positions exceeds the KV cache (",

@@ -24,8 +24,10 @@ struct KVCache {
   // Static-shape decode (CUDA graphs): when defined, a one-position step writes its keys/values at this [1] int64
   // index on the cache's device and attends over the whole capacity under the caller's mask (which must exclude
   // the slots not yet written); `length` is then left alone. The index lives on the device, so one captured step
-  // replays for every position.
+  // replays for every position. A [B] slot gives each row its own index (continuous batching: rows at different
+  // lengths, llm/batch_decoder.h).
   at::Tensor slot;
+  int64_t window = 0;  // with `slot`: attend over keys [0, window) only; 0 = the whole capacity
   static KVCache create(const LlamaConfig& cfg, int64_t batch, int64_t capacity, c10::ScalarType dtype,
                         c10::Device device);
 };

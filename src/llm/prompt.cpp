@@ -1,6 +1,8 @@
 #include "llm/prompt.h"
 
 #include "data/error.h"
+#include "data/fs.h"
+#include "data/json_util.h"
 
 namespace eqat {
 
@@ -44,6 +46,12 @@ size_t count_image_markers(const std::string& prompt) {
   size_t n = 0;
   for (size_t p = prompt.find(kImageMarker); p != std::string::npos; p = prompt.find(kImageMarker, p + 1)) ++n;
   return n;
+}
+
+std::string model_template(const std::string& dir, const std::string& fallback) {
+  const nlohmann::json cfg = parse_json_path(path_join(dir, "config.json"));
+  auto it = cfg.find("conv_template");
+  return it != cfg.end() && it->is_string() ? it->get<std::string>() : fallback;
 }
 
 std::string render_prompt(PromptTemplate t, const std::string& text, bool with_image) {

@@ -33,6 +33,10 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
 
 size_t count_image_markers(const std::string& prompt);
 
+// The template a model directory names ("conv_template" in its config.json, as eqat's own models write it), else
+// `fallback`.
+std::string model_template(const std::string& dir, const std::string& fallback);
+
 // One user/assistant exchange of a conversation (LLaVA instruction JSON: human/gpt turns).
 struct Turn {
   std::string user;
