@@ -114,6 +114,7 @@ int bench_serve(const ParsedArgs& a) {
   eo.device = a.str("device");
   std::vector<std::unique_ptr<Engine>> engines;
   engines.push_back(std::make_unique<Engine>("bench", dir, eo));
+  set_serve_threads(0, engines);  // as eqat serve --threads 0
   Engine* engine = engines.front().get();
   const bool mm = engine->multimodal();
 
@@ -159,9 +160,10 @@ int bench_serve(const ParsedArgs& a) {
   double base_tps = 0;
   const bool as_json = a.flag("json");
   if (!as_json)
-    std::cout << std::left << std::setw(8) << "clients" << std::setw(12) << "tok/s" << std::setw(10) << "x 1-client"
+    std::cout << std::left << std::setw(8) << "clients" << std::setw(12) << "tok/s" << std::setw(12) << "x first"
               << std::setw(12) << "p50 lat s" << std::setw(12) << "p99 lat s" << std::setw(12) << "p50 ttft s"
-              << std::setw(12) << "p99 ttft s" << "rows/step\n";
+              << std::setw(12) << "p99 ttft s" << std::setw(11) << "rows/step" << std::setw(9) << "ms/step"
+              << "engine busy\n";
   bool all_ok = true;
   for (int64_t n : levels) {
     const std::string before = engine->metrics_text();
@@ -187,6 +189,8 @@ int bench_serve(const ParsedArgs& a) {
     const double steps = metric(after, "eqat_decode_steps_total") - metric(before, "eqat_decode_steps_total");
     const double gen = metric(after, "eqat_generated_tokens_total") - metric(before, "eqat_generated_tokens_total");
     const double tps = static_cast<double>(tokens) / wall;
+    const double dsec = metric(after, "eqat_decode_seconds_total") - metric(before, "eqat_decode_seconds_total");
+    const double psec = metric(after, "eqat_prefill_seconds_total") - metric(before, "eqat_prefill_seconds_total");
     if (n == levels.front()) base_tps = tps;
     // Each request's first token comes from its prefill, the rest from shared decode steps.
     const double rows_per_step = steps > 0 ? (gen - static_cast<double>(n * per_client)) / steps : 0;
@@ -195,13 +199,16 @@ int bench_serve(const ParsedArgs& a) {
                              {"tokens", tokens}, {"tokens_per_s", tps}, {"ratio_vs_first_level", tps / base_tps},
                              {"latency_p50_s", quantile(lat, 0.5)}, {"latency_p99_s", quantile(lat, 0.99)},
                              {"ttft_p50_s", quantile(ttft, 0.5)}, {"ttft_p99_s", quantile(ttft, 0.99)},
-                             {"decode_steps", steps}, {"rows_per_decode_step", rows_per_step}});
+                             {"decode_steps", steps}, {"rows_per_decode_step", rows_per_step},
+                             {"ms_per_decode_step", steps > 0 ? 1000 * dsec / steps : 0},
+                             {"engine_busy_fraction", (dsec + psec) / wall}, {"prefill_share_of_engine", psec / (dsec + psec)}});
     if (!as_json)
       std::cout << std::fixed << std::setprecision(3) << std::left << std::setw(8) << n << std::setw(12)
-                << std::setprecision(1) << tps << std::setw(10) << std::setprecision(2) << tps / base_tps
+                << std::setprecision(1) << tps << std::setw(12) << std::setprecision(2) << tps / base_tps
                 << std::setprecision(3) << std::setw(12) << quantile(lat, 0.5) << std::setw(12) << quantile(lat, 0.99)
                 << std::setw(12) << quantile(ttft, 0.5) << std::setw(12) << quantile(ttft, 0.99)
-                << std::setprecision(2) << rows_per_step << (failed ? "  (" + std::to_string(failed) + " failed)" : "")
+                << std::setprecision(2) << std::setw(11) << rows_per_step << std::setw(9) << (steps > 0 ? 1000 * dsec / steps : 0)
+                << (dsec + psec) / wall << (failed ? "  (" + std::to_string(failed) + " failed)" : "")
                 << std::endl;
   }
   server.stop();

@@ -89,12 +89,7 @@ int cmd_serve(const Argv& argv) {
     std::cerr << "serve: loading '" << name << "' from " << dir << std::endl;
     engines.push_back(std::make_unique<Engine>(name, dir, eo));
   }
-  // --threads 0: as eqat ask, one thread for tiny models (their ops are too short for OpenMP's fork/join).
-  if (a.threads() == 0) {
-    int64_t widest = 0;
-    for (const auto& e : engines) widest = std::max(widest, e->hidden_size());
-    set_compute_threads(0, eo.device == "cpu" && widest < 1024 ? 1 : 0);
-  }
+  set_serve_threads(a.threads(), engines);
   so.demo_dir = a.has("demo-images") ? a.str("demo-images") : path_join(engines.front()->dir(), "demo");
   EQAT_CHECK(!a.has("demo-images") || is_directory(so.demo_dir), "--demo-images ", so.demo_dir, ": not a directory");
   if (so.host != "127.0.0.1" && so.host != "localhost" && so.host != "::1" && so.api_key.empty())

@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "data/cpu.h"
 #include "data/error.h"
 #include "data/image.h"
 #include "data/tokenizer.h"
@@ -103,6 +104,7 @@ Engine::~Engine() {
 
 bool Engine::multimodal() const { return s_->model.multimodal(); }
 int64_t Engine::hidden_size() const { return s_->model.cfg.text.hidden_size; }
+bool Engine::on_cpu() const { return s_->model.device.is_cpu(); }
 
 int64_t Engine::waiting() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -248,6 +250,7 @@ void Engine::loop() {
         s_->rows[r].reset();
         running_--;
       }
+    const auto t_admit = std::chrono::steady_clock::now();
     for (auto& job : admit) {
       if (job->cancelled()) {
         finish(job, "stop", "");
@@ -272,10 +275,13 @@ void Engine::loop() {
         finish(job, "", e.what());
       }
     }
+    if (!admit.empty()) prefill_seconds_ = prefill_seconds_ + seconds(std::chrono::steady_clock::now() - t_admit);
     if (dec.active() == 0) continue;
     try {
+      const auto t_step = std::chrono::steady_clock::now();
       for (const SequenceToken& t : dec.step()) deliver(t);
       decode_steps_total_++;
+      decode_seconds_ = decode_seconds_ + seconds(std::chrono::steady_clock::now() - t_step);
     } catch (const std::exception& e) {
       std::cerr << "serve: model '" << name_ << "': decode step failed: " << e.what() << std::endl;
       fail_all(std::string("decode step failed: ") + e.what());
@@ -306,12 +312,24 @@ std::string Engine::metrics_text() const {
   o << "eqat_prompt_tokens_total{" << l << "} " << prompt_tokens_total_ << "\n";
   o << "eqat_generated_tokens_total{" << l << "} " << generated_tokens_total_ << "\n";
   o << "eqat_decode_steps_total{" << l << "} " << decode_steps_total_ << "\n";
+  o << "eqat_decode_seconds_total{" << l << "} " << decode_seconds_ << "\n";
+  o << "eqat_prefill_seconds_total{" << l << "} " << prefill_seconds_ << "\n";
   o << "eqat_requests_running{" << l << "} " << running_ << "\n";
   o << "eqat_requests_waiting{" << l << "} " << waiting() << "\n";
   o << "eqat_batch_capacity{" << l << "} " << opts_.max_batch << "\n";
   o << latency_.text("eqat_request_duration_seconds", l);
   o << ttft_.text("eqat_time_to_first_token_seconds", l);
   return o.str();
+}
+
+void set_serve_threads(int requested, const std::vector<std::unique_ptr<Engine>>& engines) {
+  if (requested > 0) {
+    set_compute_threads(requested);
+    return;
+  }
+  bool tiny_cpu = true;
+  for (const auto& e : engines) tiny_cpu = tiny_cpu && e->on_cpu() && e->hidden_size() < 1024;
+  set_compute_threads(0, tiny_cpu ? 1 : 0);
 }
 
 }  // namespace eqat

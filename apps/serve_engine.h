@@ -94,6 +94,7 @@ class Engine {
   int64_t context() const { return context_; }
   bool multimodal() const;
   int64_t hidden_size() const;  // the decoder's width (tiny models serve best on one thread)
+  bool on_cpu() const;
   int64_t running() const { return running_; }
   int64_t waiting() const;
   int64_t max_batch() const { return opts_.max_batch; }
@@ -126,7 +127,13 @@ class Engine {
   mutable std::mutex metrics_mu_;
   std::vector<std::pair<int, uint64_t>> requests_by_status_;
   std::atomic<uint64_t> prompt_tokens_total_{0}, generated_tokens_total_{0}, decode_steps_total_{0};
+  std::atomic<double> decode_seconds_{0}, prefill_seconds_{0};  // engine-thread time in steps and admissions
   Histogram latency_, ttft_;
 };
+
+// Compute threads for serving: `requested` > 0 as given; 0 (auto) as eqat ask does it, one thread when every model
+// is tiny on the CPU (hidden < 1024: OpenMP's fork/join costs more than it gains, and the HTTP threads need the
+// other cores), else LibTorch's default over the idle cores.
+void set_serve_threads(int requested, const std::vector<std::unique_ptr<Engine>>& engines);
 
 }  // namespace eqat

@@ -10,6 +10,8 @@
 #include <iostream>
 #include <random>
 
+#include <sys/socket.h>
+
 #include "data/error.h"
 #include "data/fs.h"
 
@@ -76,6 +78,7 @@ struct HttpServer::Impl {
   ServeOptions opts;
   httplib::Server svr;
   std::vector<std::string> demos;
+  int listen_fd = -1;
 
   Engine* find(const std::string& model) {
     if (model.empty()) return engines.front().get();
@@ -222,6 +225,10 @@ struct HttpServer::Impl {
           "# TYPE eqat_requests_total counter\n"
           "# TYPE eqat_prompt_tokens_total counter\n# TYPE eqat_generated_tokens_total counter\n"
           "# TYPE eqat_decode_steps_total counter\n# TYPE eqat_requests_running gauge\n"
+          "# HELP eqat_decode_seconds_total Engine time in batched decode steps (token delivery included).\n"
+          "# TYPE eqat_decode_seconds_total counter\n"
+          "# HELP eqat_prefill_seconds_total Engine time admitting requests (vision tower and prefill).\n"
+          "# TYPE eqat_prefill_seconds_total counter\n"
           "# TYPE eqat_requests_waiting gauge\n# TYPE eqat_batch_capacity gauge\n"
           "# HELP eqat_request_duration_seconds Time from the request to its last byte.\n"
           "# TYPE eqat_request_duration_seconds histogram\n"
@@ -278,6 +285,13 @@ HttpServer::HttpServer(std::vector<std::unique_ptr<Engine>> engines, const Serve
   size_t workers = 4;
   for (auto& e : impl_->engines) workers += static_cast<size_t>(e->max_batch() + e->queue_limit());
   impl_->svr.new_task_queue = [workers] { return new httplib::ThreadPool(workers); };
+  // The listening socket: SO_REUSEADDR as httplib's default (no SO_REUSEPORT: a second server on the same port must
+  // fail), and its fd remembered so run() can raise the accept backlog.
+  impl_->svr.set_socket_options([this](int sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    impl_->listen_fd = sock;
+  });
   impl_->svr.set_payload_max_length(static_cast<size_t>(opts.max_body_bytes));
   impl_->svr.set_read_timeout(30, 0);
   impl_->svr.set_write_timeout(30, 0);
@@ -296,6 +310,9 @@ void HttpServer::run(const std::function<void(int)>& on_listening) {
     EQAT_CHECK(s.bind_to_port(impl_->opts.host, port), "--port ", port, ": cannot listen on ", impl_->opts.host, ":",
                port, " (in use, or not an address of this machine)");
   }
+  // httplib 0.11 listens with a backlog of 5: a burst of new connections (16 clients at once) overflows it and the
+  // dropped SYNs come back after TCP's 1-s retransmit. Listening again on the bound socket raises it.
+  if (impl_->listen_fd >= 0) ::listen(impl_->listen_fd, 1024);
   if (on_listening) on_listening(port);
   s.listen_after_bind();
 }

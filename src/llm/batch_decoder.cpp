@@ -48,8 +48,11 @@ void BatchDecoder::release(int64_t row) {
 }
 
 SequenceToken BatchDecoder::take(int64_t r, const at::Tensor& logits) {
+  return take_id(r, rows_[r].sampler->sample(logits).item<int64_t>());
+}
+
+SequenceToken BatchDecoder::take_id(int64_t r, int64_t id) {
   Row& row = rows_[r];
-  const int64_t id = row.sampler->sample(logits).item<int64_t>();
   SequenceToken t{r, id, FinishReason::kNone};
   if (std::find(row.opts.stop_ids.begin(), row.opts.stop_ids.end(), id) != row.opts.stop_ids.end()) {
     t.token = -1;
@@ -130,11 +133,23 @@ std::vector<SequenceToken> BatchDecoder::step() {
   at::Tensor logits =
       lm_->forward(lm_->embed(ids_t), slot_t.view({n, 1}), mask, &view, /*last_only=*/true).select(1, 0);  // [n,V]
 
+  // Greedy rows (temperature 0) share one argmax over the batch, checked for NaN/inf once; sampling rows draw from
+  // their own generators (Sampler checks their logits).
+  bool any_greedy = false;
+  for (int64_t r = 0; r < n; ++r) any_greedy = any_greedy || (rows_[r].active && rows_[r].opts.sampling.temperature == 0.0);
+  std::vector<int64_t> greedy;
+  if (any_greedy) {
+    at::Tensor f = logits.to(at::kCPU, at::kFloat);
+    EQAT_CHECK(!f.isnan().any().item<bool>() && !f.isposinf().any().item<bool>(), "the model produced NaN or infinite logits; its weights overflow in ",
+               c10::toString(logits.scalar_type()), " (try --dtype float32)");
+    at::Tensor best = f.argmax(-1).contiguous();
+    greedy.assign(best.data_ptr<int64_t>(), best.data_ptr<int64_t>() + n);
+  }
   std::vector<SequenceToken> out;
   for (int64_t r = 0; r < n; ++r) {
     if (!rows_[r].active) continue;
     rows_[r].length++;
-    out.push_back(take(r, logits.narrow(0, r, 1)));
+    out.push_back(rows_[r].opts.sampling.temperature == 0.0 ? take_id(r, greedy[r]) : take(r, logits.narrow(0, r, 1)));
   }
   return out;
 }

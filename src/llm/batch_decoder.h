@@ -66,6 +66,7 @@ class BatchDecoder {
   };
   // Samples row r's next token from logits [1,V] and updates its state.
   SequenceToken take(int64_t r, const at::Tensor& logits);
+  SequenceToken take_id(int64_t r, int64_t id);  // row r emits (or stops on) `id`
 
   LlamaForCausalLM lm_;
   int64_t capacity_;

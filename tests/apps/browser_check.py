@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Drives eqat serve's page in headless Chromium the way a person would (run by tests/apps/serve_http_test.cpp).
 
-usage: browser_check.py CHROMIUM URL QUESTION [--compare] [--screenshot OUT.png]
+usage: browser_check.py CHROMIUM URL QUESTION [--compare] [--demo N] [--screenshot OUT.png]
 
-Opens URL, clicks the first demo image, types QUESTION, clicks Ask, waits for the streamed answer(s), and prints
+Opens URL, clicks the first (or the N-th, from 0) demo image, types QUESTION, clicks Ask, waits for the streamed answer(s), and prints
 one line per answer panel: "answer[i]: MODEL | TEXT | STATS". With --screenshot, saves the page as PNG.
 Talks to Chromium over the DevTools protocol on a pipe (--remote-debugging-pipe: fds 3 and 4, NUL-terminated
 JSON), so it needs only the Python standard library.
@@ -19,7 +19,7 @@ import time
 
 class Browser:
     def __init__(self, chromium, width=1200, height=760):
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)  # chromium may still be writing
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
 
@@ -89,12 +89,13 @@ def main():
     chromium, url, question = sys.argv[1:4]
     compare = "--compare" in sys.argv
     shot = sys.argv[sys.argv.index("--screenshot") + 1] if "--screenshot" in sys.argv else None
+    demo = int(sys.argv[sys.argv.index("--demo") + 1]) if "--demo" in sys.argv else 0
     b = Browser(chromium)
     try:
         b.open(url)
         b.wait("document.querySelectorAll('#demos img').length > 0 && document.querySelector('#model1').options.length > 0",
                30, "the demo images and the model list")
-        b.js("document.querySelector('#demos img').click()")
+        b.js(f"document.querySelectorAll('#demos img')[{demo}].click()")
         b.wait("!!document.querySelector('#drop img')", 30, "the picked image")
         b.js(f"document.getElementById('q').value = {json.dumps(question)}")
         if compare:
