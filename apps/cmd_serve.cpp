@@ -86,8 +86,9 @@ int cmd_serve(const Argv& argv) {
     if (name.empty()) name = dir.substr(dir.find_last_of('/') + 1);
     EQAT_CHECK(!name.empty(), "--model ", m, ": cannot name this model; use --model NAME=DIR");
     for (const auto& e : engines) EQAT_CHECK(e->name() != name, "--model: two models named '", name, "'");
-    std::cerr << "serve: loading '" << name << "' from " << dir << std::endl;
     engines.push_back(std::make_unique<Engine>(name, dir, eo));
+    std::cerr << "serve: model '" << name << "' from " << dir << " (" << engines.back()->context()
+              << " positions per request, " << eo.max_batch << " decoded together)" << std::endl;
   }
   set_serve_threads(a.threads(), engines);
   so.demo_dir = a.has("demo-images") ? a.str("demo-images") : path_join(engines.front()->dir(), "demo");

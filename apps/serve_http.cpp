@@ -26,7 +26,10 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 
 std::string completion_id() {
   static std::atomic<uint64_t> n{0};
-  static const uint64_t salt = std::random_device{}();
+  static const uint64_t salt = [] {
+    std::random_device rd;
+    return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }();
   char buf[40];
   std::snprintf(buf, sizeof buf, "chatcmpl-%016llx%04llx", static_cast<unsigned long long>(salt),
                 static_cast<unsigned long long>(n++ & 0xFFFF));
