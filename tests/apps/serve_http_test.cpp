@@ -195,6 +195,20 @@ TEST(Serve, AnswersLikeAskInOpenAisSchemaStreamedOrNot) {
   EXPECT_EQ(text, want);
   EXPECT_EQ(last["choices"][0]["finish_reason"], "stop");
   EXPECT_EQ(last["usage"], r["usage"]);
+  // A seed makes sampling reproducible; a stop string cuts the answer before it (finish_reason "stop").
+  json sampled = chat_body("Describe the image in one sentence.", img);
+  sampled["temperature"] = 1.5;
+  sampled["seed"] = 11;
+  const std::string a1 = post(s, sampled)["choices"][0]["message"]["content"];
+  EXPECT_EQ(post(s, sampled)["choices"][0]["message"]["content"], a1);
+  json cut = chat_body("Describe the image in one sentence.", img);
+  const std::string full = post(s, cut)["choices"][0]["message"]["content"];
+  const size_t sp = full.find(' ');
+  ASSERT_NE(sp, std::string::npos) << full;
+  cut["stop"] = full.substr(sp, 3);  // e.g. " gr": the answer stops after its first word
+  json r2 = post(s, cut);
+  EXPECT_EQ(r2["choices"][0]["message"]["content"], full.substr(0, sp));
+  EXPECT_EQ(r2["choices"][0]["finish_reason"], "stop");
   // The other routes.
   auto c = s.client();
   auto models = c->Get("/v1/models");
@@ -205,8 +219,8 @@ TEST(Serve, AnswersLikeAskInOpenAisSchemaStreamedOrNot) {
   EXPECT_EQ(json::parse(health->body)["status"], "ok");
   auto metrics = c->Get("/metrics");
   ASSERT_TRUE(metrics);
-  EXPECT_EQ(metric(metrics->body, "eqat_requests_total"), 2);
-  EXPECT_GE(metric(metrics->body, "eqat_request_duration_seconds_count"), 2);
+  EXPECT_EQ(metric(metrics->body, "eqat_requests_total"), 6);
+  EXPECT_GE(metric(metrics->body, "eqat_request_duration_seconds_count"), 6);
   auto page = c->Get("/");
   ASSERT_TRUE(page);
   EXPECT_NE(page->body.find("<title>eqat serve</title>"), std::string::npos);
