@@ -9,7 +9,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
 VENV="${EQAT_VENV:-$ROOT/.venv}"
 PKGS=(build-essential cmake ninja-build ccache pkg-config python3-venv
       libopencv-dev libjpeg-dev libsentencepiece-dev nlohmann-json3-dev libstb-dev libgtest-dev
-      libcpp-httplib-dev
+      libcpp-httplib-dev libpcre2-dev
       chromium)  # chromium: the headless browser of eqat serve's page test (skipped where it is absent)
 
 missing=()
