@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "data/bpe.h"
 #include "data/error.h"
 #include "data/fs.h"
 
@@ -156,75 +157,87 @@ Tokenizer Tokenizer::from_model_file(const std::string& path) {
 
 Tokenizer Tokenizer::load(const std::string& dir) {
   const std::string model_path = path_join(dir, "tokenizer.model");
-  EQAT_CHECK(file_exists(model_path), dir, ": no tokenizer.model (the tokenizer is required)");
-  Tokenizer tok = from_model_file(model_path);
-
-  const auto add = [&tok](const std::string& content, int64_t id, bool special, const std::string& source) {
-    EQAT_CHECK(!content.empty(), source, ": added token ", id, " has empty content");
-    // Token ids are int32 everywhere (SentencePiece, HF, embedding rows); the bound also keeps vocab_size() = id + 1
-    // from overflowing.
-    EQAT_CHECK(id <= INT32_MAX, source, ": added token \"", content, "\" has id ", id, ", beyond the largest token id ",
-               INT32_MAX);
-    auto it = tok.added_.find(content);
-    EQAT_CHECK(it == tok.added_.end() || it->second == id, source, ": added token \"", content,
-               "\" has two ids (", it == tok.added_.end() ? 0 : it->second, " and ", id, ")");
-    tok.added_[content] = id;
-    tok.added_special_[id] = special;
-  };
-
-  // The three files overlap (recent checkpoints carry all of them with identical content); each one only adds.
   const std::string tj_path = path_join(dir, "tokenizer.json");
-  if (file_exists(tj_path)) {
-    const json tj = parse_json_file(tj_path);
-    if (tj.contains("added_tokens") && !tj["added_tokens"].is_null()) {
-      EQAT_CHECK(tj["added_tokens"].is_array(), tj_path, ": \"added_tokens\" must be an array");
-      for (const json& t : tj["added_tokens"]) {
-        EQAT_CHECK(t.is_object() && t.contains("id") && t.contains("content") && t["content"].is_string(), tj_path,
-                   ": each \"added_tokens\" entry needs \"id\" and \"content\"");
-        add(t["content"].get<std::string>(), json_id(t["id"], tj_path, "added token"),
-            special_flag(t, tj_path), tj_path);
-      }
+  // Byte-level BPE models (Llama-3, ...) ship tokenizer.json without tokenizer.model.
+  const bool bpe = !file_exists(model_path) && file_exists(tj_path) && ByteLevelBpe::describes_byte_level_bpe(tj_path);
+  EQAT_CHECK(bpe || file_exists(model_path), dir,
+             ": no tokenizer.model and no byte-level BPE tokenizer.json (the tokenizer is required)");
+  Tokenizer tok = bpe ? Tokenizer() : from_model_file(model_path);
+  if (bpe) {
+    tok.bpe_ = std::make_shared<const ByteLevelBpe>(ByteLevelBpe::load(tj_path));
+    for (const auto& [content, id] : tok.bpe_->added_tokens()) {
+      tok.added_[content] = id;
+      tok.added_special_[id] = tok.bpe_->is_special(id);
     }
-  }
-  const std::string at_path = path_join(dir, "added_tokens.json");
-  if (file_exists(at_path)) {
-    // {content: id} without a special flag: LLaVA's entries (<image>, <pad>, <im_start>...) are all
-    // control-like, so they count as special unless another file says otherwise.
-    const json at = parse_json_file(at_path);
-    for (const auto& [content, id] : at.items()) {
-      const int64_t i = json_id(id, at_path, "\"" + content + "\"");
-      const bool special = tok.added_special_.count(i) ? tok.added_special_[i] : true;
-      add(content, i, special, at_path);
-    }
-  }
-  const std::string tc_path = path_join(dir, "tokenizer_config.json");
-  json tc;
-  if (file_exists(tc_path)) {
-    tc = parse_json_file(tc_path);
-    if (tc.contains("added_tokens_decoder") && !tc["added_tokens_decoder"].is_null()) {
-      EQAT_CHECK(tc["added_tokens_decoder"].is_object(), tc_path, ": \"added_tokens_decoder\" must be an object");
-      for (const auto& [key, t] : tc["added_tokens_decoder"].items()) {
-        int64_t id = -1;
-        try {
-          size_t used = 0;
-          id = std::stoll(key, &used);
-          if (used != key.size()) id = -1;
-        } catch (const std::exception&) {
-        }
-        EQAT_CHECK(id >= 0, tc_path, ": \"added_tokens_decoder\" key \"", key, "\" is not a token id");
-        EQAT_CHECK(t.is_object() && t.contains("content") && t["content"].is_string(), tc_path,
-                   ": \"added_tokens_decoder\" entry ", key, " needs a string \"content\"");
-        add(t["content"].get<std::string>(), id, special_flag(t, tc_path), tc_path);
-      }
-    }
+    tok.bos_id_ = tok.eos_id_ = tok.unk_id_ = tok.pad_id_ = -1;  // named by tokenizer_config.json below
   }
 
-  // Added ids inside the SentencePiece range must name the same piece (tokenizer.json repeats <unk> <s> </s>);
-  // anything else would silently re-map a vocabulary entry.
-  for (const auto& [content, id] : tok.added_) {
-    if (id < tok.sp_->GetPieceSize())
-      EQAT_CHECK(tok.sp_->IdToPiece(static_cast<int>(id)) == content, dir, ": added token \"", content, "\" reuses id ",
-                 id, ", which tokenizer.model assigns to \"", tok.sp_->IdToPiece(static_cast<int>(id)), "\"");
+  const std::string tc_path = path_join(dir, "tokenizer_config.json");
+  const json tc = file_exists(tc_path) ? parse_json_file(tc_path) : json();
+  if (!tok.bpe_) {  // SentencePiece: the added tokens come from the HF files around tokenizer.model
+    const auto add = [&tok](const std::string& content, int64_t id, bool special, const std::string& source) {
+      EQAT_CHECK(!content.empty(), source, ": added token ", id, " has empty content");
+      // Token ids are int32 everywhere (SentencePiece, HF, embedding rows); the bound also keeps vocab_size() = id + 1
+      // from overflowing.
+      EQAT_CHECK(id <= INT32_MAX, source, ": added token \"", content, "\" has id ", id, ", beyond the largest token id ",
+                 INT32_MAX);
+      auto it = tok.added_.find(content);
+      EQAT_CHECK(it == tok.added_.end() || it->second == id, source, ": added token \"", content,
+                 "\" has two ids (", it == tok.added_.end() ? 0 : it->second, " and ", id, ")");
+      tok.added_[content] = id;
+      tok.added_special_[id] = special;
+    };
+
+    // The three files overlap (recent checkpoints carry all of them with identical content); each one only adds.
+    if (file_exists(tj_path)) {
+      const json tj = parse_json_file(tj_path);
+      if (tj.contains("added_tokens") && !tj["added_tokens"].is_null()) {
+        EQAT_CHECK(tj["added_tokens"].is_array(), tj_path, ": \"added_tokens\" must be an array");
+        for (const json& t : tj["added_tokens"]) {
+          EQAT_CHECK(t.is_object() && t.contains("id") && t.contains("content") && t["content"].is_string(), tj_path,
+                     ": each \"added_tokens\" entry needs \"id\" and \"content\"");
+          add(t["content"].get<std::string>(), json_id(t["id"], tj_path, "added token"),
+              special_flag(t, tj_path), tj_path);
+        }
+      }
+    }
+    const std::string at_path = path_join(dir, "added_tokens.json");
+    if (file_exists(at_path)) {
+      // {content: id} without a special flag: LLaVA's entries (<image>, <pad>, <im_start>...) are all
+      // control-like, so they count as special unless another file says otherwise.
+      const json at = parse_json_file(at_path);
+      for (const auto& [content, id] : at.items()) {
+        const int64_t i = json_id(id, at_path, "\"" + content + "\"");
+        const bool special = tok.added_special_.count(i) ? tok.added_special_[i] : true;
+        add(content, i, special, at_path);
+      }
+    }
+    if (file_exists(tc_path)) {
+      if (tc.contains("added_tokens_decoder") && !tc["added_tokens_decoder"].is_null()) {
+        EQAT_CHECK(tc["added_tokens_decoder"].is_object(), tc_path, ": \"added_tokens_decoder\" must be an object");
+        for (const auto& [key, t] : tc["added_tokens_decoder"].items()) {
+          int64_t id = -1;
+          try {
+            size_t used = 0;
+            id = std::stoll(key, &used);
+            if (used != key.size()) id = -1;
+          } catch (const std::exception&) {
+          }
+          EQAT_CHECK(id >= 0, tc_path, ": \"added_tokens_decoder\" key \"", key, "\" is not a token id");
+          EQAT_CHECK(t.is_object() && t.contains("content") && t["content"].is_string(), tc_path,
+                     ": \"added_tokens_decoder\" entry ", key, " needs a string \"content\"");
+          add(t["content"].get<std::string>(), id, special_flag(t, tc_path), tc_path);
+        }
+      }
+    }
+
+    // Added ids inside the SentencePiece range must name the same piece (tokenizer.json repeats <unk> <s> </s>);
+    // anything else would silently re-map a vocabulary entry.
+    for (const auto& [content, id] : tok.added_) {
+      if (id < tok.sp_->GetPieceSize())
+        EQAT_CHECK(tok.sp_->IdToPiece(static_cast<int>(id)) == content, dir, ": added token \"", content, "\" reuses id ",
+                   id, ", which tokenizer.model assigns to \"", tok.sp_->IdToPiece(static_cast<int>(id)), "\"");
+    }
   }
 
   if (tc.is_object()) {
@@ -247,6 +260,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
 }
 
 int64_t Tokenizer::vocab_size() const {
+  if (bpe_) return bpe_->vocab_size();
   int64_t n = sp_->GetPieceSize();
   for (const auto& [content, id] : added_) n = std::max(n, id + 1);
   return n;
@@ -260,6 +274,7 @@ int64_t Tokenizer::added_token_id(const std::string& content) const {
 int64_t Tokenizer::piece_to_id(const std::string& piece) const {
   const int64_t added = added_token_id(piece);
   if (added >= 0) return added;
+  if (bpe_) return bpe_->token_to_id(piece);
   const int id = sp_->PieceToId(piece);
   // SentencePiece answers unk_id for unknown pieces; only "<unk>" itself may legitimately map there.
   if (id < 0 || (sp_->IsUnknown(id) && sp_->IdToPiece(id) != piece)) return -1;
@@ -268,6 +283,7 @@ int64_t Tokenizer::piece_to_id(const std::string& piece) const {
 
 std::string Tokenizer::id_to_piece(int64_t id) const {
   EQAT_CHECK(id >= 0 && id < vocab_size(), "token id ", id, " is out of range [0, ", vocab_size(), ")");
+  if (bpe_) return bpe_->id_to_token(id);
   if (id < sp_->GetPieceSize()) return sp_->IdToPiece(static_cast<int>(id));
   for (const auto& [content, i] : added_)
     if (i == id) return content;
@@ -275,6 +291,16 @@ std::string Tokenizer::id_to_piece(int64_t id) const {
 }
 
 std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_bos) const {
+  if (bpe_) {
+    std::vector<int64_t> ids;
+    if (add_bos) {
+      EQAT_CHECK(bos_id_ >= 0, "the tokenizer defines no BOS token (tokenizer_config.json names no bos_token), so ",
+                 "none can be prepended");
+      ids.push_back(bos_id_);
+    }
+    for (int64_t id : bpe_->encode(text)) ids.push_back(id);
+    return ids;
+  }
   // Texts that are split out of the input and map straight to one id: every added token plus the special
   // pieces' own spelling (multi-turn vicuna prompts contain a literal "</s>"). Longest match wins at a position,
   // as in HF's added-token trie.
@@ -325,6 +351,10 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_bos) co
 }
 
 std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special) const {
+  if (bpe_) {
+    for (int64_t id : ids) EQAT_ASSERT(id >= 0, "cannot decode negative token id ", id);
+    return bpe_->decode(ids, skip_special);
+  }
   const int64_t n_sp = sp_->GetPieceSize();
   const int64_t n_vocab = vocab_size();
   std::string out, bytes;

@@ -17,9 +17,13 @@ class SentencePieceProcessor;
 
 namespace eqat {
 
+class ByteLevelBpe;
+
 class Tokenizer {
  public:
-  // `dir` holds tokenizer.model and optionally the HF JSON files. InputError naming the file when missing/corrupt.
+  // `dir` holds tokenizer.model and optionally the HF JSON files, or (Llama-3 and other byte-level BPE models) a
+  // tokenizer.json alone (data/bpe.h); BOS/EOS/pad then come from tokenizer_config.json. InputError naming the file
+  // when missing/corrupt.
   static Tokenizer load(const std::string& dir);
   // From a tokenizer.model path alone (no added tokens).
   static Tokenizer from_model_file(const std::string& path);
@@ -41,6 +45,8 @@ class Tokenizer {
   int64_t added_token_id(const std::string& content) const;
   const std::map<std::string, int64_t>& added_tokens() const { return added_; }
 
+  bool byte_level_bpe() const { return static_cast<bool>(bpe_); }
+
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
   ~Tokenizer();
@@ -48,6 +54,7 @@ class Tokenizer {
  private:
   Tokenizer();
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::shared_ptr<const ByteLevelBpe> bpe_;  // set: a byte-level BPE tokenizer.json instead of SentencePiece
   std::map<std::string, int64_t> added_;   // content -> id (beyond or inside the SP vocab)
   std::map<int64_t, bool> added_special_;  // id -> special
   int64_t bos_id_ = 1, eos_id_ = 2, pad_id_ = -1, unk_id_ = 0;

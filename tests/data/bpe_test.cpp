@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "data/bpe.h"
+#include "data/tokenizer.h"
 #include "data/error.h"
 #include "model_test_util.h"
 
@@ -69,4 +70,38 @@ TEST(Bpe, RefusesWhatItDoesNotImplementNamingTheFile) {
   EXPECT_NE(message(write(j.dump())).find("no ByteLevel step"), std::string::npos);
   EXPECT_FALSE(ByteLevelBpe::describes_byte_level_bpe(write(R"({"model": {"type": "Unigram"}})")));
   EXPECT_TRUE(ByteLevelBpe::describes_byte_level_bpe(fixture("bpe_llama3/tokenizer.json")));
+}
+
+// The same fixture through Tokenizer (what models use): a directory with tokenizer.json and no tokenizer.model
+// loads as byte-level BPE, BOS/EOS come from tokenizer_config.json, and streaming decode (TokenStreamer) never
+// emits half a UTF-8 character although byte-level tokens split emoji and CJK characters.
+TEST(Bpe, TokenizerLoadsAByteLevelDirectoryAndStreamsWholeCharacters) {
+  Tokenizer tok = Tokenizer::load(fixture("bpe_llama3"));
+  EXPECT_TRUE(tok.byte_level_bpe());
+  EXPECT_EQ(tok.bos_id(), tok.piece_to_id("<|begin_of_text|>"));
+  EXPECT_EQ(tok.eos_id(), tok.piece_to_id("<|eot_id|>"));
+  EXPECT_EQ(tok.added_token_id("<|start_header_id|>"), tok.piece_to_id("<|start_header_id|>"));
+  const nlohmann::json g = load_json(fixture("bpe_llama3/golden.json"));
+  for (const auto& c : g["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    const auto ids = c["ids"].get<std::vector<int64_t>>();
+    ASSERT_EQ(tok.encode(text, /*add_bos=*/true), ids) << nlohmann::json(text).dump();
+    EXPECT_EQ(tok.decode(ids, /*skip_special=*/true), c["decoded_skip_special"].get<std::string>());
+    // Streaming: every chunk is whole UTF-8, and the chunks add up to decode().
+    TokenStreamer st(tok);
+    std::string streamed;
+    for (size_t i = 1; i < ids.size(); ++i) {
+      const std::string piece = st.push(ids[i]);
+      size_t k = 0;
+      while (k < piece.size()) {  // whole characters only
+        const unsigned char b = static_cast<unsigned char>(piece[k]);
+        const size_t n = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : 4;
+        ASSERT_LE(k + n, piece.size()) << "half a character streamed for " << nlohmann::json(text).dump();
+        k += n;
+      }
+      streamed += piece;
+    }
+    streamed += st.finish();
+    EXPECT_EQ(streamed, tok.decode(std::vector<int64_t>(ids.begin() + 1, ids.end())));
+  }
 }

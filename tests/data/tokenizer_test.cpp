@@ -283,7 +283,7 @@ TEST(Tokenizer, Errors) {
     Tokenizer::load(empty.str());
     FAIL() << "expected InputError";
   } catch (const InputError& e) {
-    EXPECT_EQ(std::string(e.what()), empty.str() + ": no tokenizer.model (the tokenizer is required)");
+    EXPECT_EQ(std::string(e.what()), empty.str() + ": no tokenizer.model and no byte-level BPE tokenizer.json (the tokenizer is required)");
   }
   TempDir corrupt;
   write(corrupt.str("tokenizer.model"), "this is not a protobuf\n");
