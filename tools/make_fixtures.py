@@ -7,7 +7,7 @@ reference outputs (ids, pixel values, image features, logits, greedy continuatio
 The SentencePiece tokenizer is trained here on a slice of tiny-shakespeare with Llama-2's trainer settings.
 
 Python is only the reference generator; eqat itself is C++. Run from the repository root:
-    .venv/bin/python tools/make_fixtures.py
+    .venv/bin/python tools/make_fixtures.py [--only llava,llama,mistral]
 The output is deterministic for a given torch / transformers / sentencepiece version (single thread, fixed
 seeds); the versions used are recorded in each golden.json.
 """
@@ -27,7 +27,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration)
+                          LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "fixtures"
@@ -527,13 +527,55 @@ def make_llama(sp_model: bytes, sp: spm.SentencePieceProcessor) -> None:
                                        "rope": rp, "max_abs_diff_vs_unscaled": delta, "versions": versions()})
 
 
+def make_mistral(sp_model: bytes, sp: spm.SentencePieceProcessor) -> None:
+    """tiny_mistral: MistralForCausalLM with a sliding window of 8 under prompts of 30+ tokens, so every layer's
+    attention is cut by the window in the prompt and in every generated step."""
+    d = fresh_dir(OUT / "tiny_mistral")
+    write_tokenizer(d, sp_model, [])
+    cfg = MistralConfig(vocab_size=SP_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=10000.0,
+                        sliding_window=8, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+                        eos_token_id=2)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(2468)
+    model = MistralForCausalLM(cfg).eval()
+    reinit_(model, seed=2468)
+    save_model(model, d)
+    prompt = ("MENENIUS:\nEither you must confess yourselves wondrous malicious, or be accused of folly. "
+              "I shall tell you a pretty tale.")
+    ids = encode(sp, prompt, {})
+    assert len(ids) > 3 * cfg.sliding_window
+    input_ids = torch.tensor([ids])
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+        # The window must matter: the same weights without it give other logits.
+        nowin = MistralForCausalLM(MistralConfig(**{**cfg.to_dict(), "sliding_window": None})).eval()
+        nowin.config._attn_implementation = "eager"
+        nowin.load_state_dict(model.state_dict())
+        delta = float((nowin(**inputs).logits[0].float() - logits).abs().max())
+    assert delta > 1e-2, f"the sliding window has no visible effect ({delta})"
+    reload_check(MistralForCausalLM, d, logits, **inputs)
+    gids, glogits = greedy(model, inputs, 16)
+    save_golden(d, {"prompt.input_ids": input_ids[0], "prompt.logits": logits, "prompt.greedy_ids": gids,
+                    "prompt.greedy_logits": glogits})
+    dump_json(d / "golden.json", {"text": prompt, "ids": ids, "sliding_window": cfg.sliding_window,
+                                  "greedy_ids": gids.tolist(), "min_top2_margin_greedy": top2_margin(glogits),
+                                  "max_abs_diff_vs_no_window": delta, "versions": versions()})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sp_model = train_tokenizer()
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     assert sp.vocab_size() == SP_VOCAB and sp.id_to_piece(3) == "<0x00>" and sp.piece_to_id("<0x0A>") == 13
-    make_llava(sp_model, sp)
-    make_llama(sp_model, sp)
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["llava", "llama", "mistral"]
+    if "llava" in only:
+        make_llava(sp_model, sp)
+    if "llama" in only:
+        make_llama(sp_model, sp)
+    if "mistral" in only:
+        make_mistral(sp_model, sp)
     total = 0
     for p in sorted(OUT.rglob("*")):
         if p.is_file():

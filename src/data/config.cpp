@@ -135,8 +135,13 @@ RopeScaling parse_rope_scaling(const Reader& r) {
 
 // `top` (LLaVA only) supplies keys text_config lacks: HF's llava configs keep vocab_size, pad_token_id,
 // tie_word_embeddings and torch_dtype at the top level.
-LlamaConfig parse_llama(const Reader& r, const Reader* top) {
+LlamaConfig parse_llama(const Reader& r, const Reader* top, const std::string& model_type) {
   LlamaConfig c;
+  c.model_type = model_type;
+  if (model_type == "mistral" && r.has("sliding_window") && !r.find("sliding_window")->is_null()) {
+    c.sliding_window = r.get_int("sliding_window", 0);
+    r.check_dim("sliding_window", c.sliding_window);
+  }
   auto fb_int = [&](const char* k, int64_t def) { return top ? top->get_int(k, def) : def; };
   c.vocab_size = r.get_int("vocab_size", fb_int("vocab_size", c.vocab_size));
   c.hidden_size = r.get_int("hidden_size", c.hidden_size);
@@ -265,18 +270,18 @@ Arch identify_arch(const Reader& r) {
     if (!a->empty()) {
       EQAT_CHECK(a->front().is_string(), r.source(), ": 'architectures' must hold strings");
       const std::string name = a->front().get<std::string>();
-      if (name == "LlamaForCausalLM") return Arch::kLlama;
+      if (name == "LlamaForCausalLM" || name == "MistralForCausalLM") return Arch::kLlama;
       if (name == "LlavaForConditionalGeneration") return Arch::kLlava;
       EQAT_CHECK(false, r.source(), ": unsupported architecture '", name,
-                 "' (supported: LlamaForCausalLM, LlavaForConditionalGeneration)");
+                 "' (supported: LlamaForCausalLM, MistralForCausalLM, LlavaForConditionalGeneration)");
     }
   }
   const std::string mt = r.get_string("model_type", "");
   EQAT_CHECK(!mt.empty(), r.source(), ": neither 'architectures' nor 'model_type' is set; cannot tell the model");
-  if (mt == "llama") return Arch::kLlama;
+  if (mt == "llama" || mt == "mistral") return Arch::kLlama;
   if (mt == "llava") return Arch::kLlava;
   EQAT_CHECK(false, r.source(), ": unsupported architecture '", mt,
-             "' (model_type; supported: LlamaForCausalLM, LlavaForConditionalGeneration)");
+             "' (model_type; supported: llama, mistral, llava)");
   return Arch::kCount;
 }
 
@@ -284,12 +289,12 @@ void parse_llava(const Reader& r, ModelConfig* cfg) {
   if (const json* t = r.get_object("text_config")) {
     Reader tr = r.sub(*t, "text_config");
     const std::string mt = tr.get_string("model_type", "llama");
-    EQAT_CHECK(mt == "llama", r.source(), ": ", tr.name("model_type"), " = '", mt,
-               "' is not supported (supported: llama)");
-    cfg->text = parse_llama(tr, &r);
+    EQAT_CHECK(mt == "llama" || mt == "mistral", r.source(), ": ", tr.name("model_type"), " = '", mt,
+               "' is not supported (supported: llama, mistral)");
+    cfg->text = parse_llama(tr, &r, mt);
   } else {
     json empty = json::object();
-    cfg->text = parse_llama(r.sub(empty, "text_config"), &r);
+    cfg->text = parse_llama(r.sub(empty, "text_config"), &r, "llama");
   }
 
   if (const json* v = r.get_object("vision_config")) {
@@ -366,6 +371,8 @@ json parse_json_bounded(const std::string& text, const std::string& source) {
 
 // Appends the Llama fields to `j` (the top level for llama, text_config for llava).
 void append_llama_json(const LlamaConfig& c, ordered_json& j) {
+  if (c.model_type == "mistral")
+    j["sliding_window"] = c.sliding_window > 0 ? ordered_json(c.sliding_window) : ordered_json(nullptr);
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;
   j["intermediate_size"] = c.intermediate_size;
@@ -421,7 +428,11 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   cfg.source_path = source;
   cfg.arch = identify_arch(r);
   if (cfg.arch == Arch::kLlama) {
-    cfg.text = parse_llama(r, nullptr);
+    // Mistral: by architectures[0] or, without it, model_type (identify_arch accepted one of them).
+    bool mistral = r.get_string("model_type", "") == "mistral";
+    if (const json* a = r.find("architectures"); a && !a->empty())
+      mistral = a->front().get<std::string>() == "MistralForCausalLM";
+    cfg.text = parse_llama(r, nullptr, mistral ? "mistral" : "llama");
   } else {
     parse_llava(r, &cfg);
   }
@@ -440,9 +451,10 @@ ModelConfig load_model_config(const std::string& dir_or_file) {
 
 std::string model_config_to_json(const ModelConfig& cfg) {
   ordered_json j;
-  j["architectures"] = {arch_name(cfg.arch)};
+  const bool mistral = cfg.text.model_type == "mistral";
+  j["architectures"] = {cfg.arch == Arch::kLlama && mistral ? "MistralForCausalLM" : arch_name(cfg.arch)};
   if (cfg.arch == Arch::kLlama) {
-    j["model_type"] = "llama";
+    j["model_type"] = cfg.text.model_type;
     append_llama_json(cfg.text, j);
   } else {
     EQAT_ASSERT(cfg.arch == Arch::kLlava, "bad arch");
@@ -456,7 +468,7 @@ std::string model_config_to_json(const ModelConfig& cfg) {
     j["tie_word_embeddings"] = cfg.text.tie_word_embeddings;
     j["torch_dtype"] = cfg.text.torch_dtype;
     ordered_json t;
-    t["model_type"] = "llama";
+    t["model_type"] = cfg.text.model_type;
     append_llama_json(cfg.text, t);
     j["text_config"] = std::move(t);
     ordered_json v;

@@ -19,6 +19,9 @@ struct RopeScaling {
 };
 
 struct LlamaConfig {
+  std::string model_type = "llama";  // llama | mistral (Llama's layout; Mistral may add a sliding window)
+  int64_t sliding_window = 0;        // mistral: a query attends to the last sliding_window positions, itself
+                                     // included (HF: key index > query index - window); 0 = the whole context
   int64_t vocab_size = 32000;
   int64_t hidden_size = 4096;         // n_embd
   int64_t intermediate_size = 11008;  // ff hidden

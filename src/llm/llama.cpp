@@ -203,14 +203,41 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& cfg) : cfg_(cfg), rotary_(cfg)
   norm = register_module("norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
 }
 
+// Mistral's sliding window (HF's sliding_window_overlay): query at cache index q sees key index k only when
+// k > q - W, on top of the caller's mask (causal when none). Indices are cache slots, as in HF, so left padding
+// counts toward the window there too. A no-op while every query sees at most W keys.
+at::Tensor LlamaModelImpl::sliding_window_mask(const at::Tensor& mask, int64_t T, const KVCache* cache,
+                                               c10::Device device) const {
+  const int64_t W = cfg_.sliding_window;
+  if (W <= 0) return mask;
+  at::Tensor q;  // [B or 1, T] query cache indices
+  int64_t S = 0;  // keys attended
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  if (cache && cache->slot.defined()) {  // static / batched steps: each row's query sits at its slot
+    S = cache->window > 0 ? cache->window : cache->capacity;
+    q = cache->slot.view({-1, 1});
+  } else {
+    const int64_t past = cache ? cache->length : 0;
+    S = past + T;
+    if (S <= W) return mask;
+    q = at::arange(past, past + T, opts).view({1, T});
+  }
+  at::Tensor k = at::arange(S, opts).view({1, 1, S});
+  at::Tensor qi = q.unsqueeze(-1);                                // [B|1, T, 1]
+  at::Tensor keep = (k > qi - W).unsqueeze(1);                    // [B|1, 1, T, S]
+  if (mask.defined()) return mask & keep;
+  return keep & (k <= qi).unsqueeze(1);  // causal, as the unmasked path is
+}
+
 at::Tensor LlamaModelImpl::forward(const at::Tensor& embeds, const at::Tensor& position_ids, const at::Tensor& mask,
                                    KVCache* cache) {
   const int64_t T = embeds.size(1);
   const int64_t seq_len = (cache ? cache->length : 0) + T;
   auto [cos, sin] = rotary_.cos_sin(position_ids, embeds.scalar_type(), seq_len);
+  const at::Tensor attn_mask = sliding_window_mask(mask, T, cache, embeds.device());
   at::Tensor h = embeds;
   for (size_t i = 0; i < layers->size(); ++i)
-    h = layers[i]->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, mask, cache, static_cast<int64_t>(i));
+    h = layers[i]->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, attn_mask, cache, static_cast<int64_t>(i));
   if (cache && !cache->slot.defined()) cache->length += T;
   return norm->forward(h);
 }

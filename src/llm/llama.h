@@ -117,6 +117,10 @@ class LlamaModelImpl : public torch::nn::Module {
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
   const RotaryEmbedding& rotary() const { return rotary_; }
+  // `mask` narrowed by Mistral's sliding window (cfg.sliding_window > 0) when some query would see more keys
+  // (undefined `mask`: causal); `mask` itself otherwise. forward() applies it; code that runs decoder layers on
+  // its own (Block-AP) calls it with the same arguments.
+  at::Tensor sliding_window_mask(const at::Tensor& mask, int64_t T, const KVCache* cache, c10::Device device) const;
 
  private:
   LlamaConfig cfg_;

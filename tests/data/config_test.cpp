@@ -397,16 +397,16 @@ TEST(ConfigTest, MissingFile) {
 }
 
 TEST(ConfigTest, UnknownArchitecture) {
-  expect_error(R"({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})",
-               {"config.json: unsupported architecture 'MistralForCausalLM' (supported: LlamaForCausalLM, "
-                "LlavaForConditionalGeneration)"});
+  expect_error(R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})",
+               {"config.json: unsupported architecture 'Qwen2ForCausalLM' (supported: LlamaForCausalLM, "
+                "MistralForCausalLM, LlavaForConditionalGeneration)"});
   // The original LLaVA layout says model_type "llava" but is not llava-hf's; architectures[0] decides.
   expect_error(R"({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava"})",
                {"unsupported architecture 'LlavaLlamaForCausalLM'"});
   expect_error(R"({"model_type": "gpt2"})", {"unsupported architecture 'gpt2'"});
   expect_error(R"({"hidden_size": 4096})", {"neither 'architectures' nor 'model_type'"});
-  expect_error(R"({"model_type": "llava", "text_config": {"model_type": "mistral"}})",
-               {"'text_config.model_type' = 'mistral'"});
+  expect_error(R"({"model_type": "llava", "text_config": {"model_type": "qwen2"}})",
+               {"'text_config.model_type' = 'qwen2'"});
   expect_error(R"({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}})",
                {"'vision_config.model_type' = 'siglip_vision_model'"});
 }

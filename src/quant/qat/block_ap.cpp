@@ -81,7 +81,9 @@ class BlockRunner {
     const int64_t L = x.size(1);
     at::Tensor pos = at::arange(L, at::TensorOptions().dtype(at::kLong).device(m_.device)).view({1, L});
     auto [cos, sin] = m_.lm->model->rotary().cos_sin(pos, compute, L);
-    return layer.forward(x.to(m_.device, compute), cos, sin, at::Tensor(), nullptr, 0);
+    // Causal (SDPA's own when undefined), cut to Mistral's sliding window when the model has one.
+    const at::Tensor mask = m_.lm->model->sliding_window_mask(at::Tensor(), L, nullptr, m_.device);
+    return layer.forward(x.to(m_.device, compute), cos, sin, mask, nullptr, 0);
   }
 
  private:
