@@ -27,7 +27,7 @@ std::vector<FlagSpec> generation_flags(const std::string& default_template) {
       {"top-k", "K", "sample only from the K most likely tokens (0 = off)", "0"},
       {"top-p", "P", "nucleus sampling mass (1 = off)", "1"},
       {"seed", "S", "random seed for sampling", "0"},
-      {"template", "NAME", "prompt template: llava-1.5 | hf | none", default_template},
+      {"template", "NAME", "prompt template: llava-1.5 | hf | mistral | chatml | llama3 | none", default_template},
       {"print-prompt", "", "print the exact prompt text and token ids on stderr", ""},
       {"dump-logits", "FILE", "write the logits of the prompt's last position and of every step (safetensors)", ""},
       {"overwrite", "", kOverwriteHelp, ""},

@@ -10,6 +10,7 @@
 #include "data/cpu.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "llm/prompt.h"
 #include "serve_http.h"
 
 namespace eqat {
@@ -47,6 +48,9 @@ int cmd_serve(const Argv& argv) {
       {"max-body-bytes", "N", "largest request body accepted", "33554432"},
       {"allow-local-files", "DIR", "let image_url name files under DIR (file:// URLs or paths)", ""},
       {"demo-images", "DIR", "images the web page offers (default: the first model's demo/ directory)", ""},
+      {"template", "NAME",
+       "prompt template for every model: llava-1.5 | hf | mistral | chatml | llama3 | none (default: each model's own)",
+       ""},
       {"device", "DEV", "cpu | cuda[:N]", "cpu"},
       {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
       {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
@@ -60,6 +64,7 @@ int cmd_serve(const Argv& argv) {
   eo.context = a.i64("ctx", 0, int64_t{1} << 24);
   eo.max_image_pixels = a.i64("max-image-pixels", 1, int64_t{1} << 26);
   eo.device = a.str("device");
+  if (a.has("template")) eo.template_name = template_name(parse_template(a.str("template")));
   eo.dtype = a.str("dtype");
   if (a.has("allow-local-files")) {
     eo.local_files_dir = a.str("allow-local-files");

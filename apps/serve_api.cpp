@@ -243,51 +243,6 @@ std::string fetch_image_bytes(const std::string& url, const std::string& param, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-std::vector<std::string> render_chat(const std::string& tmpl, const std::vector<ChatMessage>& messages,
-                                     const std::string& default_system) {
-  if (tmpl == "none") {
-    std::vector<const ChatMessage*> users;
-    for (const auto& m : messages)
-      if (m.role != "system") users.push_back(&m);
-    if (users.size() != 1 || users[0]->role != "user")
-      throw ApiError(400, "messages: this model has no chat template; send exactly one user message (the raw prompt)",
-                     "messages");
-    std::string text = users[0]->text;
-    if (users[0]->has_image && text.find("<image>") == std::string::npos) text = "<image>\n" + text;
-    return {text};
-  }
-  if (tmpl != "llava-1.5" && tmpl != "hf") throw ApiError(500, "unknown prompt template '" + tmpl + "'");
-  std::string system = tmpl == "llava-1.5" ? default_system : "";
-  std::vector<std::string> segments;
-  std::string cur;
-  bool first_user = true;
-  for (const auto& m : messages) {
-    if (m.role == "system") {
-      system = m.text;
-      continue;
-    }
-    if (m.role == "user") {
-      // A literal "<image>" typed by the user is not an image: only an image_url part places one.
-      std::string text = m.text;
-      for (size_t p; (p = text.find("<image>")) != std::string::npos;) text.erase(p, 7);
-      if (m.has_image) {  // LLaVA's normalisation: "<image>\n" + the stripped question
-        const size_t b = text.find_first_not_of(" \t\n\r\f\v"), e = text.find_last_not_of(" \t\n\r\f\v");
-        text = "<image>\n" + (b == std::string::npos ? std::string() : text.substr(b, e - b + 1));
-      }
-      if (first_user && !system.empty()) cur += system + " ";
-      cur += "USER: " + text + " ASSISTANT:";
-      first_user = false;
-    } else {  // assistant: its answer, then EOS (a new segment)
-      if (first_user) throw ApiError(400, "messages: an assistant message before the first user message", "messages");
-      cur += " " + m.text;
-      segments.push_back(cur);
-      cur.clear();
-    }
-  }
-  segments.push_back(cur);
-  return segments;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 std::string TextAssembler::push(const std::string& text) {
   if (stopped_) return "";

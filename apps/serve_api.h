@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "llm/prompt.h"
+
 namespace eqat {
 
 // A request the server refuses: HTTP status + OpenAI's error object
@@ -25,14 +27,8 @@ struct ApiError : std::runtime_error {
 std::string api_error_json(int status, const std::string& message, const std::string& param = "",
                            const std::string& code = "");
 
-// One chat message's content after parsing: its text parts joined, and the image it carries (at most one per
-// request: LLaVA-1.5 sees one image).
-struct ChatMessage {
-  std::string role;  // system | user | assistant ("developer" is read as system)
-  std::string text;
-  bool has_image = false;
-};
-
+// Chat messages are llm/prompt.h's ChatMessage: role, text (a message's text parts joined by "\n"), has_image
+// (at most one image per request: LLaVA-1.5 sees one).
 struct ChatRequest {
   std::string model;                  // empty: the server's first model
   std::vector<ChatMessage> messages;  // at least one; the last is the user's
@@ -59,16 +55,6 @@ ChatRequest parse_chat_request(const std::string& body);
 std::string fetch_image_bytes(const std::string& url, const std::string& param, const std::string& local_dir,
                               int64_t max_bytes);
 std::string base64_decode(const std::string& in);  // ApiError 400 on a character outside the alphabet
-
-// Renders the conversation for the model's template, LLaVA's way (llm/prompt.h):
-//   llava-1.5: "{system} USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:" — a system message replaces
-//              LLaVA's default system prompt;
-//   hf:        the same without a default system prompt;
-//   none:      one user message, exactly as given (its "<image>" marks the image when there is one).
-// Returns the text of each segment the tokenizer must encode separately: segment 0 starts the prompt (BOS, then
-// "<image>" split as tokenize_prompt does); every later segment follows an EOS id (the end of an assistant turn).
-std::vector<std::string> render_chat(const std::string& template_name, const std::vector<ChatMessage>& messages,
-                                     const std::string& default_system);
 
 // The answer text as it streams: leading whitespace dropped (LLaVA strips answers), stop strings cut the text
 // before them, and text that could still become a stop string is held back until it cannot.

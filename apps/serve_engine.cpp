@@ -83,7 +83,7 @@ Engine::Engine(const std::string& name, const std::string& dir, const EngineOpti
   EQAT_CHECK(opts.context >= 0 && opts.context <= ctx, "--ctx ", opts.context, " for model '", name,
              "': must be at most its context of ", ctx, " positions (0 = all of it)");
   context_ = opts.context > 0 ? opts.context : ctx;
-  template_ = model_template(dir, m.multimodal() ? "llava-1.5" : "none");
+  template_ = !opts.template_name.empty() ? opts.template_name : model_template(dir, m.multimodal() ? "llava-1.5" : "none");
   parse_template(template_);  // an unknown name in config.json fails here, at start-up
   s_->decoder = std::make_unique<BatchDecoder>(m.lm, opts.max_batch, context_, m.dtype, m.device);
   s_->rows.resize(static_cast<size_t>(opts.max_batch));
@@ -120,23 +120,20 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
   if (with_image && !m.multimodal())
     throw ApiError(400, "model '" + name_ + "' is text-only and cannot take an image", req.image_param);
 
-  // Prompt: segment 0 starts with BOS; each later one follows an assistant turn's EOS.
-  const std::vector<std::string> segments = render_chat(template_, req.messages, kVicunaSystem);
-  size_t markers = 0;
-  for (const auto& s : segments) markers += count_image_markers(s);
+  // The conversation in the model's template (llm/prompt.h); the tokenizer maps a vicuna/mistral turn's "</s>" to EOS.
+  std::string prompt;
+  try {
+    prompt = render_chat(parse_template(template_), req.messages);
+  } catch (const InputError& e) {
+    throw ApiError(400, std::string("messages: ") + e.what(), "messages");
+  }
+  const size_t markers = count_image_markers(prompt);
   if (markers != (with_image ? 1u : 0u))
     throw ApiError(400, with_image ? "messages: the prompt must contain exactly one <image> marker"
                                    : "messages: the prompt contains <image> but the request has no image_url part",
                    "messages");
   const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  for (size_t i = 0; i < segments.size(); ++i) {
-    std::vector<int64_t> ids = tokenize_prompt(*m.tok, segments[i], m.image_token_id(), img_tokens);
-    if (i > 0) {
-      ids.erase(ids.begin());  // tokenize_prompt's BOS
-      in.ids.push_back(m.tok->eos_id());
-    }
-    in.ids.insert(in.ids.end(), ids.begin(), ids.end());
-  }
+  in.ids = tokenize_prompt(*m.tok, prompt, m.image_token_id(), img_tokens);
   const int64_t n_prompt = static_cast<int64_t>(in.ids.size());
   if (n_prompt + 1 > context_)
     throw ApiError(400,

@@ -29,6 +29,7 @@ struct EngineOptions {
   std::string local_files_dir;      // --allow-local-files ("" = none)
   std::string device = "cpu";
   std::string dtype = "auto";
+  std::string template_name;        // --template ("" = the model's own, llm/prompt.h model_template)
 };
 
 // What a Job has produced since the last wait().

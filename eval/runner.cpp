@@ -298,13 +298,6 @@ std::string model_id_of(const std::string& dir) {
 }
 
 // The template a model's config.json names ("conv_template"), else LLaVA-1.5's vicuna_v1.
-std::string model_conv_template(const std::string& dir) {
-  json j = json::parse(read_file(path_join(dir, "config.json")), nullptr, false);
-  if (j.is_object() && j.contains("conv_template") && j["conv_template"].is_string())
-    return j["conv_template"].get<std::string>();
-  return "llava-1.5";
-}
-
 void apply_threads(const EvalOptions& o, const Model& m) {
   set_compute_threads(o.threads, m.device.is_cpu() && m.cfg.text.hidden_size < 1024 ? 1 : 0);  // see cmd_generate.cpp
 }
@@ -539,7 +532,7 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
   EQAT_CHECK(ref.multimodal() && m.multimodal(), o.reference_dir, ": --reference for --bench shapes must be a LLaVA model");
   EQAT_CHECK(ref.cfg.text.vocab_size == m.cfg.text.vocab_size, o.reference_dir, ": vocabulary ", ref.cfg.text.vocab_size,
              " differs from the model's ", m.cfg.text.vocab_size, "; KL needs the same tokenizer");
-  const PromptTemplate tmpl = parse_template(o.template_name.empty() ? model_conv_template(o.model_dir) : o.template_name);
+  const PromptTemplate tmpl = parse_template(o.template_name.empty() ? model_template(o.model_dir, "llava-1.5") : o.template_name);
   c10::NoGradGuard ng;
   auto answer_logp = [&](Model& mm, const std::vector<int64_t>& ids, const at::Tensor& pixels, int64_t from, int64_t n) {
     at::Tensor e = embed_prompt(mm, ids, pixels);  // [1,T,C]
@@ -692,7 +685,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
   };
   if (!todo.empty()) {
     Model& m = model();
-    if (o.template_name.empty()) o.template_name = model_conv_template(o.model_dir);
+    if (o.template_name.empty()) o.template_name = model_template(o.model_dir, "llava-1.5");
     const PromptTemplate tmpl = parse_template(o.template_name);
     const std::string model_id = model_id_of(o.model_dir);
     GenerateOptions gopts;

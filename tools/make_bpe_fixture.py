@@ -9,12 +9,13 @@ post-processor that prepends <|begin_of_text|>. golden.json holds, for each test
 tokenizer.encode(text) (special tokens added) and the decoded text with and without special tokens.
 
 usage: .venv/bin/python tools/make_bpe_fixture.py [--shared ../shared/data] [--out tests/data/fixtures/bpe_llama3]
-(needs `pip install tokenizers`; tokenizers 0.23.3 made the committed files)
+(needs `pip install tokenizers transformers`; tokenizers 0.23.3 and transformers 5.24.0 made the committed files)
 """
 import argparse
 import json
 import os
 import random
+import sys
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -104,9 +105,25 @@ def main():
         enc = tok.encode(s)
         cases.append({"text": s, "ids": enc.ids, "decoded": tok.decode(enc.ids, skip_special_tokens=False),
                       "decoded_skip_special": tok.decode(enc.ids, skip_special_tokens=True)})
+    # Meta's chat template rendered by transformers, for eqat's llama3 template (llm/prompt.h).
+    chats = []
+    try:
+        from transformers import PreTrainedTokenizerFast
+        hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(a.out, "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                     eos_token="<|eot_id|>", chat_template=LLAMA3_CHAT_TEMPLATE)
+        for msgs in ([{"role": "user", "content": "<image>\nWhat is shown in this image?"}],
+                     [{"role": "system", "content": "You are brief. "},
+                      {"role": "user", "content": "<image>\nWhat colour is it?"},
+                      {"role": "assistant", "content": " Red. "},
+                      {"role": "user", "content": "And the shape?"}]):
+            chats.append({"messages": msgs, "rendered": hf.apply_chat_template(msgs, tokenize=False,
+                                                                               add_generation_prompt=True)})
+    except ImportError:
+        sys.exit("transformers is needed for the chat-template goldens (pip install transformers)")
     with open(os.path.join(a.out, "golden.json"), "w", encoding="utf-8") as f:
         json.dump({"tokenizers_version": __import__("tokenizers").__version__, "bos_id": bos,
-                   "vocab_size": tok.get_vocab_size(), "cases": cases}, f, ensure_ascii=False, indent=0)
+                   "vocab_size": tok.get_vocab_size(), "cases": cases, "chats": chats}, f, ensure_ascii=False,
+                  indent=0)
     print(f"{a.out}: vocab {tok.get_vocab_size()}, {len(cases)} cases")
 
 

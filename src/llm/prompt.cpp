@@ -11,10 +11,14 @@ const char* const kVicunaSystem =
     "detailed, and polite answers to the user's questions.";
 
 PromptTemplate parse_template(const std::string& name) {
-  if (name == "llava-1.5") return PromptTemplate::kLlava15;
+  if (name == "llava-1.5" || name == "vicuna_v1") return PromptTemplate::kLlava15;
   if (name == "hf") return PromptTemplate::kHf;
   if (name == "none") return PromptTemplate::kNone;
-  throw_input_error(str_cat("--template: unknown template '", name, "' (choose llava-1.5, hf or none)"));
+  if (name == "mistral" || name == "mistral_instruct") return PromptTemplate::kMistral;
+  if (name == "chatml" || name == "chatml_direct") return PromptTemplate::kChatml;
+  if (name == "llama3" || name == "llava_llama_3") return PromptTemplate::kLlama3;
+  throw_input_error(str_cat("--template: unknown template '", name,
+                            "' (choose llava-1.5, hf, mistral, chatml, llama3 or none)"));
 }
 
 const char* template_name(PromptTemplate t) {
@@ -22,6 +26,9 @@ const char* template_name(PromptTemplate t) {
     case PromptTemplate::kLlava15: return "llava-1.5";
     case PromptTemplate::kHf: return "hf";
     case PromptTemplate::kNone: return "none";
+    case PromptTemplate::kMistral: return "mistral";
+    case PromptTemplate::kChatml: return "chatml";
+    case PromptTemplate::kLlama3: return "llama3";
     case PromptTemplate::kCount: break;
   }
   return "?";
@@ -49,16 +56,107 @@ size_t count_image_markers(const std::string& prompt) {
 }
 
 std::string model_template(const std::string& dir, const std::string& fallback) {
-  const nlohmann::json cfg = parse_json_path(path_join(dir, "config.json"));
+  const std::string cfg_path = path_join(dir, "config.json");
+  const nlohmann::json cfg = file_exists(cfg_path) ? parse_json_path(cfg_path) : nlohmann::json::object();
   auto it = cfg.find("conv_template");
-  return it != cfg.end() && it->is_string() ? it->get<std::string>() : fallback;
+  if (it != cfg.end() && it->is_string()) return it->get<std::string>();
+  // The HF chat template's family, told by its markers.
+  std::string chat;
+  const std::string tc = path_join(dir, "tokenizer_config.json"), cj = path_join(dir, "chat_template.json"),
+                    jinja = path_join(dir, "chat_template.jinja");
+  auto take = [&chat](const nlohmann::json& j) {
+    if (!j.is_object() || !j.contains("chat_template")) return;
+    const nlohmann::json& t = j["chat_template"];
+    if (t.is_string()) chat += t.get<std::string>();
+    if (t.is_array())  // [{"name": "default", "template": "..."}, ...]
+      for (const auto& e : t)
+        if (e.is_object() && e.contains("template") && e["template"].is_string()) chat += e["template"].get<std::string>();
+  };
+  if (file_exists(tc)) take(parse_json_path(tc));
+  if (file_exists(cj)) take(parse_json_path(cj));
+  if (file_exists(jinja)) chat += read_file(jinja);
+  if (chat.find("<|start_header_id|>") != std::string::npos) return "llama3";
+  if (chat.find("<|im_start|>") != std::string::npos) return "chatml";
+  if (chat.find("[INST]") != std::string::npos) return "mistral";
+  if (chat.find("USER:") != std::string::npos) return "llava-1.5";
+  const nlohmann::json* text = &cfg;
+  if (cfg.contains("text_config") && cfg["text_config"].is_object()) text = &cfg["text_config"];
+  if (text->contains("model_type") && (*text)["model_type"] == "mistral") return "mistral";
+  return fallback;
 }
 
 std::string render_prompt(PromptTemplate t, const std::string& text, bool with_image) {
   if (t == PromptTemplate::kNone) return text;
-  std::string msg = with_image ? std::string(kImageMarker) + "\n" + strip(remove_all(text, kImageMarker)) : text;
-  if (t == PromptTemplate::kLlava15) return std::string(kVicunaSystem) + " USER: " + msg + " ASSISTANT:";
-  return "USER: " + msg + " ASSISTANT:";
+  return render_chat(t, {ChatMessage{"user", text, with_image}});
+}
+
+std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messages) {
+  EQAT_CHECK(!messages.empty() && messages.back().role == "user", "a chat must end with a user message");
+  if (t == PromptTemplate::kNone) {
+    const ChatMessage* user = nullptr;
+    for (const auto& m : messages) {
+      if (m.role == "system") continue;
+      EQAT_CHECK(m.role == "user" && !user, "template 'none' takes exactly one user message (the raw prompt)");
+      user = &m;
+    }
+    std::string text = user->text;
+    if (user->has_image && text.find(kImageMarker) == std::string::npos) text = std::string(kImageMarker) + "\n" + text;
+    return text;
+  }
+  std::string system;
+  switch (t) {
+    case PromptTemplate::kLlava15: system = kVicunaSystem; break;
+    case PromptTemplate::kChatml: system = "Answer the questions."; break;  // LLaVA's chatml_direct
+    default: break;
+  }
+  std::vector<const ChatMessage*> turns;
+  for (const auto& m : messages) {
+    if (m.role == "system") {
+      system = m.text;
+      continue;
+    }
+    EQAT_CHECK(m.role == "user" || m.role == "assistant", "unknown chat role '", m.role, "'");
+    EQAT_CHECK(turns.empty() ? m.role == "user" : m.role != turns.back()->role,
+               "a chat must alternate user and assistant messages, starting with the user");
+    turns.push_back(&m);
+  }
+  auto user_text = [](const ChatMessage& m) {  // without an image, the text as given (callers refuse a marker)
+    return m.has_image ? std::string(kImageMarker) + "\n" + strip(remove_all(m.text, kImageMarker)) : m.text;
+  };
+  std::string out;
+  switch (t) {
+    case PromptTemplate::kLlava15:
+    case PromptTemplate::kHf:  // "{system} USER: {u} ASSISTANT: {a}</s>USER: ..."
+      if (!system.empty()) out = system + " ";
+      for (const ChatMessage* m : turns)
+        out += m->role == "user" ? "USER: " + user_text(*m) + " ASSISTANT:" : " " + m->text + "</s>";
+      return out;
+    case PromptTemplate::kMistral:  // LLaVA's LLAMA_2 style with sep "" and sep2 "</s>"
+      for (size_t i = 0; i < turns.size(); ++i) {
+        if (turns[i]->role == "user") {
+          std::string msg = user_text(*turns[i]);
+          if (i == 0 && !system.empty()) msg = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + msg;
+          out += "[INST] " + msg + " [/INST]";
+        } else {
+          out += " " + turns[i]->text + " </s>";
+        }
+      }
+      return out;
+    case PromptTemplate::kChatml:  // LLaVA's MPT style: system + sep, then role + message + sep
+      out = "<|im_start|>system\n" + system + "<|im_end|>";
+      for (const ChatMessage* m : turns)
+        out += "<|im_start|>" + m->role + "\n" + (m->role == "user" ? user_text(*m) : m->text) + "<|im_end|>";
+      return out + "<|im_start|>assistant\n";
+    case PromptTemplate::kLlama3:  // Meta's template (content trimmed), without the BOS text
+      if (!system.empty()) out = "<|start_header_id|>system<|end_header_id|>\n\n" + strip(system) + "<|eot_id|>";
+      for (const ChatMessage* m : turns)
+        out += "<|start_header_id|>" + m->role + "<|end_header_id|>\n\n" +
+               strip(m->role == "user" ? user_text(*m) : m->text) + "<|eot_id|>";
+      return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
+    default: break;
+  }
+  EQAT_ASSERT(false, "unhandled template ", template_name(t));
+  return "";
 }
 
 std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& prompt, int64_t image_token_id,

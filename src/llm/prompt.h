@@ -1,7 +1,13 @@
-// Prompt templates and prompt tokenization (LLAVA.md §4).
-//   llava-1.5 — LLaVA's vicuna_v1 conversation (what every published LLaVA-1.5 score used):
-//               "{system} USER: <image>\n{q} ASSISTANT:"
-//   hf        — the llava-hf chat template: "USER: <image>\n{q} ASSISTANT:" (no system prompt)
+// Prompt templates and prompt tokenization (LLAVA.md §4). The conversation formats of LLaVA's own templates
+// (llava/conversation.py), which the LLaVA-1.5 and LLaVA-NeXT checkpoints were trained with:
+//   llava-1.5 — vicuna_v1 (LLaVA-1.5, LLaVA-NeXT vicuna): "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: …"
+//   hf        — llava-hf's chat template for LLaVA-1.5: the same without a default system prompt
+//   mistral   — mistral_instruct (LLaVA-NeXT mistral): "[INST] <image>\n{q} [/INST] {a} </s>[INST] … [/INST]"
+//   chatml    — chatml_direct (LLaVA-NeXT 34B / Yi): "<|im_start|>system\nAnswer the questions.<|im_end|>
+//               <|im_start|>user\n<image>\n{q}<|im_end|><|im_start|>assistant\n"
+//   llama3    — Meta's Llama-3 chat format (llama3-llava-next): "<|start_header_id|>user<|end_header_id|>\n\n
+//               <image>\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" (its <|begin_of_text|>
+//               is the tokenizer's BOS, prepended by tokenize_prompt)
 //   none      — the prompt exactly as given; "<image>" marks where the image goes.
 #pragma once
 
@@ -13,17 +19,32 @@
 
 namespace eqat {
 
-enum class PromptTemplate { kLlava15, kHf, kNone, kCount };
+enum class PromptTemplate { kLlava15, kHf, kNone, kMistral, kChatml, kLlama3, kCount };
 
 extern const char* const kVicunaSystem;
 inline constexpr const char* kImageMarker = "<image>";
 
-PromptTemplate parse_template(const std::string& name);  // InputError naming --template on a bad value
+// InputError naming --template on a bad value. LLaVA's names vicuna_v1, mistral_instruct, chatml_direct and
+// llava_llama_3 are accepted too.
+PromptTemplate parse_template(const std::string& name);
 const char* template_name(PromptTemplate t);
 
 // Renders one user turn. With an image, LLaVA's normalisation applies: "<image>\n" + q without any "<image>",
-// stripped (llava-1.5 and hf); `none` returns `text` unchanged.
+// stripped; `none` returns `text` unchanged.
 std::string render_prompt(PromptTemplate t, const std::string& text, bool with_image);
+
+// One message of a chat (OpenAI / HF roles). An image in a user message is placed LLaVA's way, "<image>\n" before
+// its stripped text without any literal "<image>"; text without an image is kept as given.
+struct ChatMessage {
+  std::string role;  // system | user | assistant
+  std::string text;
+  bool has_image = false;
+};
+// Renders a conversation that ends with a user message, ready for the assistant's answer. A system message replaces
+// the template's default system prompt (llava-1.5: vicuna's; chatml: "Answer the questions."). Assistant turns end
+// with the template's end marker ("</s>" text for the SentencePiece templates, which the tokenizer maps to EOS).
+// `none` takes exactly one user message. InputError for a conversation the template cannot hold.
+std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messages);
 
 // Tokenizes a rendered prompt the way LLaVA's tokenizer_image_token does: split on "<image>", encode each chunk
 // separately (each chunk gets SentencePiece's dummy prefix), one BOS at the start, and every "<image>" becomes
@@ -33,8 +54,10 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
 
 size_t count_image_markers(const std::string& prompt);
 
-// The template a model directory names ("conv_template" in its config.json, as eqat's own models write it), else
-// `fallback`.
+// The template of a model directory: "conv_template" in its config.json (eqat's own models), else the family of
+// its HF chat template (tokenizer_config.json "chat_template", chat_template.json or chat_template.jinja:
+// Llama-3 headers -> llama3, <|im_start|> -> chatml, [INST] -> mistral, "USER:" -> llava-1.5), else mistral for a
+// Mistral decoder, else `fallback`.
 std::string model_template(const std::string& dir, const std::string& fallback);
 
 // One user/assistant exchange of a conversation (LLaVA instruction JSON: human/gpt turns).

@@ -1,4 +1,4 @@
-// eqat serve's protocol layer (apps/serve_api.h) on plain strings: request checks, prompt rendering, stop strings,
+// eqat serve's protocol layer (apps/serve_api.h) on plain strings: request checks, image URLs, stop strings,
 // OpenAI response shapes, base64, the constant-time key check.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -97,22 +97,6 @@ TEST(ServeApi, ImageUrlsAreInlineOrUnderTheAllowedDirectory) {
   EXPECT_EQ(status((t.path / "ok" / ".." / "secret.png").string(), t.str("ok")), 400);
   std::filesystem::create_symlink(t.path / "secret.png", t.path / "ok" / "link.png");
   EXPECT_EQ(status((t.path / "ok" / "link.png").string(), t.str("ok")), 400);  // a symlink out is still out
-}
-
-TEST(ServeApi, RendersLlavaConversations) {
-  std::vector<ChatMessage> one{{"user", "  What shape? <image>", true}};
-  // LLaVA's normalisation: "<image>\n" + the stripped question without a literal marker (llm/prompt.h).
-  EXPECT_EQ(render_chat("llava-1.5", one, "SYS"), std::vector<std::string>{"SYS USER: <image>\nWhat shape? ASSISTANT:"});
-  EXPECT_EQ(render_chat("hf", one, "SYS"), std::vector<std::string>{"USER: <image>\nWhat shape? ASSISTANT:"});
-  std::vector<ChatMessage> multi{{"system", "Be brief.", false},
-                                 {"user", "What shape?", true},
-                                 {"assistant", "A circle.", false},
-                                 {"user", "Colour?", false}};
-  EXPECT_EQ(render_chat("llava-1.5", multi, "SYS"),
-            (std::vector<std::string>{"Be brief. USER: <image>\nWhat shape? ASSISTANT: A circle.",
-                                      "USER: Colour? ASSISTANT:"}));
-  EXPECT_EQ(render_chat("none", {{"user", "Once upon", false}}, "SYS"), std::vector<std::string>{"Once upon"});
-  EXPECT_THROW(render_chat("none", multi, "SYS"), ApiError);
 }
 
 TEST(ServeApi, StopStringsCutTheTextAndHoldBackPartialMatches) {
