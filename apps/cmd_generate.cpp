@@ -107,9 +107,9 @@ void dump_logits(const std::string& path, const std::vector<int64_t>& prompt_ids
 }
 
 // Runs one prompt with streaming output; returns the generated ids.
-int run_single(Model& m, const ParsedArgs& a, const std::string& prompt, const at::Tensor& pixels) {
+int run_single(Model& m, const ParsedArgs& a, PromptTemplate tmpl, const std::string& prompt, const at::Tensor& pixels) {
   const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, m.image_token_id(), img_tokens);
+  std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), img_tokens);
   if (a.flag("print-prompt")) print_prompt(m, prompt, ids);
   EQAT_CHECK(static_cast<int64_t>(ids.size()) <= m.cfg.text.max_position_embeddings, "prompt: ", ids.size(),
              " tokens (image positions included) exceed the model's context of ",
@@ -183,7 +183,7 @@ int cmd_ask(const Argv& argv) {
   EQAT_CHECK(count_image_markers(prompt) == 1, "QUESTION: with --template none the prompt must contain exactly one ",
              "<image> marker, found ", count_image_markers(prompt));
   at::Tensor pixels = preprocess_image(decoded, m.image_cfg).unsqueeze(0);
-  return run_single(m, a, prompt, pixels);
+  return run_single(m, a, tmpl, prompt, pixels);
 }
 
 int cmd_generate(const Argv& argv) {
@@ -201,7 +201,7 @@ int cmd_generate(const Argv& argv) {
   std::string prompt = render_prompt(tmpl, a.positional()[0], /*with_image=*/false);
   EQAT_CHECK(count_image_markers(prompt) == 0, "PROMPT contains <image> but 'eqat generate' takes no image; use ",
              "'eqat ask --image FILE'");
-  return run_single(m, a, prompt, at::Tensor());
+  return run_single(m, a, tmpl, prompt, at::Tensor());
 }
 
 std::string default_model_dir() {

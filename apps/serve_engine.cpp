@@ -122,8 +122,9 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
 
   // The conversation in the model's template (llm/prompt.h); the tokenizer maps a vicuna/mistral turn's "</s>" to EOS.
   std::string prompt;
+  const PromptTemplate tmpl = parse_template(template_);
   try {
-    prompt = render_chat(parse_template(template_), req.messages);
+    prompt = render_chat(tmpl, req.messages);
   } catch (const InputError& e) {
     throw ApiError(400, std::string("messages: ") + e.what(), "messages");
   }
@@ -133,7 +134,7 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
                                    : "messages: the prompt contains <image> but the request has no image_url part",
                    "messages");
   const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  in.ids = tokenize_prompt(*m.tok, prompt, m.image_token_id(), img_tokens);
+  in.ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), img_tokens);
   const int64_t n_prompt = static_cast<int64_t>(in.ids.size());
   if (n_prompt + 1 > context_)
     throw ApiError(400,

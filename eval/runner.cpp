@@ -547,7 +547,7 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
     bar.update(++visited, positions);
     auto t = truth.find(it.qid);
     if (t == truth.end() || !it.bad.empty() || it.image.empty() || !file_exists(it.image)) continue;
-    std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(tmpl, it.prompt, true), m.image_token_id(),
+    std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(tmpl, it.prompt, true), tmpl, m.image_token_id(),
                                                m.cfg.image_seq_length);
     const int64_t prompt_len = static_cast<int64_t>(ids.size());
     std::vector<int64_t> ans = m.tok->encode(t->second, false);
@@ -723,7 +723,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
               pixels = load_pixels(m, it.image, o.strict_images);
             }
             const std::string text = render_prompt(tmpl, it.prompt, !it.image.empty());
-            std::vector<int64_t> ids = tokenize_prompt(*m.tok, text, m.image_token_id(), img_tokens);
+            std::vector<int64_t> ids = tokenize_prompt(*m.tok, text, tmpl, m.image_token_id(), img_tokens);
             EQAT_CHECK(static_cast<int64_t>(ids.size()) < ctx, "question ", it.qid_json, ": prompt of ",
                        ids.size(), " positions does not fit the model's context of ", ctx);
             e = embed_prompt(m, ids, pixels);  // [1,T_i,C]

@@ -255,6 +255,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
     resolve("eos_token", &tok.eos_id_, false);
     resolve("unk_token", &tok.unk_id_, false);
     resolve("pad_token", &tok.pad_id_, true);
+    if (tc.contains("legacy") && tc["legacy"].is_boolean()) tok.legacy_ = tc["legacy"].get<bool>();
   }
   return tok;
 }
@@ -323,10 +324,22 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_bos) co
   std::vector<int> chunk_ids;
   const auto encode_chunk = [&](size_t begin, size_t end) {
     if (begin >= end) return;
-    // Each chunk gets SentencePiece's dummy-prefix "▁": legacy HF behaviour, which LLaVA was trained with.
-    const auto status = sp_->Encode(text.substr(begin, end - begin), &chunk_ids);
+    // legacy (LLaVA's training): every chunk gets SentencePiece's dummy-prefix "▁". Non-legacy: only a chunk at the
+    // start of the text; later ones are encoded behind the unk piece's text, whose pieces are then dropped (HF's
+    // own way of encoding without the prefix).
+    std::string chunk = text.substr(begin, end - begin);
+    size_t drop = 0;
+    if (!legacy_ && begin > 0 && unk_id_ >= 0) {
+      const std::string unk = sp_->IdToPiece(static_cast<int>(unk_id_));
+      std::vector<int> unk_ids;
+      EQAT_CHECK(sp_->Encode(unk, &unk_ids).ok(), "SentencePiece failed to encode the unk piece");
+      drop = unk_ids.size();
+      chunk = unk + chunk;
+    }
+    const auto status = sp_->Encode(chunk, &chunk_ids);
     EQAT_CHECK(status.ok(), "SentencePiece failed to encode text (", status.ToString(), ")");
-    ids.insert(ids.end(), chunk_ids.begin(), chunk_ids.end());
+    ids.insert(ids.end(), chunk_ids.begin() + static_cast<std::ptrdiff_t>(std::min(drop, chunk_ids.size())),
+               chunk_ids.end());
   };
   size_t chunk_begin = 0;
   for (size_t i = 0; i < text.size();) {

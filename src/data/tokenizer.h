@@ -1,6 +1,7 @@
 // Llama-family tokenizer: a SentencePiece model (tokenizer.model) plus the added tokens that HF keeps beside it
 // (tokenizer.json "added_tokens", added_tokens.json, tokenizer_config.json "added_tokens_decoder"), e.g. <image>
-// and <pad> in llava-hf. Encoding follows HF's slow LlamaTokenizer with legacy=True: the text is split on added
+// and <pad> in llava-hf. Encoding follows HF's LlamaTokenizer with legacy=True (or legacy=False when
+// tokenizer_config.json says so: see legacy()): the text is split on added
 // tokens (and on the special-token texts <s> </s> <unk>), each remaining chunk is SentencePiece-encoded on its
 // own (each gets the dummy-prefix "▁"), BOS is prepended when asked, no EOS (LLAVA.md §4.2).
 #pragma once
@@ -46,6 +47,9 @@ class Tokenizer {
   const std::map<std::string, int64_t>& added_tokens() const { return added_; }
 
   bool byte_level_bpe() const { return static_cast<bool>(bpe_); }
+  // tokenizer_config.json "legacy" (default true). false: SentencePiece's dummy-prefix "▁" only at the very start of
+  // the text, not on text after an added/special token (HF's Metaspace prepend_scheme "first").
+  bool legacy() const { return legacy_; }
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
@@ -58,6 +62,7 @@ class Tokenizer {
   std::map<std::string, int64_t> added_;   // content -> id (beyond or inside the SP vocab)
   std::map<int64_t, bool> added_special_;  // id -> special
   int64_t bos_id_ = 1, eos_id_ = 2, pad_id_ = -1, unk_id_ = 0;
+  bool legacy_ = true;
 };
 
 // Incremental detokenizer for streaming: feed ids one by one, get the newly completed text (never splits a

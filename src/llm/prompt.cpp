@@ -120,8 +120,12 @@ std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messag
                "a chat must alternate user and assistant messages, starting with the user");
     turns.push_back(&m);
   }
-  auto user_text = [](const ChatMessage& m) {  // without an image, the text as given (callers refuse a marker)
-    return m.has_image ? std::string(kImageMarker) + "\n" + strip(remove_all(m.text, kImageMarker)) : m.text;
+  // Without an image, the text as given (callers refuse a marker). With one, LLaVA's conversation strips the
+  // question; llava-hf's chat template keeps its whitespace ("USER: <image>\n" + text + " ASSISTANT:").
+  auto user_text = [t](const ChatMessage& m) {
+    if (!m.has_image) return m.text;
+    const std::string q = remove_all(m.text, kImageMarker);
+    return std::string(kImageMarker) + "\n" + (t == PromptTemplate::kHf ? q : strip(q));
   };
   std::string out;
   switch (t) {
@@ -175,6 +179,20 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
     EQAT_CHECK(image_token_id >= 0, "the prompt contains <image> but the model has no image token");
     ids.insert(ids.end(), static_cast<size_t>(image_tokens), image_token_id);
     start = p + marker.size();
+  }
+  return ids;
+}
+
+std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& prompt, PromptTemplate t,
+                                     int64_t image_token_id, int64_t image_tokens) {
+  if (t == PromptTemplate::kLlava15 || t == PromptTemplate::kNone || count_image_markers(prompt) == 0)
+    return tokenize_prompt(tok, prompt, image_token_id, image_tokens);
+  EQAT_CHECK(image_token_id >= 0 && tok.added_token_id(kImageMarker) == image_token_id,
+             "the prompt contains <image> but the tokenizer has no <image> token with the model's id ", image_token_id);
+  std::vector<int64_t> ids;
+  for (int64_t id : tok.encode(prompt, /*add_bos=*/true)) {
+    if (id == image_token_id) ids.insert(ids.end(), static_cast<size_t>(image_tokens), image_token_id);
+    else ids.push_back(id);
   }
   return ids;
 }

@@ -1,7 +1,8 @@
 // Prompt templates and prompt tokenization (LLAVA.md §4). The conversation formats of LLaVA's own templates
 // (llava/conversation.py), which the LLaVA-1.5 and LLaVA-NeXT checkpoints were trained with:
 //   llava-1.5 — vicuna_v1 (LLaVA-1.5, LLaVA-NeXT vicuna): "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: …"
-//   hf        — llava-hf's chat template for LLaVA-1.5: the same without a default system prompt
+//   hf        — llava-hf's chat template for LLaVA-1.5: the same without a default system prompt, and the question's
+//               own leading/trailing whitespace kept (LLaVA's conversation strips it)
 //   mistral   — mistral_instruct (LLaVA-NeXT mistral): "[INST] <image>\n{q} [/INST] {a} </s>[INST] … [/INST]"
 //   chatml    — chatml_direct (LLaVA-NeXT 34B / Yi): "<|im_start|>system\nAnswer the questions.<|im_end|>
 //               <|im_start|>user\n<image>\n{q}<|im_end|><|im_start|>assistant\n"
@@ -51,6 +52,11 @@ std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messag
 // `image_tokens` copies of `image_token_id` (the positions the projector's features fill).
 std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& prompt, int64_t image_token_id,
                                      int64_t image_tokens);
+// How a template's prompt is tokenized: LLaVA's chunk-wise way above for llava-1.5 and none (what LLaVA's own code
+// and published scores used); HF's processor way for the others (hf, mistral, chatml, llama3: the whole text in one
+// encode with "<image>" as an added token, then expanded), which differs where the tokenizer is non-legacy.
+std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& prompt, PromptTemplate t,
+                                     int64_t image_token_id, int64_t image_tokens);
 
 size_t count_image_markers(const std::string& prompt);
 

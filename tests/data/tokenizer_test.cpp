@@ -3,8 +3,10 @@
 #include "data/tokenizer.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -374,3 +376,42 @@ TEST(Tokenizer, AddedTokenIdBeyondInt32IsRefused) {
 
 }  // namespace tokenizer_test
 }  // namespace eqat
+
+// tokenizer_config.json "legacy": false — HF (transformers 5.24.0 AutoTokenizer on the tiny_llava tokenizer files,
+// the ids below) puts SentencePiece's "▁" only at the very start of the text, not after <image> or </s>; with the
+// flag absent or true every chunk gets it, as LLaVA's training did. Chunks that begin with a space are left out of
+// the legacy list: there SentencePiece (and HF's slow tokenizer, which LLaVA used) add "▁" before the space's own
+// "▁", which transformers 5's Metaspace pre-tokenizer does not; eqat follows SentencePiece.
+TEST(Tokenizer, LegacyFalseDropsTheDummyPrefixAfterSpecialTokens) {
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> legacy = {
+      {"USER: <image>\nWhat is it? ASSISTANT:",
+       {1, 451, 300, 485, 487, 474, 451, 512, 451, 13, 489, 293, 353, 348, 493, 299, 477, 477, 471, 477, 479, 480, 483,
+        479, 474}},
+      {"Hello</s>USER: hi ASSISTANT:",
+       {1, 341, 439, 454, 2, 451, 300, 485, 487, 474, 284, 460, 299, 477, 477, 471, 477, 479, 480, 483, 479, 474}},
+      {"<image>\nfoo", {1, 512, 451, 13, 469, 454, 454}},
+      {"</s>start", {1, 2, 358, 290, 453}}};
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> non_legacy = {
+      {"USER: <image>\nWhat is it? ASSISTANT:",
+       {1, 451, 300, 485, 487, 474, 451, 512, 13, 489, 293, 353, 348, 493, 299, 477, 477, 471, 477, 479, 480, 483, 479,
+        474}},
+      {"Hello</s>USER: hi ASSISTANT:",
+       {1, 341, 439, 454, 2, 300, 485, 487, 474, 284, 460, 299, 477, 477, 471, 477, 479, 480, 483, 479, 474}},
+      {"<image>\nfoo", {1, 512, 13, 469, 454, 454}},
+      {"a <image> b", {1, 262, 451, 512, 271}},
+      {"x</s> y", {1, 451, 506, 2, 278}},
+      {"</s>start", {1, 2, 301, 290, 453}},
+      {"two  spaces<image>  after", {1, 259, 467, 454, 451, 442, 455, 468, 281, 512, 451, 262, 469, 418}}};
+  for (bool flag : {true, false}) {
+    eqat_test::TempDir t;
+    for (const char* f : {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"})
+      std::filesystem::copy(eqat_test::data_path(std::string("fixtures/tiny_llava/") + f), t.path / f);
+    nlohmann::json tc = nlohmann::json::parse(eqat::tokenizer_test::slurp(t.str("tokenizer_config.json")));
+    tc["legacy"] = flag;
+    std::ofstream(t.str("tokenizer_config.json")) << tc.dump();
+    eqat::Tokenizer tok = eqat::Tokenizer::load(t.str());
+    EXPECT_EQ(tok.legacy(), flag);
+    for (const auto& [text, ids] : flag ? legacy : non_legacy)
+      EXPECT_EQ(tok.encode(text, true), ids) << "legacy " << flag << ": " << nlohmann::json(text).dump();
+  }
+}

@@ -23,7 +23,8 @@ TEST(Prompt, EachFamilyRendersLlavasConversationFormat) {
   const std::string sys = kVicunaSystem;
   EXPECT_EQ(render_chat(PromptTemplate::kLlava15, kMulti),
             sys + " USER: <image>\nWhat colour? ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:");
-  EXPECT_EQ(render_chat(PromptTemplate::kHf, kMulti), "USER: <image>\nWhat colour? ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:");
+  EXPECT_EQ(render_chat(PromptTemplate::kHf, kMulti),  // the question's own spaces kept
+            "USER: <image>\n What colour?  ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:");
   EXPECT_EQ(render_chat(PromptTemplate::kMistral, kMulti),
             "[INST] <image>\nWhat colour? [/INST] Red. </s>[INST] And the shape? [/INST]");
   EXPECT_EQ(render_chat(PromptTemplate::kChatml, kMulti),
@@ -38,6 +39,10 @@ TEST(Prompt, EachFamilyRendersLlavasConversationFormat) {
   // The one-turn form is what `eqat ask` uses; `none` is the prompt as given.
   EXPECT_EQ(render_prompt(PromptTemplate::kMistral, "  What is this?  ", true), "[INST] <image>\nWhat is this? [/INST]");
   EXPECT_EQ(render_prompt(PromptTemplate::kNone, "raw <image> text", true), "raw <image> text");
+  // llava-hf's template keeps the question's whitespace, LLaVA's conversation strips it.
+  EXPECT_EQ(render_prompt(PromptTemplate::kHf, "  What is this?\n", true), "USER: <image>\n  What is this?\n ASSISTANT:");
+  EXPECT_EQ(render_prompt(PromptTemplate::kLlava15, "  What is this?\n", true),
+            std::string(kVicunaSystem) + " USER: <image>\nWhat is this? ASSISTANT:");
   // Conversations a template cannot hold.
   EXPECT_THROW(render_chat(PromptTemplate::kLlava15, {{"assistant", "hi", false}, {"user", "x", false}}), InputError);
   EXPECT_THROW(render_chat(PromptTemplate::kLlava15, {{"user", "a", false}, {"user", "b", false}}), InputError);
@@ -104,5 +109,26 @@ TEST(Prompt, MultiTurnTokenizationEndsAssistantTurnsWithEos) {
     EXPECT_EQ(std::count(ids.begin(), ids.end(), tok.eos_id()), 1) << template_name(t);
     EXPECT_EQ(std::count(ids.begin(), ids.end(), image_id), 5) << template_name(t);
     EXPECT_EQ(ids.front(), tok.bos_id());
+  }
+}
+
+// With a non-legacy tokenizer, llava-hf's processor (hf and the LLaVA-NeXT templates) tokenizes the prompt whole,
+// so the text after <image> has no "▁"; LLaVA's own llava-1.5 tokenization encodes each chunk with it. The two
+// differ by exactly that one piece (with a legacy tokenizer they agree).
+TEST(Prompt, HfTemplatesTokenizeWholeTextLlavaChunkWise) {
+  TempDir t;
+  for (const char* f : {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"})
+    std::filesystem::copy(fixture(std::string("tiny_llava/") + f), t.path / f);
+  const std::string prompt = render_prompt(PromptTemplate::kHf, "What is it?", true);
+  for (bool legacy : {true, false}) {
+    nlohmann::json tc = load_json(t.str("tokenizer_config.json"));
+    tc["legacy"] = legacy;
+    std::ofstream(t.str("tokenizer_config.json")) << tc.dump();
+    Tokenizer tok = Tokenizer::load(t.str());
+    const int64_t img = tok.added_token_id("<image>");
+    const auto hf = tokenize_prompt(tok, prompt, PromptTemplate::kHf, img, 3);
+    const auto llava = tokenize_prompt(tok, prompt, PromptTemplate::kLlava15, img, 3);
+    EXPECT_EQ(std::count(hf.begin(), hf.end(), img), 3);
+    EXPECT_EQ(llava.size(), hf.size() + (legacy ? 0 : 1)) << "legacy " << legacy;
   }
 }
