@@ -111,15 +111,14 @@ int run_single(Model& m, const ParsedArgs& a, PromptTemplate tmpl, const std::st
   const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
   std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), img_tokens);
   if (a.flag("print-prompt")) print_prompt(m, prompt, ids);
-  EQAT_CHECK(static_cast<int64_t>(ids.size()) <= m.cfg.text.max_position_embeddings, "prompt: ", ids.size(),
-             " tokens (image positions included) exceed the model's context of ",
-             m.cfg.text.max_position_embeddings);
+  EQAT_CHECK(static_cast<int64_t>(ids.size()) <= model_context(m.cfg.text), "prompt: ", ids.size(),
+             " tokens (image positions included) exceed the model's context of ", model_context(m.cfg.text));
   GenerateOptions opts = generate_options(a, m);
   const int64_t n_prompt = static_cast<int64_t>(ids.size());
   const int64_t fits = max_new_tokens_in_context(m.cfg.text, n_prompt, opts.max_new_tokens);
   if (fits < opts.max_new_tokens && a.has("max-new-tokens"))  // the default is a cap, not a request
     std::cerr << "warning: --max-new-tokens " << opts.max_new_tokens << " capped at " << fits << ": the model's context is "
-              << m.cfg.text.max_position_embeddings << " positions and the prompt takes " << n_prompt << std::endl;
+              << model_context(m.cfg.text) << " positions and the prompt takes " << n_prompt << std::endl;
   at::Tensor embeds = embed_prompt(m, ids, pixels);
   at::Tensor valid = at::ones({1, embeds.size(1)}, at::kBool);
   TokenStreamer streamer(*m.tok);

@@ -70,6 +70,7 @@ struct Stream {
   int64_t created = 0;
   bool include_usage = false;
   bool sent_role = false, finished = false;
+  int status = 200;  // recorded when the stream ends: 200, 500 (generation failed) or 499 (client left)
   Clock::time_point t0, last_write;
   explicit Stream(std::vector<std::string> stop) : text(std::move(stop)) {}
 };
@@ -148,7 +149,7 @@ struct HttpServer::Impl {
           "text/event-stream",
           [st](size_t, httplib::DataSink& sink) { return stream_step(*st, sink); },
           [st](bool success) {
-            st->engine->record_request(success && st->finished ? 200 : 499, since(st->t0));
+            st->engine->record_request(success && st->finished ? st->status : 499, since(st->t0));
             if (!success) st->job->cancel();  // the client went away: free its row
           });
     } catch (const ApiError& e) {
@@ -177,6 +178,8 @@ struct HttpServer::Impl {
     } else if (u.done) {
       if (!u.error.empty()) {
         write("data: " + api_error_json(500, "generation failed: " + u.error) + "\n\n");
+        st.status = 500;
+        st.finished = true;
         sink.done();
         return true;
       }

@@ -336,7 +336,7 @@ EvalResult run_text_metric(const EvalOptions& o) {
   }
   const std::string text = read_file(o.data);
   std::vector<int64_t> ids = m.tok->encode(text, /*add_bos=*/true);
-  int64_t ctx = m.cfg.text.max_position_embeddings;
+  int64_t ctx = model_context(m.cfg.text);
   if (kl) ctx = std::min(ctx, ref.cfg.text.max_position_embeddings);
   int64_t L = std::min(o.seq_len, ctx);
   EQAT_CHECK(L >= 2, "--seq-len must be >= 2, got ", o.seq_len);

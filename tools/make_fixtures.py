@@ -7,7 +7,7 @@ reference outputs (ids, pixel values, image features, logits, greedy continuatio
 The SentencePiece tokenizer is trained here on a slice of tiny-shakespeare with Llama-2's trainer settings.
 
 Python is only the reference generator; eqat itself is C++. Run from the repository root:
-    .venv/bin/python tools/make_fixtures.py [--only llava,llama,mistral]
+    .venv/bin/python tools/make_fixtures.py [--only llava,llama,mistral,rope_dynamic]
 The output is deterministic for a given torch / transformers / sentencepiece version (single thread, fixed
 seeds); the versions used are recorded in each golden.json.
 """
@@ -564,18 +564,52 @@ def make_mistral(sp_model: bytes, sp: spm.SentencePieceProcessor) -> None:
                                   "max_abs_diff_vs_no_window": delta, "versions": versions()})
 
 
+def make_rope_dynamic(sp_model: bytes, sp: spm.SentencePieceProcessor) -> None:
+    """tiny_llama_rope_dynamic: tiny_llama's weights with max_position_embeddings 32 and dynamic-NTK RoPE (factor
+    2). A 40-token prompt and its 16 greedy tokens run past the 32 positions, where transformers keeps going with a
+    growing base; eqat allows factor x max_position_embeddings = 64 positions for such a model."""
+    base = LlamaForCausalLM.from_pretrained(str(OUT / "tiny_llama"), dtype=torch.float32,
+                                            attn_implementation="eager").eval()
+    vd = fresh_dir(OUT / "tiny_llama_rope_dynamic")
+    rp = {"rope_theta": 500000.0, "rope_type": "dynamic", "factor": 2.0}
+    model = LlamaForCausalLM(llama_config(max_position_embeddings=32, rope_parameters=rp)).eval()
+    model.load_state_dict(base.state_dict())
+    model.config.save_pretrained(str(vd))
+    classic_rope_config(vd / "config.json")
+    long_prompt = ("MENENIUS:\nEither you must confess yourselves wondrous malicious, or be accused of folly. "
+                   "I shall tell you a pretty tale.")
+    ids = encode(sp, long_prompt, {})[:40]
+    input_ids = torch.tensor([ids])
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+        plain = base(**inputs).logits[0].float()
+    delta = float((logits - plain).abs().max())
+    assert delta > 1e-2, f"dynamic RoPE has no visible effect ({delta})"
+    gids, glogits = greedy(model, inputs, 16)
+    save_golden(vd, {"prompt.input_ids": input_ids[0], "prompt.logits": logits, "prompt.greedy_ids": gids,
+                     "prompt.greedy_logits": glogits})
+    dump_json(vd / "golden.json", {"ids": ids, "weights": "../tiny_llama/model.safetensors", "rope": rp,
+                                   "max_position_embeddings": 32, "greedy_ids": gids.tolist(),
+                                   "min_top2_margin_greedy": top2_margin(glogits),
+                                   "max_abs_diff_vs_unscaled": delta, "versions": versions()})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sp_model = train_tokenizer()
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     assert sp.vocab_size() == SP_VOCAB and sp.id_to_piece(3) == "<0x00>" and sp.piece_to_id("<0x0A>") == 13
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["llava", "llama", "mistral"]
+    only = (sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv
+            else ["llava", "llama", "mistral", "rope_dynamic"])
     if "llava" in only:
         make_llava(sp_model, sp)
     if "llama" in only:
         make_llama(sp_model, sp)
     if "mistral" in only:
         make_mistral(sp_model, sp)
+    if "rope_dynamic" in only:
+        make_rope_dynamic(sp_model, sp)
     total = 0
     for p in sorted(OUT.rglob("*")):
         if p.is_file():

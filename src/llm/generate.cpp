@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "data/error.h"
 #include "data/memory.h"
@@ -38,8 +39,14 @@ std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int64_t
   return {ids, valid};
 }
 
+int64_t model_context(const LlamaConfig& cfg) {
+  if (cfg.rope_scaling.type == "dynamic" && cfg.rope_scaling.factor > 1)
+    return static_cast<int64_t>(std::floor(cfg.rope_scaling.factor * static_cast<double>(cfg.max_position_embeddings)));
+  return cfg.max_position_embeddings;
+}
+
 int64_t max_new_tokens_in_context(const LlamaConfig& cfg, int64_t prompt_len, int64_t requested) {
-  return std::max<int64_t>(0, std::min(requested, cfg.max_position_embeddings - prompt_len));
+  return std::max<int64_t>(0, std::min(requested, model_context(cfg) - prompt_len));
 }
 
 int64_t kv_cache_bytes(const LlamaConfig& cfg, int64_t batch, int64_t capacity, c10::ScalarType dtype) {
@@ -53,9 +60,8 @@ GenerateResult generate(LlamaForCausalLM& lm, const at::Tensor& prompt_embeds, c
   const LlamaConfig& cfg = lm->config();
   const int64_t B = prompt_embeds.size(0), T = prompt_embeds.size(1);
   EQAT_CHECK(opts.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", opts.max_new_tokens);
-  EQAT_CHECK(T <= cfg.max_position_embeddings, "prompt of ", T,
-             " positions is longer than the model's context (max_position_embeddings = ",
-             cfg.max_position_embeddings, ")");
+  EQAT_CHECK(T <= model_context(cfg), "prompt of ", T, " positions is longer than the model's context (",
+             model_context(cfg), " positions)");
   // The cache is sized from the capped count, never from the request: a huge --max-new-tokens must not allocate.
   const int64_t max_new = max_new_tokens_in_context(cfg, T, opts.max_new_tokens);
   const int64_t capacity = T + std::max<int64_t>(max_new, 1);

@@ -40,6 +40,10 @@ struct GenerateResult {
 // Called after each step with the token chosen for every row (-1 for rows already finished).
 using TokenCallback = std::function<void(const std::vector<int64_t>& step_tokens)>;
 
+// The positions a sequence may use: max_position_embeddings, or factor x that with dynamic-NTK RoPE, whose base
+// keeps growing with the length past the trained context (transformers sets no limit there; the factor is the
+// length the scaling was configured for).
+int64_t model_context(const LlamaConfig& cfg);
 // New tokens that fit the context after a prompt of `prompt_len` positions: min(requested, context - prompt_len).
 // generate() never runs past the context (max_position_embeddings) and sizes its KV cache from this, not from
 // the request; callers that take the count from a user compare with it to warn that the request was capped.

@@ -123,6 +123,28 @@ TEST(Llama, RopeScalingLinearAndLlama3MatchTransformers) {
   }
 }
 
+// Dynamic-NTK RoPE past max_position_embeddings (32 here): transformers goes on with a growing base, and so does
+// eqat, up to factor x max_position_embeddings (64): a 40-token prompt and 16 greedy tokens, eager steps.
+TEST(Llama, RopeDynamicRunsPastTheTrainedContextLikeTransformers) {
+  TempDir dir;
+  namespace fs = std::filesystem;
+  fs::copy_file(fixture("tiny_llama_rope_dynamic/config.json"), dir.str("config.json"));
+  fs::copy_file(fixture("tiny_llama/model.safetensors"), dir.str("model.safetensors"));
+  LoadOptions lo;
+  lo.need_tokenizer = false;
+  Model m = load_model(dir.str(), lo);
+  EXPECT_EQ(m.cfg.text.max_position_embeddings, 32);
+  EXPECT_EQ(model_context(m.cfg.text), 64);
+  auto g = Checkpoint::open(fixture("tiny_llama_rope_dynamic/golden.safetensors"));
+  const std::vector<int64_t> ids = to_ids(g.get("prompt.input_ids"));
+  EXPECT_LE(max_abs_diff(full_logits(m, ids), g.get("prompt.logits")), kLogitTol);
+  GenerateResult r = greedy(m, {ids}, 16, GenerateOptions::Decode::Eager);
+  EXPECT_EQ(r.tokens[0], to_ids(g.get("prompt.greedy_ids")));
+  EXPECT_LE(max_abs_diff(at::cat(r.step_logits, 0), g.get("prompt.greedy_logits")), kLogitTol);
+  // The extended context is the cap: 64 - 40 = 24 new tokens at most.
+  EXPECT_EQ(max_new_tokens_in_context(m.cfg.text, 40, 1000), 24);
+}
+
 TEST(Llama, TokenizedPromptMatchesFixtureIds) {
   Model m = load_model(fixture("tiny_llama"));
   auto g = Checkpoint::open(fixture("tiny_llama/golden.safetensors"));
