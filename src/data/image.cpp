@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -282,6 +283,32 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
   return true;
 }
 
+// A copy of a GIF with the transparency flag of every Graphic Control Extension before the first image cleared
+// (walking the block structure, never pattern-matching image data). False (no copy) for non-GIFs, GIFs without
+// transparency, and malformed ones (stb then reports them as it would).
+bool gif_without_transparency(const std::string& b, std::string* out) {
+  if (b.size() < 13 || (b.compare(0, 6, "GIF87a") != 0 && b.compare(0, 6, "GIF89a") != 0)) return false;
+  const auto u8 = [&b](size_t i) { return static_cast<uint8_t>(b[i]); };
+  size_t p = 13;
+  if (u8(10) & 0x80) p += 3 * (size_t{1} << ((u8(10) & 7) + 1));  // global colour table
+  std::vector<size_t> flags;  // offsets of the GCE flag bytes to clear
+  while (p < b.size()) {
+    const uint8_t block = u8(p);
+    if (block != 0x21) break;  // an image descriptor (0x2C), the trailer or junk: stop
+    if (p + 2 > b.size()) return false;
+    const uint8_t label = u8(p + 1);
+    size_t q = p + 2;
+    if (label == 0xF9 && q + 1 < b.size() && u8(q) == 4 && (u8(q + 1) & 1)) flags.push_back(q + 1);
+    while (q < b.size() && u8(q) != 0) q += 1 + u8(q);  // sub-blocks up to the terminator
+    if (q >= b.size()) return false;
+    p = q + 1;
+  }
+  if (flags.empty()) return false;
+  *out = b;
+  for (size_t f : flags) (*out)[f] = static_cast<char>(u8(f) & ~1);
+  return true;
+}
+
 }  // namespace
 
 const char* jpeg_decoder() { return "libjpeg-turbo"; }  // through OpenCV's imdecode
@@ -309,7 +336,12 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
     if (decode_jpeg_opencv(bytes, name, &img)) return img;
   }
   std::string png_copy;
-  const std::string& stb_bytes = drop_empty_png_idat(bytes, &png_copy) ? png_copy : bytes;
+  const std::string* stb_src = drop_empty_png_idat(bytes, &png_copy) ? &png_copy : &bytes;
+  // GIF: Pillow's convert("RGB") gives a transparent index its palette colour; stb would leave those pixels black,
+  // so the first frame's transparency flag is cleared before stb reads it.
+  std::string gif_copy;
+  if (gif_without_transparency(*stb_src, &gif_copy)) stb_src = &gif_copy;
+  const std::string& stb_bytes = *stb_src;
   const auto* data = reinterpret_cast<const stbi_uc*>(stb_bytes.data());
   const int len = static_cast<int>(stb_bytes.size());
   int w = 0, h = 0, comp = 0;
@@ -317,6 +349,22 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
   EQAT_CHECK(stbi_info_from_memory(data, len, &w, &h, &comp), name, ": cannot decode image (",
              stbi_failure_reason(), ")");
   check_dimensions(name, w, h, max_pixels);
+  // 16-bit grayscale PNG (colour type 0): Pillow opens it as I;16, and convert("RGB") clips each value to 255 where
+  // stb would keep the high byte.
+  if (stb_bytes.size() > 25 && stb_bytes.compare(1, 3, "PNG") == 0 && static_cast<uint8_t>(stb_bytes[24]) == 16 &&
+      stb_bytes[25] == 0) {
+    int c16 = 0;
+    stbi_us* px = stbi_load_16_from_memory(data, len, &w, &h, &c16, 1);
+    EQAT_CHECK(px != nullptr, name, ": cannot decode image (", stbi_failure_reason(), ")");
+    Image img;
+    img.width = w;
+    img.height = h;
+    img.rgb.resize(static_cast<size_t>(w) * h * 3);
+    for (size_t i = 0; i < static_cast<size_t>(w) * h; ++i)
+      img.rgb[i * 3] = img.rgb[i * 3 + 1] = img.rgb[i * 3 + 2] = static_cast<uint8_t>(std::min<int>(px[i], 255));
+    stbi_image_free(px);
+    return img;
+  }
   // 3 requested channels = PIL convert('RGB') for the modes that matter: gray replicated, alpha dropped (not
   // composited), palette expanded. GIF: the first frame.
   stbi_uc* pixels = stbi_load_from_memory(data, len, &w, &h, &comp, 3);
@@ -565,8 +613,11 @@ at::Tensor preprocess_image(const Image& img, const ImageProcessorConfig& cfg) {
       const int64_t shorter = std::min(src->width, src->height), longer = std::max(src->width, src->height);
       const int64_t new_long =
           static_cast<int64_t>(static_cast<double>(cfg.shortest_edge * longer) / static_cast<double>(shorter));
-      EQAT_CHECK(new_long <= kMaxImageSide, "image ", src->width, "x", src->height, " would resize to a side of ",
-                 new_long, " pixels");
+      // The resized image is bounded by area, not by side: a 3000 x 40 panorama resizes to 25200 x 336 on the
+      // crop path (8.5 Mpx) before its centre crop, which Pillow and HF's processor handle.
+      EQAT_CHECK(new_long <= std::numeric_limits<int>::max() / 4 && new_long * cfg.shortest_edge <= kMaxImagePixels,
+                 "image ", src->width, "x", src->height, " would resize to ", new_long, " x ", cfg.shortest_edge,
+                 " pixels, more than the ", kMaxImagePixels, " (64 Mpx) this tool allocates");
       out_w = static_cast<int>(src->width <= src->height ? cfg.shortest_edge : new_long);
       out_h = static_cast<int>(src->width <= src->height ? new_long : cfg.shortest_edge);
     }

@@ -449,5 +449,34 @@ TEST(Image, FuzzEmptyPngIdatChunkIsSkipped) {
   EXPECT_EQ(b.rgb, a.rgb);
 }
 
+// Images Pillow reads its own way (tools/make_image_edge_fixtures.py, Pillow 13.0.0): a 16-bit grayscale PNG is
+// clipped to 255 (not scaled), a GIF's transparent index shows its palette colour (not black), and a 3000 x 40
+// panorama goes through the crop path (25200 x 336 before its centre crop) as in Pillow + HF's processor.
+TEST(Image, DecodesLikePillowWhereItsRulesAreOdd) {
+  static const auto edge = SafetensorsFile::open(data_path("images/edge/golden.safetensors"));
+  auto want = [&](const std::string& name) {
+    const at::Tensor t = edge->get(name).contiguous();
+    Image img;
+    img.height = static_cast<int>(t.size(0));
+    img.width = static_cast<int>(t.size(1));
+    img.rgb.assign(t.data_ptr<uint8_t>(), t.data_ptr<uint8_t>() + t.numel());
+    return img;
+  };
+  expect_same_pixels(load_image(data_path("images/edge/gray16.png")), want("gray16"), "gray16.png");
+  expect_same_pixels(load_image(data_path("images/edge/transparent.gif")), want("transparent"), "transparent.gif");
+
+  const Image pano = load_image(data_path("images/edge/panorama.png"));
+  ASSERT_EQ(pano.width, 3000);
+  const Image crop = center_crop(resize_bicubic_pil(pano, 25200, 336), 336, 336);
+  expect_same_pixels(crop, want("panorama_crop336"), "panorama crop");
+  ImageProcessorConfig cfg;  // 336, CLIP mean/std
+  cfg.aspect_mode = "crop";
+  at::Tensor px = preprocess_image(pano, cfg);  // refused before: "would resize to a side of 25200 pixels"
+  ASSERT_EQ(px.sizes(), (at::IntArrayRef{3, 336, 336}));
+  // Channel 0 at (0,0) from the golden crop, with the processor's arithmetic (float32 of u8 x 1/255, then (x-m)/s).
+  const float x0 = static_cast<float>(crop.rgb[0] * cfg.rescale_factor);
+  EXPECT_EQ(px[0][0][0].item<float>(), (x0 - static_cast<float>(cfg.image_mean[0])) / static_cast<float>(cfg.image_std[0]));
+}
+
 }  // namespace image_test
 }  // namespace eqat
