@@ -5,7 +5,8 @@
                   255 (it does not scale by 1/257 or take the high byte);
   transparent.gif a palette GIF with a transparent index: convert("RGB") gives that index's palette colour, not black;
   panorama.png    3000 x 40: through the llava-hf crop path (shortest edge 336 -> 25200 x 336, centre crop 336)
-                  Pillow and HF's processor handle it; the uint8 crop is the golden.
+                  Pillow and HF's processor handle it; the uint8 crop is the golden;
+  cmyk.jpg        a CMYK JPEG: Pillow inverts it (Adobe's convention, "CMYK;I") and converts nk - c*nk/255.
 golden.safetensors holds the uint8 HWC pixels of each. Usage: .venv/bin/python tools/make_image_edge_fixtures.py
 (Pillow 13.0.0, numpy, safetensors; transformers only to cross-check the crop against HF's processor).
 """
@@ -53,6 +54,15 @@ def main():
     spec.loader.exec_module(mif)
     u8, _ = mif.preprocess(Image.open(os.path.join(OUT, "panorama.png")), 336, pad=False)  # asserts HF agrees
     golden["panorama_crop336"] = u8
+
+    # CMYK JPEG (Pillow writes Adobe's inverted convention): Pillow decodes it as "CMYK;I" and converts with
+    # nk - c * nk / 255 (its MULDIV255 rounding), not OpenCV's formula.
+    yy, xx = np.mgrid[0:24, 0:32]
+    cmyk = np.stack([(xx * 8) % 256, (yy * 10) % 256, ((xx + yy) * 5) % 256, ((xx * yy) % 7) * 30], -1)
+    Image.fromarray(cmyk.astype(np.uint8), "CMYK").save(os.path.join(OUT, "cmyk.jpg"), "JPEG", quality=95)
+    img = Image.open(os.path.join(OUT, "cmyk.jpg"))
+    assert img.mode == "CMYK"
+    golden["cmyk"] = np.asarray(img.convert("RGB"))
 
     save_file({k: np.ascontiguousarray(v) for k, v in golden.items()}, os.path.join(OUT, "golden.safetensors"))
     print({k: v.shape for k, v in golden.items()})

@@ -283,6 +283,55 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
   return true;
 }
 
+// A CMYK (or YCCK) JPEG the way Pillow decodes it: libjpeg's CMYK output read as "CMYK;I" (every channel inverted:
+// Adobe's convention, which Pillow assumes for all CMYK JPEGs), then Pillow's cmyk2rgb, v = nk - c·nk/255 with
+// nk = 255 - k and its MULDIV255 rounding. False (nothing decoded) for other JPEGs or when libjpeg fails (the OpenCV
+// path then reports the error).
+bool decode_jpeg_cmyk(const std::string& bytes, Image* img) {
+  jpeg_decompress_struct cinfo;
+  JpegCheck err;
+  cinfo.err = jpeg_std_error(&err.pub);
+  err.pub.error_exit = jpeg_check_error_exit;
+  err.pub.emit_message = jpeg_check_message;
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    return false;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&cinfo, TRUE);
+  if (cinfo.jpeg_color_space != JCS_CMYK && cinfo.jpeg_color_space != JCS_YCCK) {
+    jpeg_destroy_decompress(&cinfo);
+    return false;
+  }
+  cinfo.out_color_space = JCS_CMYK;
+  jpeg_start_decompress(&cinfo);
+  const int w = static_cast<int>(cinfo.output_width), h = static_cast<int>(cinfo.output_height);
+  img->width = w;
+  img->height = h;
+  img->rgb.resize(static_cast<size_t>(w) * h * 3);  // img belongs to the caller: nothing here for longjmp to skip
+  JSAMPARRAY rows = (*cinfo.mem->alloc_sarray)(reinterpret_cast<j_common_ptr>(&cinfo), JPOOL_IMAGE,
+                                               cinfo.output_width * 4, 1);
+  const auto muldiv255 = [](int a, int b) {
+    const int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+  };
+  while (cinfo.output_scanline < cinfo.output_height) {
+    const int y = static_cast<int>(cinfo.output_scanline);
+    jpeg_read_scanlines(&cinfo, rows, 1);
+    uint8_t* out = img->rgb.data() + static_cast<size_t>(y) * w * 3;
+    for (int x = 0; x < w; ++x) {
+      const JSAMPLE* px = rows[0] + 4 * x;
+      const int nk = px[3];  // 255 - k, where Pillow's k is the inverted sample 255 - px[3]
+      for (int c = 0; c < 3; ++c)
+        out[3 * x + c] = static_cast<uint8_t>(std::clamp(nk - muldiv255(255 - px[c], nk), 0, 255));
+    }
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return true;
+}
+
 // A copy of a GIF with the transparency flag of every Graphic Control Extension before the first image cleared
 // (walking the block structure, never pattern-matching image data). False (no copy) for non-GIFs, GIFs without
 // transparency, and malformed ones (stb then reports them as it would).
@@ -333,6 +382,7 @@ Image decode_image(const std::string& bytes, const std::string& source, bool str
                    name.c_str(), warning.c_str());
     }
     Image img;
+    if (decode_jpeg_cmyk(bytes, &img)) return img;
     if (decode_jpeg_opencv(bytes, name, &img)) return img;
   }
   std::string png_copy;

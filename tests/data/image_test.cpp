@@ -450,7 +450,8 @@ TEST(Image, FuzzEmptyPngIdatChunkIsSkipped) {
 }
 
 // Images Pillow reads its own way (tools/make_image_edge_fixtures.py, Pillow 13.0.0): a 16-bit grayscale PNG is
-// clipped to 255 (not scaled), a GIF's transparent index shows its palette colour (not black), and a 3000 x 40
+// clipped to 255 (not scaled), a GIF's transparent index shows its palette colour (not black), a CMYK JPEG is
+// inverted and converted with Pillow's formula, and a 3000 x 40
 // panorama goes through the crop path (25200 x 336 before its centre crop) as in Pillow + HF's processor.
 TEST(Image, DecodesLikePillowWhereItsRulesAreOdd) {
   static const auto edge = SafetensorsFile::open(data_path("images/edge/golden.safetensors"));
@@ -464,6 +465,15 @@ TEST(Image, DecodesLikePillowWhereItsRulesAreOdd) {
   };
   expect_same_pixels(load_image(data_path("images/edge/gray16.png")), want("gray16"), "gray16.png");
   expect_same_pixels(load_image(data_path("images/edge/transparent.gif")), want("transparent"), "transparent.gif");
+
+  // CMYK JPEG: Pillow's inversion and cmyk2rgb. Pillow's wheel carries its own libjpeg-turbo, so the IDCT may round
+  // differently by one level (the bar for JPEG).
+  const Image cmyk = load_image(data_path("images/edge/cmyk.jpg"));
+  const Image cmyk_want = want("cmyk");
+  ASSERT_EQ(cmyk.rgb.size(), cmyk_want.rgb.size());
+  int worst = 0;
+  for (size_t i = 0; i < cmyk.rgb.size(); ++i) worst = std::max(worst, std::abs(int(cmyk.rgb[i]) - int(cmyk_want.rgb[i])));
+  EXPECT_LE(worst, 1) << "cmyk.jpg: max |diff| " << worst;
 
   const Image pano = load_image(data_path("images/edge/panorama.png"));
   ASSERT_EQ(pano.width, 3000);
