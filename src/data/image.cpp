@@ -431,6 +431,50 @@ Image load_image(const std::string& path, bool strict) {
   return decode_image(read_file(path, kMaxImageFileBytes), path, strict);  // regular files only, size-capped
 }
 
+namespace {
+// One horizontal pass over rows [row_first, row_first + rows) of `src` into a uint8 image out_w wide.
+Image horizontal_pass(const Image& src, int row_first, int rows, int out_w, const AxisCoeffs& hc) {
+  Image tmp;
+  tmp.width = out_w;
+  tmp.height = rows;
+  tmp.rgb.resize(static_cast<size_t>(out_w) * rows * 3);
+  for (int y = 0; y < rows; ++y) {
+    const uint8_t* in = &src.rgb[static_cast<size_t>(y + row_first) * src.width * 3];
+    uint8_t* dst = &tmp.rgb[static_cast<size_t>(y) * out_w * 3];
+    for (int x = 0; x < out_w; ++x) {
+      const int32_t* k = &hc.k[static_cast<size_t>(x) * hc.ksize];
+      const uint8_t* s = in + static_cast<size_t>(hc.first[x]) * 3;
+      for (int ch = 0; ch < 3; ++ch) {
+        int64_t acc = int64_t{1} << (kPrecisionBits - 1);
+        for (int t = 0; t < hc.count[x]; ++t) acc += static_cast<int64_t>(s[t * 3 + ch]) * k[t];
+        dst[x * 3 + ch] = clip8(acc);
+      }
+    }
+  }
+  return tmp;
+}
+
+// One vertical pass to out_h rows; `src` row r holds source row r + row_offset.
+Image vertical_pass(const Image& src, int out_h, int row_offset, const AxisCoeffs& vc) {
+  Image out;
+  out.width = src.width;
+  out.height = out_h;
+  out.rgb.resize(static_cast<size_t>(src.width) * out_h * 3);
+  const size_t stride = static_cast<size_t>(src.width) * 3;
+  for (int y = 0; y < out_h; ++y) {
+    const int32_t* k = &vc.k[static_cast<size_t>(y) * vc.ksize];
+    const uint8_t* in = &src.rgb[static_cast<size_t>(vc.first[y] - row_offset) * stride];
+    uint8_t* dst = &out.rgb[y * stride];
+    for (size_t i = 0; i < stride; ++i) {
+      int64_t acc = int64_t{1} << (kPrecisionBits - 1);
+      for (int t = 0; t < vc.count[y]; ++t) acc += static_cast<int64_t>(in[t * stride + i]) * k[t];
+      dst[i] = clip8(acc);
+    }
+  }
+  return out;
+}
+}  // namespace
+
 Image resize_bicubic_pil(const Image& img, int out_w, int out_h) {
   EQAT_CHECK(out_w > 0 && out_h > 0, "cannot resize an image to ", out_w, "x", out_h);
   EQAT_ASSERT(img.width > 0 && img.height > 0 && img.rgb.size() == static_cast<size_t>(img.width) * img.height * 3);
@@ -440,51 +484,20 @@ Image resize_bicubic_pil(const Image& img, int out_w, int out_h) {
   const bool need_v = out_h != img.height;
   const AxisCoeffs hc = precompute_coeffs(img.width, out_w);
   const AxisCoeffs vc = precompute_coeffs(img.height, out_h);
-
-  // Horizontal pass first, into a uint8 image holding only the source rows the vertical pass reads. The
-  // rounding to uint8 between the passes is part of Pillow's result (LLAVA.md §3.5).
+  // The rounding to uint8 between the passes is part of Pillow's result (LLAVA.md §3.5), so their order matters.
+  // Pillow 13 runs the vertical pass first when the height loses more than twice the pixels the width loses
+  // (Resample.c, ImagingResampleInner), else the horizontal pass first, over only the rows the vertical pass reads.
+  const int dh = img.height - out_h, dw = img.width - out_w;
+  const bool vertical_first = dh > 0 && dh > dw * 2;
+  if (vertical_first) {
+    Image tmp = vertical_pass(img, out_h, 0, vc);
+    return need_h ? horizontal_pass(tmp, 0, out_h, out_w, hc) : tmp;
+  }
+  if (!need_h) return vertical_pass(img, out_h, 0, vc);
   const int row_first = vc.first[0];
   const int row_last = vc.first[out_h - 1] + vc.count[out_h - 1];
-  Image tmp;
-  if (need_h) {
-    tmp.width = out_w;
-    tmp.height = row_last - row_first;
-    tmp.rgb.resize(static_cast<size_t>(tmp.width) * tmp.height * 3);
-    for (int y = 0; y < tmp.height; ++y) {
-      const uint8_t* src = &img.rgb[static_cast<size_t>(y + row_first) * img.width * 3];
-      uint8_t* dst = &tmp.rgb[static_cast<size_t>(y) * out_w * 3];
-      for (int x = 0; x < out_w; ++x) {
-        const int32_t* k = &hc.k[static_cast<size_t>(x) * hc.ksize];
-        const uint8_t* s = src + static_cast<size_t>(hc.first[x]) * 3;
-        for (int ch = 0; ch < 3; ++ch) {
-          int64_t acc = int64_t{1} << (kPrecisionBits - 1);
-          for (int t = 0; t < hc.count[x]; ++t) acc += static_cast<int64_t>(s[t * 3 + ch]) * k[t];
-          dst[x * 3 + ch] = clip8(acc);
-        }
-      }
-    }
-  } else {
-    tmp = img;  // rows are then indexed from 0, not row_first
-  }
-  if (!need_v) return tmp;
-
-  const int row_offset = need_h ? row_first : 0;
-  Image out;
-  out.width = out_w;
-  out.height = out_h;
-  out.rgb.resize(static_cast<size_t>(out_w) * out_h * 3);
-  const size_t stride = static_cast<size_t>(out_w) * 3;
-  for (int y = 0; y < out_h; ++y) {
-    const int32_t* k = &vc.k[static_cast<size_t>(y) * vc.ksize];
-    const uint8_t* src = &tmp.rgb[static_cast<size_t>(vc.first[y] - row_offset) * stride];
-    uint8_t* dst = &out.rgb[y * stride];
-    for (size_t i = 0; i < stride; ++i) {
-      int64_t acc = int64_t{1} << (kPrecisionBits - 1);
-      for (int t = 0; t < vc.count[y]; ++t) acc += static_cast<int64_t>(src[t * stride + i]) * k[t];
-      dst[i] = clip8(acc);
-    }
-  }
-  return out;
+  Image tmp = horizontal_pass(img, need_v ? row_first : 0, need_v ? row_last - row_first : img.height, out_w, hc);
+  return need_v ? vertical_pass(tmp, out_h, row_first, vc) : tmp;
 }
 
 Image expand_to_square(const Image& img, std::array<uint8_t, 3> bg) {

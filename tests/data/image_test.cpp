@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include <functional>
 #include <map>
 
+#include "data/anyres.h"
 #include "data/error.h"
 #include "data/safetensors.h"
 #include "test_util.h"
@@ -486,6 +488,29 @@ TEST(Image, DecodesLikePillowWhereItsRulesAreOdd) {
   // Channel 0 at (0,0) from the golden crop, with the processor's arithmetic (float32 of u8 x 1/255, then (x-m)/s).
   const float x0 = static_cast<float>(crop.rgb[0] * cfg.rescale_factor);
   EXPECT_EQ(px[0][0][0].item<float>(), (x0 - static_cast<float>(cfg.image_mean[0])) / static_cast<float>(cfg.image_std[0]));
+}
+
+// LLaVA-NeXT anyres against HF's LlavaNextImageProcessorPil (tools/make_anyres_fixture.py: 32-px tiles, pinpoints
+// scaled from LLaVA-NeXT's, aspect ratios 1:1, 5:3, 3:5, 10:1, 1:10, an image smaller than a tile and one larger
+// than every pinpoint). PNG input, so every value must be identical.
+TEST(Image, AnyresTilesMatchHfsLlavaNextProcessor) {
+  const auto golden = SafetensorsFile::open(data_path("images/anyres/golden.safetensors"));
+  const nlohmann::json meta = nlohmann::json::parse(std::ifstream(data_path("images/anyres/golden.json")));
+  std::vector<GridPoint> pins;
+  for (const auto& p : meta["pinpoints"]) pins.push_back({p[0].get<int64_t>(), p[1].get<int64_t>()});
+  ImageProcessorConfig cfg;
+  cfg.shortest_edge = cfg.crop_height = cfg.crop_width = 32;
+  ASSERT_GE(meta["images"].size(), 7u);
+  for (const auto& [name, m] : meta["images"].items()) {
+    const Image img = load_image(data_path("images/anyres/" + name + ".png"));
+    const GridPoint best = select_best_resolution(img.height, img.width, pins);
+    EXPECT_EQ(best.height, m["best_resolution"][0].get<int64_t>()) << name;
+    EXPECT_EQ(best.width, m["best_resolution"][1].get<int64_t>()) << name;
+    const at::Tensor got = preprocess_anyres(img, cfg, pins);
+    const at::Tensor want = golden->get(name);
+    ASSERT_EQ(got.sizes(), want.sizes()) << name;
+    EXPECT_EQ((got - want).abs().max().item<float>(), 0.0f) << name << " per tile: " << (got - want).abs().amax({1, 2, 3});
+  }
 }
 
 }  // namespace image_test
