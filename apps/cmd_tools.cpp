@@ -15,6 +15,8 @@
 #include "data/llama2c.h"
 #include "data/output.h"
 #include "data/safetensors.h"
+#include "llm/generate.h"
+#include "llm/prompt.h"
 
 namespace eqat {
 
@@ -90,8 +92,20 @@ int cmd_inspect(const Argv& argv) {
   }
   nlohmann::json j;
   j["path"] = dir;
-  j["architecture"] = arch_name(cfg.arch);
   const LlamaConfig& t = cfg.text;
+  const std::string arch = cfg.arch == Arch::kLlama && t.model_type == "mistral" ? "MistralForCausalLM" : arch_name(cfg.arch);
+  j["architecture"] = arch;
+  // What a user needs to know to prompt it: the decoder family, the context eqat serves, the chat template it picks
+  // and the tokenizer kind (from the files: tokenizer.model is SentencePiece, a lone tokenizer.json byte-level BPE).
+  const std::string tokenizer = file_exists(path_join(dir, "tokenizer.model"))  ? "sentencepiece"
+                                : file_exists(path_join(dir, "tokenizer.json")) ? "byte-level BPE (tokenizer.json)"
+                                                                                : "none";
+  const std::string tmpl = model_template(dir, cfg.arch == Arch::kLlava ? "llava-1.5" : "none");
+  j["decoder_family"] = t.model_type;
+  j["sliding_window"] = t.sliding_window > 0 ? nlohmann::json(t.sliding_window) : nlohmann::json(nullptr);
+  j["context"] = model_context(t);
+  j["chat_template"] = tmpl;
+  j["tokenizer"] = tokenizer;
   j["text"] = {{"hidden_size", t.hidden_size}, {"intermediate_size", t.intermediate_size},
                {"num_hidden_layers", t.num_hidden_layers}, {"num_attention_heads", t.num_attention_heads},
                {"num_key_value_heads", t.num_key_value_heads}, {"head_dim", t.head_dim},
@@ -127,12 +141,13 @@ int cmd_inspect(const Argv& argv) {
     std::cout << j.dump(2) << std::endl;
     return 0;
   }
-  std::cout << dir << ": " << arch_name(cfg.arch) << "\n";
-  std::cout << "  decoder: " << t.num_hidden_layers << " layers, hidden " << t.hidden_size << ", ffn "
+  std::cout << dir << ": " << arch << "\n";
+  std::cout << "  decoder: " << t.model_type << ", " << t.num_hidden_layers << " layers, hidden " << t.hidden_size << ", ffn "
             << t.intermediate_size << ", heads " << t.num_attention_heads << " (kv " << t.num_key_value_heads
             << ", head_dim " << t.head_dim << "), vocab " << t.vocab_size << ", context "
-            << t.max_position_embeddings << ", rope_theta " << t.rope_theta
-            << (t.tie_word_embeddings ? ", tied lm_head" : "") << "\n";
+            << model_context(t) << ", rope_theta " << t.rope_theta << (t.tie_word_embeddings ? ", tied lm_head" : "")
+            << (t.sliding_window > 0 ? ", sliding window " + std::to_string(t.sliding_window) : std::string()) << "\n";
+  std::cout << "  prompt:  template " << tmpl << ", tokenizer " << tokenizer << "\n";
   if (cfg.arch == Arch::kLlava) {
     const VisionConfig& v = cfg.vision;
     std::cout << "  vision:  " << v.num_hidden_layers << " layers, hidden " << v.hidden_size << ", heads "

@@ -85,6 +85,16 @@ TEST(Cli, InspectDescribesTheModel) {
   EXPECT_EQ(j["architecture"], "LlavaForConditionalGeneration");
   EXPECT_EQ(j["text"]["num_key_value_heads"], 2);
   EXPECT_GT(j["parameters"].get<int64_t>(), 0);
+  EXPECT_EQ(j["decoder_family"], "llama");
+  EXPECT_EQ(j["chat_template"], "llava-1.5");
+  EXPECT_EQ(j["tokenizer"], "sentencepiece");
+  // A Mistral decoder names itself and its window.
+  RunResult m = run_eqat({"inspect", fixture("tiny_mistral")});
+  ASSERT_EQ(m.code, 0) << m.err;
+  EXPECT_NE(m.out.find(": MistralForCausalLM\n"), std::string::npos) << m.out;
+  EXPECT_NE(m.out.find("decoder: mistral, 3 layers"), std::string::npos) << m.out;
+  EXPECT_NE(m.out.find("sliding window 8"), std::string::npos) << m.out;
+  EXPECT_NE(m.out.find("template mistral"), std::string::npos) << m.out;
 }
 
 TEST(Cli, BadCheckpointFiles) {
