@@ -1,7 +1,7 @@
-// eqat serve, the protocol side: OpenAI chat-completions requests parsed and checked, prompts rendered for the
-// model's template, responses and server-sent-event chunks in OpenAI's schema, stop strings on the streamed text.
-// No HTTP and no model here (serve_engine.h runs the model, cmd_serve.cpp speaks HTTP), so all of it is testable
-// on plain strings.
+// eqat serve, the protocol side: OpenAI chat-completions requests parsed and checked, image URLs resolved, responses
+// and server-sent-event chunks in OpenAI's schema, stop strings on the streamed text. No HTTP and no model here
+// (serve_engine.h renders the prompt with llm/prompt.h and runs the model, serve_http.h speaks HTTP), so all of it is
+// testable on plain strings.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
