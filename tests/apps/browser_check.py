@@ -23,6 +23,7 @@ class Browser:
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
 
+        # TMPDIR: Chromium's own temp files land in the profile directory, removed with it.
         def fds():  # the child's fd 3 reads our commands, fd 4 writes its replies
             r, w = os.dup(to_child_r), os.dup(from_child_w)  # above 4, so the dup2s below cannot clobber them
             os.dup2(r, 3)  # dup2 makes them inheritable (os.pipe's fds are close-on-exec)
@@ -31,7 +32,9 @@ class Browser:
         self.proc = subprocess.Popen(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.profile.name, "stderr"), "w") if os.environ.get("EQAT_BROWSER_LOG") is None else None)
+            preexec_fn=fds, close_fds=False, env={**os.environ, "TMPDIR": self.profile.name},
+            stdout=subprocess.DEVNULL,
+            stderr=None if os.environ.get("EQAT_BROWSER_LOG") else open(os.path.join(self.profile.name, "stderr"), "w"))
         os.close(to_child_r)
         os.close(from_child_w)
         self.next_id = 0
