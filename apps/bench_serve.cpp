@@ -13,7 +13,6 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
-#include <regex>
 #include <thread>
 
 #include "args.h"
@@ -21,6 +20,7 @@
 #include "commands.h"
 #include "data/error.h"
 #include "data/fs.h"
+#include "eval/report.h"  // base64_encode
 #include "serve_http.h"
 
 namespace eqat {
@@ -32,32 +32,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
-std::string b64(const std::string& in) {
-  static const char* t = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  uint32_t acc = 0;
-  int bits = 0;
-  for (unsigned char c : in) {
-    acc = (acc << 8) | c;
-    bits += 8;
-    while (bits >= 6) out += t[(acc >> (bits -= 6)) & 63];
-  }
-  if (bits > 0) out += t[(acc << (6 - bits)) & 63];
-  while (out.size() % 4) out += '=';
-  return out;
-}
-
 double quantile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   const size_t i = std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5));
   return v[i];
-}
-
-double metric(const std::string& text, const std::string& name) {
-  std::smatch m;
-  if (!std::regex_search(text, m, std::regex(name + "\\{[^}]*\\} ([0-9.e+]+)"))) return 0;
-  return std::stod(m[1]);
 }
 
 struct Sample {
@@ -122,7 +101,7 @@ int bench_serve(const ParsedArgs& a) {
   std::vector<std::string> images;
   if (mm && is_directory(path_join(dir, "demo")))
     for (const auto& e : std::filesystem::directory_iterator(path_join(dir, "demo")))
-      if (e.path().extension() == ".png") images.push_back("data:image/png;base64," + b64(read_file(e.path().string())));
+      if (e.path().extension() == ".png") images.push_back("data:image/png;base64," + base64_encode(read_file(e.path().string())));
   std::sort(images.begin(), images.end());
   const std::vector<std::string> qs = {"Describe the image in one sentence.", "How many shapes are there?",
                                        "Is there a red square in the image?"};
@@ -186,11 +165,11 @@ int bench_serve(const ParsedArgs& a) {
         ttft.push_back(s.ttft);
         tokens += s.tokens;
       }
-    const double steps = metric(after, "eqat_decode_steps_total") - metric(before, "eqat_decode_steps_total");
-    const double gen = metric(after, "eqat_generated_tokens_total") - metric(before, "eqat_generated_tokens_total");
+    const double steps = prometheus_value(after, "eqat_decode_steps_total") - prometheus_value(before, "eqat_decode_steps_total");
+    const double gen = prometheus_value(after, "eqat_generated_tokens_total") - prometheus_value(before, "eqat_generated_tokens_total");
     const double tps = static_cast<double>(tokens) / wall;
-    const double dsec = metric(after, "eqat_decode_seconds_total") - metric(before, "eqat_decode_seconds_total");
-    const double psec = metric(after, "eqat_prefill_seconds_total") - metric(before, "eqat_prefill_seconds_total");
+    const double dsec = prometheus_value(after, "eqat_decode_seconds_total") - prometheus_value(before, "eqat_decode_seconds_total");
+    const double psec = prometheus_value(after, "eqat_prefill_seconds_total") - prometheus_value(before, "eqat_prefill_seconds_total");
     if (n == levels.front()) base_tps = tps;
     // Each request's first token comes from its prefill, the rest from shared decode steps.
     const double rows_per_step = steps > 0 ? (gen - static_cast<double>(n * per_client)) / steps : 0;

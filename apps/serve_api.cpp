@@ -203,6 +203,22 @@ std::string base64_decode(const std::string& in) {
   return out;
 }
 
+double prometheus_value(const std::string& text, const std::string& name) {
+  // A sample line: NAME{labels} VALUE, at the start of a line.
+  for (size_t p = text.find(name + "{"); p != std::string::npos; p = text.find(name + "{", p + 1)) {
+    if (p > 0 && text[p - 1] != '\n') continue;
+    const size_t close = text.find("} ", p);
+    const size_t eol = text.find('\n', p);
+    if (close == std::string::npos || close > eol) continue;
+    try {
+      return std::stod(text.substr(close + 2, eol == std::string::npos ? std::string::npos : eol - close - 2));
+    } catch (const std::exception&) {
+      return -1;
+    }
+  }
+  return -1;
+}
+
 std::string fetch_image_bytes(const std::string& url, const std::string& param, const std::string& local_dir,
                               int64_t max_bytes) {
   auto starts = [&](const char* p) { return url.rfind(p, 0) == 0; };

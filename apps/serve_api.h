@@ -56,6 +56,9 @@ std::string fetch_image_bytes(const std::string& url, const std::string& param, 
                               int64_t max_bytes);
 std::string base64_decode(const std::string& in);  // ApiError 400 on a character outside the alphabet
 
+// The value of the first series named `name` in Prometheus text (/metrics), -1 when absent (clients of /metrics).
+double prometheus_value(const std::string& metrics_text, const std::string& name);
+
 // The answer text as it streams: leading whitespace dropped (LLaVA strips answers), stop strings cut the text
 // before them, and text that could still become a stop string is held back until it cannot.
 class TextAssembler {

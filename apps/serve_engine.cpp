@@ -83,8 +83,9 @@ Engine::Engine(const std::string& name, const std::string& dir, const EngineOpti
   EQAT_CHECK(opts.context >= 0 && opts.context <= ctx, "--ctx ", opts.context, " for model '", name,
              "': must be at most its context of ", ctx, " positions (0 = all of it)");
   context_ = opts.context > 0 ? opts.context : ctx;
-  template_ = !opts.template_name.empty() ? opts.template_name : model_template(dir, m.multimodal() ? "llava-1.5" : "none");
-  parse_template(template_);  // an unknown name in config.json fails here, at start-up
+  // An unknown name in config.json fails here, at start-up.
+  template_ = parse_template(!opts.template_name.empty() ? opts.template_name
+                                                         : model_template(dir, m.multimodal() ? "llava-1.5" : "none"));
   s_->decoder = std::make_unique<BatchDecoder>(m.lm, opts.max_batch, context_, m.dtype, m.device);
   s_->rows.resize(static_cast<size_t>(opts.max_batch));
   thread_ = std::thread([this] { loop(); });
@@ -122,9 +123,8 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
 
   // The conversation in the model's template (llm/prompt.h); the tokenizer maps a vicuna/mistral turn's "</s>" to EOS.
   std::string prompt;
-  const PromptTemplate tmpl = parse_template(template_);
   try {
-    prompt = render_chat(tmpl, req.messages);
+    prompt = render_chat(template_, req.messages);
   } catch (const InputError& e) {
     throw ApiError(400, std::string("messages: ") + e.what(), "messages");
   }
@@ -134,7 +134,7 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
                                    : "messages: the prompt contains <image> but the request has no image_url part",
                    "messages");
   const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  in.ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), img_tokens);
+  in.ids = tokenize_prompt(*m.tok, prompt, template_, m.image_token_id(), img_tokens);
   const int64_t n_prompt = static_cast<int64_t>(in.ids.size());
   if (n_prompt + 1 > context_)
     throw ApiError(400,

@@ -114,7 +114,7 @@ class Engine {
   std::string name_, dir_;
   EngineOptions opts_;
   int64_t context_ = 0;
-  std::string template_;
+  PromptTemplate template_ = PromptTemplate::kLlava15;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -129,14 +129,19 @@ ByteLevelBpe& ByteLevelBpe::operator=(ByteLevelBpe&&) noexcept = default;
 ByteLevelBpe::~ByteLevelBpe() = default;
 
 bool ByteLevelBpe::describes_byte_level_bpe(const std::string& path) {
-  const nlohmann::json j = parse_json_path(path);
-  if (!j.is_object() || !j.contains("model") || !j["model"].is_object() || j["model"].value("type", "") != "BPE")
-    return false;
-  return j.dump().find("\"ByteLevel\"") != std::string::npos;
+  return describes_byte_level_bpe(parse_json_path(path));
 }
 
-ByteLevelBpe ByteLevelBpe::load(const std::string& path) {
-  const nlohmann::json j = parse_json_path(path);
+bool ByteLevelBpe::describes_byte_level_bpe(const nlohmann::json& j) {
+  const auto is = [](const nlohmann::json& o, const char* key, const char* type) {
+    return o.is_object() && o.contains(key) && o[key].is_object() && o[key].value("type", "") == type;
+  };
+  return is(j, "model", "BPE") && is(j, "decoder", "ByteLevel");
+}
+
+ByteLevelBpe ByteLevelBpe::load(const std::string& path) { return from_json(parse_json_path(path), path); }
+
+ByteLevelBpe ByteLevelBpe::from_json(const nlohmann::json& j, const std::string& path) {
   ByteLevelBpe t;
   Impl& m = *t.impl_;
   try {

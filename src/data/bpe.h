@@ -12,6 +12,8 @@
 // Anything else in the file (a normalizer, another model type, another Split behaviour) is refused by name.
 #pragma once
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -24,8 +26,12 @@ class ByteLevelBpe {
  public:
   // InputError naming the file for a missing or malformed file or an unsupported feature.
   static ByteLevelBpe load(const std::string& tokenizer_json_path);
-  // Whether a tokenizer.json describes a byte-level BPE this class reads (model.type BPE with a ByteLevel step).
+  // The same from the parsed file (callers that already read it); `source` names it in messages.
+  static ByteLevelBpe from_json(const nlohmann::json& tokenizer_json, const std::string& source);
+  // Whether a tokenizer.json describes a byte-level BPE (model.type BPE decoded by a ByteLevel decoder; Llama-2's
+  // SentencePiece conversions decode with ByteFallback instead).
   static bool describes_byte_level_bpe(const std::string& tokenizer_json_path);
+  static bool describes_byte_level_bpe(const nlohmann::json& tokenizer_json);
 
   std::vector<int64_t> encode(const std::string& text) const;  // no BOS/EOS (the caller adds them)
   std::string decode(const std::vector<int64_t>& ids, bool skip_special) const;

@@ -95,12 +95,17 @@ void jpeg_check_message(j_common_ptr c, int level) {
   if (e->warnings++ == 0) c->err->format_message(c, e->first);
 }
 
+// Routes libjpeg's errors (longjmp to the caller's setjmp on err->jump) and warnings (counted) into `err`.
+void install_jpeg_check(jpeg_decompress_struct* cinfo, JpegCheck* err) {
+  cinfo->err = jpeg_std_error(&err->pub);
+  err->pub.error_exit = jpeg_check_error_exit;
+  err->pub.emit_message = jpeg_check_message;
+}
+
 std::string jpeg_warning(const std::string& bytes) {
   jpeg_decompress_struct cinfo;
   JpegCheck err;
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jpeg_check_error_exit;
-  err.pub.emit_message = jpeg_check_message;
+  install_jpeg_check(&cinfo, &err);
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     return "";
@@ -290,9 +295,7 @@ bool decode_jpeg_opencv(const std::string& bytes, const std::string& name, Image
 bool decode_jpeg_cmyk(const std::string& bytes, Image* img) {
   jpeg_decompress_struct cinfo;
   JpegCheck err;
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jpeg_check_error_exit;
-  err.pub.emit_message = jpeg_check_message;
+  install_jpeg_check(&cinfo, &err);
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     return false;

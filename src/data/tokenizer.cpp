@@ -158,13 +158,18 @@ Tokenizer Tokenizer::from_model_file(const std::string& path) {
 Tokenizer Tokenizer::load(const std::string& dir) {
   const std::string model_path = path_join(dir, "tokenizer.model");
   const std::string tj_path = path_join(dir, "tokenizer.json");
-  // Byte-level BPE models (Llama-3, ...) ship tokenizer.json without tokenizer.model.
-  const bool bpe = !file_exists(model_path) && file_exists(tj_path) && ByteLevelBpe::describes_byte_level_bpe(tj_path);
+  // Byte-level BPE models (Llama-3, ...) ship tokenizer.json without tokenizer.model (read once: it can be MBs).
+  json bpe_json;
+  if (!file_exists(model_path) && file_exists(tj_path)) {
+    bpe_json = parse_json_file(tj_path);
+    if (!ByteLevelBpe::describes_byte_level_bpe(bpe_json)) bpe_json = json();
+  }
+  const bool bpe = !bpe_json.is_null();
   EQAT_CHECK(bpe || file_exists(model_path), dir,
              ": no tokenizer.model and no byte-level BPE tokenizer.json (the tokenizer is required)");
   Tokenizer tok = bpe ? Tokenizer() : from_model_file(model_path);
   if (bpe) {
-    tok.bpe_ = std::make_shared<const ByteLevelBpe>(ByteLevelBpe::load(tj_path));
+    tok.bpe_ = std::make_shared<const ByteLevelBpe>(ByteLevelBpe::from_json(bpe_json, tj_path));
     for (const auto& [content, id] : tok.bpe_->added_tokens()) {
       tok.added_[content] = id;
       tok.added_special_[id] = tok.bpe_->is_special(id);

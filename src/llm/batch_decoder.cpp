@@ -140,8 +140,7 @@ std::vector<SequenceToken> BatchDecoder::step() {
   std::vector<int64_t> greedy;
   if (any_greedy) {
     at::Tensor f = logits.to(at::kCPU, at::kFloat);
-    EQAT_CHECK(!f.isnan().any().item<bool>() && !f.isposinf().any().item<bool>(), "the model produced NaN or infinite logits; its weights overflow in ",
-               c10::toString(logits.scalar_type()), " (try --dtype float32)");
+    check_logits_finite(f, logits.scalar_type());
     at::Tensor best = f.argmax(-1).contiguous();
     greedy.assign(best.data_ptr<int64_t>(), best.data_ptr<int64_t>() + n);
   }

@@ -14,13 +14,16 @@ Sampler::Sampler(const SamplingOptions& opts) : opts_(opts) {
   gen_ = at::make_generator<at::CPUGeneratorImpl>(opts.seed);
 }
 
+void check_logits_finite(const at::Tensor& logits, c10::ScalarType computed_in) {
+  EQAT_CHECK(!logits.isnan().any().item<bool>() && !logits.isposinf().any().item<bool>(),
+             "the model produced NaN or infinite logits; its weights overflow in ", c10::toString(computed_in),
+             " (try --dtype float32)");
+}
+
 at::Tensor Sampler::sample(const at::Tensor& logits_in) {
   at::Tensor logits = logits_in.to(at::kCPU, at::kFloat);
-  // load_model refuses non-finite weights; finite ones can still overflow (fp16 activations past 65504). A NaN
-  // would make argmax pick it and multinomial fail inside LibTorch, so say what happened instead.
-  EQAT_CHECK(!logits.isnan().any().item<bool>() && !logits.isposinf().any().item<bool>(),
-             "the model produced NaN or infinite logits; its weights overflow in ", c10::toString(logits_in.scalar_type()),
-             " (try --dtype float32)");
+  // load_model refuses non-finite weights; finite ones can still overflow (fp16 activations past 65504).
+  check_logits_finite(logits, logits_in.scalar_type());
   if (opts_.temperature == 0.0) return logits.argmax(-1);
   logits = logits / opts_.temperature;
   const int64_t V = logits.size(-1);

@@ -17,6 +17,10 @@ struct SamplingOptions {
   uint64_t seed = 0;
 };
 
+// InputError when float32 `logits` hold NaN or +inf (finite weights can still overflow in fp16 activations): the
+// message names `computed_in`, the dtype the model ran in. argmax would pick a NaN and multinomial would fail.
+void check_logits_finite(const at::Tensor& logits, c10::ScalarType computed_in);
+
 class Sampler {
  public:
   explicit Sampler(const SamplingOptions& opts);

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model_test_util.h"
+#include "eval/report.h"
 #include "serve_api.h"
 
 using namespace eqat;
@@ -144,11 +145,23 @@ TEST(ServeApi, ResponsesFollowOpenAisSchema) {
   EXPECT_NO_THROW(json::parse(completion_json("i", 1, "m", "bad \xC3", "stop", Usage{})));
 }
 
+TEST(ServeApi, PrometheusValuesReadBack) {
+  const std::string text = "# TYPE a_total counter\na_total{model=\"m\",status=\"200\"} 7\nab_total{model=\"m\"} 3\n"
+                           "a_total_sum{model=\"m\"} 1.5\n";
+  EXPECT_EQ(prometheus_value(text, "a_total"), 7);
+  EXPECT_EQ(prometheus_value(text, "ab_total"), 3);
+  EXPECT_EQ(prometheus_value(text, "a_total_sum"), 1.5);
+  EXPECT_EQ(prometheus_value(text, "missing"), -1);
+}
+
 TEST(ServeApi, Base64AndBearerKeys) {
   EXPECT_EQ(base64_decode("TWFu"), "Man");
   EXPECT_EQ(base64_decode("TWE="), "Ma");
   EXPECT_EQ(base64_decode("TQ=="), "M");
   EXPECT_EQ(base64_decode("_-8="), "\xFF\xEF");  // URL-safe alphabet
+  // Round trip with the encoder the HTML report already has (eval/report.h).
+  for (const std::string& x : std::vector<std::string>{"", "M", "Ma", "Man", std::string("\x00\xff\x10 binary", 10)})
+    EXPECT_EQ(base64_decode(base64_encode(x)), x);
   EXPECT_THROW(base64_decode("TQ=a"), ApiError);
   EXPECT_THROW(base64_decode("T"), ApiError);
   EXPECT_TRUE(bearer_matches("Bearer s3cret", "s3cret"));

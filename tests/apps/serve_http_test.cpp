@@ -14,6 +14,8 @@
 #include <thread>
 
 #include "cli_util.h"
+#include "eval/report.h"  // base64_encode
+#include "serve_api.h"
 
 using namespace eqat_test;
 using nlohmann::json;
@@ -23,24 +25,6 @@ namespace {
 
 const std::string kModel = std::string(EQAT_TEST_DATA) + "/../../models/shapes-llava";
 
-std::string base64(const std::string& in) {
-  static const char* t = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    uint32_t v = (uint8_t(in[i]) << 16) | (uint8_t(in[i + 1]) << 8) | uint8_t(in[i + 2]);
-    for (int k = 3; k >= 0; --k) out += t[(v >> (6 * k)) & 63];
-  }
-  if (i + 1 == in.size()) {
-    uint32_t v = uint8_t(in[i]) << 16;
-    out += std::string{t[(v >> 18) & 63], t[(v >> 12) & 63], '=', '='};
-  } else if (i + 2 == in.size()) {
-    uint32_t v = (uint8_t(in[i]) << 16) | (uint8_t(in[i + 1]) << 8);
-    out += std::string{t[(v >> 18) & 63], t[(v >> 12) & 63], t[(v >> 6) & 63], '='};
-  }
-  return out;
-}
-
 std::vector<std::string> demo_images() {
   std::vector<std::string> v;
   for (const auto& e : fs::directory_iterator(kModel + "/demo"))
@@ -49,7 +33,7 @@ std::vector<std::string> demo_images() {
   return v;
 }
 
-std::string data_url(const std::string& png) { return "data:image/png;base64," + base64(slurp(png)); }
+std::string data_url(const std::string& png) { return "data:image/png;base64," + eqat::base64_encode(slurp(png)); }
 
 json chat_body(const std::string& question, const std::string& image, int max_tokens = 48, bool stream = false) {
   json content = json::array();
@@ -154,12 +138,6 @@ std::string ask_cli(const std::string& image, const std::string& q) {
   return strip(r.out);
 }
 
-double metric(const std::string& text, const std::string& name) {
-  std::smatch m;
-  if (!std::regex_search(text, m, std::regex("\n" + name + "\\{[^}]*\\} ([0-9.e+]+)"))) return -1;
-  return std::stod(m[1]);
-}
-
 }  // namespace
 
 TEST(Serve, AnswersLikeAskInOpenAisSchemaStreamedOrNot) {
@@ -219,8 +197,8 @@ TEST(Serve, AnswersLikeAskInOpenAisSchemaStreamedOrNot) {
   EXPECT_EQ(json::parse(health->body)["status"], "ok");
   auto metrics = c->Get("/metrics");
   ASSERT_TRUE(metrics);
-  EXPECT_EQ(metric(metrics->body, "eqat_requests_total"), 6);
-  EXPECT_GE(metric(metrics->body, "eqat_request_duration_seconds_count"), 6);
+  EXPECT_EQ(eqat::prometheus_value(metrics->body, "eqat_requests_total"), 6);
+  EXPECT_GE(eqat::prometheus_value(metrics->body, "eqat_request_duration_seconds_count"), 6);
   auto page = c->Get("/");
   ASSERT_TRUE(page);
   EXPECT_NE(page->body.find("<title>eqat serve</title>"), std::string::npos);
@@ -246,9 +224,9 @@ TEST(Serve, EightConcurrentClientsGetTheirOneByOneAnswers) {
   for (size_t i = 0; i < 8; ++i) EXPECT_EQ(together[i], alone[i]) << "client " << i;
   auto after = s.client()->Get("/metrics");
   ASSERT_TRUE(after);
-  const double tokens = metric(after->body, "eqat_generated_tokens_total") -
-                        metric(before->body, "eqat_generated_tokens_total");
-  const double steps = metric(after->body, "eqat_decode_steps_total") - metric(before->body, "eqat_decode_steps_total");
+  const double tokens = eqat::prometheus_value(after->body, "eqat_generated_tokens_total") -
+                        eqat::prometheus_value(before->body, "eqat_generated_tokens_total");
+  const double steps = eqat::prometheus_value(after->body, "eqat_decode_steps_total") - eqat::prometheus_value(before->body, "eqat_decode_steps_total");
   EXPECT_GT(tokens, 0);
   EXPECT_LT(steps, tokens) << "the concurrent requests never shared a decode step";
 }
@@ -320,8 +298,8 @@ TEST(Serve, ACancelledStreamFreesItsRowAndAFullQueueGets429) {
   EXPECT_EQ(running, 0);
   auto m = c->Get("/metrics");
   ASSERT_TRUE(m);
-  EXPECT_LT(metric(m->body, "eqat_generated_tokens_total"), 300) << m->body;
-  EXPECT_EQ(metric(m->body, "eqat_requests_total"), 1);  // status 499
+  EXPECT_LT(eqat::prometheus_value(m->body, "eqat_generated_tokens_total"), 300) << m->body;
+  EXPECT_EQ(eqat::prometheus_value(m->body, "eqat_requests_total"), 1);  // status 499
   EXPECT_NE(m->body.find("status=\"499\""), std::string::npos) << m->body.substr(m->body.find("eqat_requests_total{"), 300);
   // Busy row, no queue: 429; then the row is free again for the next.
   json slow = longest;
