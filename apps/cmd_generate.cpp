@@ -107,9 +107,8 @@ void dump_logits(const std::string& path, const std::vector<int64_t>& prompt_ids
 }
 
 // Runs one prompt with streaming output; returns the generated ids.
-int run_single(Model& m, const ParsedArgs& a, PromptTemplate tmpl, const std::string& prompt, const at::Tensor& pixels) {
-  const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), img_tokens);
+int run_single(Model& m, const ParsedArgs& a, PromptTemplate tmpl, const std::string& prompt, const ImageInput& image) {
+  std::vector<int64_t> ids = tokenize_prompt(*m.tok, prompt, tmpl, m.image_token_id(), prompt_image_tokens(m, image));
   if (a.flag("print-prompt")) print_prompt(m, prompt, ids);
   EQAT_CHECK(static_cast<int64_t>(ids.size()) <= model_context(m.cfg.text), "prompt: ", ids.size(),
              " tokens (image positions included) exceed the model's context of ", model_context(m.cfg.text));
@@ -119,7 +118,7 @@ int run_single(Model& m, const ParsedArgs& a, PromptTemplate tmpl, const std::st
   if (fits < opts.max_new_tokens && a.has("max-new-tokens"))  // the default is a cap, not a request
     std::cerr << "warning: --max-new-tokens " << opts.max_new_tokens << " capped at " << fits << ": the model's context is "
               << model_context(m.cfg.text) << " positions and the prompt takes " << n_prompt << std::endl;
-  at::Tensor embeds = embed_prompt(m, ids, pixels);
+  at::Tensor embeds = embed_prompt(m, ids, image);
   at::Tensor valid = at::ones({1, embeds.size(1)}, at::kBool);
   TokenStreamer streamer(*m.tok);
   bool started = false;
@@ -175,14 +174,13 @@ int cmd_ask(const Argv& argv) {
   const std::string dir = resolve_model_dir(a.str("model"), "ask");
   Model m = load_model(dir, load_options(a));
   auto_threads(a, m);
-  EQAT_CHECK(m.multimodal(), dir, ": is a text-only model (", arch_name(m.cfg.arch),
+  EQAT_CHECK(m.multimodal(), dir, ": is a text-only model (", architecture_name(m.cfg),
              "); use 'eqat generate' for it");
   PromptTemplate tmpl = parse_template(a.has("template") ? a.str("template") : model_template(dir, "llava-1.5"));
   std::string prompt = render_prompt(tmpl, question, /*with_image=*/true);
   EQAT_CHECK(count_image_markers(prompt) == 1, "QUESTION: with --template none the prompt must contain exactly one ",
              "<image> marker, found ", count_image_markers(prompt));
-  at::Tensor pixels = preprocess_image(decoded, m.image_cfg).unsqueeze(0);
-  return run_single(m, a, tmpl, prompt, pixels);
+  return run_single(m, a, tmpl, prompt, prepare_image(m, decoded));
 }
 
 int cmd_generate(const Argv& argv) {
@@ -200,7 +198,7 @@ int cmd_generate(const Argv& argv) {
   std::string prompt = render_prompt(tmpl, a.positional()[0], /*with_image=*/false);
   EQAT_CHECK(count_image_markers(prompt) == 0, "PROMPT contains <image> but 'eqat generate' takes no image; use ",
              "'eqat ask --image FILE'");
-  return run_single(m, a, tmpl, prompt, at::Tensor());
+  return run_single(m, a, tmpl, prompt, ImageInput());
 }
 
 std::string default_model_dir() {

@@ -2,12 +2,14 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
 #include <iomanip>
 #include <iostream>
 #include <map>
 
 #include "args.h"
 #include "commands.h"
+#include "data/anyres.h"
 #include "data/config.h"
 #include "data/error.h"
 #include "data/fs.h"
@@ -47,12 +49,16 @@ int cmd_preprocess(const Argv& argv) {
       {a.require("out"), "--out", OutputKind::kTensors, a.flag("overwrite"), {image, a.str("model")}});
   Image img = load_image(image, a.flag("strict"));
   ImageProcessorConfig ipc;
+  bool anyres = false;
+  std::vector<GridPoint> pinpoints;
   std::string dir = a.str("model");
   if (dir.empty()) dir = default_model_dir();
   if (!dir.empty()) {
     ModelConfig cfg = load_model_config(dir);
     EQAT_CHECK(cfg.arch == Arch::kLlava, dir, ": is a text-only model; it has no image preprocessor");
     ipc = load_image_processor_config(dir, cfg.vision.image_size);
+    anyres = cfg.anyres;
+    pinpoints = cfg.image_grid_pinpoints;
   } else {
     std::cerr << "preprocess: no model given; using LLaVA-1.5 settings (336 px, pad)" << std::endl;
   }
@@ -61,6 +67,14 @@ int cmd_preprocess(const Argv& argv) {
     EQAT_CHECK(mode == "pad" || mode == "crop", "--aspect: expected pad or crop, got '", mode, "'");
     ipc.aspect_mode = mode;
   }
+  if (anyres) {  // LLaVA-NeXT: the tiles as HF's LlavaNextImageProcessor gives them, with the image's size
+    at::Tensor px = preprocess_anyres(img, ipc, pinpoints).contiguous();
+    at::Tensor sizes = at::tensor(std::vector<int64_t>{img.height, img.width}, at::kLong);
+    write_safetensors(out, {{"pixel_values", px}, {"image_sizes", sizes}}, {{"format", "pt"}, {"anyres", "1"}});
+    std::cerr << "wrote " << out << " pixel_values [" << px.size(0) << ", 3, " << px.size(2) << ", " << px.size(3)
+              << "] (anyres: the base image, then " << px.size(0) - 1 << " tiles)" << std::endl;
+    return 0;
+  }
   at::Tensor px = preprocess_image(img, ipc).unsqueeze(0).contiguous();
   write_safetensors(out, {{"pixel_values", px}}, {{"format", "pt"}, {"aspect_mode", ipc.aspect_mode}});
   std::cerr << "wrote " << out << " pixel_values [1, 3, " << px.size(2) << ", " << px.size(3) << "]" << std::endl;
@@ -68,13 +82,30 @@ int cmd_preprocess(const Argv& argv) {
 }
 
 int cmd_inspect(const Argv& argv) {
-  CommandSpec spec{"inspect", "eqat inspect DIR [--json]",
+  CommandSpec spec{"inspect", "eqat inspect DIR [--json] [--image-size WxH]",
                    "Describes a model directory: architecture, dims, parameters, dtypes, files, quantization.",
-                   {{"json", "", "print JSON instead of text", ""}}, 1, 1};
+                   {{"json", "", "print JSON instead of text", ""},
+                    {"image-size", "WxH", "LLaVA-NeXT: the image-token count of an image of this size "
+                                          "(default: 640x480 and 1280x720)", ""}},
+                   1, 1};
   ParsedArgs a = parse_args(spec, argv);
   const std::string dir = a.positional()[0];
   EQAT_CHECK(is_directory(dir), dir, ": not a directory");
   ModelConfig cfg = load_model_config(dir);
+  std::vector<std::pair<int64_t, int64_t>> sizes = {{640, 480}, {1280, 720}};  // (width, height)
+  if (a.has("image-size")) {
+    const std::string v = a.str("image-size");
+    const size_t x = v.find('x');
+    char* end = nullptr;
+    const long long w = x == std::string::npos ? 0 : std::strtoll(v.c_str(), &end, 10);
+    const bool w_ok = x != std::string::npos && end == v.c_str() + x;
+    const long long h = w_ok ? std::strtoll(v.c_str() + x + 1, &end, 10) : 0;
+    EQAT_CHECK(w_ok && *end == '\0' && w > 0 && h > 0 && w <= 65535 && h <= 65535, "--image-size: expected WxH "
+               "(e.g. 640x480, each side 1 to 65535), got '", v, "'");
+    EQAT_CHECK(cfg.anyres, "--image-size: ", dir, " is not a LLaVA-NeXT model; its images always take ",
+               cfg.image_seq_length, " tokens");
+    sizes = {{w, h}};
+  }
   Checkpoint ckpt = Checkpoint::open(dir);
   std::map<std::string, int64_t> dtype_params;
   int64_t params = 0;
@@ -93,7 +124,7 @@ int cmd_inspect(const Argv& argv) {
   nlohmann::json j;
   j["path"] = dir;
   const LlamaConfig& t = cfg.text;
-  const std::string arch = cfg.arch == Arch::kLlama && t.model_type == "mistral" ? "MistralForCausalLM" : arch_name(cfg.arch);
+  const std::string arch = architecture_name(cfg);
   j["architecture"] = arch;
   // What a user needs to know to prompt it: the decoder family, the context eqat serves, the chat template it picks
   // and the tokenizer kind (from the files: tokenizer.model is SentencePiece, a lone tokenizer.json byte-level BPE).
@@ -121,6 +152,17 @@ int cmd_inspect(const Argv& argv) {
                   {"vision_feature_layer", cfg.vision_feature_layer},
                   {"vision_feature_select_strategy", cfg.vision_feature_select_strategy},
                   {"projector_hidden_act", cfg.projector_hidden_act}};
+    if (cfg.anyres) {
+      nlohmann::json pins = nlohmann::json::array(), counts = nlohmann::json::array();
+      for (const GridPoint& p : cfg.image_grid_pinpoints) pins.push_back({p.height, p.width});
+      j["llava"]["image_grid_pinpoints"] = pins;
+      for (const auto& [w, h] : sizes) {
+        const AnyresLayout l = anyres_layout(cfg, h, w);
+        counts.push_back({{"width", w}, {"height", h}, {"image_tokens", l.tokens}, {"tiles", l.grid_rows * l.grid_cols},
+                          {"grid", {l.grid_rows, l.grid_cols}}});
+      }
+      j["llava"]["image_tokens_for"] = counts;
+    }
   }
   j["parameters"] = params;
   j["parameters_by_component"] = component_params;
@@ -153,7 +195,17 @@ int cmd_inspect(const Argv& argv) {
     std::cout << "  vision:  " << v.num_hidden_layers << " layers, hidden " << v.hidden_size << ", heads "
               << v.num_attention_heads << ", " << v.image_size << " px / patch " << v.patch_size << "; feature layer "
               << cfg.vision_feature_layer << " (" << cfg.vision_feature_select_strategy << "), "
-              << cfg.image_seq_length << " image tokens\n";
+              << cfg.image_seq_length << (cfg.anyres ? " tokens per tile" : " image tokens") << "\n";
+    if (cfg.anyres) {
+      std::cout << "  anyres:  grid pinpoints";
+      for (const GridPoint& p : cfg.image_grid_pinpoints) std::cout << " " << p.width << "x" << p.height;
+      std::cout << "\n";
+      for (const auto& [w, h] : sizes) {
+        const AnyresLayout l = anyres_layout(cfg, h, w);
+        std::cout << "  image " << w << "x" << h << ": " << l.tokens << " image tokens (base image + " << l.grid_rows
+                  << "x" << l.grid_cols << " tiles, " << l.rows << "x" << l.cols << " features kept + newlines)\n";
+      }
+    }
   }
   std::cout << "  parameters: " << params;
   for (const auto& [c, n] : component_params) std::cout << "  " << c << " " << n;

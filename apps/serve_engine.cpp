@@ -25,7 +25,7 @@ double seconds(std::chrono::steady_clock::duration d) { return std::chrono::dura
 // ---------------------------------------------------------------------------------------------------------------
 struct Job::Impl {
   std::vector<int64_t> ids;
-  at::Tensor pixels;  // [1,3,S,S] or undefined
+  ImageInput image;  // undefined for a text-only request
   SequenceOptions seq;
   std::unique_ptr<TokenStreamer> streamer;
   int64_t row = -1;
@@ -133,24 +133,23 @@ std::shared_ptr<Job> Engine::submit(const ChatRequest& req) {
     throw ApiError(400, with_image ? "messages: the prompt must contain exactly one <image> marker"
                                    : "messages: the prompt contains <image> but the request has no image_url part",
                    "messages");
-  const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
-  in.ids = tokenize_prompt(*m.tok, prompt, template_, m.image_token_id(), img_tokens);
+  // The image first: a LLaVA-NeXT image's token count depends on its size.
+  if (with_image) {
+    const std::string bytes = fetch_image_bytes(req.image_url, req.image_param, opts_.local_files_dir,
+                                                opts_.max_image_bytes);
+    try {
+      in.image = prepare_image(m, decode_image(bytes, req.image_param, /*strict=*/false, opts_.max_image_pixels));
+    } catch (const InputError& e) {
+      throw ApiError(400, e.what(), req.image_param);
+    }
+  }
+  in.ids = tokenize_prompt(*m.tok, prompt, template_, m.image_token_id(), prompt_image_tokens(m, in.image));
   const int64_t n_prompt = static_cast<int64_t>(in.ids.size());
   if (n_prompt + 1 > context_)
     throw ApiError(400,
                    "the prompt takes " + std::to_string(n_prompt) + " tokens (image positions included); this model "
                    "serves " + std::to_string(context_) + " positions per request, so no room is left for an answer",
                    "messages", "context_length_exceeded");
-  if (with_image) {
-    const std::string bytes = fetch_image_bytes(req.image_url, req.image_param, opts_.local_files_dir,
-                                                opts_.max_image_bytes);
-    try {
-      Image img = decode_image(bytes, req.image_param, /*strict=*/false, opts_.max_image_pixels);
-      in.pixels = preprocess_image(img, m.image_cfg).unsqueeze(0);
-    } catch (const InputError& e) {
-      throw ApiError(400, e.what(), req.image_param);
-    }
-  }
 
   // Sampling: OpenAI's temperature/top_p; a request without a seed gets a fresh one.
   in.seq.max_new_tokens = std::min<int64_t>(req.max_tokens > 0 ? req.max_tokens : INT64_MAX, context_ - n_prompt);
@@ -256,8 +255,8 @@ void Engine::loop() {
       }
       Job::Impl& in = *job->impl_;
       try {
-        at::Tensor embeds = embed_prompt(s_->model, in.ids, in.pixels);
-        in.pixels = at::Tensor();
+        at::Tensor embeds = embed_prompt(s_->model, in.ids, in.image);
+        in.image = ImageInput();
         // The row is known only once admitted: admit() picks the lowest free row, the one found here.
         int64_t row = 0;
         while (s_->rows[row]) ++row;

@@ -534,8 +534,8 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
              " differs from the model's ", m.cfg.text.vocab_size, "; KL needs the same tokenizer");
   const PromptTemplate tmpl = parse_template(o.template_name.empty() ? model_template(o.model_dir, "llava-1.5") : o.template_name);
   c10::NoGradGuard ng;
-  auto answer_logp = [&](Model& mm, const std::vector<int64_t>& ids, const at::Tensor& pixels, int64_t from, int64_t n) {
-    at::Tensor e = embed_prompt(mm, ids, pixels);  // [1,T,C]
+  auto answer_logp = [&](Model& mm, const std::vector<int64_t>& ids, const ImageInput& image, int64_t from, int64_t n) {
+    at::Tensor e = embed_prompt(mm, ids, image);  // [1,T,C]
     at::Tensor pos = at::arange(e.size(1), at::TensorOptions().dtype(at::kLong).device(mm.device)).unsqueeze(0);
     at::Tensor logits = mm.lm->forward(e, pos, at::Tensor(), nullptr)[0].narrow(0, from, n);
     return at::log_softmax(logits.to(at::kFloat).cpu(), -1);  // [n,V]
@@ -547,16 +547,20 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
     bar.update(++visited, positions);
     auto t = truth.find(it.qid);
     if (t == truth.end() || !it.bad.empty() || it.image.empty() || !file_exists(it.image)) continue;
+    const ImageInput image = load_pixels(m, it.image, o.strict_images);
+    const ImageInput ref_image = load_pixels(ref, it.image, o.strict_images);
+    EQAT_CHECK(image.tokens == ref_image.tokens, o.reference_dir, ": its image layout differs from the model's (",
+               ref_image.tokens, " image tokens against ", image.tokens, "); KL needs the same prompt");
     std::vector<int64_t> ids = tokenize_prompt(*m.tok, render_prompt(tmpl, it.prompt, true), tmpl, m.image_token_id(),
-                                               m.cfg.image_seq_length);
+                                               image.tokens);
     const int64_t prompt_len = static_cast<int64_t>(ids.size());
     std::vector<int64_t> ans = m.tok->encode(t->second, false);
     ans.push_back(m.tok->eos_id());
     ids.insert(ids.end(), ans.begin(), ans.end());
     const int64_t n = static_cast<int64_t>(ans.size());
     // Position prompt_len - 1 + k predicts answer token k.
-    at::Tensor lp = answer_logp(m, ids, load_pixels(m, it.image, o.strict_images), prompt_len - 1, n);
-    at::Tensor rp = answer_logp(ref, ids, load_pixels(ref, it.image, o.strict_images), prompt_len - 1, n);
+    at::Tensor lp = answer_logp(m, ids, image, prompt_len - 1, n);
+    at::Tensor rp = answer_logp(ref, ids, ref_image, prompt_len - 1, n);
     kl_sum += (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
     agree += (rp.argmax(-1) == lp.argmax(-1)).sum().item<int64_t>();
     positions += n;
@@ -694,7 +698,6 @@ EvalResult run_eval(const EvalOptions& o_in) {
     gopts.stop_ids = {m.tok->eos_id()};
     if (m.cfg.text.eos_token_id >= 0 && m.cfg.text.eos_token_id != m.tok->eos_id())
       gopts.stop_ids.push_back(m.cfg.text.eos_token_id);
-    const int64_t img_tokens = m.multimodal() ? m.cfg.image_seq_length : 0;
     const int64_t ctx = m.cfg.text.max_position_embeddings;
     if (gopts.max_new_tokens >= ctx)  // generate() caps each batch at the context left after its prompts
       std::cerr << "warning: --max-new-tokens " << gopts.max_new_tokens << " capped at the model's context of " << ctx
@@ -715,18 +718,18 @@ EvalResult run_eval(const EvalOptions& o_in) {
         at::Tensor e;
         if (bad.empty()) {
           try {
-            at::Tensor pixels;
+            ImageInput image;
             if (!it.image.empty()) {
               EQAT_CHECK(m.multimodal(), "question ", it.qid_json, ": has an image but ", o.model_dir,
                          " is a text-only model");
               EQAT_CHECK(file_exists(it.image), "question ", it.qid_json, ": image not found: ", it.image);
-              pixels = load_pixels(m, it.image, o.strict_images);
+              image = load_pixels(m, it.image, o.strict_images);
             }
             const std::string text = render_prompt(tmpl, it.prompt, !it.image.empty());
-            std::vector<int64_t> ids = tokenize_prompt(*m.tok, text, tmpl, m.image_token_id(), img_tokens);
+            std::vector<int64_t> ids = tokenize_prompt(*m.tok, text, tmpl, m.image_token_id(), prompt_image_tokens(m, image));
             EQAT_CHECK(static_cast<int64_t>(ids.size()) < ctx, "question ", it.qid_json, ": prompt of ",
                        ids.size(), " positions does not fit the model's context of ", ctx);
-            e = embed_prompt(m, ids, pixels);  // [1,T_i,C]
+            e = embed_prompt(m, ids, image);  // [1,T_i,C]
           } catch (const InputError& err) {
             bad = err.what();
           }

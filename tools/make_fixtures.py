@@ -7,7 +7,7 @@ reference outputs (ids, pixel values, image features, logits, greedy continuatio
 The SentencePiece tokenizer is trained here on a slice of tiny-shakespeare with Llama-2's trainer settings.
 
 Python is only the reference generator; eqat itself is C++. Run from the repository root:
-    .venv/bin/python tools/make_fixtures.py [--only llava,llama,mistral,rope_dynamic]
+    .venv/bin/python tools/make_fixtures.py [--only llava,llama,mistral,rope_dynamic,llava_next]
 The output is deterministic for a given torch / transformers / sentencepiece version (single thread, fixed
 seeds); the versions used are recorded in each golden.json.
 """
@@ -27,7 +27,8 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM)
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          MistralConfig, MistralForCausalLM)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "fixtures"
@@ -595,13 +596,151 @@ def make_rope_dynamic(sp_model: bytes, sp: spm.SentencePieceProcessor) -> None:
                                    "max_abs_diff_vs_unscaled": delta, "versions": versions()})
 
 
+# LLaVA-NeXT at a reduced scale: 32-px tiles of 8-px patches (4x4 features per tile, as 336/14 = 24x24 at full
+# size) and LLaVA-NeXT's pinpoints divided by 10.5 (336 -> 32). The algorithm has no size-dependent branch.
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+# (width, height): 10:1 and 1:10 (rows / columns unpadded), 9:4 (an odd column padding), a 4:3 JPEG.
+NEXT_IMAGES = {"wide": (200, 20, "png"), "tall": (20, 200, "png"), "mid": (90, 40, "png"), "photo": (64, 48, "jpg")}
+MISTRAL_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                         "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
+                         "{% endif %}{% endfor %}")
+VICUNA_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' + "
+                        "message['content'] + ' ' }}{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+                        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def next_image(name: str, w: int, h: int) -> np.ndarray:
+    """A deterministic picture with structure at every scale (ramps, stripes, a disc), distinct per name."""
+    seed = sum(map(ord, name))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255.0 * x / max(w - 1, 1)
+    g = 127.5 + 120.0 * np.sin((x + seed) / 5.0) * np.cos(y / 7.0)
+    b = 255.0 * y / max(h - 1, 1)
+    disc = (x - w / 3) ** 2 + (y - h / 2) ** 2 <= (min(w, h) / 3) ** 2
+    r[disc], g[disc], b[disc] = 240, 230, 30
+    return np.stack([r, g, b], -1).round().clip(0, 255).astype(np.uint8)
+
+
+def make_llava_next(sp_model: bytes, sp: spm.SentencePieceProcessor, variant: str) -> None:
+    """tiny_llava_next_{mistral,vicuna,llama3}: LlavaNextForConditionalGeneration with a Mistral decoder (sliding
+    window 48 under ~100-position prompts), a Llama decoder (Vicuna's layout and chat format) and a Llama decoder
+    with a Llama-3 byte-level BPE tokenizer. Goldens from HF's LlavaNextProcessor (PIL image processor, prompt
+    expansion) and the model: per image, pixel values, image size, input ids, the last position's logits, greedy
+    tokens; for "mid" every position's logits and the packed image features."""
+    from transformers import AutoTokenizer, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    d = fresh_dir(OUT / f"tiny_llava_next_{variant}")
+    seed = {"mistral": 4321, "vicuna": 4322, "llama3": 4330}[variant]
+    if variant == "llama3":
+        tj = json.loads((OUT / "bpe_llama3" / "tokenizer.json").read_text())
+        image_id = len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+        tj["added_tokens"].append({"id": image_id, "content": IMAGE_TOKEN, "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True})
+        dump_json(d / "tokenizer.json", tj)
+        tc = json.loads((OUT / "bpe_llama3" / "tokenizer_config.json").read_text())
+        dump_json(d / "tokenizer_config.json", tc)
+        vocab, bos, eos = (image_id + 64) // 64 * 64, tj["added_tokens"][0]["id"], 3009  # <|eot_id|>
+        pad_id = None
+    else:
+        image_id, pad_id = SP_VOCAB, SP_VOCAB + 1
+        write_tokenizer(d, sp_model, [(image_id, IMAGE_TOKEN), (pad_id, PAD_TOKEN)])
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        tc["chat_template"] = MISTRAL_CHAT_TEMPLATE if variant == "mistral" else VICUNA_CHAT_TEMPLATE
+        dump_json(d / "tokenizer_config.json", tc)
+        vocab, bos, eos = LLAVA_VOCAB, 1, 2
+    dump_json(d / "preprocessor_config.json", {
+        "aspect_ratio_setting": "anyres", "crop_size": {"height": 32, "width": 32}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": NEXT_PINPOINTS, "image_mean": list(CLIP_MEAN), "image_processor_type":
+        "LlavaNextImageProcessor", "image_std": list(CLIP_STD), "processor_class": "LlavaNextProcessor",
+        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 32}})
+
+    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8, hidden_act="quick_gelu", projection_dim=32)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+                  bos_token_id=bos, eos_token_id=eos)
+    if variant == "mistral":
+        tcfg = MistralConfig(head_dim=16, rope_theta=1000000.0, sliding_window=48, **common)
+    else:
+        tcfg = LlamaConfig(rope_theta=500000.0 if variant == "llama3" else 10000.0, **common)
+    cfg = LlavaNextConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id, image_seq_length=16,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", image_grid_pinpoints=NEXT_PINPOINTS,
+                          pad_token_id=pad_id, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    reinit_(model, seed=seed)
+    with torch.no_grad():  # reinit_ leaves image_newline alone: scale it like a projected feature
+        model.model.image_newline.copy_(torch.randn(64, generator=torch.Generator().manual_seed(seed)))
+    used = image_id + 1 if pad_id is None else pad_id + 1
+    pad_vocab_rows_(model.get_input_embeddings().weight, used, seed=1)
+    pad_vocab_rows_(model.get_output_embeddings().weight, used, seed=2)
+    save_model(model, d)
+
+    tok = AutoTokenizer.from_pretrained(str(d))
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=NEXT_PINPOINTS, resample=3, do_pad=True,
+                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    question = "What is shown in this image?"
+    template = {"mistral": "mistral", "vicuna": "llava-1.5", "llama3": "llama3"}[variant]
+    text = {"mistral": f"[INST] {IMAGE_TOKEN}\n{question} [/INST]",
+            "vicuna": f"{SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:",
+            "llama3": f"<|start_header_id|>user<|end_header_id|>\n\n{IMAGE_TOKEN}\n{question}<|eot_id|>"
+                      f"<|start_header_id|>assistant<|end_header_id|>\n\n"}[variant]
+    golden, meta = {}, {"template": template, "question": question, "text": text, "image_token_id": image_id,
+                        "pinpoints": NEXT_PINPOINTS, "images": {}}
+    for name, (w, h, ext) in NEXT_IMAGES.items():
+        path = d / f"{name}.{ext}"
+        Image.fromarray(next_image(name, w, h), "RGB").save(path, **({"quality": 90} if ext == "jpg" else {}))
+        img = Image.open(path)
+        inputs = proc(images=img, text=text, return_tensors="pt")
+        pv, sizes, ids = inputs["pixel_values"][0].float(), inputs["image_sizes"][0], inputs["input_ids"]
+        golden[f"{name}.pixel_values"] = pv
+        golden[f"{name}.image_sizes"] = sizes.to(torch.int64)
+        n_img = int((ids[0] == image_id).sum())
+        if ext == "jpg":  # pixels only: the JPEG decoders may differ by a level
+            meta["images"][name] = {"file": path.name, "width": w, "height": h, "tiles": int(pv.shape[0]),
+                                    "image_tokens": n_img}
+            continue
+        fwd = dict(input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                   attention_mask=inputs["attention_mask"])
+        with torch.no_grad():
+            out = model(**fwd)
+            logits = out.logits[0].float()
+            feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                   image_sizes=inputs["image_sizes"]).pooler_output[0]
+        assert feats.shape[0] == n_img, (feats.shape, n_img)
+        gids, glogits = greedy(model, fwd, 10)
+        golden[f"{name}.input_ids"] = ids[0]
+        golden[f"{name}.logits_last"] = logits[-1].clone()
+        golden[f"{name}.greedy_ids"] = gids
+        if name == "mid":  # every position's logits and the step logits once (the Llama-3 vocabulary is large)
+            golden["mid.greedy_logits"] = glogits
+            golden["mid.logits"] = logits.contiguous()
+            golden["mid.image_features"] = feats.contiguous()
+            reload_check(LlavaNextForConditionalGeneration, d, logits, **fwd)
+        meta["images"][name] = {"file": path.name, "width": w, "height": h, "tiles": int(pv.shape[0]),
+                                "image_tokens": n_img, "num_positions": int(ids.shape[1]),
+                                "greedy_ids": gids.tolist(), "min_top2_margin_prompt_last": top2_margin(logits[-1]),
+                                "min_top2_margin_greedy": top2_margin(glogits)}
+    if variant == "mistral":  # the window must matter under these prompts
+        assert meta["images"]["mid"]["num_positions"] > 48
+    meta["versions"] = versions()
+    save_golden(d, golden)
+    dump_json(d / "golden.json", meta)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sp_model = train_tokenizer()
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     assert sp.vocab_size() == SP_VOCAB and sp.id_to_piece(3) == "<0x00>" and sp.piece_to_id("<0x0A>") == 13
     only = (sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv
-            else ["llava", "llama", "mistral", "rope_dynamic"])
+            else ["llava", "llama", "mistral", "rope_dynamic", "llava_next"])
     if "llava" in only:
         make_llava(sp_model, sp)
     if "llama" in only:
@@ -610,6 +749,9 @@ def main() -> None:
         make_mistral(sp_model, sp)
     if "rope_dynamic" in only:
         make_rope_dynamic(sp_model, sp)
+    if "llava_next" in only:
+        for variant in ("mistral", "vicuna", "llama3"):
+            make_llava_next(sp_model, sp, variant)
     total = 0
     for p in sorted(OUT.rglob("*")):
         if p.is_file():

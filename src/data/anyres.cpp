@@ -3,6 +3,8 @@
 #include <ATen/ops/stack.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 
 #include "data/error.h"
@@ -73,6 +75,45 @@ std::vector<Image> anyres_tiles(const Image& img, const std::vector<GridPoint>& 
       tiles.push_back(std::move(t));
     }
   return tiles;
+}
+
+namespace {
+// Python's int(round(v, 7)) for v >= 0: round to 7 decimals exactly (printf rounds the exact binary value, ties to
+// even, as CPython's round does), then truncate.
+int64_t int_round7(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.7f", v);
+  return static_cast<int64_t>(std::strtod(buf, nullptr));
+}
+}  // namespace
+
+AnyresLayout anyres_layout(const ModelConfig& cfg, int64_t height, int64_t width) {
+  EQAT_CHECK(cfg.anyres, "anyres_layout: not a LLaVA-NeXT model");
+  const int64_t tile = cfg.vision.image_size;
+  AnyresLayout l;
+  const GridPoint best = select_best_resolution(height, width, cfg.image_grid_pinpoints);
+  l.grid_rows = best.height / tile;
+  l.grid_cols = best.width / tile;
+  l.side = tile / cfg.vision.patch_size;
+  const int64_t cur_h = l.grid_rows * l.side, cur_w = l.grid_cols * l.side;
+  l.rows = cur_h;
+  l.cols = cur_w;
+  // HF unpad_image, in its floating-point order.
+  const double original_aspect = static_cast<double>(width) / static_cast<double>(height);
+  const double current_aspect = static_cast<double>(cur_w) / static_cast<double>(cur_h);
+  if (original_aspect > current_aspect) {
+    const double scale = static_cast<double>(cur_w) / static_cast<double>(width);
+    const int64_t new_h = int_round7(static_cast<double>(height) * scale);
+    l.row0 = (cur_h - new_h) / 2;  // Python //: new_h <= cur_h here, so the floor is C++'s division
+    l.rows = cur_h - 2 * l.row0;
+  } else {
+    const double scale = static_cast<double>(cur_h) / static_cast<double>(height);
+    const int64_t new_w = int_round7(static_cast<double>(width) * scale);
+    l.col0 = (cur_w - new_w) / 2;
+    l.cols = cur_w - 2 * l.col0;
+  }
+  l.tokens = l.side * l.side + l.rows * (l.cols + 1);
+  return l;
 }
 
 at::Tensor preprocess_anyres(const Image& img, const ImageProcessorConfig& cfg, const std::vector<GridPoint>& pinpoints) {

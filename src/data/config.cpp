@@ -271,18 +271,45 @@ Arch identify_arch(const Reader& r) {
       EQAT_CHECK(a->front().is_string(), r.source(), ": 'architectures' must hold strings");
       const std::string name = a->front().get<std::string>();
       if (name == "LlamaForCausalLM" || name == "MistralForCausalLM") return Arch::kLlama;
-      if (name == "LlavaForConditionalGeneration") return Arch::kLlava;
+      if (name == "LlavaForConditionalGeneration" || name == "LlavaNextForConditionalGeneration") return Arch::kLlava;
       EQAT_CHECK(false, r.source(), ": unsupported architecture '", name,
-                 "' (supported: LlamaForCausalLM, MistralForCausalLM, LlavaForConditionalGeneration)");
+                 "' (supported: LlamaForCausalLM, MistralForCausalLM, LlavaForConditionalGeneration, "
+                 "LlavaNextForConditionalGeneration)");
     }
   }
   const std::string mt = r.get_string("model_type", "");
   EQAT_CHECK(!mt.empty(), r.source(), ": neither 'architectures' nor 'model_type' is set; cannot tell the model");
   if (mt == "llama" || mt == "mistral") return Arch::kLlama;
-  if (mt == "llava") return Arch::kLlava;
+  if (mt == "llava" || mt == "llava_next") return Arch::kLlava;
   EQAT_CHECK(false, r.source(), ": unsupported architecture '", mt,
-             "' (model_type; supported: llama, mistral, llava)");
+             "' (model_type; supported: llama, mistral, llava, llava_next)");
   return Arch::kCount;
+}
+
+// LLaVA-NeXT: image_grid_pinpoints (transformers' LlavaNextConfig default when absent). The grid features are viewed
+// as whole tiles of the vision tower, so every pinpoint must be a multiple of its image size, and the view needs the
+// CLS-less "default" feature strategy (with "full" transformers' view of the tiles fails too).
+void parse_anyres(const Reader& r, ModelConfig* cfg) {
+  const int64_t tile = cfg->vision.image_size;
+  EQAT_CHECK(cfg->vision_feature_select_strategy == "default", r.source(),
+             ": 'vision_feature_select_strategy' = 'full' is not supported for LLaVA-NeXT (its tiles are unpadded "
+             "as grids of patches, without the CLS token)");
+  std::vector<GridPoint>& pins = cfg->image_grid_pinpoints;
+  if (const json* g = r.find("image_grid_pinpoints")) {
+    EQAT_CHECK(g->is_array() && !g->empty() && g->size() <= 1024, r.source(),
+               ": 'image_grid_pinpoints' must be a non-empty list of [height, width] pairs");
+    for (const json& p : *g) {
+      EQAT_CHECK(p.is_array() && p.size() == 2, r.source(), ": 'image_grid_pinpoints' entries must be [height, width]");
+      pins.push_back({r.to_int(p[0], "image_grid_pinpoints"), r.to_int(p[1], "image_grid_pinpoints")});
+    }
+  } else {
+    pins = {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
+  }
+  for (const GridPoint& p : pins)
+    EQAT_CHECK(p.height > 0 && p.width > 0 && p.height <= 64 * tile && p.width <= 64 * tile && p.height % tile == 0 &&
+                   p.width % tile == 0,
+               r.source(), ": 'image_grid_pinpoints' entry [", p.height, ", ", p.width,
+               "] must be a positive multiple (at most 64x) of the vision tower's image size ", tile);
 }
 
 void parse_llava(const Reader& r, ModelConfig* cfg) {
@@ -348,6 +375,7 @@ void parse_llava(const Reader& r, ModelConfig* cfg) {
              vc.patch_size, ")^2 patches, strategy '", cfg->vision_feature_select_strategy, "')");
 
   cfg->multimodal_projector_bias = r.get_bool("multimodal_projector_bias", cfg->multimodal_projector_bias);
+  if (cfg->anyres) parse_anyres(r, cfg);
 }
 
 json parse_json_bounded(const std::string& text, const std::string& source) {
@@ -408,6 +436,11 @@ void append_llama_json(const LlamaConfig& c, ordered_json& j) {
 
 }  // namespace
 
+const char* architecture_name(const ModelConfig& cfg) {
+  if (cfg.arch == Arch::kLlama) return cfg.text.model_type == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM";
+  return cfg.anyres ? "LlavaNextForConditionalGeneration" : "LlavaForConditionalGeneration";
+}
+
 const char* arch_name(Arch a) {
   switch (a) {
     case Arch::kLlama:
@@ -434,6 +467,9 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       mistral = a->front().get<std::string>() == "MistralForCausalLM";
     cfg.text = parse_llama(r, nullptr, mistral ? "mistral" : "llama");
   } else {
+    std::string name = r.get_string("model_type", "");
+    if (const json* a = r.find("architectures"); a && !a->empty()) name = a->front().get<std::string>();
+    cfg.anyres = name == "llava_next" || name == "LlavaNextForConditionalGeneration";
     parse_llava(r, &cfg);
   }
   if (const json* q = r.get_object("quantization_config")) cfg.quant = parse_quant(r.sub(*q, "quantization_config"));
@@ -451,15 +487,19 @@ ModelConfig load_model_config(const std::string& dir_or_file) {
 
 std::string model_config_to_json(const ModelConfig& cfg) {
   ordered_json j;
-  const bool mistral = cfg.text.model_type == "mistral";
-  j["architectures"] = {cfg.arch == Arch::kLlama && mistral ? "MistralForCausalLM" : arch_name(cfg.arch)};
+  j["architectures"] = {architecture_name(cfg)};
   if (cfg.arch == Arch::kLlama) {
     j["model_type"] = cfg.text.model_type;
     append_llama_json(cfg.text, j);
   } else {
     EQAT_ASSERT(cfg.arch == Arch::kLlava, "bad arch");
-    j["model_type"] = "llava";
+    j["model_type"] = cfg.anyres ? "llava_next" : "llava";
     j["image_token_index"] = cfg.image_token_index;
+    if (cfg.anyres) {
+      ordered_json pins = ordered_json::array();
+      for (const GridPoint& p : cfg.image_grid_pinpoints) pins.push_back({p.height, p.width});
+      j["image_grid_pinpoints"] = std::move(pins);
+    }
     j["projector_hidden_act"] = cfg.projector_hidden_act;
     j["vision_feature_layer"] = cfg.vision_feature_layer;
     j["vision_feature_select_strategy"] = cfg.vision_feature_select_strategy;

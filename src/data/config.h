@@ -69,7 +69,15 @@ struct QuantizationConfig {
   std::string checkpoint_format = "gptq";  // gptq (v1) | gptq_v2
 };
 
+// Arch::kLlava covers both LLaVA compositions: LLaVA-1.5 (LlavaForConditionalGeneration, one fixed-size image) and
+// LLaVA-NeXT (LlavaNextForConditionalGeneration, ModelConfig::anyres: tiled images, a variable image-token count).
 enum class Arch { kLlama, kLlava, kCount };
+
+// One anyres grid resolution, in pixels.
+struct GridPoint {
+  int64_t height = 0, width = 0;
+  bool operator==(const GridPoint& o) const { return height == o.height && width == o.width; }
+};
 
 struct ModelConfig {
   Arch arch = Arch::kLlama;
@@ -82,6 +90,11 @@ struct ModelConfig {
   std::string vision_feature_select_strategy = "default";  // default (drop CLS) | full
   int64_t image_seq_length = 576;  // absent: derived from the vision geometry (576 for ViT-L/14-336, default)
   bool multimodal_projector_bias = true;
+  // LLaVA-NeXT only: images are tiled over the best of image_grid_pinpoints ((height, width) pairs, multiples of
+  // vision.image_size); the grid features are unpadded to the image's aspect and end each row with the learned
+  // image_newline vector. image_seq_length then counts the base image's tokens only.
+  bool anyres = false;
+  std::vector<GridPoint> image_grid_pinpoints;
   QuantizationConfig quant;
   std::string source_path;  // the config.json this came from, for messages
 };
@@ -95,5 +108,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 std::string model_config_to_json(const ModelConfig& cfg);
 
 const char* arch_name(Arch a);
+// The checkpoint's architectures[0]: LlamaForCausalLM, MistralForCausalLM, LlavaForConditionalGeneration or
+// LlavaNextForConditionalGeneration.
+const char* architecture_name(const ModelConfig& cfg);
 
 }  // namespace eqat

@@ -594,6 +594,16 @@ std::string clip_preprocessor_json(int64_t image_size, const std::string& aspect
   return p.dump(2) + "\n";
 }
 
+std::string llava_next_preprocessor_json(int64_t image_size, const std::vector<GridPoint>& pinpoints) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(clip_preprocessor_json(image_size));
+  nlohmann::ordered_json pins = nlohmann::ordered_json::array();
+  for (const GridPoint& g : pinpoints) pins.push_back({g.height, g.width});
+  j["image_grid_pinpoints"] = std::move(pins);
+  j["image_processor_type"] = "LlavaNextImageProcessor";
+  j["processor_class"] = "LlavaNextProcessor";
+  return j.dump(2) + "\n";
+}
+
 ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t image_size) {
   EQAT_CHECK(image_size > 0, "image size must be positive, got ", image_size);
   ImageProcessorConfig cfg;
@@ -640,6 +650,16 @@ ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t
   for (double s : cfg.image_std) EQAT_CHECK(s > 0, path, ": \"image_std\" values must be positive");
   for (double m : cfg.image_mean) EQAT_CHECK(m >= 0 && m <= 1, path, ": \"image_mean\" values must lie in [0, 1]");
 
+  if (j.contains("image_grid_pinpoints") && !j["image_grid_pinpoints"].is_null()) {
+    const json& g = j["image_grid_pinpoints"];
+    EQAT_CHECK(g.is_array() && !g.empty() && g.size() <= 1024, path,
+               ": \"image_grid_pinpoints\" must be a non-empty list of [height, width] pairs");
+    for (const json& p : g) {
+      EQAT_CHECK(p.is_array() && p.size() == 2, path, ": \"image_grid_pinpoints\" entries must be [height, width]");
+      cfg.image_grid_pinpoints.push_back(
+          {positive_int(p[0], path, "image_grid_pinpoints"), positive_int(p[1], path, "image_grid_pinpoints")});
+    }
+  }
   // The aspect mode is not a CLIPImageProcessor field: LLaVA keeps it in the model config
   // (image_aspect_ratio), llava-hf's LlavaImageProcessor spells it do_pad.
   if (j.contains("do_pad") && !j["do_pad"].is_null())

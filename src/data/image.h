@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "data/config.h"
+
 namespace eqat {
 
 // 8-bit RGB, row-major HWC.
@@ -52,12 +54,16 @@ struct ImageProcessorConfig {
   std::array<double, 3> image_std{0.26862954, 0.26130258, 0.27577711};
   // "pad" (LLaVA-1.5, the default: all published scores) or "crop" (llava-hf processor default).
   std::string aspect_mode = "pad";
+  // LLaVA-NeXT's LlavaNextImageProcessor: the anyres grid ((height, width) pairs); empty for CLIPImageProcessor.
+  std::vector<GridPoint> image_grid_pinpoints;
 };
 // Reads `dir`/preprocessor_config.json when present (else defaults sized to `image_size`).
 ImageProcessorConfig load_image_processor_config(const std::string& dir, int64_t image_size);
 // The preprocessor_config.json text of LLaVA-1.5's CLIPImageProcessor at `image_size` (LLAVA.md §1.3); with
 // `aspect_ratio` non-empty it also carries "image_aspect_ratio" (eqat's "pad" / "crop" switch).
 std::string clip_preprocessor_json(int64_t image_size, const std::string& aspect_ratio = "");
+// The same for LLaVA-NeXT's LlavaNextImageProcessor: CLIP's settings plus the anyres grid.
+std::string llava_next_preprocessor_json(int64_t image_size, const std::vector<GridPoint>& pinpoints);
 
 // The full pipeline: returns float32 [3, crop_h, crop_w] (CHW, RGB).
 at::Tensor preprocess_image(const Image& img, const ImageProcessorConfig& cfg);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <map>
 
+#include "data/anyres.h"
 #include "data/error.h"
 #include "data/fs.h"
 #include "data/memory.h"
@@ -26,6 +27,7 @@ LlavaForConditionalGenerationImpl::LlavaForConditionalGenerationImpl(const Model
       "multi_modal_projector", LlavaProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
                                               cfg.multimodal_projector_bias, cfg.projector_hidden_act));
   language_model = register_module("language_model", LlamaForCausalLM(cfg.text));
+  if (cfg.anyres) image_newline = register_parameter("image_newline", at::zeros({cfg.text.hidden_size}));
 }
 
 at::Tensor LlavaForConditionalGenerationImpl::image_features(const at::Tensor& pixels) {
@@ -51,6 +53,25 @@ at::Tensor LlavaForConditionalGenerationImpl::embed_with_images(const at::Tensor
   return embeds.masked_scatter(is_image.unsqueeze(-1), flat);
 }
 
+at::Tensor LlavaForConditionalGenerationImpl::pack_anyres(const at::Tensor& tile_features, int64_t height,
+                                                         int64_t width) {
+  const AnyresLayout l = anyres_layout(cfg_, height, width);
+  const int64_t C = tile_features.size(-1), n_grid = l.grid_rows * l.grid_cols;
+  EQAT_CHECK(tile_features.dim() == 3 && tile_features.size(0) == 1 + n_grid && tile_features.size(1) == l.side * l.side,
+             "pack_anyres: an image of ", width, "x", height, " needs 1 + ", n_grid, " tiles of ", l.side * l.side,
+             " features, got ", tile_features.sizes());
+  // [rows·cols, side·side, C] -> [rows, cols, side, side, C] -> [C, rows, side, cols, side] -> [C, rows·side, cols·side]
+  at::Tensor grid = tile_features.narrow(0, 1, n_grid)
+                        .reshape({l.grid_rows, l.grid_cols, l.side, l.side, C})
+                        .permute({4, 0, 2, 1, 3})
+                        .reshape({C, l.grid_rows * l.side, l.grid_cols * l.side})
+                        .narrow(1, l.row0, l.rows)
+                        .narrow(2, l.col0, l.cols);
+  at::Tensor newline = image_newline.to(grid.scalar_type()).view({C, 1, 1}).expand({C, l.rows, 1});
+  at::Tensor seq = at::cat({grid, newline}, 2).reshape({C, l.rows * (l.cols + 1)}).t();  // [rows·(cols+1), C]
+  return at::cat({tile_features[0], seq}, 0);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 c10::ScalarType parse_dtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return at::kFloat;
@@ -69,6 +90,11 @@ const char* dtype_name(c10::ScalarType t) {
 }
 
 int64_t Model::image_token_id() const { return multimodal() ? cfg.image_token_index : -1; }
+
+int64_t Model::image_tokens(int64_t height, int64_t width) const {
+  if (!multimodal()) return 0;
+  return cfg.anyres ? anyres_layout(cfg, height, width).tokens : cfg.image_seq_length;
+}
 
 namespace {
 
@@ -99,6 +125,8 @@ std::string relayout_key(const std::string& key, CheckpointLayout layout) {
   std::string rest;
   if (layout == CheckpointLayout::kTransformers && tower_rest(kHf, &rest)) return kTf + rest;
   if (layout == CheckpointLayout::kLlavaHf && tower_rest(kTf, &rest)) return kHf + kNest + rest;
+  if (key == "image_newline" || key == "model.image_newline")  // LLaVA-NeXT's one top-level parameter
+    return layout == CheckpointLayout::kTransformers ? "model.image_newline" : "image_newline";
   static const std::pair<const char*, const char*> kPrefixes[] = {  // (llava-hf, transformers)
       {"language_model.model.", "model.language_model."},
       {"language_model.lm_head.", "lm_head."},
@@ -385,6 +413,11 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
     load_weights(*m.llava, ckpt, true, m.dtype, m.device, dir, v1_bits, defer);
     m.lm = m.llava->language_model;
     m.image_cfg = load_image_processor_config(dir, m.cfg.vision.image_size);
+    // The processor's pinpoints decide the tiles, the model's the unpadding: they must agree (they do in every
+    // published checkpoint).
+    EQAT_CHECK(!m.cfg.anyres || m.image_cfg.image_grid_pinpoints.empty() ||
+                   m.image_cfg.image_grid_pinpoints == m.cfg.image_grid_pinpoints,
+               dir, ": image_grid_pinpoints differ between preprocessor_config.json and config.json");
   } else {
     m.lm = LlamaForCausalLM(m.cfg.text);
     if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
@@ -415,19 +448,47 @@ void materialize_layer(Model& m, int64_t layer) {
   }
 }
 
-at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict) {
-  EQAT_CHECK(model.multimodal(), model.dir, ": is a text-only model (", arch_name(model.cfg.arch),
+ImageInput prepare_image(const Model& model, const Image& img) {
+  EQAT_CHECK(model.multimodal(), model.dir, ": is a text-only model (", architecture_name(model.cfg),
              "); it cannot take an image");
-  return preprocess_image(load_image(image_path, strict), model.image_cfg).unsqueeze(0);
+  ImageInput in;
+  in.height = img.height;
+  in.width = img.width;
+  in.tokens = model.image_tokens(img.height, img.width);
+  in.pixels = model.cfg.anyres ? preprocess_anyres(img, model.image_cfg, model.cfg.image_grid_pinpoints)
+                               : preprocess_image(img, model.image_cfg).unsqueeze(0);
+  return in;
 }
 
-at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const at::Tensor& pixels) {
+ImageInput load_pixels(const Model& model, const std::string& image_path, bool strict) {
+  EQAT_CHECK(model.multimodal(), model.dir, ": is a text-only model (", architecture_name(model.cfg),
+             "); it cannot take an image");
+  return prepare_image(model, load_image(image_path, strict));
+}
+
+int64_t prompt_image_tokens(const Model& model, const ImageInput& image) {
+  if (image.defined()) return image.tokens;
+  return model.multimodal() ? model.cfg.image_seq_length : 0;
+}
+
+at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const ImageInput& image) {
   c10::NoGradGuard no_grad;
   at::Tensor t = at::tensor(ids, at::kLong).view({1, -1}).to(model.device);
   if (!model.multimodal()) return model.lm->embed(t);
   at::Tensor feats;
-  if (pixels.defined()) feats = model.llava->image_features(pixels.to(model.device, model.dtype));
+  if (image.defined()) {
+    feats = model.llava->image_features(image.pixels.to(model.device, model.dtype));
+    if (model.cfg.anyres) feats = model.llava->pack_anyres(feats, image.height, image.width);
+  }
   return model.llava->embed_with_images(t, feats);
+}
+
+at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const at::Tensor& pixels) {
+  EQAT_CHECK(!model.cfg.anyres || !pixels.defined(), model.dir,
+             ": a LLaVA-NeXT model needs the image's size with its tiles (embed_prompt with an ImageInput)");
+  ImageInput in;
+  in.pixels = pixels;
+  return embed_prompt(model, ids, in);
 }
 
 }  // namespace eqat

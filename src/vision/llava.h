@@ -1,5 +1,5 @@
-// LLaVA composition (HF LlavaForConditionalGeneration, LLAVA.md §2) and model loading for both LLaVA and plain
-// Llama directories. Module names mirror the llava-hf ("old") checkpoint layout:
+// LLaVA composition (HF LlavaForConditionalGeneration, LLAVA.md §2; LlavaNextForConditionalGeneration with
+// ModelConfig::anyres) and model loading for LLaVA, LLaVA-NeXT and plain Llama/Mistral directories. Module names mirror the llava-hf ("old") checkpoint layout:
 //   vision_tower.vision_model.…, multi_modal_projector.linear_{1,2}.…, language_model.model.…, language_model.lm_head
 // The loader also reads the newer transformers layout (model.language_model.…, model.vision_tower.…, lm_head) via
 // one prefix-rewrite table.
@@ -31,6 +31,12 @@ class LlavaForConditionalGenerationImpl : public torch::nn::Module {
   // Embeds ids [B,T] and overwrites, in order, the rows whose id is the image token with `features` [N,F,C]
   // (N·F must equal the number of image-token positions).
   at::Tensor embed_with_images(const at::Tensor& ids, const at::Tensor& features);
+  // LLaVA-NeXT (HF pack_image_features): the projected features of one image's tiles [1 + rows·cols, F, C] (the
+  // base image first) -> its prompt features [anyres_layout(...).tokens, C]: the base image's F rows, then the grid
+  // as one feature map unpadded to the image's height x width, each of its rows followed by image_newline.
+  at::Tensor pack_anyres(const at::Tensor& tile_features, int64_t height, int64_t width);
+
+  at::Tensor image_newline;  // [C], LLaVA-NeXT only (registered as "image_newline")
 
   CLIPVisionTransformer vision_model{nullptr};  // registered as vision_tower.vision_model
   LlavaProjector multi_modal_projector{nullptr};
@@ -66,6 +72,19 @@ struct Model {
   c10::Device device = c10::Device(c10::DeviceType::CPU);
   bool multimodal() const { return static_cast<bool>(llava); }
   int64_t image_token_id() const;  // -1 for text-only models
+  // The image-token positions a prompt holds for an image of height x width: image_seq_length for LLaVA-1.5, the
+  // anyres layout's count for LLaVA-NeXT (data/anyres.h). 0 for text-only models.
+  int64_t image_tokens(int64_t height, int64_t width) const;
+};
+
+// One preprocessed image, ready for embed_prompt: its pixels (LLaVA-1.5 [1,3,S,S]; LLaVA-NeXT [1 + rows·cols, 3,
+// S, S], the base image then the tiles row by row), the size it was loaded at (NeXT unpads its grid to that aspect)
+// and the number of image-token positions its features fill in a prompt.
+struct ImageInput {
+  at::Tensor pixels;
+  int64_t height = 0, width = 0;
+  int64_t tokens = 0;
+  bool defined() const { return pixels.defined(); }
 };
 
 // Loads config, tokenizer, image processor config and weights (zero-copy from the mmap when the stored dtype
@@ -89,15 +108,23 @@ void pack_decoder(LlamaForCausalLM& lm, const ModelConfig& cfg, c10::ScalarType 
 c10::ScalarType parse_dtype(const std::string& name);  // InputError naming --dtype
 const char* dtype_name(c10::ScalarType t);
 
-// Preprocesses one image file for `model` -> [1,3,S,S] float32. `strict`: see load_image.
 // Converts decoder layer `layer`'s deferred weights (LoadOptions::defer_decoder) to the model dtype, checks them
 // for NaN/inf, and drops the checkpoint's pages they were read from. A no-op for layers already in the model dtype.
 void materialize_layer(Model& m, int64_t layer);
 
-at::Tensor load_pixels(const Model& model, const std::string& image_path, bool strict = false);
+// Preprocesses one decoded image for `model` (CLIP resize/pad/crop for LLaVA-1.5, anyres tiling for LLaVA-NeXT).
+// InputError for a text-only model.
+ImageInput prepare_image(const Model& model, const Image& img);
+// Same, from a file. `strict`: see load_image.
+ImageInput load_pixels(const Model& model, const std::string& image_path, bool strict = false);
+// The image-token positions a prompt needs for `image`, or for a prompt without an image (undefined `image`) the
+// count a stray "<image>" marker expands to (LLaVA-1.5's fixed count; it then fails in embed_prompt, naming it).
+int64_t prompt_image_tokens(const Model& model, const ImageInput& image);
 
-// Prompt ids (with image positions expanded) -> embeddings [1,T,C] in the model's dtype/device; `pixels` may be
+// Prompt ids (with image positions expanded) -> embeddings [1,T,C] in the model's dtype/device; `image` may be
 // undefined for text-only prompts.
+at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const ImageInput& image);
+// LLaVA-1.5 only: with pixels [N,3,S,S] as HF's processor gives them (undefined for text-only prompts).
 at::Tensor embed_prompt(Model& model, const std::vector<int64_t>& ids, const at::Tensor& pixels);
 
 }  // namespace eqat

@@ -56,6 +56,31 @@ constexpr Like kLikes[] = {
                     "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
                     "vocab_size": 32000},
   "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064})"},
+    {"llava-v1.6-mistral-7b", R"({
+  "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+  "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+  "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+  "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["MistralForCausalLM"],
+                  "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+                  "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+                  "torch_dtype": "bfloat16", "vocab_size": 32064},
+  "torch_dtype": "float16", "transformers_version": "4.39.0.dev0", "use_image_newline_parameter": true,
+  "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                    "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                    "vocab_size": 32000},
+  "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064})"},
+    {"llava-v1.6-vicuna-7b", R"({
+  "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+  "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+  "image_token_index": 32000, "model_type": "llava_next", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+  "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                  "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                  "torch_dtype": "bfloat16", "vocab_size": 32064},
+  "torch_dtype": "float16", "transformers_version": "4.39.0.dev0", "use_image_newline_parameter": true,
+  "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                    "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                    "vocab_size": 32000},
+  "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064})"},
     {"llama-2-7b", R"({
   "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
   "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
@@ -153,7 +178,10 @@ int64_t write_random_model(const RandomModelOptions& o) {
     EQAT_CHECK(!ec, "--tokenizer ", o.tokenizer, ": cannot copy (", ec.message(), ")");
     // The Llama-2 tokenizer; LLaVA adds <image> (32000) and <pad> (32001) as special tokens.
     write_llama_tokenizer_files(tmp, llava ? 32000 : -1, 32001, 4096);
-    if (llava) write_file_atomic(path_join(tmp, "preprocessor_config.json"), clip_preprocessor_json(cfg.vision.image_size));
+    if (llava)
+      write_file_atomic(path_join(tmp, "preprocessor_config.json"),
+                        cfg.anyres ? llava_next_preprocessor_json(cfg.vision.image_size, cfg.image_grid_pinpoints)
+                                   : clip_preprocessor_json(cfg.vision.image_size));
     write_checkpoint_streamed(tmp, sources, o.shard_bytes, {{"format", "pt"}});
   });
   return params;

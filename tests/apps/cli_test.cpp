@@ -46,6 +46,41 @@ TEST(Cli, AskAnswersLikeTransformersAndDumpsLogits) {
   EXPECT_LE(max_abs_diff(dump.get("logits"), golden.get("p0.greedy_logits")), kLogitTol);
 }
 
+// LLaVA-NeXT through the CLI: ask picks the checkpoint's template (mistral), tiles the image and expands its
+// variable token count as HF's processor does; inspect gives the count for an image size; preprocess writes the
+// tiles with the image's size.
+TEST(Cli, LlavaNextAsksInspectsAndPreprocesses) {
+  TempDir t;
+  const std::string dir = fixture("tiny_llava_next_mistral");
+  auto meta = load_json(dir + "/golden.json");
+  auto golden = Checkpoint::open(dir + "/golden.safetensors");
+  RunResult r = run_eqat({"ask", "--model", dir, "--image", dir + "/mid.png", "--max-new-tokens", "10",
+                          "--dump-logits", t.str("logits.safetensors"), meta["question"].get<std::string>()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto dump = Checkpoint::open(t.str("logits.safetensors"));
+  EXPECT_EQ(to_ids(dump.get("prompt_ids")), to_ids(golden.get("mid.input_ids")));
+  EXPECT_EQ(to_ids(dump.get("generated_ids")), meta["images"]["mid"]["greedy_ids"].get<std::vector<int64_t>>());
+  EXPECT_LE(max_abs_diff(dump.get("logits"), golden.get("mid.greedy_logits")), kLogitTol);
+
+  RunResult i = run_eqat({"inspect", dir, "--image-size", "90x40"});
+  ASSERT_EQ(i.code, 0) << i.err;
+  EXPECT_NE(i.out.find(": LlavaNextForConditionalGeneration\n"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("image 90x40: 60 image tokens"), std::string::npos) << i.out;
+  RunResult j = run_eqat({"inspect", dir, "--json"});
+  ASSERT_EQ(j.code, 0) << j.err;
+  auto js = nlohmann::json::parse(j.out);
+  EXPECT_EQ(js["llava"]["image_grid_pinpoints"].size(), 5u);
+  EXPECT_EQ(js["llava"]["image_tokens_for"].size(), 2u);  // 640x480 and 1280x720
+  expect_input_error(run_eqat({"inspect", dir, "--image-size", "90"}), "--image-size");
+  expect_input_error(run_eqat({"inspect", fixture("tiny_llava"), "--image-size", "90x40"}), "not a LLaVA-NeXT model");
+
+  RunResult p = run_eqat({"preprocess", "--model", dir, "--image", dir + "/wide.png", "--out", t.str("px.safetensors")});
+  ASSERT_EQ(p.code, 0) << p.err;
+  auto px = Checkpoint::open(t.str("px.safetensors"));
+  EXPECT_TRUE(at::equal(px.get("pixel_values"), golden.get("wide.pixel_values")));
+  EXPECT_EQ(to_ids(px.get("image_sizes")), to_ids(golden.get("wide.image_sizes")));
+}
+
 TEST(Cli, GenerateIsDeterministicAndMatchesTransformers) {
   auto meta = load_json(fixture("tiny_llama/golden.json"));
   std::vector<std::string> args{"generate", "--model", fixture("tiny_llama"), "--max-new-tokens", "16",

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <filesystem>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "cli_util.h"
@@ -202,6 +203,32 @@ TEST(Serve, AnswersLikeAskInOpenAisSchemaStreamedOrNot) {
   auto page = c->Get("/");
   ASSERT_TRUE(page);
   EXPECT_NE(page->body.find("<title>eqat serve</title>"), std::string::npos);
+}
+
+// LLaVA-NeXT: requests whose images take different numbers of prompt positions (anyres tiles, unpadded per aspect)
+// share decode steps and each gets `eqat ask`'s answer, in the checkpoint's own chat template (mistral).
+TEST(Serve, LlavaNextImagesOfDifferentSizesGetAsksAnswers) {
+  const std::string dir = fixture("tiny_llava_next_mistral");
+  Server s({"--model", dir});
+  const std::string q = "What is shown in this image?";
+  std::vector<std::string> images{dir + "/wide.png", dir + "/tall.png", dir + "/mid.png"};
+  std::vector<std::string> want;
+  for (const auto& img : images) {
+    RunResult r = run_eqat({"ask", "--model", dir, "--image", img, "--max-new-tokens", "10", q});
+    ASSERT_EQ(r.code, 0) << r.err;
+    want.push_back(strip(r.out));
+  }
+  std::vector<json> got(images.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < images.size(); ++i)
+    clients.emplace_back([&, i] { got[i] = post(s, chat_body(q, images[i], 10)); });
+  for (auto& c : clients) c.join();
+  std::set<int> prompt_tokens;
+  for (size_t i = 0; i < images.size(); ++i) {
+    EXPECT_EQ(strip(got[i]["choices"][0]["message"]["content"].get<std::string>()), want[i]) << images[i];
+    prompt_tokens.insert(got[i]["usage"]["prompt_tokens"].get<int>());
+  }
+  EXPECT_EQ(prompt_tokens.size(), images.size());  // 42, 52 and 60 image positions
 }
 
 // Continuous batching must not change answers: 8 clients at once get what each gets alone (greedy), and the

@@ -399,7 +399,7 @@ TEST(ConfigTest, MissingFile) {
 TEST(ConfigTest, UnknownArchitecture) {
   expect_error(R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})",
                {"config.json: unsupported architecture 'Qwen2ForCausalLM' (supported: LlamaForCausalLM, "
-                "MistralForCausalLM, LlavaForConditionalGeneration)"});
+                "MistralForCausalLM, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)"});
   // The original LLaVA layout says model_type "llava" but is not llava-hf's; architectures[0] decides.
   expect_error(R"({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava"})",
                {"unsupported architecture 'LlavaLlamaForCausalLM'"});

@@ -35,7 +35,7 @@ nlohmann::json* TinyLlava::meta = nullptr;
 
 TEST_F(TinyLlava, PreprocessingIsBitExactWithPillow) {
   // Lossless PNG input: the pad path (expand2square + Pillow bicubic + rescale/normalise) must be bit-identical.
-  at::Tensor px = load_pixels(*model, fixture("tiny_llava/image.png"));
+  at::Tensor px = load_pixels(*model, fixture("tiny_llava/image.png")).pixels;
   EXPECT_TRUE(at::equal(px, golden->get("pixel_values")));
   ImageProcessorConfig crop = model->image_cfg;
   crop.aspect_mode = "crop";

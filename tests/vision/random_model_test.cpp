@@ -12,6 +12,7 @@
 #include "data/error.h"
 #include "data/safetensors.h"
 #include "data/tokenizer.h"
+#include "llm/prompt.h"
 #include "model_test_util.h"
 #include "vision/llava.h"
 #include "vision/random_model.h"
@@ -100,7 +101,29 @@ TEST(RandomModel, UnknownModelsAndBadOutputsAreInputErrors) {
   o.tokenizer = t.str("missing.model");
   EXPECT_THROW(write_random_model(o), InputError);
   EXPECT_FALSE(fs::exists(t.str("m")));
-  EXPECT_EQ(random_model_likes(), (std::vector<std::string>{"llava-1.5-7b", "llava-1.5-13b", "llama-2-7b"}));
+  EXPECT_EQ(random_model_likes(), (std::vector<std::string>{"llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-mistral-7b",
+                                                             "llava-v1.6-vicuna-7b", "llama-2-7b"}));
+}
+
+// llava-v1.6-mistral-7b's config (shrunk): a LLaVA-NeXT with a Mistral decoder, its anyres preprocessor and
+// image_newline; a 640x480 photo takes HF's 2340 image tokens: the 672x672 grid (2x2 tiles of 24x24 features) is
+// 48x48, the 4:3 image fills 36 of its rows (6 + 6 of padding cut), so 576 (base) + 36·(48 + 1).
+TEST(RandomModel, WritesALlavaNextWithAMistralDecoder) {
+  TempDir t;
+  RandomModelOptions o = small_llava(t.str("m"), 3);
+  o.like = "llava-v1.6-mistral-7b";
+  o.config_patch = R"({"text_config": {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4,
+                                        "num_key_value_heads": 2},
+                       "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}})";
+  write_random_model(o);
+  Model m = load_model(t.str("m"));
+  EXPECT_TRUE(m.cfg.anyres);
+  EXPECT_EQ(m.cfg.text.model_type, "mistral");
+  EXPECT_EQ(m.cfg.text.sliding_window, 0);
+  EXPECT_EQ(m.image_cfg.image_grid_pinpoints, m.cfg.image_grid_pinpoints);
+  EXPECT_TRUE(Checkpoint::open(t.str("m")).has("image_newline"));
+  EXPECT_EQ(m.image_tokens(480, 640), 2340);
+  EXPECT_EQ(model_template(t.str("m"), "llava-1.5"), "mistral");
 }
 
 // The quantize pipeline's CPU load of a model in the real widths: deferred decoder layers are not resident until

@@ -61,8 +61,11 @@ CalibSet load_instruction_data(const Model& m, const std::string& path, const st
     CalibSample s;
     if (r.contains("image") && r["image"].is_string()) s.image = path_join(root, r["image"].get<std::string>());
     EQAT_CHECK(s.image.empty() || file_exists(s.image), rec, ": image ", s.image, " not found");
-    TokenizedConversation tc = tokenize_conversation(*m.tok, turns, !s.image.empty(), m.image_token_id(),
-                                                     m.cfg.image_seq_length);
+    // LLaVA-NeXT: the image's size decides its token count (decoded here for it, and again when embedded).
+    const int64_t img_tokens = s.image.empty() ? 0
+                               : m.cfg.anyres ? load_pixels(m, s.image).tokens
+                                              : m.cfg.image_seq_length;
+    TokenizedConversation tc = tokenize_conversation(*m.tok, turns, !s.image.empty(), m.image_token_id(), img_tokens);
     if (static_cast<int64_t>(tc.ids.size()) > opts.seq_len) {
       // Truncation must not cut through the image positions (they are filled all at once).
       if (!s.image.empty() &&
@@ -133,8 +136,7 @@ EmbeddedBatch embed_samples(Model& m, const std::vector<CalibSample>& samples) {
   for (int64_t i = 0; i < S; ++i) {
     const auto& s = samples[i];
     const int64_t T = static_cast<int64_t>(s.ids.size());
-    at::Tensor px = s.image.empty() ? at::Tensor() : load_pixels(m, s.image);
-    at::Tensor e = embed_prompt(m, s.ids, px);  // [1, T, C]
+    at::Tensor e = embed_prompt(m, s.ids, s.image.empty() ? ImageInput() : load_pixels(m, s.image));  // [1, T, C]
     b.embeds[i].narrow(0, 0, T).copy_(e[0].cpu());
     b.valid[i].narrow(0, 0, T).fill_(true);
     b.answer[i].narrow(0, 0, T).copy_(at::tensor(std::vector<int64_t>(s.is_answer.begin(), s.is_answer.end())).to(at::kBool));

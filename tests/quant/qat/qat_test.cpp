@@ -12,6 +12,7 @@
 
 #include "data/error.h"
 #include "data/safetensors.h"
+#include "data/shapes.h"
 #include "model_test_util.h"
 #include "quant/qat/block_ap.h"
 #include "quant/qat/calib.h"
@@ -112,6 +113,47 @@ TEST(BlockAp, ExportReloadGivesTheSameLogits) {
   Model f = load_model(t.str("q"), lo);
   EXPECT_EQ(f.lm->fuse_projections(), 2 * f.cfg.text.num_hidden_layers);  // already merged: a no-op that says so
   EXPECT_LE(max_abs_diff(logits(f), logits(r)), kLogitTol);
+}
+
+// LLaVA-NeXT: Block-AP calibrates on image-text samples whose image-token counts vary with each image's size
+// (anyres tiles of the shapes world's pictures), the export keeps image_newline and the grid, and the reloaded
+// packed model (in llava-hf's key layout, image_newline top-level) gives the in-memory model's logits.
+TEST(BlockAp, LlavaNextCalibratesOnImagesAndExportsExactly) {
+  TempDir t;
+  const std::string src = fixture("tiny_llava_next_vicuna");
+  Model m = load_model(src);
+  write_shapes_dataset(t.str("shapes"), 8, 0, 7);
+  CalibOptions co;
+  co.n_train = 6;
+  co.n_val = 2;
+  co.seq_len = 256;
+  CalibSet calib = load_instruction_data(m, t.str("shapes/train.json"), t.str("shapes/images"), co);
+  ASSERT_EQ(calib.train.size(), 6u);
+  const int64_t image_positions = std::count(calib.train[0].ids.begin(), calib.train[0].ids.end(), m.image_token_id());
+  EXPECT_GT(image_positions, m.cfg.image_seq_length);  // base image + unpadded grid + newlines
+  BlockApOptions o = opts("efficientqat", 4);
+  o.epochs = 1;
+  run_block_quantization(m, calib, o);
+  ExportOptions eo;
+  eo.spec = o.spec;
+  eo.method = "efficientqat";
+  eo.layout = "llava-hf";
+  export_gptq(m, t.str("q"), eo);
+  Checkpoint ck = Checkpoint::open(t.str("q"));
+  ASSERT_TRUE(ck.has("image_newline"));
+  EXPECT_TRUE(at::equal(ck.get("image_newline").to(at::kFloat), m.llava->image_newline.to(at::kFloat)));
+  Model r = load_model(t.str("q"));
+  ASSERT_TRUE(r.cfg.quant.present);
+  EXPECT_TRUE(r.cfg.anyres);
+  EXPECT_EQ(r.cfg.image_grid_pinpoints, m.cfg.image_grid_pinpoints);
+  auto g = Checkpoint::open(src + "/golden.safetensors");
+  const std::vector<int64_t> ids = to_ids(g.get("mid.input_ids"));
+  c10::NoGradGuard ng;
+  auto logits = [&](Model& mm) {
+    at::Tensor e = embed_prompt(mm, ids, load_pixels(mm, src + "/mid.png"));
+    return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr);
+  };
+  EXPECT_LE(max_abs_diff(logits(m), logits(r)), kLogitTol);
 }
 
 // A group size that divides no layer of tiny_llama (48: hidden 64 = 48 + 16, FFN 160 = 3·48 + 16) gives every layer a
