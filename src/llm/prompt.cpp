@@ -90,6 +90,18 @@ std::string render_prompt(PromptTemplate t, const std::string& text, bool with_i
   return render_chat(t, {ChatMessage{"user", text, with_image}});
 }
 
+namespace {
+// What follows a template's generation prompt for a closed assistant turn: the answer and its end marker.
+std::string answer_body(PromptTemplate t, const std::string& text) {
+  switch (t) {
+    case PromptTemplate::kMistral: return " " + text + " </s>";
+    case PromptTemplate::kChatml: return text + "<|im_end|>";
+    case PromptTemplate::kLlama3: return strip(text) + "<|eot_id|>";
+    default: return " " + text + "</s>";  // llava-1.5, hf
+  }
+}
+}  // namespace
+
 std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messages) {
   EQAT_CHECK(!messages.empty() && messages.back().role == "user", "a chat must end with a user message");
   if (t == PromptTemplate::kNone) {
@@ -133,7 +145,7 @@ std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messag
     case PromptTemplate::kHf:  // "{system} USER: {u} ASSISTANT: {a}</s>USER: ..."
       if (!system.empty()) out = system + " ";
       for (const ChatMessage* m : turns)
-        out += m->role == "user" ? "USER: " + user_text(*m) + " ASSISTANT:" : " " + m->text + "</s>";
+        out += m->role == "user" ? "USER: " + user_text(*m) + " ASSISTANT:" : answer_body(t, m->text);
       return out;
     case PromptTemplate::kMistral:  // LLaVA's LLAMA_2 style with sep "" and sep2 "</s>"
       for (size_t i = 0; i < turns.size(); ++i) {
@@ -142,20 +154,21 @@ std::string render_chat(PromptTemplate t, const std::vector<ChatMessage>& messag
           if (i == 0 && !system.empty()) msg = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + msg;
           out += "[INST] " + msg + " [/INST]";
         } else {
-          out += " " + turns[i]->text + " </s>";
+          out += answer_body(t, turns[i]->text);
         }
       }
       return out;
     case PromptTemplate::kChatml:  // LLaVA's MPT style: system + sep, then role + message + sep
       out = "<|im_start|>system\n" + system + "<|im_end|>";
       for (const ChatMessage* m : turns)
-        out += "<|im_start|>" + m->role + "\n" + (m->role == "user" ? user_text(*m) : m->text) + "<|im_end|>";
+        out += m->role == "user" ? "<|im_start|>user\n" + user_text(*m) + "<|im_end|>"
+                                 : "<|im_start|>assistant\n" + answer_body(t, m->text);
       return out + "<|im_start|>assistant\n";
     case PromptTemplate::kLlama3:  // Meta's template (content trimmed), without the BOS text
       if (!system.empty()) out = "<|start_header_id|>system<|end_header_id|>\n\n" + strip(system) + "<|eot_id|>";
       for (const ChatMessage* m : turns)
         out += "<|start_header_id|>" + m->role + "<|end_header_id|>\n\n" +
-               strip(m->role == "user" ? user_text(*m) : m->text) + "<|eot_id|>";
+               (m->role == "user" ? strip(user_text(*m)) + "<|eot_id|>" : answer_body(t, m->text));
       return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
     default: break;
   }
@@ -195,6 +208,40 @@ std::vector<int64_t> tokenize_prompt(const Tokenizer& tok, const std::string& pr
     else ids.push_back(id);
   }
   return ids;
+}
+
+namespace {
+size_t common_prefix(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+}  // namespace
+
+TokenizedConversation tokenize_conversation(const Tokenizer& tok, PromptTemplate t, const std::vector<Turn>& turns,
+                                            bool with_image, int64_t image_token_id, int64_t image_tokens) {
+  if (t == PromptTemplate::kLlava15 || t == PromptTemplate::kNone)
+    return tokenize_conversation(tok, turns, with_image, image_token_id, image_tokens);
+  EQAT_CHECK(!turns.empty(), "conversation has no turns");
+  // The whole conversation is tokenized once, as inference tokenizes a prompt; answer i's tokens are those where
+  // the tokens of the conversation up to its generation prompt, and up to its end marker, first differ from it.
+  std::vector<ChatMessage> msgs;
+  std::vector<std::string> prompts, closed;
+  for (size_t i = 0; i < turns.size(); ++i) {
+    msgs.push_back({"user", turns[i].user, i == 0 && with_image});
+    prompts.push_back(render_chat(t, msgs));
+    closed.push_back(prompts.back() + answer_body(t, turns[i].assistant));
+    msgs.push_back({"assistant", turns[i].assistant, false});
+  }
+  auto ids_of = [&](const std::string& text) { return tokenize_prompt(tok, text, t, image_token_id, image_tokens); };
+  TokenizedConversation out;
+  out.ids = ids_of(closed.back());
+  out.is_answer.assign(out.ids.size(), 0);
+  for (size_t i = 0; i < turns.size(); ++i) {
+    const size_t from = common_prefix(ids_of(prompts[i]), out.ids), to = common_prefix(ids_of(closed[i]), out.ids);
+    std::fill(out.is_answer.begin() + static_cast<std::ptrdiff_t>(from), out.is_answer.begin() + static_cast<std::ptrdiff_t>(to), 1);
+  }
+  return out;
 }
 
 TokenizedConversation tokenize_conversation(const Tokenizer& tok, const std::vector<Turn>& turns, bool with_image,

@@ -83,5 +83,11 @@ struct TokenizedConversation {
 // after "ASSISTANT:"), followed by EOS. The prefix of turn 1 is exactly what `eqat ask` feeds the model.
 TokenizedConversation tokenize_conversation(const Tokenizer& tok, const std::vector<Turn>& turns, bool with_image,
                                             int64_t image_token_id, int64_t image_tokens);
+// The same in template `t` (the model's own, so training sees the prompts `ask` builds): llava-1.5 and none as above;
+// the others render the conversation with render_chat (closed assistant turns end with the template's marker:
+// "</s>", "<|im_end|>", "<|eot_id|>"), tokenize it whole as tokenize_prompt does, and mark each answer's tokens and
+// its end marker.
+TokenizedConversation tokenize_conversation(const Tokenizer& tok, PromptTemplate t, const std::vector<Turn>& turns,
+                                            bool with_image, int64_t image_token_id, int64_t image_tokens);
 
 }  // namespace eqat

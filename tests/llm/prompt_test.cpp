@@ -132,3 +132,50 @@ TEST(Prompt, HfTemplatesTokenizeWholeTextLlavaChunkWise) {
     EXPECT_EQ(llava.size(), hf.size() + (legacy ? 0 : 1)) << "legacy " << legacy;
   }
 }
+
+// Calibration and E2E-QP conversations in the model's own template: the ids are the whole conversation's as
+// inference tokenizes it, turn 0's prompt is exactly what `eqat ask` feeds the model, and the answer mask covers
+// each answer with its end marker (EOS for mistral, <|eot_id|> for Llama-3) and nothing of the prompts.
+TEST(Prompt, ConversationsTrainInTheModelsOwnTemplate) {
+  const std::vector<Turn> turns{{"What colour is it?", "It is red."}, {"And the shape?", "A circle."}};
+  struct Case {
+    const char* fixture;
+    PromptTemplate t;
+    const char* end_marker;
+  };
+  for (const Case& c : {Case{"tiny_llava_next_mistral", PromptTemplate::kMistral, "</s>"},
+                        Case{"tiny_llava_next_llama3", PromptTemplate::kLlama3, "<|eot_id|>"},
+                        Case{"tiny_llava", PromptTemplate::kHf, "</s>"}}) {
+    SCOPED_TRACE(template_name(c.t));
+    Tokenizer tok = Tokenizer::load(fixture(c.fixture));
+    const int64_t img = tok.added_token_id("<image>");
+    const TokenizedConversation tc = tokenize_conversation(tok, c.t, turns, true, img, 7);
+    ASSERT_EQ(tc.ids.size(), tc.is_answer.size());
+    EXPECT_EQ(std::count(tc.ids.begin(), tc.ids.end(), img), 7);
+    const std::vector<ChatMessage> all{{"user", turns[0].user, true}, {"assistant", turns[0].assistant, false},
+                                       {"user", turns[1].user, false}, {"assistant", turns[1].assistant, false},
+                                       {"user", "x", false}};
+    // The whole conversation: the render of both closed turns is a prefix of a third turn's prompt.
+    const std::string third = render_chat(c.t, all);
+    const std::vector<int64_t> ask = tokenize_prompt(tok, render_prompt(c.t, turns[0].user, true), c.t, img, 7);
+    ASSERT_GT(tc.ids.size(), ask.size());
+    EXPECT_TRUE(std::equal(ask.begin(), ask.end(), tc.ids.begin()));
+    EXPECT_EQ(std::count(tc.is_answer.begin(), tc.is_answer.begin() + static_cast<std::ptrdiff_t>(ask.size()), 1), 0);
+    // The answer tokens, in order, decode to the two answers and their end markers.
+    std::vector<int64_t> answer_ids;
+    for (size_t i = 0; i < tc.ids.size(); ++i)
+      if (tc.is_answer[i]) answer_ids.push_back(tc.ids[i]);
+    const std::string decoded = tok.decode(answer_ids, /*skip_special=*/false);
+    EXPECT_NE(decoded.find("It is red."), std::string::npos) << decoded;
+    EXPECT_NE(decoded.find("A circle."), std::string::npos) << decoded;
+    EXPECT_EQ(decoded.find("shape"), std::string::npos) << decoded;  // no prompt text in the mask
+    const std::vector<int64_t> whole = tokenize_prompt(tok, third, c.t, img, 7);
+    EXPECT_TRUE(std::equal(tc.ids.begin(), tc.ids.end(), whole.begin())) << third;
+    const std::string marker = c.end_marker;
+    const int64_t end_id = marker == "</s>" ? tok.eos_id() : tok.added_token_id(marker);
+    ASSERT_GE(end_id, 0);
+    EXPECT_EQ(tc.ids.back(), end_id);
+    EXPECT_EQ(tc.is_answer.back(), 1);
+    EXPECT_EQ(std::count(answer_ids.begin(), answer_ids.end(), end_id), 2);
+  }
+}

@@ -44,6 +44,8 @@ CalibSet load_instruction_data(const Model& m, const std::string& path, const st
   seeded_shuffle(order, opts.seed);
   CalibSet set;
   set.source = path;
+  // The model's own chat template: calibration and E2E-QP see the prompts `eqat ask` builds for it.
+  const PromptTemplate tmpl = parse_template(model_template(m.dir, "llava-1.5"));
   const size_t want = static_cast<size_t>(opts.n_train + opts.n_val);
   for (size_t oi = 0; oi < order.size() && set.train.size() + set.val.size() < want; ++oi) {
     const auto& r = j[order[oi]];
@@ -65,7 +67,7 @@ CalibSet load_instruction_data(const Model& m, const std::string& path, const st
     const int64_t img_tokens = s.image.empty() ? 0
                                : m.cfg.anyres ? load_pixels(m, s.image).tokens
                                               : m.cfg.image_seq_length;
-    TokenizedConversation tc = tokenize_conversation(*m.tok, turns, !s.image.empty(), m.image_token_id(), img_tokens);
+    TokenizedConversation tc = tokenize_conversation(*m.tok, tmpl, turns, !s.image.empty(), m.image_token_id(), img_tokens);
     if (static_cast<int64_t>(tc.ids.size()) > opts.seq_len) {
       // Truncation must not cut through the image positions (they are filled all at once).
       if (!s.image.empty() &&

@@ -256,10 +256,10 @@ TEST(Pipeline, LlavaNextQuantizesEndToEnd) {
   o.method = "efficientqat";
   o.spec.bits = 4;
   o.spec.group_size = 32;
-  o.block.epochs = 1;
+  o.block.epochs = 2;
   o.e2e.max_steps = 2;
   o.e2e.global_batch = o.e2e.micro_batch = 1;
-  o.calib_opts.n_train = 4;
+  o.calib_opts.n_train = 8;
   o.calib_opts.seq_len = 256;
   run_quantize(o);
   ModelConfig c = load_model_config(t.str("q"));
@@ -271,24 +271,25 @@ TEST(Pipeline, LlavaNextQuantizesEndToEnd) {
   auto g = Checkpoint::open(src + "/golden.safetensors");
   const std::vector<int64_t> ids = to_ids(g.get("mid.input_ids"));
   c10::NoGradGuard ng;
-  auto last_logits = [&](Model& mm, const ImageInput& image) {
+  auto all_logits = [&](Model& mm, const ImageInput& image) {  // [T, V]
     at::Tensor e = embed_prompt(mm, ids, image);
-    return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr)[0][-1];
+    return mm.lm->forward(e, at::arange(e.size(1)).view({1, -1}), {}, nullptr)[0];
   };
   Image img = load_image(src + "/mid.png");
-  const at::Tensor lq = last_logits(q, prepare_image(q, img)), lf = last_logits(f, prepare_image(f, img));
-  EXPECT_LE(max_abs_diff(lf, g.get("mid.logits_last")), kLogitTol);
-  // The same settings with RTN: Block-AP, calibrated on the anyres image-text samples, must end closer to the FP
-  // model's next-token distribution for this image (deterministic run; measured KL 0.053 against RTN's 0.059).
+  const at::Tensor lq = all_logits(q, prepare_image(q, img)), lf = all_logits(f, prepare_image(f, img));
+  EXPECT_LE(max_abs_diff(lf, g.get("mid.logits")), kLogitTol);
+  // The same settings with RTN: Block-AP, calibrated on the anyres image-text samples in the model's mistral
+  // template, must end closer to the FP model's next-token distributions over this prompt (a deterministic run;
+  // measured mean KL 0.045 against RTN's 0.051).
   QuantizeOptions r = o;
   r.out = t.str("rtn");
   r.method = "rtn";
   run_quantize(r);
   Model rq = load_model(t.str("rtn"));
-  const at::Tensor lr = last_logits(rq, prepare_image(rq, img));
-  auto kl = [](const at::Tensor& p, const at::Tensor& q) {
+  const at::Tensor lr = all_logits(rq, prepare_image(rq, img));
+  auto kl = [](const at::Tensor& p, const at::Tensor& q) {  // mean over the prompt's positions
     const at::Tensor lp = at::log_softmax(p, -1), lq2 = at::log_softmax(q, -1);
-    return (lp.exp() * (lp - lq2)).sum().item<double>();
+    return (lp.exp() * (lp - lq2)).sum(-1).mean().item<double>();
   };
   EXPECT_LT(kl(lf, lq), kl(lf, lr));
 }
