@@ -44,8 +44,9 @@ int cmd_quantize(const Argv& argv) {
                           "sit on their grid points where s and z get no gradient)", ""},
        {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5)", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
-       {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | gptq (GPTQ's "
-                     "integers on the block's inputs; s and z then train only in E2E-QP)", "minmax"},
+       {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "
+                     "each group's clip range searched for the least weight error) | gptq (GPTQ's integers on the "
+                     "block's inputs; s and z then train only in E2E-QP)", "minmax"},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "

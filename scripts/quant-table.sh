@@ -12,8 +12,9 @@
 # Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
 # Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
 #           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128"), STORIES_SETTINGS (default
-#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs three times: eqat's defaults (E2E-QP by distillation),
-#           Block-AP from GPTQ's integers (--init gptq) and the paper's recipe (--init minmax --e2e-loss ce).
+#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs four times: eqat's defaults (E2E-QP by distillation),
+#           Block-AP from GPTQ's integers (--init gptq), from the clip search (--init mse) and the paper's recipe
+#           (--init minmax --e2e-loss ce).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EQAT="${EQAT:-$ROOT/build/bin/eqat}"
@@ -26,10 +27,11 @@ STORIES_SETTINGS="${STORIES_SETTINGS:-2 64;3 64;2 -1;3 -1;4 -1}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"
 # The quantize flags of a table column: eqat's methods at their defaults (EfficientQAT distils in E2E-QP), plus
-# EfficientQAT from GPTQ's integers and the paper's recipe.
+# EfficientQAT from GPTQ's integers, from the clip search (--init mse) and the paper's recipe.
 method_flags() {
   case $1 in
     efficientqat-gptq) flags=(--method efficientqat --init gptq) ;;
+    efficientqat-mse) flags=(--method efficientqat --init mse) ;;
     efficientqat-paper) flags=(--method efficientqat --init minmax --e2e-loss ce) ;;
     *) flags=(--method "$1") ;;
   esac
@@ -48,7 +50,7 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
   IFS=';' read -ra settings <<< "$SETTINGS"
   for setting in "${settings[@]}"; do
     set -- $setting
-    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
+    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper; do
       q="$OUT/shapes-w$1g$2-$method"
       method_flags "$method"
       t=$SECONDS
@@ -75,15 +77,15 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
   head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"
   tail -c $((n - n * 9 / 10)) "$TXT" > "$OUT/shakespeare-eval.txt"
   echo
-  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT from GPTQ KL | EfficientQAT (paper's recipe) KL |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT from GPTQ KL | EfficientQAT --init mse KL | EfficientQAT (paper's recipe) KL |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
   IFS=';' read -ra ssettings <<< "$STORIES_SETTINGS"
   for setting in "${ssettings[@]}"; do
     set -- $setting
     bits=$1 group=$2
     row="| W${bits}g${group} |"
     [[ $group == -1 ]] && row="| W$bits per-channel |"
-    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-paper; do
+    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper; do
       q="$OUT/stories-w${bits}g$group-$method"
       method_flags "$method"
       "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size "$group" "${flags[@]}" \

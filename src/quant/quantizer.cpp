@@ -36,6 +36,30 @@ std::pair<at::Tensor, at::Tensor> minmax_init(const at::Tensor& W, const QuantSp
   return {s, z};
 }
 
+std::pair<at::Tensor, at::Tensor> mse_clip_init(const at::Tensor& W, const QuantSpec& spec, int steps, double min_ratio) {
+  const int64_t g = spec.group_for(W.size(1));
+  const double qmax = static_cast<double>(spec.qmax());
+  at::Tensor Wg = grouped(W.detach().to(at::kFloat), g);                         // [N, G, g]
+  at::Tensor xmin = std::get<0>(Wg.min(-1)).clamp_max(0), xmax = std::get<0>(Wg.max(-1)).clamp_min(0);
+  at::Tensor best_s, best_z, best_err;
+  for (int i = 0; i < steps; ++i) {
+    const double a = 1.0 - (1.0 - min_ratio) * i / std::max(steps - 1, 1);
+    at::Tensor s = ((xmax - xmin) * a / qmax).clamp(kScaleMin, kScaleMax);
+    at::Tensor z = (-xmin * a / s).round().clamp(spec.zero_min, qmax);
+    at::Tensor q = (Wg / s.unsqueeze(-1)).round().add(z.unsqueeze(-1)).clamp(0, qmax);
+    at::Tensor err = ((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - Wg).square().sum(-1);  // [N, G]
+    if (i == 0) {
+      best_s = s, best_z = z, best_err = err;
+      continue;
+    }
+    at::Tensor better = err < best_err;
+    best_s = at::where(better, s, best_s);
+    best_z = at::where(better, z, best_z);
+    best_err = at::where(better, err, best_err);
+  }
+  return {best_s.to(W.scalar_type()), best_z.to(W.scalar_type())};
+}
+
 at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
   const int64_t g = spec.group_for(W.size(1));
   const double qmax = static_cast<double>(spec.qmax());

@@ -36,6 +36,12 @@ constexpr double kScaleMin = 1e-4, kScaleMax = 1e4;
 // Returns (s, z) each [N, G] in W's dtype; z is rounded but NOT clamped to [0, qmax] (the forward clamps it).
 std::pair<at::Tensor, at::Tensor> minmax_init(const at::Tensor& W, const QuantSpec& spec);
 
+// Clip search: for each group the range [a·min, a·max] (min ≤ 0 ≤ max), a in `steps` values from 1 down to
+// `min_ratio`, whose round-to-nearest integers give the smallest squared weight error (the first, a = 1, wins ties).
+// Returns (s, z) [N, G] in W's dtype, z rounded and clamped to [zero_min, qmax].
+std::pair<at::Tensor, at::Tensor> mse_clip_init(const at::Tensor& W, const QuantSpec& spec, int steps = 20,
+                                                double min_ratio = 0.5);
+
 // Differentiable fake quantization (STE rules above). W [N, K], s/z [N, G] -> Ŵ [N, K].
 at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
 

@@ -131,7 +131,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   EQAT_CHECK(opts.method == "efficientqat" || opts.method == "rtn" || opts.method == "gptq", "--method: unknown '",
              opts.method, "' (efficientqat, rtn or gptq)");
   EQAT_CHECK(packable_bits(opts.spec.bits), "--bits must be 2, 3, 4 or 8, got ", opts.spec.bits);
-  EQAT_CHECK(opts.init == "minmax" || opts.init == "gptq", "--init: unknown '", opts.init, "' (minmax or gptq)");
+  EQAT_CHECK(opts.init == "minmax" || opts.init == "mse" || opts.init == "gptq", "--init: unknown '", opts.init,
+             "' (minmax, mse or gptq)");
   const int64_t n_layer = m.cfg.text.num_hidden_layers;
   for (int64_t b = 0; b < n_layer; ++b)
     for (auto& [name, lin] : block_linears(m, b))
@@ -285,7 +286,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       }
     } else {
       // Block-AP: fake-quant, fp32 master copies, two groups. s and z from min–max in the checkpoint's dtype, or
-      // (--init gptq) W, s and z from GPTQ's integers: W = (q − z)·s rounds back to exactly q.
+      // (--init mse) from each group's clip search (mse_clip_init), or (--init gptq) W, s and z from GPTQ's
+      // integers: W = (q − z)·s rounds back to exactly q.
       std::vector<QuantizedWeight> start;
       if (opts.init == "gptq") start = gptq_block(lins, layer);
       for (size_t k = 0; k < lins.size(); ++k) {
@@ -298,6 +300,11 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
                                    .to(lin->weight.device(), train_dtype));
           lin->weight_scale.set_data(start[k].scale.to(lin->weight.device(), train_dtype));
           lin->weight_zero.set_data(start[k].zero.to(lin->weight.device(), train_dtype));
+        } else if (opts.init == "mse") {
+          c10::NoGradGuard g;
+          auto [s, z] = mse_clip_init(lin->weight, opts.spec);
+          lin->weight_scale.set_data(s.to(train_dtype));
+          lin->weight_zero.set_data(z.to(train_dtype));
         }
       }
       layer.input_layernorm->weight.set_data(layer.input_layernorm->weight.to(train_dtype));

@@ -38,7 +38,8 @@ struct BlockApOptions {
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
   // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's; the
-  // CLI's default).
+  // CLI's default). "mse": W as loaded, s and z from each group's clip range with the least weight error
+  // (mse_clip_init).
   // "gptq": GPTQ's result on the block's quantized-stream inputs: W = (q − z)·s, so Block-AP starts from GPTQ's
   // integers and trains away from them only where the block's output error falls.
   std::string init = "minmax";
