@@ -102,8 +102,8 @@ int cmd_inspect(const Argv& argv) {
     const long long h = w_ok ? std::strtoll(v.c_str() + x + 1, &end, 10) : 0;
     EQAT_CHECK(w_ok && *end == '\0' && w > 0 && h > 0 && w <= 65535 && h <= 65535, "--image-size: expected WxH "
                "(e.g. 640x480, each side 1 to 65535), got '", v, "'");
-    EQAT_CHECK(cfg.anyres, "--image-size: ", dir, " is not a LLaVA-NeXT model; its images always take ",
-               cfg.image_seq_length, " tokens");
+    EQAT_CHECK(cfg.anyres, "--image-size: ", dir, " is not a LLaVA-NeXT model (its image-token count does not depend "
+               "on the image's size)");
     sizes = {{w, h}};
   }
   Checkpoint ckpt = Checkpoint::open(dir);
