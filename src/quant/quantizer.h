@@ -45,6 +45,21 @@ std::pair<at::Tensor, at::Tensor> mse_clip_init(const at::Tensor& W, const Quant
 // Differentiable fake quantization (STE rules above). W [N, K], s/z [N, G] -> Ŵ [N, K].
 at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
 
+// The fake quantizer fused into one pass over W for fp32 CPU tensors (Block-AP on the CPU: the composite above
+// allocates about a dozen [N, K] temporaries per call and keeps several of them for its backward, 2.4 GB for a 7B
+// block). applies(): W [N, K] and s, z [N, ⌈K/g⌉], all fp32, contiguous, on the CPU.
+bool fused_fake_quant_applies(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z);
+// Ŵ, bit-identical to fake_quantize (the same float operations in the same order).
+at::Tensor fake_quantize_fused(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
+// The STE gradients of Ŵ = fake_quantize(W, s, z) from dL/dŴ (G [N, K] fp32, overwritten with dL/dW), with
+// u = W/s', in = [0 ≤ round(u) + z' ≤ qmax]:
+//   dL/dW = G·in;  dL/ds = Σ_group G·((q − z') − in·u);  dL/dz = Σ_group −G·s'·(1 − in)   (sums in double)
+struct FakeQuantGrads {
+  at::Tensor w, s, z;
+};
+FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, const at::Tensor& s,
+                                            const at::Tensor& z, const QuantSpec& spec);
+
 // The integers the fake quantizer produces, for packing: q [N, K] int32 in [0, qmax], zero [N, G] int32 in
 // [0, qmax] (clamped — the reference's packer does not clamp, pitfall P6), scale [N, G] (clamped to its range).
 struct QuantizedWeight {

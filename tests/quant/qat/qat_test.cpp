@@ -72,6 +72,73 @@ TEST(Quantizer, SteGradientsFollowTheReference) {
   EXPECT_NEAR(z.grad().item<float>(), -0.25, 1e-6);
 }
 
+// The fused CPU fake quantizer (Block-AP's fp32 path) against the composite autograd form. Values: bit-identical (the
+// same float operations). Gradients: the composite reaches dL/dW as ((G·s')·in)/s' and sums each group in float, the
+// fused kernel takes G·in and sums in double, so they agree to float rounding: a group sum of ≤ 32 terms carries a
+// relative error ≤ 32·2⁻²⁴ ≈ 2e-6 of its absolute sum, well inside 1e-4 of the largest gradient. The case covers a
+// ragged last group (K = 100, g = 32), scales under the clamp, zero points off the grid and outside [zero_min, qmax],
+// weights clamped at both ends, 2 and 3 bits, zero_min 0 and 1.
+TEST(Quantizer, FusedFakeQuantMatchesTheCompositeAndItsGradients) {
+  at::manual_seed(11);
+  for (int bits : {2, 3})
+    for (int zero_min : {0, 1}) {
+      QuantSpec spec{bits, 32, zero_min};
+      const int64_t N = 12, K = 100, G = spec.groups_for(K);
+      const at::Tensor W0 = at::randn({N, K});
+      auto [s0, z0] = minmax_init(W0, spec);
+      s0 = s0 * (0.6 + at::rand({N, G}));  // some groups clip
+      s0[0][1] = 1e-6;                      // under kScaleMin: s' = 1e-4
+      z0 = z0 + at::rand({N, G}) - 0.5;     // off the integer grid
+      z0[1][0] = -2.3;                      // under zero_min
+      z0[2][3] = static_cast<float>(spec.qmax()) + 3.6f;
+      const at::Tensor x0 = at::randn({2, 5, K}), R = at::randn({2, 5, N});
+
+      auto leaves = [&] {
+        return std::vector<at::Tensor>{x0.clone().set_requires_grad(true), W0.clone().set_requires_grad(true),
+                                       s0.clone().set_requires_grad(true), z0.clone().set_requires_grad(true)};
+      };
+      std::vector<at::Tensor> ref = leaves(), fused = leaves();
+      const at::Tensor what = fake_quantize(ref[1], ref[2], ref[3], spec);
+      EXPECT_TRUE(at::equal(fake_quantize_fused(W0, s0, z0, spec), what.detach()));
+      (at::linear(ref[0], what) * R).sum().backward();
+
+      QuantLinear lin(K, N, false);
+      lin->to_fake_quant(spec);
+      lin->weight.set_data(fused[1].detach()), lin->weight_scale.set_data(fused[2].detach());
+      lin->weight_zero.set_data(fused[3].detach());
+      for (auto* p : {&lin->weight, &lin->weight_scale, &lin->weight_zero}) p->set_requires_grad(true);
+      (lin->forward(fused[0]) * R).sum().backward();
+      const std::vector<at::Tensor> got = {fused[0].grad(), lin->weight.grad(), lin->weight_scale.grad(),
+                                           lin->weight_zero.grad()};
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(got[i].defined()) << i;
+        const double tol = 1e-4 * ref[i].grad().abs().max().item<double>() + 1e-7;
+        EXPECT_LE((got[i] - ref[i].grad()).abs().max().item<double>(), tol) << "bits " << bits << " input " << i;
+      }
+      // The clamps were exercised: some weights got no gradient, some zero points did.
+      EXPECT_GT((got[1] == 0).sum().item<int64_t>(), 0);
+      EXPECT_NE(got[3][2][3].item<float>(), 0.0f);
+    }
+}
+
+// The one-pass AdamW on fp32 CPU tensors against the op-by-op form (taken by fp64 tensors), over three steps with
+// weight decay. A float update carries a relative error of a few 2⁻²⁴ per step; 1e-6 of the parameters' scale
+// bounds three of them.
+TEST(AdamW, FusedStepMatchesTheOpByOpForm) {
+  at::manual_seed(3);
+  const at::Tensor p0 = at::randn({1000}), grads = at::randn({3, 1000});
+  at::Tensor pf = p0.clone(), pd = p0.to(at::kDouble);
+  AdamW of({ParamGroup{"w", {pf}, 1e-2, 0.1}}), od({ParamGroup{"w", {pd}, 1e-2, 0.1}});
+  for (int64_t t = 0; t < 3; ++t) {
+    pf.mutable_grad() = grads[t].clone();
+    pd.mutable_grad() = grads[t].to(at::kDouble);
+    of.step();
+    od.step();
+  }
+  EXPECT_GT((pd - p0.to(at::kDouble)).abs().max().item<double>(), 1e-2);  // the parameters moved
+  EXPECT_LE((pf.to(at::kDouble) - pd).abs().max().item<double>(), 1e-6 * p0.abs().max().item<double>());
+}
+
 // The clip search never does worse than its a = 1 start (the min–max range widened to include 0) in any group,
 // gains on heavy-tailed weights (a few large values stretch each group's range), and keeps the integers storable.
 TEST(Quantizer, MseClipSearchLowersEachGroupsWeightError) {
