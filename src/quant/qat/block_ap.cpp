@@ -112,17 +112,29 @@ void save_block_state(Model& m, int64_t b, const std::string& dir, const nlohman
   write_file_atomic(path_join(dir, "state.json"), meta.dump(2));
 }
 
+// Block b's packed linears from its state file. On the CPU they alias the file's mapping instead of copying it:
+// once the quantized stream has gone through the block, release_block_pages() drops their pages from RSS, so host
+// memory holds the block in training, not every finished block (a 13B at W2g64: 3.6 GB). A later reader (E2E-QP,
+// the export) faults them back in from the file, which the mapping keeps alive even after the state directory is
+// removed. E2E-QP's in-place updates of the scales land in private copy-on-write pages.
 void load_block_state(Model& m, int64_t b, const std::string& dir, const QuantSpec& spec) {
   Checkpoint ck = Checkpoint::open(block_file(dir, b));
   c10::NoGradGuard g;
+  const bool alias = m.device.is_cpu();
+  auto get = [&](const std::string& name) { return alias ? ck.get(name) : ck.get(name).clone(); };
   for (auto& [name, lin] : block_linears(m, b)) {
-    GptqTensors p{ck.get(name + ".qweight").clone(), ck.get(name + ".qzeros").clone(),
-                  ck.get(name + ".scales").clone(), ck.get(name + ".g_idx").clone()};
+    GptqTensors p{get(name + ".qweight"), get(name + ".qzeros"), get(name + ".scales"), get(name + ".g_idx")};
     lin->set_packed(p, spec);
   }
   auto* l = m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
   l->input_layernorm->weight.set_data(ck.get("input_layernorm.weight").clone().to(m.device));
   l->post_attention_layernorm->weight.set_data(ck.get("post_attention_layernorm.weight").clone().to(m.device));
+}
+
+void release_block_pages(Model& m, int64_t b) {
+  for (auto& [name, lin] : block_linears(m, b))
+    for (const at::Tensor& t : {lin->qweight, lin->qzeros, lin->scales, lin->g_idx})
+      release_mapped_bytes(t.const_data_ptr(), t.nbytes());  // false (nothing done) for memory of our own
 }
 
 }  // namespace
@@ -264,6 +276,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       load_block_state(m, b, opts.state_dir, opts.spec);
       advance(tr, layer, false);
       advance(va, layer, false);
+      release_block_pages(m, b);
       continue;
     }
     BlockRecord rec;
@@ -374,7 +387,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     meta["blocks_done"] = b + 1;
     meta["records"].push_back({{"block", b}, {"train_loss", rec.train_loss}, {"val_loss", rec.val_loss},
                                {"seconds", rec.seconds}});
-    if (!opts.state_dir.empty()) save_block_state(m, b, opts.state_dir, meta);
+    if (!opts.state_dir.empty()) {
+      save_block_state(m, b, opts.state_dir, meta);
+      load_block_state(m, b, opts.state_dir, opts.spec);  // the in-RAM packed tensors give way to the file's
+    }
     if (!opts.log_jsonl.empty()) {
       std::ofstream(opts.log_jsonl, std::ios::app)
           << nlohmann::json({{"phase", "block"}, {"method", opts.method}, {"block", b}, {"train_loss", rec.train_loss},
@@ -389,6 +405,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     if (opts.after_block) opts.after_block(b);
     advance(tr, layer, false);
     advance(va, layer, false);
+    release_block_pages(m, b);
   }
   // The teacher's last hidden states at each sample's loss positions (right-padded batches: row j's first T_j).
   for (size_t i = 0; i < te.valid.size(); ++i) {

@@ -343,6 +343,34 @@ TEST(BlockAp, ResumeAfterKillIsBitIdentical) {
   for (size_t i = 0; i < full.size(); ++i) EXPECT_TRUE(at::equal(full[i], resumed[i])) << i;
 }
 
+// With a state directory, a finished block's packed tensors are served from its state file's mapping (so their
+// pages can leave RSS) and the model computes exactly what the in-RAM run's does.
+TEST(BlockAp, FinishedBlocksAreServedFromTheirStateFiles) {
+  TempDir t;
+  auto run = [&](const std::string& state) {
+    Model m = load_model(fixture("tiny_llama"));
+    BlockApOptions o = opts("efficientqat", 2);
+    o.state_dir = state;
+    if (!state.empty()) std::filesystem::create_directories(state);
+    run_block_quantization(m, tiny_calib(m), o);
+    return m;
+  };
+  Model in_ram = run(""), streamed = run(t.str("state"));
+  c10::NoGradGuard g;
+  auto logits = [](Model& mm) {
+    return mm.lm->forward(mm.lm->embed(at::arange(1, 40, at::kLong).view({1, -1})), at::arange(39).view({1, -1}), {},
+                          nullptr);
+  };
+  EXPECT_TRUE(at::equal(logits(streamed), logits(in_ram)));
+  for (int64_t b = 0; b < streamed.cfg.text.num_hidden_layers; ++b)
+    for (auto& [name, lin] : block_linears(streamed, b)) {
+      EXPECT_TRUE(release_mapped_bytes(lin->qweight.const_data_ptr(), lin->qweight.nbytes())) << b << " " << name;
+      EXPECT_TRUE(release_mapped_bytes(lin->scales.const_data_ptr(), lin->scales.nbytes())) << b << " " << name;
+    }
+  for (auto& [name, lin] : block_linears(in_ram, 0))
+    EXPECT_FALSE(release_mapped_bytes(lin->qweight.const_data_ptr(), lin->qweight.nbytes())) << name;
+}
+
 TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
   Model m = load_model(fixture("tiny_llama"));
   CalibSet calib = tiny_calib(m);
