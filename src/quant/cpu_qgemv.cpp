@@ -248,8 +248,164 @@ bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+// ---- AVX-512 VNNI (int8 activations) -----------------------------------------------------------------------------
+// GCC 12 flags the `_mm512_undefined` pass-through operand inside its own AVX-512 intrinsics as maybe-uninitialized
+// (GCC bug 105593); the warning says nothing about this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define EQAT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// x quantized per chunk of 32 values (llama.cpp's Q8_0 scheme): dx = max|x|/127, xi = round(x/dx) ∈ [−127, 127].
+// xi is stored as the 8 int32 words the kernel broadcasts, in its order: for word i of the chunk (32/b values) and
+// sub-field s (P = 8/b of them), the bytes of values j = s, s+P, s+2P, s+3P of that word, the same positions that
+// (word >> s·b) & mask-per-byte isolates in each byte of a packed word. xs = dx·Σxi, the chunk's quantized sum.
+struct VnniX {
+  std::vector<int32_t> words;  // [M, chunks, 8]
+  std::vector<float> dx, xs;   // [M, chunks]
+};
+
+VnniX vnni_prepare(const float* x, int64_t M, int64_t K, int bits) {
+  const int64_t chunks = K / kChunk;
+  const int P = 8 / bits, per_word = 32 / bits;
+  VnniX v;
+  v.words.resize(M * chunks * 8);
+  v.dx.resize(M * chunks);
+  v.xs.resize(M * chunks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* xc = x + m * K + c * kChunk;
+      float amax = 0.f;
+      for (int kk = 0; kk < kChunk; ++kk) amax = std::max(amax, std::fabs(xc[kk]));
+      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t xi[kChunk];
+      int32_t sum = 0;
+      for (int kk = 0; kk < kChunk; ++kk) {
+        xi[kk] = static_cast<int8_t>(std::nearbyint(xc[kk] * inv));
+        sum += xi[kk];
+      }
+      int8_t* out = reinterpret_cast<int8_t*>(v.words.data() + (m * chunks + c) * 8);
+      for (int i = 0; i < bits; ++i)
+        for (int sub = 0; sub < P; ++sub)
+          for (int byte = 0; byte < 4; ++byte) *out++ = xi[i * per_word + sub + byte * P];
+      v.dx[m * chunks + c] = dx;
+      v.xs[m * chunks + c] = dx * static_cast<float>(sum);
+    }
+  return v;
+}
+
+EQAT_VNNI inline __m512 vnni_scales16(const CpuQWeight& w, int64_t idx) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales + idx));
+  if (w.scales_bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// Zero points of columns n..n+15 (n % 16 == 0) of group row g: their 16·b bits start on a word boundary (b = 2, 4, 8)
+// and fill b/2 words; each lane picks its word and shifts its field down.
+template <int BITS>
+EQAT_VNNI inline __m512 vnni_zeros16(const CpuQWeight& w, int64_t g, int64_t n) {
+  const uint32_t* row = w.qzeros + g * ((w.N * BITS + 31) / 32) + n * BITS / 32;
+  const __m128i words = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << (BITS / 2)) - 1u), row);
+  __m512i word_of, shift;
+  if constexpr (BITS == 2) {
+    word_of = _mm512_setzero_si512();
+    shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  } else if constexpr (BITS == 4) {
+    word_of = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    shift = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  } else {
+    word_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    shift = _mm512_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24);
+  }
+  const __m512i lanes = _mm512_srlv_epi32(_mm512_permutexvar_epi32(word_of, _mm512_castsi128_si512(words)), shift);
+  return _mm512_cvtepi32_ps(_mm512_and_si512(lanes, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+// Output columns [n, n + 32) for rows m0 .. m0+MR−1, chunks [c0, c1): per chunk, the packed words of 16 columns
+// per vector are split into bytes (shift + AND per sub-field), multiplied with the broadcast activation bytes and
+// summed in int32 by vpdpbusd (u8 × s8, 4 products per lane); the chunk's int sum becomes dx·Σq·xi, and
+// s·(dx·Σq·xi − z·xs) is added to the fp32 outputs, which carry the sum from one pass over chunks to the next.
+template <int BITS, int MR>
+EQAT_VNNI void vnni_tile(const CpuQWeight& w, const VnniX& xv, int64_t m0, float* y, int64_t n, int64_t c0,
+                         int64_t c1) {
+  constexpr int U = 2, P = 8 / BITS;
+  constexpr uint32_t lane_mask = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1u);
+  const int64_t chunks = w.K / kChunk, chunks_per_group = w.group_size / kChunk;
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(lane_mask));
+  __m512 acc[MR][U], s[U], z[U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_loadu_ps(y + (m0 + m) * w.N + n + 16 * u);
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c == c0 || c % chunks_per_group == 0) {  // a new group: scales and zero points of these columns
+      const int64_t g = c / chunks_per_group;
+      for (int u = 0; u < U; ++u) {
+        s[u] = vnni_scales16(w, g * w.N + n + 16 * u);
+        z[u] = vnni_zeros16<BITS>(w, g, n + 16 * u);
+      }
+    }
+    __m512i ia[MR][U];
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < U; ++u) ia[m][u] = _mm512_setzero_si512();
+    for (int i = 0; i < BITS; ++i) {
+      __m512i wv[U];
+      for (int u = 0; u < U; ++u) wv[u] = _mm512_loadu_si512(w.qweight + (c * BITS + i) * w.N + n + 16 * u);
+      for (int sub = 0; sub < P; ++sub) {
+        __m512i q[U];
+        for (int u = 0; u < U; ++u) {
+          const __m512i shifted = sub == 0 ? wv[u] : _mm512_srli_epi32(wv[u], static_cast<unsigned>(sub * BITS));
+          q[u] = BITS == 8 ? shifted : _mm512_and_si512(shifted, mask);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xb = _mm512_set1_epi32(xv.words[((m0 + m) * chunks + c) * 8 + i * P + sub]);
+          for (int u = 0; u < U; ++u) ia[m][u] = _mm512_dpbusd_epi32(ia[m][u], q[u], xb);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512 dx = _mm512_set1_ps(xv.dx[(m0 + m) * chunks + c]);
+      const __m512 xs = _mm512_set1_ps(xv.xs[(m0 + m) * chunks + c]);
+      for (int u = 0; u < U; ++u) {
+        const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(ia[m][u]), dx);
+        acc[m][u] = _mm512_fmadd_ps(s[u], _mm512_fnmadd_ps(z[u], xs, p), acc[m][u]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) _mm512_storeu_ps(y + (m0 + m) * w.N + n + 16 * u, acc[m][u]);
+}
+
+// Columns [n0, n1) (multiples of 32). Chunk-outer: a pass takes 8/b chunks (8 rows of packed words) across all the
+// columns, so each row is read as one sequential run and each 4-KiB page is entered once per pass, where a
+// column-outer walk changes page at every row (N = 11008: rows 43 KiB apart). Measured (`eqat bench kernels --m 1`,
+// 1 thread, 11008x4096 and 4096x11008, W4g128 and W2g64): passes of 8 rows beat 16 (e.g. W4g128 11008x4096
+// 1437 against 2914 µs), 32, 64 (up to 3× slower), 4 and 2; the machine is noisy (±40 % between repeats).
+// Row blocks of 4, then 2, then 1.
+template <int BITS>
+void vnni_range(const CpuQWeight& w, const VnniX& xv, int64_t M, float* y, int64_t n0, int64_t n1) {
+  constexpr int64_t kPass = BITS >= 8 ? 1 : 8 / BITS;
+  const int64_t chunks = w.K / kChunk;
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * w.N + n0, y + m * w.N + n1, 0.f);
+  for (int64_t c0 = 0; c0 < chunks; c0 += kPass) {
+    const int64_t c1 = std::min(chunks, c0 + kPass);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = n0; n < n1; n += 32) vnni_tile<BITS, 4>(w, xv, m, y, n, c0, c1);
+    for (; m + 2 <= M; m += 2)
+      for (int64_t n = n0; n < n1; n += 32) vnni_tile<BITS, 2>(w, xv, m, y, n, c0, c1);
+    for (; m < M; ++m)
+      for (int64_t n = n0; n < n1; n += 32) vnni_tile<BITS, 1>(w, xv, m, y, n, c0, c1);
+  }
+}
+#pragma GCC diagnostic pop
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_vnni() { return false; }
 #endif
 
 }  // namespace
@@ -292,20 +448,51 @@ void cpu_dequant_t(const CpuQWeight& w, float* out) {
 CpuIsa cpu_qgemm_isa() {
   static const CpuIsa isa = [] {
     const char* env = std::getenv("EQAT_CPU_KERNEL");
-    if (env && std::string(env) == "scalar") return CpuIsa::kScalar;
-    return cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+    const std::string want = env ? env : "";
+    if (want == "scalar") return CpuIsa::kScalar;
+    if (want == "avx2") return cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+    return cpu_has_vnni() ? CpuIsa::kVnni : cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
   }();
   return isa;
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "scalar"; }
+namespace {
+thread_local int exact_activation_scopes = 0;
+}
+ExactCpuActivations::ExactCpuActivations() { ++exact_activation_scopes; }
+ExactCpuActivations::~ExactCpuActivations() { --exact_activation_scopes; }
+bool ExactCpuActivations::active() { return exact_activation_scopes > 0; }
+
+bool cpu_isa_supported(CpuIsa isa) {
+  return isa == CpuIsa::kScalar || (isa == CpuIsa::kAvx2 && cpu_has_avx2()) || (isa == CpuIsa::kVnni && cpu_has_vnni());
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kVnni ? "avx512-vnni" : isa == CpuIsa::kAvx2 ? "avx2" : "scalar";
+}
 
 void cpu_qgemm(const CpuQWeight& w, const float* x, int64_t M, float* y, CpuIsa isa) {
   EQAT_ASSERT(w.bits == 2 || w.bits == 3 || w.bits == 4 || w.bits == 8, "cpu_qgemm: bits ", w.bits);
   EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0 && w.N % 8 == 0, "cpu_qgemm: K ", w.K, " N ",
               w.N, " g ", w.group_size);
 #ifdef EQAT_X86
-  if (isa == CpuIsa::kAvx2) {
+  // int8 activations cover 2-, 4- and 8-bit words (3-bit fields straddle words) and widths of whole 32-column tiles;
+  // other shapes take the fp32 AVX2 kernel.
+  if (isa == CpuIsa::kVnni && (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.N % 32 == 0) {
+    EQAT_ASSERT(cpu_has_vnni(), "cpu_qgemm: AVX-512 VNNI requested on a CPU without it");
+    const VnniX xv = vnni_prepare(x, M, w.K, w.bits);
+    // Tasks of whole 32-column tiles; each thread takes one contiguous range of columns.
+    at::parallel_for(0, w.N / 32, 8, [&](int64_t t0, int64_t t1) {
+      const int64_t n0 = t0 * 32, n1 = t1 * 32;
+      switch (w.bits) {
+        case 2: vnni_range<2>(w, xv, M, y, n0, n1); break;
+        case 4: vnni_range<4>(w, xv, M, y, n0, n1); break;
+        case 8: vnni_range<8>(w, xv, M, y, n0, n1); break;
+      }
+    });
+    return;
+  }
+  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kVnni) {
     EQAT_ASSERT(cpu_has_avx2(), "cpu_qgemm: AVX2 requested on a CPU without it");
     const Prepared p = prepare(w, x, M, /*prescale=*/true);
     // Tiles of 64 columns per task: enough tasks for 2+ threads at N = 4096, and a tile's words of one chunk

@@ -7,7 +7,14 @@
 //           (kept at its bit position; x is pre-scaled by 2^-position, which is exact) or a shift for the top and
 //           3-bit straddling fields, converted to fp32 and FMA'd into a chunk partial Σx·q; per chunk the partial
 //           becomes s·(Σx·q − z·Σx) in an fp32 accumulator. No dequantized weight is ever written.
-//   kScalar portable C++ of the same scheme (the fallback, also forced with EQAT_CPU_KERNEL=scalar).
+//   kVnni   AVX-512 VNNI with int8 activations (llama.cpp's scheme for its CPU dot products): x is quantized per
+//           chunk of 32 values, dx = max|x|/127, xi = round(x/dx); each packed word is split into bytes with a
+//           shift and an AND, and vpdpbusd sums 4 byte products per lane in int32, 64 weights per instruction; per
+//           chunk, s·(dx·Σq·xi − z·dx·Σxi) goes into the fp32 accumulator. It covers 2-, 4- and 8-bit weights with
+//           N % 32 == 0 (3-bit and other widths take kAvx2). Not exact: |y − y_fp32| ≤ Σ_chunks dx/2 · Σ|Ŵ| over the
+//           chunk, per output (the rounding of x), plus fp32 summation.
+//   kScalar portable C++ of the fp32 scheme (the fallback, also forced with EQAT_CPU_KERNEL=scalar).
+// EQAT_CPU_KERNEL=avx2 keeps decode in exact fp32 activations on a VNNI CPU.
 // Threads: at::parallel_for over column tiles (at::get_num_threads()).
 #pragma once
 
@@ -15,11 +22,25 @@
 
 namespace eqat {
 
-enum class CpuIsa { kScalar, kAvx2, kCount };
+enum class CpuIsa { kScalar, kAvx2, kVnni, kCount };
 
-// The implementation cpu_qgemm uses: kAvx2 when the CPU supports it and EQAT_CPU_KERNEL is not "scalar".
+// The implementation cpu_qgemm uses: the best the CPU supports (kVnni, kAvx2, kScalar), or EQAT_CPU_KERNEL's
+// choice ("avx2", "scalar").
 CpuIsa cpu_qgemm_isa();
+bool cpu_isa_supported(CpuIsa isa);
 const char* cpu_isa_name(CpuIsa isa);
+
+// While one of these lives on a thread, the packed linears that thread runs take fp32 activations (kVnni gives way
+// to kAvx2): the quantization phases (Block-AP's quantized stream, E2E-QP's training forward) compute with the
+// weights exactly as quantized; int8 activations are a serving choice.
+class ExactCpuActivations {
+ public:
+  ExactCpuActivations();
+  ~ExactCpuActivations();
+  ExactCpuActivations(const ExactCpuActivations&) = delete;
+  ExactCpuActivations& operator=(const ExactCpuActivations&) = delete;
+  static bool active();
+};
 
 struct CpuQWeight {
   const uint32_t* qweight;  // [K·b/32, N]

@@ -8,6 +8,8 @@
 // bound gives |Δy[n]| ≤ u·(32 + K/32 + 8)·2^b·Σ_k |x_k|·s_g(k),n (the 8 covers the products and the reference's own
 // error, which is smaller: γ_K·Σ|x||w| with |w| ≤ 2^b·s). We assert 2× that bound. Outputs in fp16/bf16 add one
 // rounding of y on each side: + 2^-10·|y| (fp16) or 2^-7·|y| (bf16).
+// The AVX-512 VNNI kernel rounds x to int8 per chunk of 32 (dx = max|x|/127): each x_k moves by at most dx/2, so
+// y[n] moves by at most Σ_k dx_chunk(k)/2 · |W[n, k]| (int8_bound), on top of the fp32 bound for the rest.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -48,6 +50,21 @@ at::Tensor fp32_bound(const at::Tensor& x, const GptqTensors& w, int bits, int64
   return 2 * u * (32 + K / 32 + 8) * (1 << bits) * at::matmul(x.to(at::kFloat).abs(), S.t());
 }
 
+// Σ_k dx(k)/2 · |W[n, k]| per output [M, N]: the int8 rounding of x in the VNNI kernel (header comment).
+at::Tensor int8_bound(const at::Tensor& x, const at::Tensor& W) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor amax = std::get<0>(x.to(at::kFloat).abs().view({M, K / 32, 32}).max(-1, true));  // [M, K/32, 1]
+  at::Tensor half_step = (amax / 127.0 / 2.0).expand({M, K / 32, 32}).reshape({M, K});
+  return at::matmul(half_step, W.abs().t());
+}
+
+// The bound for one kernel: fp32, plus the int8 rounding of x for the VNNI kernel.
+at::Tensor kernel_bound(const at::Tensor& x, const GptqTensors& w, const at::Tensor& W, int bits, int64_t g,
+                        CpuIsa isa) {
+  at::Tensor b = fp32_bound(x, w, bits, g);
+  return isa == CpuIsa::kVnni ? b + int8_bound(x, W) : b;
+}
+
 void expect_close(const at::Tensor& got, const at::Tensor& ref, const at::Tensor& bound, const std::string& what) {
   ASSERT_EQ(got.sizes(), ref.sizes()) << what;
   at::Tensor err = (got.to(at::kFloat) - ref.to(at::kFloat)).abs();
@@ -78,23 +95,25 @@ void run_kernel(const Case& c, const at::Tensor& x, int bits, int64_t g, CpuIsa 
 
 TEST(QMatmul, KernelsMatchReferenceOverBitsGroupsAndShapes) {
   std::vector<CpuIsa> isas{CpuIsa::kScalar};
-  if (cpu_qgemm_isa() == CpuIsa::kAvx2) isas.push_back(CpuIsa::kAvx2);
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kVnni})
+    if (cpu_isa_supported(isa)) isas.push_back(isa);
   int checked = 0;
   for (int bits : {2, 3, 4, 8})
     for (int64_t K : {96, 384})
       for (int64_t g : {32, 64, 128, -1}) {
         const int64_t gs = g < 0 ? K : g;
         if (K % gs != 0) continue;
-        for (int64_t N : {40, 96, 136}) {  // 40·3 bits: zero-point rows end in a partial word
+        // 40·3 bits: zero-point rows end in a partial word; 96 and 128: whole VNNI tiles (96: a last task of 32
+        // columns); 40 and 136 take the AVX2 kernel under kVnni.
+        for (int64_t N : {40, 96, 128, 136}) {
           const Case c = make_case(N, K, bits, gs, bits * 1000 + K + gs + N);
           for (int64_t M : {1, 2, 3, 5, 8, 11}) {
             at::Tensor x = at::randn({M, K});
             at::Tensor ref = at::matmul(x, c.W.t());
-            at::Tensor bound = fp32_bound(x, c.w, bits, gs);
             for (CpuIsa isa : isas) {
               at::Tensor y;
               run_kernel(c, x, bits, gs, isa, y);
-              expect_close(y, ref, bound,
+              expect_close(y, ref, kernel_bound(x, c.w, c.W, bits, gs, isa),
                            std::string(cpu_isa_name(isa)) + " b" + std::to_string(bits) + " K" + std::to_string(K) +
                                " g" + std::to_string(gs) + " N" + std::to_string(N) + " M" + std::to_string(M));
               ++checked;
@@ -106,13 +125,32 @@ TEST(QMatmul, KernelsMatchReferenceOverBitsGroupsAndShapes) {
 }
 
 TEST(QMatmul, AvxAndScalarAgreeClosely) {
-  if (cpu_qgemm_isa() != CpuIsa::kAvx2) GTEST_SKIP() << "no AVX2 on this CPU";
+  if (!cpu_isa_supported(CpuIsa::kAvx2)) GTEST_SKIP() << "no AVX2 on this CPU";
   const Case c = make_case(256, 1024, 3, 128, 7);
   at::Tensor x = at::randn({4, 1024});
   at::Tensor ya, ys;
   run_kernel(c, x, 3, 128, CpuIsa::kAvx2, ya);
   run_kernel(c, x, 3, 128, CpuIsa::kScalar, ys);
   expect_close(ya, ys, fp32_bound(x, c.w, 3, 128), "avx2 vs scalar");
+}
+
+// Serving takes the int8-activation kernel where the CPU has it; the quantization phases (ExactCpuActivations) get
+// the fp32 one, bit for bit.
+TEST(QMatmul, QuantizationPhasesKeepFp32Activations) {
+  if (cpu_qgemm_isa() != CpuIsa::kVnni) GTEST_SKIP() << "the default kernel is not AVX-512 VNNI here";
+  const Case c = make_case(96, 256, 4, 64, 13);
+  const at::Tensor x = at::randn({3, 256});
+  at::Tensor yv, ya;
+  run_kernel(c, x, 4, 64, CpuIsa::kVnni, yv);
+  run_kernel(c, x, 4, 64, CpuIsa::kAvx2, ya);
+  ASSERT_FALSE(at::equal(yv, ya));  // int8 activations do change the result
+  EXPECT_TRUE(at::equal(quant_linear_forward(x, c.w, 4, 64, {}), yv));
+  {
+    const ExactCpuActivations exact;
+    EXPECT_TRUE(ExactCpuActivations::active());
+    EXPECT_TRUE(at::equal(quant_linear_forward(x, c.w, 4, 64, {}), ya));
+  }
+  EXPECT_FALSE(ExactCpuActivations::active());
 }
 
 TEST(QMatmul, DispatchHandlesDtypesBiasAndLeadingDims) {
@@ -129,8 +167,9 @@ TEST(QMatmul, DispatchHandlesDtypesBiasAndLeadingDims) {
         at::Tensor ref = at::matmul(x.to(at::kFloat), c.W.t()) + bias.to(at::kFloat);
         at::Tensor bound = fp32_bound(x.reshape({-1, K}), c.w, bits, g).view({2, 3, N}) +
                            out_rounding(xdt) * ref.abs() + 1e-6;
-        expect_close(y, ref, bound, "dispatch");
-        // The reference entry point agrees with the same bound.
+        const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat);
+        expect_close(y, ref, bound + kernel_bound(x2, c.w, c.W, bits, g, cpu_qgemm_isa()).view({2, 3, N}), "dispatch");
+        // The reference entry point agrees with the fp32 bound.
         expect_close(quant_linear_forward_reference(x, c.w, bits, g, bias), ref, bound, "reference");
       }
 }

@@ -17,6 +17,7 @@
 #include "data/safetensors.h"
 #include "quant/qat/gptq.h"
 #include "quant/qat/optim.h"
+#include "quant/cpu_qgemv.h"
 #include "quant/qat/progress.h"
 
 namespace eqat {
@@ -140,6 +141,7 @@ void release_block_pages(Model& m, int64_t b) {
 }  // namespace
 
 BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const BlockApOptions& opts) {
+  const ExactCpuActivations exact;  // the quantized stream runs the packed blocks in fp32, never int8 activations
   EQAT_CHECK(opts.method == "efficientqat" || opts.method == "rtn" || opts.method == "gptq", "--method: unknown '",
              opts.method, "' (efficientqat, rtn or gptq)");
   EQAT_CHECK(packable_bits(opts.spec.bits), "--bits must be 2, 3, 4 or 8, got ", opts.spec.bits);

@@ -13,6 +13,7 @@
 #include "data/fs.h"
 #include "data/memory.h"
 #include "data/safetensors.h"
+#include "quant/cpu_qgemv.h"
 #include "quant/qat/block_ap.h"
 #include "quant/qat/optim.h"
 #include "quant/qat/progress.h"
@@ -61,6 +62,7 @@ at::Tensor teacher_rows(const E2eOptions& o, const std::vector<size_t>& idx) {
 }  // namespace
 
 E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
+  const ExactCpuActivations exact;  // training forward in fp32 activations (the CPU kernels' int8 path is serving's)
   EQAT_CHECK(opts.micro_batch > 0 && opts.global_batch >= opts.micro_batch && opts.global_batch % opts.micro_batch == 0,
              "--e2e-batch must be a multiple of --e2e-micro-batch (got ", opts.global_batch, " and ",
              opts.micro_batch, ")");

@@ -18,6 +18,7 @@
 #include "data/output.h"
 #include "data/plot.h"
 #include "data/shapes.h"
+#include "quant/cpu_qgemv.h"
 #include "quant/pack.h"
 #include "quant/qat/export.h"
 #include "quant/qat/progress.h"
@@ -252,6 +253,7 @@ std::string settings_differences(const nlohmann::json& saved, const nlohmann::js
 }
 
 nlohmann::json run_quantize(QuantizeOptions o) {
+  const ExactCpuActivations exact;  // every phase computes with fp32 activations (cpu_qgemv.h)
   // ---- validation: nothing is created before all of it passes.
   validate_quantize_flags(o);
   o.out = check_replaced_dir({o.out, "--out", OutputKind::kModel, o.overwrite,

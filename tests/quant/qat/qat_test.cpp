@@ -19,6 +19,7 @@
 #include "quant/qat/e2e_qp.h"
 #include "quant/qat/export.h"
 #include "quant/qat/optim.h"
+#include "quant/cpu_qgemv.h"
 #include "quant/pack.h"
 #include "quant/quantizer.h"
 
@@ -410,7 +411,8 @@ TEST(E2eQp, DistillationTargetsAreTheFpModelsAndKlFalls) {
     // The FP stream is cached in fp16 at each of the 3 blocks' inputs and outputs (relative rounding 2^-11 each, 4
     // roundings) and the norm rescales: logits of magnitude ≲ 8 move by ≲ 8 · 4 · 2^-11 ≈ 0.015.
     EXPECT_LE(max_abs_diff(got, want), 0.015) << "sample " << i;
-    if (i >= calib.train.size()) {  // val: the KL E2E-QP reports before training
+    if (i >= calib.train.size()) {  // val: the KL E2E-QP reports before training (in fp32 activations, as it runs)
+      const ExactCpuActivations exact;
       at::Tensor lq = m.lm->forward(e.embeds, pos, {}, nullptr)[0].narrow(0, 0, L - 1).index({mask}).log_softmax(-1);
       at::Tensor lp = got.log_softmax(-1);
       kl_sum += (lp.exp() * (lp - lq)).sum().item<double>();
