@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 
 #include "data/error.h"
+#include "data/safetensors.h"
 #include "quant/qmatmul.h"
 
 namespace eqat {
@@ -13,6 +14,9 @@ namespace {
 // y = x·Ŵᵀ with Ŵ[n, k] = s[g(k), n]·(q − z) read from the packed integers at every call, as an autograd function
 // (E2E-QP on the CPU): no [N, K] float copy of the weight outlives a call, where caching (q − z) would hold a full
 // fp32 copy of the model (26 GB for a 7B). Gradients for x and the step sizes (quant_linear_backward).
+// When the integers alias a checkpoint's mapping (Block-AP's finished blocks, a loaded export), their pages are
+// dropped after each use (they are never written): a training step then holds one layer's integers in RSS, not the
+// model's (a 13B at W4g128: 6.9 GB), and the next use maps them again from the page cache.
 struct PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scales,
                             const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& g_idx, int64_t bits,
@@ -20,7 +24,9 @@ struct PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     ctx->save_for_backward({x, scales, qweight, qzeros, g_idx});
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["group"] = group;
-    return quant_linear_forward(x, {qweight, qzeros, scales, g_idx}, static_cast<int>(bits), group, at::Tensor());
+    at::Tensor y = quant_linear_forward(x, {qweight, qzeros, scales, g_idx}, static_cast<int>(bits), group, at::Tensor());
+    release_mapped_bytes(qweight.const_data_ptr(), qweight.nbytes());
+    return y;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
@@ -29,6 +35,7 @@ struct PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     const QuantLinearGrads g = quant_linear_backward(
         grads[0], x, {saved[2], saved[3], scales, saved[4]}, static_cast<int>(ctx->saved_data["bits"].toInt()),
         ctx->saved_data["group"].toInt(), ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    release_mapped_bytes(saved[2].const_data_ptr(), saved[2].nbytes());
     return {g.grad_input, g.grad_scales.defined() ? g.grad_scales.to(scales.scalar_type()) : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -27,10 +27,20 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
   std::map<std::string, c10::ScalarType> src_dtype;
   for (const auto& n : src.names()) src_dtype[n] = dtype_from_safetensors(src.info(n).dtype);
 
-  std::vector<std::pair<std::string, at::Tensor>> out;
+  // Written as a stream: each tensor is made (converted, copied to the CPU) when the writer reaches it, so the
+  // export holds one tensor besides the model. The packed integers of Block-AP's finished blocks alias their state
+  // files; they are copied and their pages dropped as they are written (they are never modified in place), so
+  // exporting a 13B does not bring its 4–7 GB of integers back into RSS at once.
+  std::vector<TensorSource> out;
   std::set<std::string> written;
-  auto emit = [&](const std::string& key, at::Tensor t) {
-    out.emplace_back(key, t.detach().cpu().contiguous());
+  auto emit = [&](const std::string& key, const at::Tensor& t, c10::ScalarType dtype, bool integers = false) {
+    const at::Tensor h = t.detach();
+    out.push_back({key, dtype, h.sizes().vec(), [h, dtype, integers] {
+                     if (!integers) return h.to(at::kCPU, dtype);
+                     at::Tensor c = h.cpu().clone();
+                     release_mapped_bytes(h.const_data_ptr(), h.nbytes());
+                     return c;
+                   }});
     written.insert(key);
   };
   int64_t quantized = 0;
@@ -42,11 +52,11 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
       GptqTensors p = lin->packed();
       at::Tensor qz = p.qzeros;
       if (opts.format == "gptq-v1") qz = qzeros_v2_to_v1(qz, lin->spec().bits, lin->out_features(), checkpoint_key(src, prefix + "qzeros", mm));
-      emit(checkpoint_key(src, prefix + "qweight", mm), p.qweight);
-      emit(checkpoint_key(src, prefix + "qzeros", mm), qz);
-      emit(checkpoint_key(src, prefix + "scales", mm), p.scales.to(at::kHalf));
-      emit(checkpoint_key(src, prefix + "g_idx", mm), p.g_idx);
-      if (lin->bias.defined()) emit(checkpoint_key(src, prefix + "bias", mm), lin->bias.to(at::kHalf));
+      emit(checkpoint_key(src, prefix + "qweight", mm), p.qweight, p.qweight.scalar_type(), true);
+      emit(checkpoint_key(src, prefix + "qzeros", mm), qz, qz.scalar_type(), true);
+      emit(checkpoint_key(src, prefix + "scales", mm), p.scales, at::kHalf);
+      emit(checkpoint_key(src, prefix + "g_idx", mm), p.g_idx, p.g_idx.scalar_type(), true);
+      if (lin->bias.defined()) emit(checkpoint_key(src, prefix + "bias", mm), lin->bias, at::kHalf);
       written.insert(checkpoint_key(src, prefix + "weight", mm));  // replaced, not copied below
       ++quantized;
       continue;
@@ -55,16 +65,16 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
       if (p.value().numel() == 0) continue;
       const std::string key = checkpoint_key(src, prefix + p.key(), mm);
       auto it = src_dtype.find(key);
-      emit(key, p.value().to(it != src_dtype.end() ? it->second : at::kHalf));
+      emit(key, p.value(), it != src_dtype.end() ? it->second : at::kHalf);
     }
   }
   EQAT_CHECK(quantized > 0, m.dir, ": the model has no quantized linears to export");
   for (const auto& n : src.names())  // anything the modules do not own (e.g. position_ids buffers)
-    if (!written.count(n)) out.emplace_back(n, src.get(n).clone());
+    if (!written.count(n)) out.push_back({n, src_dtype[n], src.info(n).shape, [src, n] { return src.get(n).clone(); }});
   if (mm && !opts.layout.empty()) {  // keys so far are in the source's layout
     const CheckpointLayout target =
         opts.layout == "transformers" ? CheckpointLayout::kTransformers : CheckpointLayout::kLlavaHf;
-    for (auto& [key, t] : out) key = relayout_key(key, target);
+    for (auto& t : out) t.name = relayout_key(t.name, target);
   }
 
   nlohmann::json cfg = nlohmann::json::parse(read_file(path_join(m.dir, "config.json")));
@@ -78,7 +88,7 @@ void export_gptq(Model& m, const std::string& out_dir, const ExportOptions& opts
                                 {"lm_head", false},
                                 {"meta", {{"quantizer", "eqat"}, {"method", opts.method}}}};
   write_dir_atomic(out_dir, OutputKind::kModel, [&](const std::string& tmp) {
-    write_checkpoint(tmp, out);
+    write_checkpoint_streamed(tmp, out);
     write_file_atomic(path_join(tmp, "config.json"), cfg.dump(2));
     // Tokenizer, processor and generation files travel unchanged.
     if (DIR* d = ::opendir(m.dir.c_str())) {
