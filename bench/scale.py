@@ -10,7 +10,7 @@ it with --resume, and compares every tensor file of the result with the uninterr
 seconds from os.wait4. Results go to bench/results/scale_cpu_<date>.json. Checkpoints are written under --work (default
 /tmp/eqat-scale, outside the repository: 14 GB for 7B, 27 GB for 13B) and deleted afterwards unless --keep.
 Usage: python3 bench/scale.py [--like llava-1.5-7b,llava-1.5-13b] [--dtype float16] [--quantize SPECS] [--no-ask]
-       [--resume-check] [--quantize-flags "..."] [--keep]
+       [--resume-check] [--quantize-flags "..."] [--ask-export] [--keep]
 """
 import argparse, datetime, hashlib, json, os, re, shutil, signal, subprocess, sys, time
 
@@ -27,6 +27,7 @@ p.add_argument("--no-ask", action="store_true")
 p.add_argument("--layers", type=int, default=0, help="decoder layers of the random model (0: the real count)")
 p.add_argument("--resume-check", action="store_true", help="kill -9 the first quantize halfway, resume, compare bytes")
 p.add_argument("--keep", action="store_true")
+p.add_argument("--ask-export", action="store_true", help="eqat ask (336 px image, 8 tokens) on each export")
 p.add_argument("--out", default=os.path.join(ROOT, "bench/results",
                                             "scale_cpu_%s.json" % datetime.date.today().isoformat()))
 a = p.parse_args()
@@ -64,6 +65,10 @@ for like in a.like.split(","):
              "user_s": float(user), "sys_s": float(sys_s), "peak_rss_gib": round(int(rss_kib) / 2**20, 2),
              "stdout_tail": out.strip().splitlines()[-2:],
              "stderr_tail": [l for l in lines if not l.startswith("TIME ")][-2:]}
+        # Seconds per decoder block, from the quantize's "block k/N METHOD: ... (12.3s)" lines.
+        blocks = [float(m.group(1)) for m in (re.match(r"block \d+/\d+ .*\(([0-9.]+)s\)$", l) for l in lines) if m]
+        if blocks:
+            r["block_seconds"] = blocks
         print("%-14s %-22s exit %d  wall %7.1f s  peak RSS %6.2f GiB" % (like, name, proc.returncode, wall,
               r["peak_rss_gib"]), flush=True)
         steps.append(r)
@@ -107,6 +112,9 @@ for like in a.like.split(","):
         if qr["exit"] != 0:
             continue
         step("inspect export " + tag, [a.eqat, "inspect", q])
+        if a.ask_export and like.startswith("llava"):
+            step("ask export " + tag, [a.eqat, "ask", "--model", q, "--image", image, "--max-new-tokens", "8",
+                                       "What is in the image?"])
         if i == 0 and a.resume_check:
             with open(os.path.join(d, "config.json")) as f:
                 cfg = json.load(f)
