@@ -15,9 +15,9 @@
 #include "data/json_util.h"
 #include "data/fs.h"
 #include "data/safetensors.h"
+#include "quant/cpu_qgemv.h"
 #include "quant/qat/gptq.h"
 #include "quant/qat/optim.h"
-#include "quant/cpu_qgemv.h"
 #include "quant/qat/progress.h"
 
 namespace eqat {
@@ -117,7 +117,7 @@ void save_block_state(Model& m, int64_t b, const std::string& dir, const nlohman
 // once the quantized stream has gone through the block, release_block_pages() drops their pages from RSS, so host
 // memory holds the block in training, not every finished block (a 13B at W2g64: 3.6 GB). A later reader (E2E-QP,
 // the export) faults them back in from the file, which the mapping keeps alive even after the state directory is
-// removed. E2E-QP's in-place updates of the scales land in private copy-on-write pages.
+// removed. E2E-QP trains fp32 copies of the scales; the integers are never written.
 void load_block_state(Model& m, int64_t b, const std::string& dir, const QuantSpec& spec) {
   Checkpoint ck = Checkpoint::open(block_file(dir, b));
   c10::NoGradGuard g;
