@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -282,12 +283,19 @@ VnniX vnni_prepare(const float* x, int64_t M, int64_t K, int bits) {
     for (int64_t c = 0; c < chunks; ++c) {
       const float* xc = x + m * K + c * kChunk;
       float amax = 0.f;
-      for (int kk = 0; kk < kChunk; ++kk) amax = std::max(amax, std::fabs(xc[kk]));
-      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      bool finite = true;
+      for (int kk = 0; kk < kChunk; ++kk) {
+        amax = std::max(amax, std::fabs(xc[kk]));
+        finite = finite && std::isfinite(xc[kk]);
+      }
+      // A non-finite activation makes the chunk's outputs NaN, as the fp32 kernels would (and no float → int8 cast
+      // of a NaN or an infinity happens).
+      const float dx = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
       int8_t xi[kChunk];
       int32_t sum = 0;
       for (int kk = 0; kk < kChunk; ++kk) {
-        xi[kk] = static_cast<int8_t>(std::nearbyint(xc[kk] * inv));
+        xi[kk] = static_cast<int8_t>(finite ? std::nearbyint(xc[kk] * inv) : 0.f);
         sum += xi[kk];
       }
       int8_t* out = reinterpret_cast<int8_t*>(v.words.data() + (m * chunks + c) * 8);

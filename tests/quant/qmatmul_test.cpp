@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <limits>
 
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
@@ -151,6 +152,12 @@ TEST(QMatmul, QuantizationPhasesKeepFp32Activations) {
     EXPECT_TRUE(at::equal(quant_linear_forward(x, c.w, 4, 64, {}), ya));
   }
   EXPECT_FALSE(ExactCpuActivations::active());
+  // A non-finite activation gives NaN in every output, as in fp32 (no NaN is cast to int8).
+  at::Tensor xn = x.clone();
+  xn[1][7] = std::numeric_limits<float>::quiet_NaN();
+  run_kernel(c, xn, 4, 64, CpuIsa::kVnni, yv);
+  EXPECT_TRUE(at::isnan(yv[1]).all().item<bool>());
+  EXPECT_FALSE(at::isnan(yv[0]).any().item<bool>());
 }
 
 TEST(QMatmul, DispatchHandlesDtypesBiasAndLeadingDims) {
