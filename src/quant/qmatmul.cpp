@@ -68,7 +68,8 @@ at::Tensor cpu_linear(const at::Tensor& x2d, const GptqTensors& w, int bits, int
     return at::mm(xf, wt);
   }
   at::Tensor y = at::empty({M, N}, at::kFloat);
-  const CpuIsa isa = cpu_qgemm_isa() == CpuIsa::kVnni && ExactCpuActivations::active() ? CpuIsa::kAvx2 : cpu_qgemm_isa();
+  const CpuIsa best = cpu_qgemm_isa();
+  const CpuIsa isa = best == CpuIsa::kVnni && ExactCpuActivations::active() ? CpuIsa::kAvx2 : best;
   cpu_qgemm(cw, xf.data_ptr<float>(), M, y.data_ptr<float>(), isa);
   return y;
 }
