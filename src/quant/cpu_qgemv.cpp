@@ -418,19 +418,20 @@ bool cpu_has_vnni() { return false; }
 
 }  // namespace
 
-void cpu_dequant_t(const CpuQWeight& w, float* out) {
-  EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0, "cpu_dequant_t: K ", w.K, " g ", w.group_size);
-  const int64_t chunks = w.K / kChunk, N = w.N;
+namespace {
+// Rows [32·c0, 32·c1) of Wᵀ: (q − z)·s, or (q − z) alone when with_scale is false (× 1 is exact either way).
+void dequant_rows(const CpuQWeight& w, int64_t c_begin, int64_t c_end, bool with_scale, float* out) {
+  const int64_t N = w.N;
   const uint32_t mask = (1u << w.bits) - 1u;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> z(N), sc(N);
+  at::parallel_for(c_begin, c_end, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> z(N), sc(N, 1.0f);
     int64_t g_loaded = -1;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g = c * kChunk / w.group_size;
       if (g != g_loaded) {
         for (int64_t n = 0; n < N; ++n) {
           z[n] = static_cast<float>(zero_at(w, g, n));
-          sc[n] = scale_at(w, g * N + n);
+          if (with_scale) sc[n] = scale_at(w, g * N + n);
         }
         g_loaded = g;
       }
@@ -439,7 +440,7 @@ void cpu_dequant_t(const CpuQWeight& w, float* out) {
         const uint32_t* wi = w.qweight + (c * w.bits + f.word) * N;
         const uint32_t* wn = f.straddle ? wi + N : wi;
         const int off = f.off, back = f.straddle ? 32 - f.off : 0;
-        float* o = out + (c * kChunk + kk) * N;
+        float* o = out + ((c - c_begin) * kChunk + kk) * N;
         const float* zp = z.data();
         const float* sp = sc.data();
         if (f.straddle) {
@@ -451,6 +452,19 @@ void cpu_dequant_t(const CpuQWeight& w, float* out) {
       }
     }
   });
+}
+}  // namespace
+
+void cpu_dequant_t(const CpuQWeight& w, float* out) {
+  EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0, "cpu_dequant_t: K ", w.K, " g ", w.group_size);
+  dequant_rows(w, 0, w.K / kChunk, true, out);
+}
+
+void cpu_unpack_t(const CpuQWeight& w, int64_t k0, int64_t k1, float* out) {
+  EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0 && k0 % kChunk == 0 && k1 % kChunk == 0 &&
+                  0 <= k0 && k0 <= k1 && k1 <= w.K,
+              "cpu_unpack_t: K ", w.K, " g ", w.group_size, " rows ", k0, "..", k1);
+  dequant_rows(w, k0 / kChunk, k1 / kChunk, false, out);
 }
 
 CpuIsa cpu_qgemm_isa() {

@@ -58,4 +58,9 @@ void cpu_qgemm(const CpuQWeight& w, const float* x, int64_t M, float* y, CpuIsa 
 // q − z exact. Written so the compiler vectorises over N; parallel over chunks.
 void cpu_dequant_t(const CpuQWeight& w, float* out);
 
+// (q − z) of input rows [k0, k1) as fp32 [k1 − k0, N], exact (small integers), without the step sizes (w.scales is
+// not read and may be null): E2E-QP's CPU training path multiplies in its fp32 master step sizes itself and needs
+// (q − z) alone for their gradient. k0 and k1 are multiples of 32 (k1 may be K).
+void cpu_unpack_t(const CpuQWeight& w, int64_t k0, int64_t k1, float* out);
+
 }  // namespace eqat

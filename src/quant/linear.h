@@ -57,10 +57,6 @@ class QuantLinearImpl : public torch::nn::Module {
 
   // Optional tap on the input of every forward (GPTQ collects its Hessian from it).
   std::function<void(const at::Tensor& x)> input_observer;
-  // Training step sizes in packed mode: keep (q − z) as an fp32 [N, K] cache between steps (fast; a full fp32 copy
-  // of the weight) instead of reading the packed integers at every call (CPU; CUDA always caches). E2E-QP turns it
-  // on when the whole model's cache fits easily in memory.
-  bool cache_training_weight = false;
 
   at::Tensor weight;  // [N, K] (empty in packed mode)
   at::Tensor bias;    // [N] or undefined
@@ -74,7 +70,7 @@ class QuantLinearImpl : public torch::nn::Module {
   int64_t in_features_, out_features_;
   LinearMode mode_ = LinearMode::kFloat;
   QuantSpec spec_;
-  at::Tensor q_minus_z_;  // packed: (q − z) [N, K] float, cached for training scales
+  at::Tensor q_minus_z_;  // packed on CUDA: (q − z) [N, K] float, cached for training scales
   at::Tensor dequant_;    // packed: cached dequantized weight for inference (CPU reference path)
 };
 TORCH_MODULE(QuantLinear);

@@ -75,6 +75,49 @@ at::Tensor cpu_linear(const at::Tensor& x2d, const GptqTensors& w, int bits, int
 }
 
 
+// E2E-QP's CPU training path (quant_linear_train_forward / quant_linear_backward): input rows per chunk. A chunk
+// holds whole groups (g ≤ 256) or a whole part of one group (g > 256), so each chunk's step sizes are one slice of
+// s. 256 rows keep the three [rows, N] fp32 buffers near L2/L3 (3 × 14 MB for a 13B FFN) and make SGEMMs of depth
+// 256.
+constexpr int64_t kTrainChunk = 256;
+
+int64_t train_chunk_rows(int64_t group_size) {
+  if (group_size <= kTrainChunk) return group_size * (kTrainChunk / group_size);
+  int64_t d = kTrainChunk;
+  while (group_size % d != 0) d -= 32;  // ends at 32 at the latest: the fast path needs g % 32 == 0
+  return d;
+}
+
+bool cpu_train_fast_path(const at::Tensor& x, const GptqTensors& w, int64_t group_size) {
+  const int64_t K = x.size(-1);
+  return x.is_cpu() && w.qweight.is_cpu() && group_size % 32 == 0 && K % group_size == 0 &&
+         gptq_is_sequential(w, group_size);
+}
+
+// Walks the chunks of the CPU training path: fn(k0, rows, per, qmz [rows, N] = (q − z) fp32, s [rows/per, N] fp32)
+// with per = min(g, chunk) rows per step size.
+template <typename Fn>
+void for_each_train_chunk(const GptqTensors& w, int bits, int64_t group_size, int64_t K, Fn fn) {
+  const int64_t N = w.qweight.size(1), chunk = train_chunk_rows(group_size), r = std::min(group_size, chunk);
+  at::Tensor qw = w.qweight.contiguous(), qz = w.qzeros.contiguous();
+  at::Tensor s = w.scales.to(at::kFloat).contiguous();
+  const CpuQWeight cw{reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
+                      reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>()),
+                      nullptr,
+                      false,
+                      K,
+                      N,
+                      group_size,
+                      bits};
+  at::Tensor qmz_buf = at::empty({std::min(chunk, K), N}, at::kFloat);
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t rows = std::min(chunk, K - k0);
+    at::Tensor qmz = qmz_buf.narrow(0, 0, rows);
+    cpu_unpack_t(cw, k0, k0 + rows, qmz.data_ptr<float>());
+    fn(k0, rows, r, qmz, s.narrow(0, k0 / group_size, rows / r));
+  }
+}
+
 // gptq_is_sequential costs a device sync on CUDA tensors (at::equal returns a bool), which a decode step under a
 // CUDA graph cannot afford; remember the answer per g_idx tensor (its impl, data pointer and version counter).
 bool sequential_cached(const GptqTensors& w, int64_t group_size) {
@@ -174,6 +217,26 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size) {
+  EQAT_CHECK(x.dim() >= 1, "quant_linear_train_forward: x must have a feature dimension");
+  check_tensors(w, bits, group_size, x.size(-1), "quant_linear_train_forward");
+  if (!cpu_train_fast_path(x, w, group_size)) return quant_linear_forward_reference(x, w, bits, group_size, {});
+  const int64_t K = x.size(-1), N = w.qweight.size(1);
+  at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  at::Tensor y = at::zeros({x2.size(0), N}, at::kFloat);
+  at::Tensor wbuf = at::empty({std::min(train_chunk_rows(group_size), K), N}, at::kFloat);
+  for_each_train_chunk(w, bits, group_size, K, [&](int64_t k0, int64_t rows, int64_t per, const at::Tensor& qmz,
+                                                   const at::Tensor& s) {
+    at::Tensor W = wbuf.narrow(0, 0, rows);  // Wᵀ rows [k0, k0 + rows)
+    at::Tensor Wv = W.view({rows / per, per, N});
+    at::mul_out(Wv, qmz.view({rows / per, per, N}), s.unsqueeze(1));
+    y.addmm_(x2.narrow(1, k0, rows), W);
+  });
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
 QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, const at::Tensor& x,
                                                  const GptqTensors& w, int bits, int64_t group_size,
                                                  bool need_input_grad, bool need_scale_grad) {
@@ -213,6 +276,33 @@ QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Ten
     return r;
   }
 #endif
+  if (cpu_train_fast_path(x, w, group_size) && grad_out.is_cpu()) {
+    const int64_t K = x.size(-1), N = w.qweight.size(1), G = QuantSpec::num_groups(K, group_size);
+    at::Tensor go = grad_out.reshape({-1, N}).to(at::kFloat).contiguous();
+    at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+    QuantLinearGrads r;
+    if (need_input_grad) r.grad_input = at::empty({go.size(0), K}, at::kFloat);
+    if (need_scale_grad) r.grad_scales = at::zeros({G, N}, at::kFloat);
+    const int64_t chunk = std::min(train_chunk_rows(group_size), K);
+    at::Tensor buf = at::empty({chunk, N}, at::kFloat);
+    for_each_train_chunk(w, bits, group_size, K, [&](int64_t k0, int64_t rows, int64_t per, const at::Tensor& qmz,
+                                                     const at::Tensor& s) {
+      at::Tensor b = buf.narrow(0, 0, rows);
+      if (need_input_grad) {  // grad_input[:, chunk] = grad_out · W[:, chunk] = grad_out · (Wᵀ rows)ᵀ
+        at::Tensor bv = b.view({rows / per, per, N});
+        at::mul_out(bv, qmz.view({rows / per, per, N}), s.unsqueeze(1));
+        r.grad_input.narrow(1, k0, rows).copy_(at::mm(go, b.t()));
+      }
+      if (need_scale_grad) {  // Σ over the chunk's rows of each group of (xᵀ·grad_out) ⊙ (q − z)
+        at::mm_out(b, x2.narrow(1, k0, rows).t(), go);
+        b.mul_(qmz);
+        r.grad_scales.narrow(0, k0 / group_size, rows / per).add_(b.view({rows / per, per, N}).sum(1));
+      }
+    });
+    if (r.grad_input.defined()) r.grad_input = r.grad_input.view(x.sizes()).to(x.scalar_type());
+    if (r.grad_scales.defined()) r.grad_scales = r.grad_scales.to(w.scales.device());
+    return r;
+  }
   QuantLinearGrads r =
       quant_linear_backward_reference(grad_out, x, w, bits, group_size, need_input_grad, need_scale_grad);
   if (r.grad_input.defined()) r.grad_input = r.grad_input.to(x.device());

@@ -27,10 +27,19 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
 at::Tensor quant_linear_forward_reference(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
                                           const at::Tensor& bias);
 
+// The training forward (E2E-QP): y = x · Ŵᵀ (no bias) with Ŵ = s·(q − z) and the step sizes exactly as given (fp32
+// masters), in x's dtype. On the CPU with a sequential g_idx, g % 32 == 0 and g | K: (q − z) is unpacked kTrainChunk
+// input rows at a time, scaled and multiplied with SGEMM into y, so no [N, K] float copy of the weight exists and
+// the step sizes are not rounded to fp16 as quant_linear_forward's serving kernels do. Elsewhere: the reference.
+at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size);
+
 // Backward of y = x·Wᵀ + b with W[n,k] = s[g,n]·(q[k,n] − z[g,n]) (E2E-QP trains the step sizes s only):
 //   grad_input  [..., K] = grad_out · W                          (x's dtype)
 //   grad_scales [G, N]   = Σ_{k in g} (q − z)[k, n] · (xᵀ·grad_out)[k, n]   (fp32)
-// CUDA tensors use the dequant kernel + cuBLAS and the scale-gradient kernel; CPU uses the reference formulas.
+// CUDA tensors use the dequant kernel + cuBLAS and the scale-gradient kernel. CPU tensors under the conditions of
+// quant_linear_train_forward's fast path go through the same row chunks: per chunk, (q − z) is unpacked once and
+// serves both grad_input (scaled, one SGEMM) and grad_scales ((xᵀ·grad_out)[chunk] ⊙ (q − z), summed per group);
+// otherwise the reference formulas.
 struct QuantLinearGrads {
   at::Tensor grad_input;   // undefined when not requested
   at::Tensor grad_scales;  // undefined when not requested

@@ -37,14 +37,4 @@ TEST(QuantLinear, PackedTrainingMatchesAutogradThroughTheDequantizedWeight) {
   EXPECT_TRUE(at::allclose(lin->scales.grad().to(at::kDouble), s.grad(), 1e-5, 1e-4));
   EXPECT_EQ(lin->scales.grad().sizes(), at::IntArrayRef({3, N}));
 
-  // The cached path (E2E-QP on models whose fp32 (q − z) fits easily) computes the same.
-  const at::Tensor gs = lin->scales.grad().clone();
-  lin->scales.mutable_grad() = at::Tensor();
-  lin->cache_training_weight = true;
-  at::Tensor xc = x.detach().clone().set_requires_grad(true);
-  at::Tensor yc = lin->forward(xc);
-  (yc * r).sum().backward();
-  EXPECT_TRUE(at::allclose(yc, y, 1e-5, 1e-5));
-  EXPECT_TRUE(at::allclose(xc.grad(), x.grad(), 1e-5, 1e-5));
-  EXPECT_TRUE(at::allclose(lin->scales.grad(), gs, 1e-5, 1e-4));
 }

@@ -248,6 +248,58 @@ TEST(QMatmul, BackwardMatchesAutograd) {
   }
 }
 
+// E2E-QP's CPU training path (chunks of (q − z), fp32 master step sizes) against fp64 on the same weights, over
+// chunk layouts: several chunks with a short last one (g 64, K 640: chunks of 256), groups that do not divide 256
+// (g 96: chunks of 192), a chunk inside a group (g 512: chunks of 256), per-channel (g = K = 320: chunks of 160).
+// The step sizes are fp32 values off the fp16 grid, so rounding them to fp16 (as the serving kernels do) moves y by
+// up to 2^-11 relative and fails the bounds. Bounds (u = 2^-24, fp32 dot products of depth d: γ_d ≤ (d + 2)·u of
+// the sum of |terms|): y and grad_input are dot products over K (in chunks added to the result: depth ≤ K + K/32)
+// of exactly formed |x|·|Ŵ| or |go|·|Ŵ| terms (Ŵ = (q − z)·s: one rounding, covered by the + 2); grad_scales sums
+// over the g rows of a group (plus one add per chunk) products of exact (q − z) with P = xᵀ·go, itself of depth M.
+TEST(QMatmul, TrainingPathUsesFp32StepSizesAndMatchesFp64) {
+  struct Layout {
+    int bits;
+    int64_t K, g;
+  };
+  for (const Layout l : {Layout{2, 640, 64}, Layout{3, 576, 96}, Layout{4, 1024, 512}, Layout{4, 320, 320}}) {
+    const int64_t N = 48, M = 7, G = l.K / l.g;
+    const Case c = make_case(N, l.K, l.bits, l.g, 40 + l.bits);
+    GptqTensors w = c.w;
+    at::manual_seed(50);
+    w.scales = (at::rand({G, N}) * 0.02 + 0.001).to(at::kFloat);  // fp32 masters, off the fp16 grid
+    ASSERT_FALSE(at::equal(w.scales, w.scales.to(at::kHalf).to(at::kFloat)));
+    auto [q, z] = unpack_gptq(w, l.bits);
+    at::Tensor gi = at::arange(l.K, at::kLong).div(l.g, "floor");
+    at::Tensor qmz = q.to(at::kDouble) - z.index_select(1, gi).to(at::kDouble);          // [N, K]
+    at::Tensor W = qmz * w.scales.to(at::kDouble).t().index_select(1, gi);              // [N, K] fp64
+    at::Tensor x = at::randn({M, l.K}), go = at::randn({M, N});
+    const at::Tensor x64 = x.to(at::kDouble), go64 = go.to(at::kDouble);
+    const double u = std::ldexp(1.0, -24), depth = static_cast<double>(l.K + l.K / 32 + 2);
+
+    at::Tensor y = quant_linear_train_forward(x, w, l.bits, l.g);
+    at::Tensor y_err = (y.to(at::kDouble) - at::matmul(x64, W.t())).abs();
+    EXPECT_LE((y_err - depth * u * at::matmul(x64.abs(), W.abs().t())).max().item<double>(), 0.0) << l.g;
+
+    QuantLinearGrads r = quant_linear_backward(go, x, w, l.bits, l.g);
+    at::Tensor gx_err = (r.grad_input.to(at::kDouble) - at::matmul(go64, W)).abs();
+    EXPECT_LE((gx_err - depth * u * at::matmul(go64.abs(), W.abs())).max().item<double>(), 0.0) << l.g;
+    at::Tensor P = at::matmul(x64.t(), go64);                                            // [K, N]
+    at::Tensor gs = at::zeros({G, N}, at::kDouble).index_add_(0, gi, qmz.t() * P);     // [G, N]
+    at::Tensor gs_mag = at::zeros({G, N}, at::kDouble).index_add_(0, gi, qmz.t().abs() *
+                                                                         at::matmul(x64.abs().t(), go64.abs()));
+    const double gs_depth = static_cast<double>(M + l.g + l.K / 32 + 2);
+    ASSERT_EQ(r.grad_scales.sizes(), gs.sizes());
+    EXPECT_LE(((r.grad_scales.to(at::kDouble) - gs).abs() - gs_depth * u * gs_mag).max().item<double>(), 0.0) << l.g;
+
+    // bf16 activations in, bf16 out: the same computation, one rounding of the result (2^-8 relative).
+    at::Tensor yb = quant_linear_train_forward(x.to(at::kBFloat16), w, l.bits, l.g);
+    EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
+    at::Tensor yb_ref = at::matmul(x.to(at::kBFloat16).to(at::kDouble), W.t());
+    EXPECT_LE(((yb.to(at::kDouble) - yb_ref).abs() - std::ldexp(1.0, -8) * yb_ref.abs() -
+               depth * u * at::matmul(x64.abs(), W.abs().t()) * 2).max().item<double>(), 0.0) << l.g;
+  }
+}
+
 TEST(QMatmul, CpuDequantIsBitExact) {
   for (int bits : {2, 3, 4, 8}) {
     const Case c = make_case(40, 192, bits, 64, 30 + bits, bits == 3 ? at::kBFloat16 : at::kHalf);

@@ -11,7 +11,6 @@
 
 #include "data/error.h"
 #include "data/fs.h"
-#include "data/memory.h"
 #include "data/safetensors.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/qat/block_ap.h"
@@ -71,33 +70,22 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
                                                                                           data.val.size()),
               "E2E-QP distillation needs the FP model's hidden states of every train and val sample");
   std::vector<at::Tensor> scales;
+  // Block-AP's step sizes, kept in case training raises the validation loss (restored at the end, see below), in
+  // their stored dtype (fp16 in a packed model: half the bytes of the fp32 masters, and exact). Without validation
+  // samples there is nothing to judge by, so nothing is kept.
+  std::vector<at::Tensor> start_scales;
   int bits = 0;
-  // Cache each layer's (q − z) in fp32 between steps only when all of them together take at most a quarter of the
-  // available memory (the default model: 25 MB, ~2x faster steps); a 7B would need 26 GB, so it reads the packed
-  // integers at every call instead (QuantLinear::cache_training_weight).
-  int64_t cache_bytes = 0;
-  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
-    for (auto& [name, lin] : block_linears(m, b))
-      cache_bytes = add_sat(cache_bytes, mul_sat(mul_sat(lin->in_features(), lin->out_features()), 4));
-  const bool cache = cache_bytes <= available_memory_bytes() / 4;
-  if (!cache && opts.progress)
-    std::fprintf(stderr, "E2E-QP: reading the packed weights at every step (an fp32 cache would take %s)\n",
-                 format_bytes(static_cast<double>(cache_bytes)).c_str());
   for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
     for (auto& [name, lin] : block_linears(m, b)) {
-      lin->cache_training_weight = cache;
       EQAT_CHECK(lin->mode() == LinearMode::kPacked, "E2E-QP needs a packed model (run Block-AP first or load a ",
                  "quantized checkpoint); layer ", b, " ", name, " is not packed");
+      if (!data.val.empty()) start_scales.push_back(lin->scales.detach().clone());
       lin->scales.set_data(lin->scales.to(at::kFloat));  // fp32 master (P8)
       lin->scales.set_requires_grad(true);
       scales.push_back(lin->scales);
       bits = lin->spec().bits;
     }
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
-  // Block-AP's step sizes, kept in case training raises the validation loss (restored at the end, see below).
-  std::vector<at::Tensor> start_scales;
-  if (!data.val.empty())  // without validation samples there is nothing to judge by, so nothing to keep
-    for (const auto& s : scales) start_scales.push_back(s.detach().clone());
   const int64_t n = static_cast<int64_t>(data.train.size());
   EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
   // A step reads global_batch distinct samples of one epoch's permutation. With fewer samples than that, the batch
