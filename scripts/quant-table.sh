@@ -9,10 +9,11 @@
 #             at g64), mean KL(FP || quantized) of the next-token distributions on
 #             tinyshakespeare: calibration windows from the first 90 % of the file, evaluation windows from the
 #             last 10 % (no overlap).
-# Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override).
+# Usage: scripts/quant-table.sh [shapes|stories|all] (eqat from build/bin; EQAT=... to override). Besides the
+# markdown tables on stdout, every row goes to JSON: RESULTS (default bench/results/quant_table_cpu_DATE.json).
 # Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
 #           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128"), STORIES_SETTINGS (default
-#           "2 64;3 64;2 -1;3 -1;4 -1"). EfficientQAT runs four times: eqat's defaults (E2E-QP by distillation),
+#           "2 64;3 64;2 -1;3 -1;4 -1"), METHODS (the columns, default all six below). EfficientQAT runs four times: eqat's defaults (E2E-QP by distillation),
 #           Block-AP from GPTQ's integers (--init gptq), from the clip search (--init mse) and the paper's recipe
 #           (--init minmax --e2e-loss ce).
 set -euo pipefail
@@ -24,8 +25,36 @@ SAMPLES="${SAMPLES:-1024}"
 THREADS="${THREADS:-0}"
 SETTINGS="${SETTINGS:-4 128;3 128;2 64;2 128}"
 STORIES_SETTINGS="${STORIES_SETTINGS:-2 64;3 64;2 -1;3 -1;4 -1}"
+METHODS="${METHODS:-rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper}"
+RESULTS="${RESULTS:-$ROOT/bench/results/quant_table_cpu_$(date -u +%F).json}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"
+: > "$OUT/rows.jsonl"
+# One JSON row per quantized model: row MODEL SETTING METHOD SCORES_JSON [QUANTIZE_SECONDS]
+row_json() {
+  python3 - "$@" >> "$OUT/rows.jsonl" <<'PY'
+import json, sys
+model, setting, method, scores = sys.argv[1:5]
+r = {"model": model, "setting": setting, "method": method, "scores": json.load(open(scores))}
+if len(sys.argv) > 5:
+    r["quantize_seconds"] = int(sys.argv[5])
+print(json.dumps(r))
+PY
+}
+write_results() {
+  python3 - "$OUT/rows.jsonl" "$RESULTS" "$ROOT" "$SAMPLES" "$THREADS" <<'PY'
+import datetime, json, os, subprocess, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=sys.argv[3]).stdout.strip()
+out = {"benchmark": "quant-table", "date": datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+       "commit": commit, "cores": len(os.sched_getaffinity(0)), "shapes_samples": int(sys.argv[4]),
+       "threads": int(sys.argv[5]), "command": "scripts/quant-table.sh", "rows": rows}
+tmp = sys.argv[2] + ".tmp"
+json.dump(out, open(tmp, "w"), indent=1)
+os.replace(tmp, sys.argv[2])
+PY
+}
 # The quantize flags of a table column: eqat's methods at their defaults (EfficientQAT distils in E2E-QP), plus
 # EfficientQAT from GPTQ's integers, from the clip search (--init mse) and the paper's recipe.
 method_flags() {
@@ -44,13 +73,14 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
   "$EQAT" eval --bench shapes --model "$FP" --out "$OUT/shapes-fp" --overwrite --batch-size 32 --no-progress --threads "$THREADS" \
     > /dev/null 2>> "$OUT/eval.log"
   fp=$(field "$OUT/shapes-fp/scores.json" accuracy)
+  row_json shapes-llava fp16 fp "$OUT/shapes-fp/scores.json"
   echo "| setting | method | accuracy | Δ vs FP (pt) | answer KL vs FP | answer top-1 agreement % | quantize s |"
   echo "|---|---|---:|---:|---:|---:|---:|"
   echo "| fp16 | — | $fp | — | 0 | 100 | — |"
   IFS=';' read -ra settings <<< "$SETTINGS"
   for setting in "${settings[@]}"; do
     set -- $setting
-    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper; do
+    for method in $METHODS; do
       q="$OUT/shapes-w$1g$2-$method"
       method_flags "$method"
       t=$SECONDS
@@ -59,6 +89,7 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
       dt=$((SECONDS - t))
       "$EQAT" eval --bench shapes --model "$q" --reference "$FP" --out "$q-eval" --overwrite --batch-size 32 --no-progress \
         --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
+      row_json shapes-llava "W$1g$2" "$method" "$q-eval/scores.json" "$dt"
       acc=$(field "$q-eval/scores.json" accuracy)
       kl=$(field "$q-eval/scores.json" answer_kl_mean)
       ag=$(field "$q-eval/scores.json" answer_top1_agreement)
@@ -77,15 +108,15 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
   head -c $((n * 9 / 10)) "$TXT" > "$OUT/shakespeare-calib.txt"
   tail -c $((n - n * 9 / 10)) "$TXT" > "$OUT/shakespeare-eval.txt"
   echo
-  echo "| setting | RTN KL | GPTQ KL | EfficientQAT KL | EfficientQAT from GPTQ KL | EfficientQAT --init mse KL | EfficientQAT (paper's recipe) KL |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| setting |$(for m in $METHODS; do printf ' %s KL |' "$m"; done)"
+  echo "|---|$(for m in $METHODS; do printf -- '---:|'; done)"
   IFS=';' read -ra ssettings <<< "$STORIES_SETTINGS"
   for setting in "${ssettings[@]}"; do
     set -- $setting
     bits=$1 group=$2
     row="| W${bits}g${group} |"
     [[ $group == -1 ]] && row="| W$bits per-channel |"
-    for method in rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper; do
+    for method in $METHODS; do
       q="$OUT/stories-w${bits}g$group-$method"
       method_flags "$method"
       "$EQAT" quantize --model "$S" --out "$q" --overwrite --bits "$bits" --group-size "$group" "${flags[@]}" \
@@ -93,8 +124,11 @@ if [[ $WHAT == stories || $WHAT == all ]]; then
         --threads "$THREADS" --no-progress > "$q.log" 2>&1 || { cat "$q.log"; exit 1; }
       "$EQAT" eval --bench kl --model "$q" --reference "$S" --data "$OUT/shakespeare-eval.txt" --seq-len 256 \
         --limit 64 --out "$q-kl" --overwrite --no-progress --threads "$THREADS" > /dev/null 2>> "$OUT/eval.log"
+      row_json stories260K "W${bits}g$group" "$method" "$q-kl/scores.json"
       row="$row $(awk -v k="$(field "$q-kl/scores.json" kl_mean)" 'BEGIN{printf "%.4f", k}') |"
     done
     echo "$row"
   done
 fi
+write_results
+echo "rows: $RESULTS" >&2
