@@ -46,7 +46,8 @@ int cmd_quantize(const Argv& argv) {
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
        {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "
                      "each group's clip range searched for the least weight error) | gptq (GPTQ's integers on the "
-                     "block's inputs; s and z then train only in E2E-QP)", "minmax"},
+                     "block's inputs; s and z then train only in E2E-QP) | gptq-unrounded (GPTQ's integers, s and z, "
+                     "with W where GPTQ's error compensation left it before rounding: s and z train)", "minmax"},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "

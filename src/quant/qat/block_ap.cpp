@@ -155,8 +155,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   EQAT_CHECK(opts.method == "efficientqat" || opts.method == "rtn" || opts.method == "gptq", "--method: unknown '",
              opts.method, "' (efficientqat, rtn or gptq)");
   EQAT_CHECK(packable_bits(opts.spec.bits), "--bits must be 2, 3, 4 or 8, got ", opts.spec.bits);
-  EQAT_CHECK(opts.init == "minmax" || opts.init == "mse" || opts.init == "gptq", "--init: unknown '", opts.init,
-             "' (minmax, mse or gptq)");
+  EQAT_CHECK(opts.init == "minmax" || opts.init == "mse" || opts.init == "gptq" || opts.init == "gptq-unrounded",
+             "--init: unknown '", opts.init, "' (minmax, mse, gptq or gptq-unrounded)");
   const int64_t n_layer = m.cfg.text.num_hidden_layers;
   for (int64_t b = 0; b < n_layer; ++b)
     for (auto& [name, lin] : block_linears(m, b))
@@ -252,7 +252,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   };
 
   // GPTQ on one block: Hessians of the linears' inputs on the quantized stream, then each linear's integers.
-  auto gptq_block = [&](std::vector<std::pair<std::string, QuantLinear>>& lins, LlamaDecoderLayerImpl& layer) {
+  auto gptq_block = [&](std::vector<std::pair<std::string, QuantLinear>>& lins, LlamaDecoderLayerImpl& layer,
+                        std::vector<at::Tensor>* unrounded = nullptr) {
     std::vector<HessianAccumulator> hs;
     at::Tensor current_valid;
     for (auto& [name, lin] : lins) hs.emplace_back(lin->in_features());
@@ -268,7 +269,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     std::vector<QuantizedWeight> out;
     for (size_t k = 0; k < lins.size(); ++k) {
       lins[k].second->input_observer = nullptr;
-      out.push_back(gptq_quantize(lins[k].second->weight, hs[k].H(), opts.spec, opts.gptq_damp));
+      at::Tensor pre;
+      out.push_back(gptq_quantize(lins[k].second->weight, hs[k].H(), opts.spec, opts.gptq_damp, 128,
+                                  unrounded ? &pre : nullptr));
+      if (unrounded) unrounded->push_back(pre);
     }
     return out;
   };
@@ -313,16 +317,21 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       // Block-AP: fake-quant, fp32 master copies, two groups. s and z from min–max in the checkpoint's dtype, or
       // (--init mse) from each group's clip search (mse_clip_init), or (--init gptq) W, s and z from GPTQ's
       // integers: W = (q − z)·s rounds back to exactly q.
+      // (--init gptq-unrounded) GPTQ's integers, s and z, with W where GPTQ's compensation left it before rounding.
       std::vector<QuantizedWeight> start;
+      std::vector<at::Tensor> unrounded;
       if (opts.init == "gptq") start = gptq_block(lins, layer);
+      if (opts.init == "gptq-unrounded") start = gptq_block(lins, layer, &unrounded);
       for (size_t k = 0; k < lins.size(); ++k) {
         auto& lin = lins[k].second;
         lin->weight.set_data(lin->weight.to(train_dtype));
         lin->to_fake_quant(opts.spec);
         if (!start.empty()) {
           c10::NoGradGuard g;
-          lin->weight.set_data(dequantize_integers(start[k], opts.spec.group_for(lin->in_features()))
-                                   .to(lin->weight.device(), train_dtype));
+          const at::Tensor w0 = unrounded.empty()
+                                    ? dequantize_integers(start[k], opts.spec.group_for(lin->in_features()))
+                                    : gptq_unrounded_start(start[k], unrounded[k], opts.spec);
+          lin->weight.set_data(w0.to(lin->weight.device(), train_dtype));
           lin->weight_scale.set_data(start[k].scale.to(lin->weight.device(), train_dtype));
           lin->weight_zero.set_data(start[k].zero.to(lin->weight.device(), train_dtype));
         } else if (opts.init == "mse") {

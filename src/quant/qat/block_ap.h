@@ -42,6 +42,8 @@ struct BlockApOptions {
   // (mse_clip_init).
   // "gptq": GPTQ's result on the block's quantized-stream inputs: W = (q − z)·s, so Block-AP starts from GPTQ's
   // integers and trains away from them only where the block's output error falls.
+  // "gptq-unrounded": GPTQ's integers, s and z too, but W where GPTQ's error compensation had moved it just before
+  // rounding (gptq_unrounded_start): off the grid points, so s and z train at the paper's lr.
   std::string init = "minmax";
   // E2E-QP's distillation targets (--e2e-loss kd): these samples also ride the FP stream through every block;
   // BlockApResult::teacher_hidden returns the FP model's last hidden states at their loss positions.

@@ -38,7 +38,7 @@ std::pair<at::Tensor, at::Tensor> gptq_params(const at::Tensor& Wg /*[N, g]*/, i
 }  // namespace
 
 QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, const QuantSpec& spec, double damp,
-                              int64_t block_size) {
+                              int64_t block_size, at::Tensor* unrounded) {
   c10::NoGradGuard g;
   at::Tensor W = W_in.detach().to(at::kCPU, at::kDouble).clone();
   at::Tensor H = H_in.to(at::kDouble).clone();
@@ -54,6 +54,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
   at::Tensor Q = at::zeros({N, K}, at::kInt);
   at::Tensor S = at::zeros({N, G}, at::kDouble), Z = at::zeros({N, G}, at::kDouble);
   at::Tensor s_cur, z_cur;
+  if (unrounded) *unrounded = at::zeros({N, K}, at::kDouble);
   for (int64_t i1 = 0; i1 < K; i1 += block_size) {
     const int64_t i2 = std::min(i1 + block_size, K), count = i2 - i1;
     at::Tensor W1 = W.narrow(1, i1, count).clone();
@@ -73,6 +74,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
       at::Tensor q = (w / s_cur).round().add(z_cur).clamp(0, static_cast<double>(qmax));
       at::Tensor wq = (q - z_cur) * s_cur;
       Q.select(1, col).copy_(q.to(at::kInt));
+      if (unrounded) unrounded->select(1, col).copy_(w);
       const double d = Hinv1[i][i].item<double>();
       at::Tensor err = (w - wq) / d;
       W1.narrow(1, i, count - i).sub_(err.unsqueeze(1) * Hinv1[i].narrow(0, i, count - i).unsqueeze(0));
@@ -85,6 +87,21 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const at::Tensor& H_in, co
   out.zero = Z.clamp(spec.zero_min, static_cast<double>(qmax)).to(at::kInt);
   out.scale = S.clamp(kScaleMin, kScaleMax).to(at::kFloat);
   return out;
+}
+
+at::Tensor gptq_unrounded_start(const QuantizedWeight& qw, const at::Tensor& unrounded, const QuantSpec& spec) {
+  c10::NoGradGuard g;
+  const int64_t K = unrounded.size(1);
+  at::Tensor gi = at::arange(K, at::kLong).div(spec.group_for(K), "floor");
+  at::Tensor S = qw.scale.to(at::kDouble).index_select(1, gi), Z = qw.zero.to(at::kDouble).index_select(1, gi);
+  at::Tensor q = qw.q.to(at::kDouble);
+  at::Tensor base = (q - Z) * S;
+  at::Tensor r = unrounded.to(at::kDouble) - base;
+  at::Tensor lim = 0.45 * S;
+  at::Tensor cut = at::max(at::min(r, lim), -lim);
+  cut = at::where(q.eq(0).logical_and(r < 0), r, cut);
+  cut = at::where(q.eq(static_cast<double>(spec.qmax())).logical_and(r > 0), r, cut);
+  return (base + cut).to(at::kFloat);
 }
 
 }  // namespace eqat

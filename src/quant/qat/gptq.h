@@ -24,8 +24,15 @@ class HessianAccumulator {
   int64_t n_ = 0;
 };
 
-// W [N, K] -> integers (q, zero, scale) in the layout of quantize_integers.
+// W [N, K] -> integers (q, zero, scale) in the layout of quantize_integers. With `unrounded`, also each column as it
+// was just before its rounding ([N, K] float64: W with the error compensation of all earlier columns).
 QuantizedWeight gptq_quantize(const at::Tensor& W, const at::Tensor& H, const QuantSpec& spec, double damp = 0.01,
-                              int64_t block_size = 128);
+                              int64_t block_size = 128, at::Tensor* unrounded = nullptr);
+
+// Block-AP's start from GPTQ's unrounded weights (--init gptq-unrounded), [N, K] fp32: s·(q − z) + r with r GPTQ's
+// rounding residual (unrounded − s·(q − z)) cut to ±0.45·s, except beyond the grid's ends (q = 0 with r < 0, q = qmax
+// with r > 0), where it is kept. Fake quantization with GPTQ's s and z rounds it back to exactly q, but the weights
+// sit where GPTQ's compensation put them, not on grid points, so s and z get a real gradient.
+at::Tensor gptq_unrounded_start(const QuantizedWeight& qw, const at::Tensor& unrounded, const QuantSpec& spec);
 
 }  // namespace eqat

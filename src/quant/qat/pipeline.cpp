@@ -154,8 +154,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
   EQAT_CHECK(o.e2e_samples < 0 || (o.e2e_samples >= 1 && o.e2e_samples <= kMaxSamples), "--e2e-samples must be in [1, ",
              kMaxSamples, "], got ", o.e2e_samples);
   const BlockApOptions& b = o.block;
-  EQAT_CHECK(b.init.empty() || b.init == "minmax" || b.init == "mse" || b.init == "gptq",
-             "--init: expected minmax, mse or gptq, got '", b.init, "'");
+  EQAT_CHECK(b.init.empty() || b.init == "minmax" || b.init == "mse" || b.init == "gptq" || b.init == "gptq-unrounded",
+             "--init: expected minmax, mse, gptq or gptq-unrounded, got '", b.init, "'");
   EQAT_CHECK(b.init.empty() || b.init == "minmax" || o.method == "efficientqat", "--init ", b.init,
              ": only --method efficientqat trains from a starting point");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
