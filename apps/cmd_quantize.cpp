@@ -41,7 +41,7 @@ int cmd_quantize(const Argv& argv) {
        {"batch-size", "N", "Block-AP batch size", "2"},
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
-                          "sit on their grid points where s and z get no gradient)", ""},
+                          "sit on their grid points where s and z get no gradient; 2e-5 with --init gptq-unrounded)", ""},
        {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5)", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
        {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "

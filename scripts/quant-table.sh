@@ -13,8 +13,8 @@
 # markdown tables on stdout, every row goes to JSON: RESULTS (default bench/results/quant_table_cpu_DATE.json).
 # Settings: SAMPLES (shapes calibration conversations, default 1024), THREADS (default 0: the idle cores),
 #           SETTINGS (shapes "bits group;…", default "4 128;3 128;2 64;2 128"), STORIES_SETTINGS (default
-#           "2 64;3 64;2 -1;3 -1;4 -1"), METHODS (the columns, default all six below). EfficientQAT runs four times: eqat's defaults (E2E-QP by distillation),
-#           Block-AP from GPTQ's integers (--init gptq), from the clip search (--init mse) and the paper's recipe
+#           "2 64;3 64;2 -1;3 -1;4 -1"), METHODS (the columns, default all seven below). EfficientQAT runs five times: eqat's defaults (E2E-QP by distillation),
+#           Block-AP from GPTQ's integers (--init gptq), from GPTQ's unrounded weights (--init gptq-unrounded), from the clip search (--init mse) and the paper's recipe
 #           (--init minmax --e2e-loss ce).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +25,7 @@ SAMPLES="${SAMPLES:-1024}"
 THREADS="${THREADS:-0}"
 SETTINGS="${SETTINGS:-4 128;3 128;2 64;2 128}"
 STORIES_SETTINGS="${STORIES_SETTINGS:-2 64;3 64;2 -1;3 -1;4 -1}"
-METHODS="${METHODS:-rtn gptq efficientqat efficientqat-gptq efficientqat-mse efficientqat-paper}"
+METHODS="${METHODS:-rtn gptq efficientqat efficientqat-gptq efficientqat-gptq-unrounded efficientqat-mse efficientqat-paper}"
 RESULTS="${RESULTS:-$ROOT/bench/results/quant_table_cpu_$(date -u +%F).json}"
 mkdir -p "$OUT"
 : > "$OUT/eval.log"
@@ -61,6 +61,7 @@ method_flags() {
   case $1 in
     efficientqat-gptq) flags=(--method efficientqat --init gptq) ;;
     efficientqat-mse) flags=(--method efficientqat --init mse) ;;
+    efficientqat-gptq-unrounded) flags=(--method efficientqat --init gptq-unrounded) ;;
     efficientqat-paper) flags=(--method efficientqat --init minmax --e2e-loss ce) ;;
     *) flags=(--method "$1") ;;
   esac

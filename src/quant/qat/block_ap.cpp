@@ -163,7 +163,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       check_packable(lin->out_features(), lin->in_features(), opts.spec.bits,
                      opts.spec.group_for(lin->in_features()), str_cat("layer ", b, " ", name));
   const double weight_lr = opts.weight_lr > 0 ? opts.weight_lr : (opts.spec.bits == 2 ? 2e-5 : 1e-5);
-  const double quant_lr = opts.quant_lr >= 0 ? opts.quant_lr : (opts.init == "gptq" ? 0.0 : 1e-4);
+  const double quant_lr = opts.quant_lr >= 0 ? opts.quant_lr
+                          : opts.init == "gptq"         ? 0.0
+                          : opts.init == "gptq-unrounded" ? 2e-5
+                                                          : 1e-4;
   const c10::ScalarType model_dtype = m.dtype;
   // Training runs on fp32 master copies of the block (P8); on CUDA the reference adds fp16 autocast + loss scaling.
   const c10::ScalarType train_dtype = at::kFloat;
