@@ -276,6 +276,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       out.push_back(gptq_quantize(lins[k].second->weight, hs[k].H(), opts.spec, opts.gptq_damp, 128,
                                   unrounded ? &pre : nullptr));
       if (unrounded) unrounded->push_back(pre);
+      hs[k] = HessianAccumulator(0);  // this linear's [K, K] float64 Hessian is done with
     }
     return out;
   };
