@@ -77,7 +77,7 @@ at::Tensor cpu_linear(const at::Tensor& x2d, const GptqTensors& w, int bits, int
 
 // E2E-QP's CPU training path (quant_linear_train_forward / quant_linear_backward): input rows per chunk. A chunk
 // holds whole groups (g ≤ 256) or a whole part of one group (g > 256), so each chunk's step sizes are one slice of
-// s. 256 rows keep the three [rows, N] fp32 buffers near L2/L3 (3 × 14 MB for a 13B FFN) and make SGEMMs of depth
+// s. 256 rows keep the two [rows, N] fp32 buffers near L2/L3 (2 × 14 MB for a 13B FFN) and make SGEMMs of depth
 // 256.
 constexpr int64_t kTrainChunk = 256;
 
