@@ -94,11 +94,24 @@ bool cpu_train_fast_path(const at::Tensor& x, const GptqTensors& w, int64_t grou
          gptq_is_sequential(w, group_size);
 }
 
-// Walks the chunks of the CPU training path: fn(k0, rows, per, qmz [rows, N] = (q − z) fp32, s [rows/per, N] fp32)
-// with per = min(g, chunk) rows per step size.
+// One chunk of the CPU training path: input rows [k0, k0 + rows), qmz = (q − z) of those rows [rows, N] fp32, s
+// their step sizes [rows/per, N] fp32 (per = min(g, chunk) rows per step size), and a scratch [rows, N] buffer.
+struct TrainChunk {
+  int64_t k0, rows, per;
+  at::Tensor qmz, s, work;
+  // Wᵀ rows of the chunk, s·(q − z), written into `work`.
+  at::Tensor weight_t() const {
+    const int64_t N = qmz.size(1);
+    at::Tensor w = work.view({rows / per, per, N});
+    at::mul_out(w, qmz.view({rows / per, per, N}), s.unsqueeze(1));
+    return work;
+  }
+};
+
 template <typename Fn>
 void for_each_train_chunk(const GptqTensors& w, int bits, int64_t group_size, int64_t K, Fn fn) {
-  const int64_t N = w.qweight.size(1), chunk = train_chunk_rows(group_size), r = std::min(group_size, chunk);
+  const int64_t N = w.qweight.size(1), chunk = std::min(train_chunk_rows(group_size), K),
+                per = std::min(group_size, chunk);
   at::Tensor qw = w.qweight.contiguous(), qz = w.qzeros.contiguous();
   at::Tensor s = w.scales.to(at::kFloat).contiguous();
   const CpuQWeight cw{reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
@@ -109,12 +122,12 @@ void for_each_train_chunk(const GptqTensors& w, int bits, int64_t group_size, in
                       N,
                       group_size,
                       bits};
-  at::Tensor qmz_buf = at::empty({std::min(chunk, K), N}, at::kFloat);
+  at::Tensor qmz_buf = at::empty({chunk, N}, at::kFloat), work_buf = at::empty({chunk, N}, at::kFloat);
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t rows = std::min(chunk, K - k0);
     at::Tensor qmz = qmz_buf.narrow(0, 0, rows);
     cpu_unpack_t(cw, k0, k0 + rows, qmz.data_ptr<float>());
-    fn(k0, rows, r, qmz, s.narrow(0, k0 / group_size, rows / r));
+    fn(TrainChunk{k0, rows, per, qmz, s.narrow(0, k0 / group_size, rows / per), work_buf.narrow(0, 0, rows)});
   }
 }
 
@@ -224,14 +237,8 @@ at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w,
   const int64_t K = x.size(-1), N = w.qweight.size(1);
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor y = at::zeros({x2.size(0), N}, at::kFloat);
-  at::Tensor wbuf = at::empty({std::min(train_chunk_rows(group_size), K), N}, at::kFloat);
-  for_each_train_chunk(w, bits, group_size, K, [&](int64_t k0, int64_t rows, int64_t per, const at::Tensor& qmz,
-                                                   const at::Tensor& s) {
-    at::Tensor W = wbuf.narrow(0, 0, rows);  // Wᵀ rows [k0, k0 + rows)
-    at::Tensor Wv = W.view({rows / per, per, N});
-    at::mul_out(Wv, qmz.view({rows / per, per, N}), s.unsqueeze(1));
-    y.addmm_(x2.narrow(1, k0, rows), W);
-  });
+  for_each_train_chunk(w, bits, group_size, K,
+                       [&](const TrainChunk& c) { y.addmm_(x2.narrow(1, c.k0, c.rows), c.weight_t()); });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   return y.to(x.scalar_type()).view(out_shape);
@@ -283,24 +290,17 @@ QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Ten
     QuantLinearGrads r;
     if (need_input_grad) r.grad_input = at::empty({go.size(0), K}, at::kFloat);
     if (need_scale_grad) r.grad_scales = at::zeros({G, N}, at::kFloat);
-    const int64_t chunk = std::min(train_chunk_rows(group_size), K);
-    at::Tensor buf = at::empty({chunk, N}, at::kFloat);
-    for_each_train_chunk(w, bits, group_size, K, [&](int64_t k0, int64_t rows, int64_t per, const at::Tensor& qmz,
-                                                     const at::Tensor& s) {
-      at::Tensor b = buf.narrow(0, 0, rows);
-      if (need_input_grad) {  // grad_input[:, chunk] = grad_out · W[:, chunk] = grad_out · (Wᵀ rows)ᵀ
-        at::Tensor bv = b.view({rows / per, per, N});
-        at::mul_out(bv, qmz.view({rows / per, per, N}), s.unsqueeze(1));
-        r.grad_input.narrow(1, k0, rows).copy_(at::mm(go, b.t()));
-      }
+    for_each_train_chunk(w, bits, group_size, K, [&](const TrainChunk& c) {
+      if (need_input_grad)  // grad_input[:, chunk] = grad_out · W[:, chunk] = grad_out · (Wᵀ rows)ᵀ
+        r.grad_input.narrow(1, c.k0, c.rows).copy_(at::mm(go, c.weight_t().t()));
       if (need_scale_grad) {  // Σ over the chunk's rows of each group of (xᵀ·grad_out) ⊙ (q − z)
-        at::mm_out(b, x2.narrow(1, k0, rows).t(), go);
-        b.mul_(qmz);
-        r.grad_scales.narrow(0, k0 / group_size, rows / per).add_(b.view({rows / per, per, N}).sum(1));
+        at::Tensor p = c.work;
+        at::mm_out(p, x2.narrow(1, c.k0, c.rows).t(), go);
+        p.mul_(c.qmz);
+        r.grad_scales.narrow(0, c.k0 / group_size, c.rows / c.per).add_(p.view({c.rows / c.per, c.per, N}).sum(1));
       }
     });
     if (r.grad_input.defined()) r.grad_input = r.grad_input.view(x.sizes()).to(x.scalar_type());
-    if (r.grad_scales.defined()) r.grad_scales = r.grad_scales.to(w.scales.device());
     return r;
   }
   QuantLinearGrads r =
