@@ -1,12 +1,16 @@
 // Helpers shared by the test areas.
 #pragma once
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 
 namespace eqat_test {
 
@@ -33,6 +37,27 @@ inline int64_t rss_file_kib() {
   while (std::getline(in, line))
     if (line.rfind("RssFile:", 0) == 0) return std::stoll(line.substr(8));
   return -1;
+}
+
+// Pages lying wholly inside [p, p + n) that are mapped into this process, and how many such pages there are, from the
+// present bit of /proc/self/pagemap: the page-table entries RSS counts (mincore would report the page cache, which
+// keeps a file's pages after they leave the process). {-1, -1} when pagemap cannot be read.
+inline std::pair<int64_t, int64_t> present_pages(const void* p, size_t n) {
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kPage - 1) / kPage, e = (reinterpret_cast<uintptr_t>(p) + n) / kPage;
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  if (fd < 0) return {-1, -1};
+  int64_t present = 0;
+  for (uintptr_t i = b; i < e; ++i) {
+    uint64_t entry = 0;
+    if (::pread(fd, &entry, sizeof entry, static_cast<off_t>(i * sizeof entry)) != sizeof entry) {
+      ::close(fd);
+      return {-1, -1};
+    }
+    present += static_cast<int64_t>(entry >> 63);
+  }
+  ::close(fd);
+  return {present, e > b ? static_cast<int64_t>(e - b) : 0};
 }
 
 }  // namespace eqat_test
