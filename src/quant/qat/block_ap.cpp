@@ -254,14 +254,37 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     return va.valid.empty() ? 0.0 : total / static_cast<double>(va.valid.size());
   };
 
-  // GPTQ on one block: Hessians of the linears' inputs on the quantized stream, then each linear's integers.
+  // GPTQ on one block: Hessians of the linears' inputs on the quantized stream, then each linear's integers. Linears
+  // that read the same input (q/k/v, gate/up) share one Hessian and one factor: a 7B block accumulates and factors
+  // four instead of seven. That they saw the very same tensors is checked, not assumed.
   auto gptq_block = [&](std::vector<std::pair<std::string, QuantLinear>>& lins, LlamaDecoderLayerImpl& layer,
                         std::vector<at::Tensor>* unrounded = nullptr) {
+    auto input_of = [](const std::string& name) -> std::string {
+      for (const char* p : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"})
+        if (name == p) return "attention input";
+      for (const char* p : {"mlp.gate_proj", "mlp.up_proj"})
+        if (name == p) return "mlp input";
+      return name;
+    };
+    std::vector<size_t> leader(lins.size());  // the first linear with the same input: the one that accumulates
+    for (size_t k = 0; k < lins.size(); ++k) {
+      leader[k] = k;
+      for (size_t j = 0; j < k; ++j)
+        if (input_of(lins[j].first) == input_of(lins[k].first)) {
+          leader[k] = j;
+          break;
+        }
+    }
     std::vector<HessianAccumulator> hs;
+    std::vector<std::vector<const void*>> seen(lins.size());
     at::Tensor current_valid;
-    for (auto& [name, lin] : lins) hs.emplace_back(lin->in_features());
-    for (size_t k = 0; k < lins.size(); ++k)
-      lins[k].second->input_observer = [&, k](const at::Tensor& x) { hs[k].add(x, current_valid); };
+    for (size_t k = 0; k < lins.size(); ++k) {
+      hs.emplace_back(leader[k] == k ? lins[k].second->in_features() : 0);
+      lins[k].second->input_observer = [&, k](const at::Tensor& x) {
+        seen[k].push_back(x.const_data_ptr());
+        if (leader[k] == k) hs[k].add(x, current_valid);
+      };
+    }
     {
       c10::NoGradGuard g;
       for (size_t i = 0; i < tr.valid.size(); ++i) {
@@ -269,14 +292,20 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         runner.forward(layer, tr.q.get(i), model_dtype);
       }
     }
-    std::vector<QuantizedWeight> out;
     for (size_t k = 0; k < lins.size(); ++k) {
       lins[k].second->input_observer = nullptr;
+      EQAT_ASSERT(seen[k] == seen[leader[k]], "GPTQ: ", lins[k].first, " did not read the same input as ",
+                  lins[leader[k]].first);
+    }
+    std::vector<QuantizedWeight> out;
+    GptqFactor f;
+    size_t f_of = lins.size();  // whose factor f is
+    for (size_t k = 0; k < lins.size(); ++k) {
+      if (leader[k] == k) f = gptq_factor(hs[k].take(), opts.gptq_damp), f_of = k;  // reuses the Hessian's storage
+      EQAT_ASSERT(f_of == leader[k], "GPTQ: linears that share an input must be adjacent");
       at::Tensor pre;
-      out.push_back(gptq_quantize(lins[k].second->weight, hs[k].H(), opts.spec, opts.gptq_damp, 128,
-                                  unrounded ? &pre : nullptr));
+      out.push_back(gptq_quantize(lins[k].second->weight, f, opts.spec, 128, unrounded ? &pre : nullptr));
       if (unrounded) unrounded->push_back(pre);
-      hs[k] = HessianAccumulator(0);  // this linear's [K, K] float64 Hessian is done with
     }
     return out;
   };

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <utility>
+
 #include "quant/quantizer.h"
 
 namespace eqat {
@@ -17,6 +19,7 @@ class HessianAccumulator {
   explicit HessianAccumulator(int64_t K);
   void add(const at::Tensor& x, const at::Tensor& valid);
   const at::Tensor& H() const { return H_; }
+  at::Tensor take() { return std::move(H_); }  // hands H over (to gptq_factor), leaving this empty
   int64_t samples() const { return n_; }
 
  private:
@@ -24,8 +27,21 @@ class HessianAccumulator {
   int64_t n_ = 0;
 };
 
+// What GPTQ needs of H: U, the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), after each dead input
+// (H_kk = 0) got H_kk = 1; and the dead inputs, whose weights are zeroed. One factor serves every linear that reads
+// the same input (q/k/v, gate/up).
+struct GptqFactor {
+  at::Tensor U;     // [K, K] float64, upper triangular
+  at::Tensor dead;  // [K] bool
+};
+// Consumes H: its storage is reused for the factorization (pass HessianAccumulator::take(), or a clone to keep H).
+GptqFactor gptq_factor(at::Tensor H, double damp = 0.01);
+
 // W [N, K] -> integers (q, zero, scale) in the layout of quantize_integers. With `unrounded`, also each column as it
 // was just before its rounding ([N, K] float64: W with the error compensation of all earlier columns).
+QuantizedWeight gptq_quantize(const at::Tensor& W, const GptqFactor& f, const QuantSpec& spec, int64_t block_size = 128,
+                              at::Tensor* unrounded = nullptr);
+// The same from H itself (factored from a copy).
 QuantizedWeight gptq_quantize(const at::Tensor& W, const at::Tensor& H, const QuantSpec& spec, double damp = 0.01,
                               int64_t block_size = 128, at::Tensor* unrounded = nullptr);
 

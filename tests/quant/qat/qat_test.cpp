@@ -331,6 +331,92 @@ TEST(BlockAp, GptqInitStartsFromGptqsIntegers) {
   EXPECT_THROW(run_block_quantization(t, tiny_calib(t), o), InputError);
 }
 
+namespace {
+// GPTQ as written before it was optimised (and as AutoGPTQ writes it): W [N, K] as is, H⁻¹'s upper Cholesky factor by
+// Cholesky, inverse and Cholesky again, and each column's error propagated over the rest of its lazy block at once.
+QuantizedWeight textbook_gptq(const at::Tensor& W_in, const at::Tensor& H_in, const QuantSpec& spec, at::Tensor* pre) {
+  c10::NoGradGuard g;
+  at::Tensor W = W_in.to(at::kDouble).clone(), H = H_in.to(at::kDouble).clone();
+  const int64_t N = W.size(0), K = W.size(1), gs = spec.group_for(K), G = spec.groups_for(K), qmax = spec.qmax();
+  at::Tensor dead = H.diagonal() == 0;
+  H.diagonal().masked_fill_(dead, 1);
+  W.index_put_({at::indexing::Slice(), dead}, 0);
+  H.diagonal().add_(0.01 * H.diagonal().mean().item<double>());
+  at::Tensor Hinv = at::linalg_cholesky(at::cholesky_inverse(at::linalg_cholesky(H)), /*upper=*/true);
+  at::Tensor Q = at::zeros({N, K}, at::kInt), S = at::zeros({N, G}, at::kDouble), Z = at::zeros({N, G}, at::kDouble);
+  *pre = at::zeros({N, K}, at::kDouble);
+  at::Tensor s, z;
+  for (int64_t i1 = 0; i1 < K; i1 += 128) {
+    const int64_t i2 = std::min(i1 + 128, K), count = i2 - i1;
+    at::Tensor W1 = W.narrow(1, i1, count).clone(), Err1 = at::zeros_like(W1);
+    at::Tensor Hinv1 = Hinv.narrow(0, i1, count).narrow(1, i1, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t col = i1 + i;
+      if (col % gs == 0) {
+        at::Tensor Wg = W.narrow(1, col, std::min(gs, K - col));
+        at::Tensor lo = std::get<0>(Wg.min(1)).clamp_max(0), hi = std::get<0>(Wg.max(1)).clamp_min(0);
+        at::Tensor both0 = (lo == 0).logical_and(hi == 0);
+        lo = lo.masked_fill(both0, -1);
+        hi = hi.masked_fill(both0, 1);
+        s = (hi - lo) / static_cast<double>(qmax);
+        z = (-lo / s).round().clamp(spec.zero_min, static_cast<double>(qmax));
+        S.select(1, col / gs).copy_(s);
+        Z.select(1, col / gs).copy_(z);
+      }
+      at::Tensor w = W1.select(1, i);
+      at::Tensor q = (w / s).round().add(z).clamp(0, static_cast<double>(qmax));
+      Q.select(1, col).copy_(q.to(at::kInt));
+      pre->select(1, col).copy_(w);
+      at::Tensor err = (w - (q - z) * s) / Hinv1[i][i].item<double>();
+      W1.narrow(1, i, count - i).sub_(err.unsqueeze(1) * Hinv1[i].narrow(0, i, count - i).unsqueeze(0));
+      Err1.select(1, i).copy_(err);
+    }
+    if (i2 < K) W.narrow(1, i2, K - i2).sub_(Err1.mm(Hinv.narrow(0, i1, count).narrow(1, i2, K - i2)));
+  }
+  return {Q, Z.to(at::kInt), S.clamp(kScaleMin, kScaleMax).to(at::kFloat)};
+}
+}  // namespace
+
+// The optimised GPTQ (one Cholesky of the reversed H and a blocked triangular inverse; Wᵀ in sub-blocks of 16) gives
+// the textbook's integers, zero points and scales exactly, and its unrounded weights to rounding: K = 328 has a
+// ragged last lazy block, groups of 96 start inside lazy blocks and end ragged, one input is dead, and H has rank
+// 200 < K (damping makes it definite, as with short calibration). Both run in float64 with the same operations in
+// another order: the unrounded weights (|w| ≲ 4) agree to ~1e-12, far inside 1e-9, and a rounding decision could
+// only flip for w/s within ~1e-12 of a half-integer (none here; the seed is fixed).
+TEST(Gptq, MatchesTheTextbookAlgorithm) {
+  at::manual_seed(11);
+  const int64_t N = 40, K = 328;
+  at::Tensor W = at::randn({N, K});
+  at::Tensor X = at::randn({200, K}) * (at::rand({K}) + 0.1);
+  X.select(1, 7).zero_();
+  HessianAccumulator h(K);
+  h.add(X, at::Tensor());
+  for (const auto& [bits, group] : std::vector<std::pair<int, int64_t>>{{2, 96}, {3, 64}, {4, -1}, {4, 128}}) {
+    QuantSpec spec;
+    spec.bits = bits;
+    spec.group_size = group;
+    at::Tensor pre, want_pre;
+    const QuantizedWeight want = textbook_gptq(W, h.H(), spec, &want_pre);
+    const QuantizedWeight got = gptq_quantize(W, h.H(), spec, 0.01, 128, &pre);
+    EXPECT_TRUE(at::equal(got.q, want.q)) << bits << "/" << group;
+    EXPECT_TRUE(at::equal(got.zero, want.zero)) << bits << "/" << group;
+    EXPECT_TRUE(at::equal(got.scale, want.scale)) << bits << "/" << group;
+    EXPECT_LE(max_abs_diff(pre, want_pre), 1e-9) << bits << "/" << group;
+    // The dead input's weights are zeroed and nothing propagates into them (H, so H⁻¹, has no coupling to it): they
+    // quantize to their group's zero point.
+    EXPECT_TRUE(at::equal(got.q.select(1, 7), got.zero.select(1, 7 / spec.group_for(K)).to(got.q.scalar_type())));
+  }
+  // The factor: UᵀU = (H + λI)⁻¹ with the dead input's diagonal set to 1 first.
+  const GptqFactor f = gptq_factor(h.H().clone(), 0.01);
+  EXPECT_TRUE(f.dead[7].item<bool>());
+  EXPECT_EQ(f.dead.sum().item<int64_t>(), 1);
+  at::Tensor Hd = h.H().clone();
+  Hd.diagonal().masked_fill_(f.dead, 1);
+  Hd.diagonal().add_(0.01 * Hd.diagonal().mean().item<double>());
+  EXPECT_LE(max_abs_diff(f.U.t().mm(f.U).mm(Hd), at::eye(K, at::kDouble)), 1e-9);
+  EXPECT_TRUE(at::equal(f.U, f.U.triu()));
+}
+
 // --init gptq-unrounded: the start lies where GPTQ's compensation left each weight before rounding (off the grid),
 // yet fake quantization with GPTQ's s and z gives exactly GPTQ's dequantized weights; with 0 epochs the export is
 // GPTQ's bit for bit, and with training (s and z at this start's default lr) the block MSE falls below GPTQ's.
