@@ -42,12 +42,14 @@ int cmd_quantize(const Argv& argv) {
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
                           "sit on their grid points where s and z get no gradient; 2e-5 with --init gptq-unrounded)", ""},
-       {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5)", ""},
+       {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5; 4e-5 at 3/4/8 bits "
+                           "with --init gptq-unrounded)", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
        {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "
                      "each group's clip range searched for the least weight error) | gptq (GPTQ's integers on the "
                      "block's inputs; s and z then train only in E2E-QP) | gptq-unrounded (GPTQ's integers, s and z, "
-                     "with W where GPTQ's error compensation left it before rounding: s and z train)", "minmax"},
+                     "with W where GPTQ's error compensation left it before rounding: s and z train; the "
+                     "default)", ""},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "

@@ -248,6 +248,24 @@ TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
   EXPECT_FALSE(fs::exists(t.str("q2")));
 }
 
+// EfficientQAT starts Block-AP from GPTQ's unrounded weights unless --init says otherwise (issue 18); the summary
+// records the start that ran.
+TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
+  TempDir t;
+  auto init_of = [&](const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"quantize", "--model", fixture("tiny_llama"), "--bits", "2", "--group-size", "32",
+                                     "--calib", data_path("text/tinyshakespeare.txt"), "--samples", "4",
+                                     "--val-samples", "1", "--seq-len", "32", "--epochs", "1", "--e2e-steps", "1",
+                                     "--no-progress", "--overwrite", "--out", t.str("q")};
+    args.insert(args.end(), extra.begin(), extra.end());
+    RunResult r = run_eqat(args);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return nlohmann::json::parse(slurp(t.str("q") + "/eqat_quantize_summary.json"))["block_phase"]["init"];
+  };
+  EXPECT_EQ(init_of({}), "gptq-unrounded");
+  EXPECT_EQ(init_of({"--init", "minmax"}), "minmax");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Careless and hostile input (issue 16): each case is one line on stderr naming the argument or file, exit 2.
 
