@@ -155,17 +155,25 @@ QuantizedWeight gptq_quantize(const at::Tensor& W, const at::Tensor& H, const Qu
 
 at::Tensor gptq_unrounded_start(const QuantizedWeight& qw, const at::Tensor& unrounded, const QuantSpec& spec) {
   c10::NoGradGuard g;
-  const int64_t K = unrounded.size(1);
+  const int64_t N = unrounded.size(0), K = unrounded.size(1);
   at::Tensor gi = at::arange(K, at::kLong).div(spec.group_for(K), "floor");
-  at::Tensor S = qw.scale.to(at::kDouble).index_select(1, gi), Z = qw.zero.to(at::kDouble).index_select(1, gi);
-  at::Tensor q = qw.q.to(at::kDouble);
-  at::Tensor base = (q - Z) * S;
-  at::Tensor r = unrounded.to(at::kDouble) - base;
-  at::Tensor lim = 0.45 * S;
-  at::Tensor cut = at::max(at::min(r, lim), -lim);
-  cut = at::where(q.eq(0).logical_and(r < 0), r, cut);
-  cut = at::where(q.eq(static_cast<double>(spec.qmax())).logical_and(r > 0), r, cut);
-  return (base + cut).to(at::kFloat);
+  at::Tensor out = at::empty({N, K}, at::kFloat);
+  // In slices of 256 rows: the float64 temporaries below are each [rows, K] (whole, a 13B down_proj's were 566 MB
+  // apiece, several GB at once).
+  for (int64_t r0 = 0; r0 < N; r0 += 256) {
+    const int64_t n = std::min<int64_t>(256, N - r0);
+    at::Tensor S = qw.scale.narrow(0, r0, n).to(at::kDouble).index_select(1, gi);
+    at::Tensor Z = qw.zero.narrow(0, r0, n).to(at::kDouble).index_select(1, gi);
+    at::Tensor q = qw.q.narrow(0, r0, n).to(at::kDouble);
+    at::Tensor base = (q - Z) * S;
+    at::Tensor r = unrounded.narrow(0, r0, n).to(at::kDouble) - base;
+    at::Tensor lim = 0.45 * S;
+    at::Tensor cut = at::max(at::min(r, lim), -lim);
+    cut = at::where(q.eq(0).logical_and(r < 0), r, cut);
+    cut = at::where(q.eq(static_cast<double>(spec.qmax())).logical_and(r > 0), r, cut);
+    out.narrow(0, r0, n).copy_(base + cut);
+  }
+  return out;
 }
 
 }  // namespace eqat
