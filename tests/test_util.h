@@ -44,7 +44,7 @@ inline int64_t rss_file_kib() {
 // keeps a file's pages after they leave the process). {-1, -1} when pagemap cannot be read.
 inline std::pair<int64_t, int64_t> present_pages(const void* p, size_t n) {
   constexpr uintptr_t kPage = 4096;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kPage - 1) / kPage, e = (reinterpret_cast<uintptr_t>(p) + n) / kPage;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = (a + kPage - 1) / kPage, e = (a + n) / kPage;
   const int fd = ::open("/proc/self/pagemap", O_RDONLY);
   if (fd < 0) return {-1, -1};
   int64_t present = 0;

@@ -36,7 +36,7 @@ struct BlockApOptions {
   // better on stories260K, 1.62 against 2.14 held-out KL at W2g64, but leaves the default VLM behind GPTQ, 0.00069
   // against 0.00040 answer KL; 2e-5 meets the issue-18 bars on both).
   double quant_lr = -1;
-  double weight_lr = -1;  // <0: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's), 4e-5 for 3/4/8-bit from gptq-unrounded
+  double weight_lr = -1;  // <0: 2e-5 for 2-bit; 3/4/8-bit 1e-5 (the paper's), or 4e-5 from gptq-unrounded
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
   // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's; the
