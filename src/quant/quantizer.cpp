@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "data/error.h"
+#include "quant/train_loops.h"
 
 namespace eqat {
 
@@ -76,24 +77,6 @@ at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Ten
 }
 
 namespace {
-// One group's fake-quant constants and its per-element rule, in fake_quantize's float operations: s' = clamp(s),
-// z' = clamp(round(z)), u = W/s', q = clamp(round(u) + z', 0, qmax), Ŵ = (q − z')·s'. round is half-to-even
-// (torch.round): for |u| < 2^22 adding and subtracting 1.5·2^23 rounds in the FPU's default mode; larger floats are
-// integers or halves that nearbyint handles.
-struct GroupRule {
-  float s1, z1, qmax;
-  GroupRule(float s, float z, float zero_min, float qmax_) : qmax(qmax_) {
-    // s' as fake_quantize's straight-through form computes it, s + (clamp(s) − s): outside the clamp range that
-    // sum can differ from clamp(s) in the last bit.
-    s1 = s + (std::min(std::max(s, static_cast<float>(kScaleMin)), static_cast<float>(kScaleMax)) - s);
-    z1 = std::min(std::max(std::nearbyint(z), zero_min), qmax);
-  }
-  static float round_even(float u) {
-    constexpr float kMagic = 12582912.0f;  // 1.5 · 2^23 (IEEE arithmetic: the compiler may not fold the pair)
-    return std::fabs(u) < 4194304.0f ? (u + kMagic) - kMagic : std::nearbyint(u);  // 2^22
-  }
-};
-
 void check_fused_shapes(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
   EQAT_ASSERT(fused_fake_quant_applies(W, s, z) && s.size(1) == spec.groups_for(W.size(1)),
               "fused fake quant: W ", W.sizes(), " s ", s.sizes(), " at ", spec.tag());
@@ -105,24 +88,21 @@ bool fused_fake_quant_applies(const at::Tensor& W, const at::Tensor& s, const at
   return ok(W) && ok(s) && ok(z) && s.sizes() == z.sizes() && s.size(0) == W.size(0);
 }
 
+namespace {
+FakeQuantRows rows_of(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
+  return FakeQuantRows{W.const_data_ptr<float>(), s.const_data_ptr<float>(), z.const_data_ptr<float>(), W.size(1),
+                       spec.group_for(W.size(1)), s.size(1), static_cast<float>(spec.zero_min),
+                       static_cast<float>(spec.qmax()), static_cast<float>(kScaleMin), static_cast<float>(kScaleMax)};
+}
+}  // namespace
+
 at::Tensor fake_quantize_fused(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
   check_fused_shapes(W, s, z, spec);
-  const int64_t N = W.size(0), K = W.size(1), g = spec.group_for(K), G = s.size(1);
   at::Tensor out = at::empty_like(W);
-  const float* w = W.const_data_ptr<float>();
-  const float *sp = s.const_data_ptr<float>(), *zp = z.const_data_ptr<float>();
+  const FakeQuantRows rows = rows_of(W, s, z, spec);
   float* o = out.data_ptr<float>();
-  const float qmax = static_cast<float>(spec.qmax()), zmin = static_cast<float>(spec.zero_min);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const GroupRule r(sp[n * G + gi], zp[n * G + gi], zmin, qmax);
-        for (int64_t k = gi * g, k1 = std::min(K, k + g); k < k1; ++k) {
-          const float q = std::min(std::max(GroupRule::round_even(w[n * K + k] / r.s1) + r.z1, 0.0f), qmax);
-          o[n * K + k] = (q - r.z1) * r.s1;
-        }
-      }
-  });
+  const TrainLoops& loops = best_train_loops();
+  at::parallel_for(0, W.size(0), 16, [&](int64_t n0, int64_t n1) { loops.fake_quant(rows, n0, n1, o); });
   return out;
 }
 
@@ -130,30 +110,12 @@ FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, c
                                             const at::Tensor& z, const QuantSpec& spec) {
   check_fused_shapes(W, s, z, spec);
   EQAT_ASSERT(G.sizes() == W.sizes() && G.is_contiguous() && G.scalar_type() == at::kFloat, "fused fake quant grad");
-  const int64_t N = W.size(0), K = W.size(1), g = spec.group_for(K), NG = s.size(1);
   at::Tensor gs = at::empty_like(s), gz = at::empty_like(z);
-  const float* w = W.const_data_ptr<float>();
-  const float *sp = s.const_data_ptr<float>(), *zp = z.const_data_ptr<float>();
+  const FakeQuantRows rows = rows_of(W, s, z, spec);
   float *gp = G.data_ptr<float>(), *gsp = gs.data_ptr<float>(), *gzp = gz.data_ptr<float>();
-  const float qmax = static_cast<float>(spec.qmax()), zmin = static_cast<float>(spec.zero_min);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t gi = 0; gi < NG; ++gi) {
-        const GroupRule r(sp[n * NG + gi], zp[n * NG + gi], zmin, qmax);
-        double acc_s = 0, acc_z = 0;
-        for (int64_t k = gi * g, k1 = std::min(K, k + g); k < k1; ++k) {
-          const float u = w[n * K + k] / r.s1, qq = GroupRule::round_even(u) + r.z1;
-          const bool in = qq >= 0.0f && qq <= qmax;
-          const float gk = gp[n * K + k];
-          const float q = std::min(std::max(qq, 0.0f), qmax);
-          acc_s += static_cast<double>(gk) * static_cast<double>(in ? (q - r.z1) - u : q - r.z1);
-          if (!in) acc_z -= static_cast<double>(gk) * static_cast<double>(r.s1);
-          gp[n * K + k] = in ? gk : 0.0f;
-        }
-        gsp[n * NG + gi] = static_cast<float>(acc_s);
-        gzp[n * NG + gi] = static_cast<float>(acc_z);
-      }
-  });
+  const TrainLoops& loops = best_train_loops();
+  at::parallel_for(0, W.size(0), 16,
+                   [&](int64_t n0, int64_t n1) { loops.fake_quant_backward(rows, n0, n1, gp, gsp, gzp); });
   return {G, gs, gz};
 }
 

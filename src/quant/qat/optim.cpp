@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "data/error.h"
+#include "quant/train_loops.h"
 
 namespace eqat {
 
@@ -37,26 +38,22 @@ bool fused_step_applies(const at::Tensor& p, const at::Tensor& grad, const at::T
 }
 
 // The update below in one pass over fp32 CPU tensors (a 7B block: 202 M parameters, where the op-by-op form makes
-// nine passes and a temporary as large as the parameter). Same arithmetic, in float: m = β1·m + (1−β1)·g,
-// v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε); results may differ from the op-by-op form in the last bit.
+// nine passes and a temporary as large as the parameter), vectorised (train_loops.h). Same arithmetic, in float:
+// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε); results may differ from the op-by-op
+// form in the last bit.
 void fused_step(at::Tensor& p, const at::Tensor& grad, at::Tensor& m, at::Tensor& v, double lr, double weight_decay,
                 double bc1, double bc2, double beta1, double beta2, double epsilon) {
   float* pp = p.data_ptr<float>();
   const float* gp = grad.const_data_ptr<float>();
   float *mp = m.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), c1 = static_cast<float>(1.0 - beta1),
-              c2 = static_cast<float>(1.0 - beta2), decay = static_cast<float>(1.0 - lr * weight_decay),
-              sqrt_bc2 = static_cast<float>(std::sqrt(bc2)), eps = static_cast<float>(epsilon),
-              step = static_cast<float>(-lr / bc1);
-  const bool decays = weight_decay != 0;
+  // decay is exactly 1 without weight decay, and p·1 = p.
+  const AdamWStep c{static_cast<float>(beta1),      static_cast<float>(beta2),
+                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                    static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(std::sqrt(bc2)),
+                    static_cast<float>(epsilon),    static_cast<float>(-lr / bc1)};
+  const TrainLoops& loops = best_train_loops();
   at::parallel_for(0, p.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float gi = gp[i];
-      if (decays) pp[i] *= decay;
-      mp[i] = mp[i] * b1 + gi * c1;
-      vp[i] = vp[i] * b2 + gi * gi * c2;
-      pp[i] += step * (mp[i] / (std::sqrt(vp[i]) / sqrt_bc2 + eps));
-    }
+    loops.adamw(pp + i0, gp + i0, mp + i0, vp + i0, i1 - i0, c);
   });
 }
 }  // namespace
