@@ -64,7 +64,10 @@ int cmd_eval(const Argv& argv) {
                       "the answer checks (duplicate or unknown question ids, non-string text) errors", ""},
        {"device", "DEV", "cpu | cuda[:N]", "cpu"},
        {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
-       {"threads", "N", "CPU threads (0 = auto)", "0"}},
+       {"threads", "N", "CPU threads (0 = auto)", "0"},
+       {"exact-activations", "", "packed models compute with fp32 activations instead of the int8-activation AVX-512 "
+                                 "VNNI kernel (the CPU default where it exists): scores then measure the weights' "
+                                 "quantization alone, as for a fake-quantized FP checkpoint", ""}},
       0,
       0};
   ParsedArgs a = parse_args(spec, argv);
@@ -89,6 +92,7 @@ int cmd_eval(const Argv& argv) {
   o.device = a.str("device");
   o.dtype = a.str("dtype");
   o.threads = a.threads();
+  o.exact_activations = a.flag("exact-activations");
   EvalResult r = run_eval(o);
   std::cerr << "eval: " << r.total << " items, " << r.answered << " answered now, " << r.resumed
             << " resumed, " << r.skipped << " skipped; " << static_cast<int>(r.seconds * 10) / 10.0 << " s; "

@@ -31,6 +31,7 @@
 #include "eval/text_util.h"
 #include "llm/generate.h"
 #include "llm/prompt.h"
+#include "quant/cpu_qgemv.h"
 #include "vision/llava.h"
 #if __has_include("data/shapes.h")
 #include "data/shapes.h"
@@ -286,6 +287,7 @@ void write_run_json(const EvalOptions& o, const std::string& path, const ordered
   j["max_new_tokens"] = o.max_new_tokens;
   j["device"] = o.device;
   j["dtype"] = o.dtype;
+  j["exact_activations"] = o.exact_activations;
   for (auto it = extra.begin(); it != extra.end(); ++it) j[it.key()] = it.value();
   write_file_atomic(path, j.dump(2) + "\n");
 }
@@ -593,6 +595,8 @@ EvalResult run_eval(const EvalOptions& o_in) {
              "' (shapes, pope, mme, scienceqa, mmbench, textvqa, gqa, vqav2, seed, llava, ppl, kl)");
   EQAT_CHECK(o.reference_dir.empty() || o.bench == "shapes" || o.bench == "kl",
              "--reference: only --bench kl and shapes use it, not ", o.bench);
+  std::optional<ExactCpuActivations> exact;  // for the whole run, on this (the computing) thread
+  if (o.exact_activations) exact.emplace();
   // The run directory is eqat's own: new, empty, or an earlier eval run (continued). One run at a time.
   o.out = check_in_place_dir({o.out, "--out", OutputKind::kEvalRun, o.overwrite,
                               {o.model_dir, o.reference_dir, o.data, o.images, o.ground_truth}},

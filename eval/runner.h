@@ -34,6 +34,10 @@ struct EvalOptions {
   bool progress = true;
   std::string device = "cpu", dtype = "auto";
   int64_t threads = 0;
+  // --exact-activations: packed linears compute with fp32 activations, never the int8-activation AVX-512 VNNI
+  // kernel that serving uses by default where the CPU has it, so the scores measure the weights' quantization alone
+  // (as when comparing quantizers, whose fake-quantized FP checkpoints always run in fp32).
+  bool exact_activations = false;
 };
 
 struct EvalResult {

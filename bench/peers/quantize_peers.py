@@ -694,14 +694,16 @@ def read_scores(path: Path, model: str) -> dict:
 
 
 def evaluate(model: str, qdir: Path, work: Path, eqat: str, threads: int, log: Path) -> dict:
+    """eqat scores a checkpoint; packed ones (eqat's rows) with fp32 activations (--exact-activations), as the
+    peers' fake-quantized FP checkpoints always run, so every row measures the weights alone."""
     out = Path(str(qdir) + ("-eval" if model == "shapes-llava" else "-kl"))
     if model == "shapes-llava":
         cmd = [eqat, "eval", "--bench", "shapes", "--model", qdir, "--reference", LLAVA_DIR, "--out", out,
-               "--overwrite", "--batch-size", 32, "--no-progress", "--threads", threads]
+               "--overwrite", "--batch-size", 32, "--no-progress", "--threads", threads, "--exact-activations"]
     else:
         cmd = [eqat, "eval", "--bench", "kl", "--model", qdir, "--reference", work / "stories260K", "--data",
                work / "shakespeare-eval.txt", "--seq-len", 256, "--limit", 64, "--out", out, "--overwrite",
-               "--no-progress", "--threads", threads]
+               "--no-progress", "--threads", threads, "--exact-activations"]
     _, dt = sh(cmd, log)
     return dict(read_scores(out / "scores.json", model), eval_s=round(dt, 1))
 

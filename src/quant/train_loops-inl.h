@@ -110,7 +110,7 @@ void fake_quant_backward_rows(const FakeQuantRows& r, int64_t n0, int64_t n1, fl
       const int64_t k = fake_quant_backward_span<S>(r.w, grad, k0, k1, grp, r.qmax, &sum_s, &sum_out);
       fake_quant_backward_span<Scalar>(r.w, grad, k, k1, grp, r.qmax, &sum_s, &sum_out);
       gs[n * r.G + gi] = static_cast<float>(sum_s);
-      gz[n * r.G + gi] = static_cast<float>(-sum_out);
+      gz[n * r.G + gi] = static_cast<float>(0.0 - sum_out);  // +0 when nothing clipped, as a running 0 − … gives
     }
 }
 

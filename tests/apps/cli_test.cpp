@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 
 #include "data/safetensors.h"
+#include "quant/cpu_qgemv.h"
 #include "apps/cli_util.h"
 #include "model_test_util.h"
 
@@ -264,6 +265,38 @@ TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
   };
   EXPECT_EQ(init_of({}), "gptq-unrounded");
   EXPECT_EQ(init_of({"--init", "minmax"}), "minmax");
+}
+
+// eval --exact-activations: a packed model is scored through the fp32-activation kernel, the very one
+// EQAT_CPU_KERNEL=avx2 selects (the same KL to the last bit), and run.json records it. On an AVX-512 VNNI CPU the
+// default (int8 activations) gives another KL: windows of 32 rows (at most 64 take the GEMV kernels) through
+// tiny_llama's q_proj and MLP (N % 32 == 0, 4 bits) take that kernel.
+TEST(Cli, EvalExactActivationsScoresTheWeightsAlone) {
+  TempDir t;
+  const std::string q = t.str("q"), text = data_path("text/tinyshakespeare.txt");
+  RunResult r = run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", q, "--method", "rtn", "--bits", "4",
+                          "--group-size", "32", "--calib", text, "--samples", "4", "--val-samples", "1", "--seq-len",
+                          "32", "--no-progress"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto kl = [&](const std::string& out, const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"eval", "--bench", "kl", "--model", q, "--reference", fixture("tiny_llama"),
+                                     "--data", text, "--seq-len", "32", "--limit", "4", "--batch-size", "1",
+                                     "--no-progress", "--out", t.str(out)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    RunResult e = run_eqat(args);
+    EXPECT_EQ(e.code, 0) << e.err;
+    return nlohmann::json::parse(slurp(t.str(out) + "/scores.json"))["kl_mean"].get<double>();
+  };
+  const double exact = kl("exact", {"--exact-activations"});
+  EXPECT_GT(exact, 0.0);
+  EXPECT_TRUE(nlohmann::json::parse(slurp(t.str("exact") + "/run.json"))["exact_activations"].get<bool>());
+  const char* had = std::getenv("EQAT_CPU_KERNEL");
+  const std::string saved = had ? had : "";
+  setenv("EQAT_CPU_KERNEL", "avx2", 1);
+  const double avx2 = kl("avx2", {});
+  had ? setenv("EQAT_CPU_KERNEL", saved.c_str(), 1) : unsetenv("EQAT_CPU_KERNEL");
+  EXPECT_EQ(exact, avx2);
+  if (cpu_qgemm_isa() == CpuIsa::kVnni) EXPECT_NE(kl("default", {}), exact);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
