@@ -42,7 +42,7 @@ struct Lin {
   int bits = 0;
   int64_t group = 0;
   at::Tensor operator()(const at::Tensor& x) const {
-    return bits == 0 ? at::linear(x, dense) : quant_linear_forward(x, packed, bits, group, at::Tensor());
+    return bits == 0 ? float_linear(x, dense) : quant_linear_forward(x, packed, bits, group, at::Tensor());
   }
   int64_t bytes() const {
     return bits == 0 ? dense.nbytes() : packed.qweight.nbytes() + packed.qzeros.nbytes() + packed.scales.nbytes();
@@ -256,7 +256,7 @@ int bench_decode(const ParsedArgs& a) {
     double head_ms_acc = 0;
     auto timed_head = [&](const at::Tensor& h_last) {
       const auto th = Clock::now();
-      at::Tensor t = at::linear(rms_norm(h_last, m.norm), m.lm_head).argmax(-1);  // [1]
+      at::Tensor t = float_linear(rms_norm(h_last, m.norm), m.lm_head).argmax(-1);  // [1]
       if (!cuda) head_ms_acc += std::chrono::duration<double, std::milli>(Clock::now() - th).count();
       return t;
     };

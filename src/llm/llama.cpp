@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "data/error.h"
+#include "quant/qmatmul.h"
 
 namespace eqat {
 
@@ -268,7 +269,7 @@ at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& embeds, const at::Ten
                                          const at::Tensor& mask, KVCache* cache, bool last_only) {
   at::Tensor h = model->forward(embeds, position_ids, mask, cache);
   if (last_only) h = h.narrow(1, h.size(1) - 1, 1);
-  return lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);
+  return lm_head ? lm_head->forward(h) : float_linear(h, model->embed_tokens->weight);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

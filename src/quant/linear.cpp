@@ -104,7 +104,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
   const c10::optional<at::Tensor> b = bias.defined() ? c10::optional<at::Tensor>(bias.to(x.scalar_type())) : c10::nullopt;
   switch (mode_) {
     case LinearMode::kFloat:
-      return at::linear(x, weight, b);
+      return float_linear(x, weight, b);
     case LinearMode::kFakeQuant:
       if (x.is_cpu() && x.scalar_type() == at::kFloat && fused_fake_quant_applies(weight, weight_scale, weight_zero)) {
         if (!c10::GradMode::is_enabled())

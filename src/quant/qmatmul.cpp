@@ -1,10 +1,14 @@
 #include "quant/qmatmul.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
@@ -153,6 +157,31 @@ bool sequential_cached(const GptqTensors& w, int64_t group_size) {
 }
 
 }  // namespace
+
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const int64_t K = w.size(-1), N = w.size(0);
+  // Below 4 Mi weights (16 MiB) one thread streams the matrix before a second one pays off.
+  const bool split = x.is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.dim() == 2 &&
+                     w.is_contiguous() && x.size(-1) == K && N * K >= (int64_t{1} << 22) &&
+                     at::get_num_threads() > 1 && !at::in_parallel_region() &&
+                     !(c10::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() ||
+                                                       (bias && bias->requires_grad())));
+  const int64_t M = split ? x.numel() / K : 0;
+  if (!split || M < 1 || M > kFewRows) return at::linear(x, w, bias);
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  // Column slices of 256 outputs (1 MiB of fp32 weights at K = 1024, 4 MiB at 4096): whole slices per thread.
+  constexpr int64_t kSlice = 256;
+  at::parallel_for(0, (N + kSlice - 1) / kSlice, 1, [&](int64_t s0, int64_t s1) {
+    const int64_t n0 = s0 * kSlice, n1 = std::min(N, s1 * kSlice);
+    at::Tensor part = at::mm(x2, w.narrow(0, n0, n1 - n0).t());  // [M, n1 − n0]
+    y.narrow(1, n0, n1 - n0).copy_(part);
+  });
+  if (bias) y.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.view(shape);
+}
 
 bool quant_cuda_compiled() {
 #ifdef EQAT_WITH_CUDA

@@ -51,6 +51,13 @@ QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, con
                                                  const GptqTensors& w, int bits, int64_t group_size,
                                                  bool need_input_grad = true, bool need_scale_grad = true);
 
+// at::linear for float weights, except that on the CPU a product of at most kFewRows rows in fp32 (decode: the
+// lm_head, float layers of a model served at batch 1) is split by output columns over LibTorch's threads: MKL runs
+// such a GEMV on the calling thread alone. Each output is the same dot product over K, computed by MKL on its
+// column slice; autograd is not involved (inference only: falls back to at::linear when gradients are recorded).
+constexpr int64_t kFewRows = 4;
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
+
 // True when g_idx is the plain k / group_size mapping (no act-order), which every fast path assumes.
 bool gptq_is_sequential(const GptqTensors& w, int64_t group_size);
 

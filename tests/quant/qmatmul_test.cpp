@@ -11,10 +11,16 @@
 // The AVX-512 VNNI kernel rounds x to int8 per chunk of 32 (dx = max|x|/127): each x_k moves by at most dx/2, so
 // y[n] moves by at most Σ_k dx_chunk(k)/2 · |W[n, k]| (int8_bound), on top of the fp32 bound for the rest.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
@@ -133,6 +139,59 @@ TEST(QMatmul, AvxAndScalarAgreeClosely) {
   run_kernel(c, x, 3, 128, CpuIsa::kAvx2, ya);
   run_kernel(c, x, 3, 128, CpuIsa::kScalar, ys);
   expect_close(ya, ys, fp32_bound(x, c.w, 3, 128), "avx2 vs scalar");
+}
+
+// eqat's files are compiled with OpenMP (CMake target eqat_openmp, PUBLIC through eqat_data, so this file has the
+// same flags as src/): without it LibTorch's header-only at::parallel_for runs the whole range on the calling
+// thread, and the packed GEMV, the fused fake quantizer and AdamW ran on one core whatever --threads said. The split
+// over columns must not change a single bit.
+TEST(QMatmul, KernelsSplitColumnsOverLibTorchThreads) {
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) {
+    const std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  EXPECT_EQ(ids.size(), 2u) << "at::parallel_for ran on one thread: eqat is built without OpenMP";
+  const Case c = make_case(512, 512, 2, 64, 21);
+  const at::Tensor x = at::randn({3, 512});
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kVnni}) {
+    if (!cpu_isa_supported(isa)) continue;
+    at::Tensor y1, y2;
+    at::set_num_threads(1);
+    run_kernel(c, x, 2, 64, isa, y1);
+    at::set_num_threads(2);
+    run_kernel(c, x, 2, 64, isa, y2);
+    EXPECT_TRUE(at::equal(y1, y2)) << cpu_isa_name(isa);
+  }
+  at::set_num_threads(saved);
+}
+
+// float_linear splits a few-row fp32 product over threads by columns. Each output is one dot product over K on
+// both sides, computed by MKL in possibly different orders: |Δy| ≤ 2·γ_K·Σ_k |x_k·w_k| with γ_K ≈ K·u (u = 2^-24),
+// asserted with a further factor 2.
+TEST(QMatmul, FloatLinearSplitsFewRowsOverThreads) {
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  at::manual_seed(5);
+  const int64_t N = 4100, K = 1088;  // N·K ≥ 4 Mi: the split applies; N is not a multiple of the 256-column slice
+  const at::Tensor w = at::randn({N, K}), b = at::randn({N});
+  const double u = std::ldexp(1.0, -24);
+  for (const auto& shape : std::vector<std::vector<int64_t>>{{1, K}, {3, K}, {1, 2, K}, {5, K}}) {
+    const at::Tensor x = at::randn(shape);
+    const at::Tensor got = float_linear(x, w, b), ref = at::linear(x, w, b);
+    ASSERT_EQ(got.sizes(), ref.sizes());
+    const at::Tensor bound = 4 * K * u * (at::matmul(x.abs(), w.abs().t()) + b.abs());
+    EXPECT_LE((got - ref).abs().sub(bound).max().item<float>(), 0.f) << x.sizes();
+  }
+  // Recorded gradients keep at::linear (and its autograd).
+  const at::Tensor xg = at::randn({1, K}).set_requires_grad(true);
+  const at::Tensor yg = float_linear(xg, w);
+  EXPECT_TRUE(yg.requires_grad());
+  EXPECT_TRUE(at::equal(yg, at::linear(xg, w)));
+  at::set_num_threads(saved);
 }
 
 // Serving takes the int8-activation kernel where the CPU has it; the quantization phases (ExactCpuActivations) get
