@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "data/error.h"
+#include "llm/decode_attention.h"
 #include "quant/qmatmul.h"
 
 namespace eqat {
@@ -143,12 +144,9 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   }
   // softmax(q·kᵀ/√D + mask)·v; GQA maps query head h to kv head h / (H/Hkv) (HF repeat_kv order).
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
-  at::Tensor out;
-  if (mask.defined()) {
-    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, n_kv_head_ != n_head_);
-  } else {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/T > 1, scale, n_kv_head_ != n_head_);
-  }
+  // A decode step on the CPU in fp32 takes decode_attention_cpu, everything else LibTorch's SDPA (causal without a
+  // mask when T > 1).
+  const at::Tensor out = attention(q, k, v, mask, scale, /*is_causal=*/T > 1);
   // [B,H,T,D] -> [B,T,H·D] -> o_proj
   return o_proj->forward(out.transpose(1, 2).reshape({B, T, n_head_ * head_dim_}));
 }
