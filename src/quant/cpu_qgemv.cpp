@@ -349,9 +349,12 @@ EQAT_VNNI void vnni_tile(const CpuQWeight& w, const VnniX& xv, int64_t m0, float
   __m512 acc[MR][U], s[U], z[U];
   for (int m = 0; m < MR; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm512_loadu_ps(y + (m0 + m) * w.N + n + 16 * u);
+  // The first chunk of the next group, tracked without a division per chunk.
+  int64_t next_group = c0;
   for (int64_t c = c0; c < c1; ++c) {
-    if (c == c0 || c % chunks_per_group == 0) {  // a new group: scales and zero points of these columns
+    if (c == next_group) {  // a new group (or the range's first chunk): scales and zero points of these columns
       const int64_t g = c / chunks_per_group;
+      next_group = (g + 1) * chunks_per_group;
       for (int u = 0; u < U; ++u) {
         s[u] = vnni_scales16(w, g * w.N + n + 16 * u);
         z[u] = vnni_zeros16<BITS>(w, g, n + 16 * u);
