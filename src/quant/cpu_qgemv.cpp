@@ -470,12 +470,20 @@ void cpu_unpack_t(const CpuQWeight& w, int64_t k0, int64_t k1, float* out) {
   dequant_rows(w, k0 / kChunk, k1 / kChunk, false, out);
 }
 
-CpuIsa cpu_qgemm_isa() {
-  static const CpuIsa isa = [] {
+CpuKernelCap cpu_kernel_cap() {
+  static const CpuKernelCap cap = [] {
     const char* env = std::getenv("EQAT_CPU_KERNEL");
     const std::string want = env ? env : "";
-    if (want == "scalar") return CpuIsa::kScalar;
-    if (want == "avx2") return cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+    return want == "scalar" ? CpuKernelCap::kScalar : want == "avx2" ? CpuKernelCap::kAvx2 : CpuKernelCap::kNone;
+  }();
+  return cap;
+}
+
+CpuIsa cpu_qgemm_isa() {
+  static const CpuIsa isa = [] {
+    const CpuKernelCap cap = cpu_kernel_cap();
+    if (cap == CpuKernelCap::kScalar) return CpuIsa::kScalar;
+    if (cap == CpuKernelCap::kAvx2) return cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
     return cpu_has_vnni() ? CpuIsa::kVnni : cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
   }();
   return isa;

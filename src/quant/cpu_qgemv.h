@@ -24,6 +24,11 @@ namespace eqat {
 
 enum class CpuIsa { kScalar, kAvx2, kVnni, kCount };
 
+// EQAT_CPU_KERNEL's cap on eqat's CPU kernels (the packed GEMV here, the training loops of train_loops.h), read once:
+// "scalar", "avx2", or no cap (unset or any other value).
+enum class CpuKernelCap { kNone, kAvx2, kScalar };
+CpuKernelCap cpu_kernel_cap();
+
 // The implementation cpu_qgemm uses: the best the CPU supports (kVnni, kAvx2, kScalar), or EQAT_CPU_KERNEL's
 // choice ("avx2", "scalar").
 CpuIsa cpu_qgemm_isa();

@@ -1,8 +1,7 @@
 // The portable variant of the training loops (train_loops.h) and the choice among the three.
 #include "quant/train_loops.h"
 
-#include <cstdlib>
-#include <string>
+#include "quant/cpu_qgemv.h"
 
 namespace eqat {
 namespace train_loops_scalar {
@@ -16,10 +15,9 @@ const TrainLoops& scalar_train_loops() {
 
 const TrainLoops& best_train_loops() {
   static const TrainLoops& best = []() -> const TrainLoops& {
-    const char* env = std::getenv("EQAT_CPU_KERNEL");
-    const std::string cap = env ? env : "";
-    if (cap == "scalar") return scalar_train_loops();
-    if (const TrainLoops* wide = cap == "avx2" ? nullptr : avx512_train_loops()) return *wide;
+    const CpuKernelCap cap = cpu_kernel_cap();
+    if (cap == CpuKernelCap::kScalar) return scalar_train_loops();
+    if (const TrainLoops* wide = cap == CpuKernelCap::kAvx2 ? nullptr : avx512_train_loops()) return *wide;
     if (const TrainLoops* wide = avx2_train_loops()) return *wide;
     return scalar_train_loops();
   }();
