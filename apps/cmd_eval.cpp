@@ -66,8 +66,8 @@ int cmd_eval(const Argv& argv) {
        {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
        {"threads", "N", "CPU threads (0 = auto)", "0"},
        {"exact-activations", "", "packed models compute with fp32 activations instead of the int8-activation AVX-512 "
-                                 "VNNI kernel (the CPU default where it exists): scores then measure the weights' "
-                                 "quantization alone, as for a fake-quantized FP checkpoint", ""}},
+                                 "VNNI kernel and the bf16 prefill GEMM (the CPU defaults where they exist): scores "
+                                 "then measure the weights' quantization alone, as for a fake-quantized FP checkpoint", ""}},
       0,
       0};
   ParsedArgs a = parse_args(spec, argv);

@@ -14,7 +14,8 @@
 //           N % 32 == 0 (3-bit and other widths take kAvx2). Not exact: |y − y_fp32| ≤ Σ_chunks dx/2 · Σ|Ŵ| over the
 //           chunk, per output (the rounding of x), plus fp32 summation.
 //   kScalar portable C++ of the fp32 scheme (the fallback, also forced with EQAT_CPU_KERNEL=scalar).
-// EQAT_CPU_KERNEL=avx2 keeps decode in exact fp32 activations on a VNNI CPU.
+// EQAT_CPU_KERNEL=avx2 keeps decode in exact fp32 activations on a VNNI CPU (and prefill in fp32 where it would be bf16:
+// qmatmul.cpp).
 // Threads: at::parallel_for over column tiles (at::get_num_threads()).
 #pragma once
 
@@ -62,6 +63,12 @@ void cpu_qgemm(const CpuQWeight& w, const float* x, int64_t M, float* y, CpuIsa 
 // Prefill on the CPU: Wᵀ [K, N] fp32 (row k = input row k), bit-identical to dequantize_gptq(w).t(): (q − z)·s with
 // q − z exact. Written so the compiler vectorises over N; parallel over chunks.
 void cpu_dequant_t(const CpuQWeight& w, float* out);
+// The same Wᵀ as bf16 bit patterns: each fp32 value of cpu_dequant_t rounded to nearest even (= at::to(kBFloat16)).
+void cpu_dequant_t_bf16(const CpuQWeight& w, uint16_t* out);
+
+// Whether the CPU has native bf16 dot products (AVX512_BF16, with the AVX-512 VNNI set): LibTorch's bf16 GEMM then
+// runs at several times its SGEMM; without them bf16 GEMMs are emulated and no faster than fp32.
+bool cpu_has_bf16_dot();
 
 // (q − z) of input rows [k0, k1) as fp32 [k1 − k0, N], exact (small integers), without the step sizes (w.scales is
 // not read and may be null): E2E-QP's CPU training path multiplies in its fp32 master step sizes itself and needs

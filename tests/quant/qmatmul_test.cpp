@@ -265,11 +265,40 @@ TEST(QMatmul, FallbacksActOrderSmallGroupsAndLargeM) {
   at::Tensor xr = at::randn({3, 172});
   expect_close(quant_linear_forward(xr, cr.w, 4, 64, {}), at::matmul(xr, cr.W.t()), fp32_bound(xr, cr.w, 4, 64),
                "ragged");
-  // large M: dequantize + BLAS.
+  // large M: dequantize + SGEMM (exact activations; the serving default may take bf16: PrefillTakesBf16...).
   const Case cl = make_case(N, K, 3, 64, 5);
   at::Tensor xl = at::randn({100, K});
+  const ExactCpuActivations exact;
   expect_close(quant_linear_forward(xl, cl.w, 3, 64, {}), at::matmul(xl, cl.W.t()), fp32_bound(xl, cl.w, 3, 64),
                "large M");
+}
+
+// Prefill (M > 64 rows) on a CPU with native bf16 dot products: Wᵀ dequantized to bf16 and a bf16 GEMM. Bound, per
+// output: x and Ŵ are each rounded to bf16 (relative u_b = 2^-9), so each product moves by ≤ (2u_b + u_b²)·|x||Ŵ|;
+// the GEMM accumulates in fp32 (γ_K ≈ K·2^-24 of Σ|x||Ŵ|), and y is rounded to bf16 once (u_b·|y|). Asserted with
+// a further factor 2. Under ExactCpuActivations the same call is the fp32 dequant + SGEMM, bit for bit.
+TEST(QMatmul, PrefillTakesBf16WhereTheCpuHasIt) {
+  if (!cpu_has_bf16_dot()) GTEST_SKIP() << "no native bf16 dot products on this CPU";
+  const double ub = std::ldexp(1.0, -9), u = std::ldexp(1.0, -24);
+  for (int bits : {2, 3, 4}) {
+    const int64_t N = 96, K = 512, g = bits == 3 ? 128 : 64, M = 130;
+    const Case c = make_case(N, K, bits, g, 40 + bits);
+    for (auto xdt : {at::kFloat, at::kBFloat16}) {
+      const at::Tensor x = at::randn({M, K}).to(xdt);
+      const at::Tensor y = quant_linear_forward(x, c.w, bits, g, {});
+      ASSERT_EQ(y.scalar_type(), xdt);
+      const at::Tensor x64 = x.to(at::kDouble), W64 = c.W.to(at::kDouble);
+      const at::Tensor ref = at::matmul(x64, W64.t()), abs_dot = at::matmul(x64.abs(), W64.abs().t());
+      const at::Tensor bound = 2 * ((2 * ub + ub * ub + (K + 2) * u) * abs_dot + ub * ref.abs());
+      EXPECT_LE(((y.to(at::kDouble) - ref).abs() - bound).max().item<double>(), 0.0) << bits;
+      if (xdt != at::kFloat) continue;
+      // bf16 was taken: the fp32 path's result is not reproduced; under ExactCpuActivations it is, bit for bit.
+      const at::Tensor y32 = at::mm(x, c.W.t().contiguous());
+      EXPECT_FALSE(at::equal(y, y32)) << bits;
+      const ExactCpuActivations exact;
+      EXPECT_TRUE(at::equal(quant_linear_forward(x, c.w, bits, g, {}), y32)) << bits;
+    }
+  }
 }
 
 TEST(QMatmul, BadInputsAreInputErrors) {
@@ -373,5 +402,9 @@ TEST(QMatmul, CpuDequantIsBitExact) {
                   bits};
     cpu_dequant_t(cw, wt.data_ptr<float>());
     EXPECT_TRUE(at::equal(wt, c.W.t().contiguous())) << bits;
+    // The bf16 variant is the fp32 one rounded to nearest even, as at::to rounds.
+    at::Tensor wb = at::empty({192, 40}, at::kBFloat16);
+    cpu_dequant_t_bf16(cw, reinterpret_cast<uint16_t*>(wb.data_ptr()));
+    EXPECT_TRUE(at::equal(wb, wt.to(at::kBFloat16))) << bits;
   }
 }
