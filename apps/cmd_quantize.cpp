@@ -50,6 +50,9 @@ int cmd_quantize(const Argv& argv) {
                      "block's inputs; s and z then train only in E2E-QP) | gptq-unrounded (GPTQ's integers, s and z, "
                      "with W where GPTQ's error compensation left it before rounding: s and z train; the "
                      "default)", ""},
+       {"gptq-order", "O", "GPTQ's column order (--method gptq and the gptq starts): natural (left to right) | gar "
+                           "(group-aware reordering, GPTQModel's default: the most sensitive inputs first, each "
+                           "group's columns kept together so g_idx stays sequential)", "natural"},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "
@@ -107,6 +110,7 @@ int cmd_quantize(const Argv& argv) {
   o.block.min_lr_factor = a.f64("min-lr-factor", 1, 1e6);
   o.block.offload_dir = a.str("offload-dir");
   o.block.init = a.str("init");
+  o.block.gptq_order = a.str("gptq-order");
   o.e2e_loss = a.str("e2e-loss");
   if (a.has("e2e-lr")) o.e2e.lr = a.f64("e2e-lr", 0, 1);
   if (a.has("e2e-epochs")) o.e2e.epochs = a.i64("e2e-epochs", 0, kMaxEpochs);

@@ -250,7 +250,7 @@ TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
 }
 
 // EfficientQAT starts Block-AP from GPTQ's unrounded weights unless --init says otherwise (issue 18); the summary
-// records the start that ran.
+// records the start that ran, and GPTQ's column order (--gptq-order, natural by default).
 TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
   TempDir t;
   auto init_of = [&](const std::vector<std::string>& extra) {
@@ -261,10 +261,16 @@ TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
     args.insert(args.end(), extra.begin(), extra.end());
     RunResult r = run_eqat(args);
     EXPECT_EQ(r.code, 0) << r.err;
-    return nlohmann::json::parse(slurp(t.str("q") + "/eqat_quantize_summary.json"))["block_phase"]["init"];
+    const auto phase = nlohmann::json::parse(slurp(t.str("q") + "/eqat_quantize_summary.json"))["block_phase"];
+    return phase["init"].get<std::string>() + "/" + phase["gptq_order"].get<std::string>();
   };
-  EXPECT_EQ(init_of({}), "gptq-unrounded");
-  EXPECT_EQ(init_of({"--init", "minmax"}), "minmax");
+  EXPECT_EQ(init_of({}), "gptq-unrounded/natural");
+  EXPECT_EQ(init_of({"--init", "minmax"}), "minmax/natural");
+  EXPECT_EQ(init_of({"--gptq-order", "gar"}), "gptq-unrounded/gar");
+  expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q3"), "--gptq-order",
+                              "desc", "--calib", data_path("text/tinyshakespeare.txt")}),
+                     "--gptq-order");
+  EXPECT_FALSE(fs::exists(t.str("q3")));
 }
 
 // eval --exact-activations: a packed model is scored through the fp32-activation kernel, the very one

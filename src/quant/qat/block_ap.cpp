@@ -306,7 +306,11 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     GptqFactor f;
     size_t f_of = lins.size();  // whose factor f is
     for (size_t k = 0; k < lins.size(); ++k) {
-      if (leader[k] == k) f = gptq_factor(hs[k].take(), opts.gptq_damp), f_of = k;  // reuses the Hessian's storage
+      if (leader[k] == k) {  // reuses the Hessian's storage
+        const int64_t K = lins[k].second->in_features();
+        f = gptq_factor(hs[k].take(), opts.gptq_damp, opts.gptq_order, opts.spec.group_for(K));
+        f_of = k;
+      }
       EQAT_ASSERT(f_of == leader[k], "GPTQ: linears that share an input must be adjacent");
       at::Tensor pre;
       out.push_back(gptq_quantize(lins[k].second->weight, f, opts.spec, 128, unrounded ? &pre : nullptr));

@@ -39,6 +39,8 @@ struct BlockApOptions {
   double weight_lr = -1;  // <0: 2e-5 for 2-bit; 3/4/8-bit 1e-5 (the paper's), or 4e-5 from gptq-unrounded
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
+  // GPTQ's column order (gptq.h): "natural" or "gar" (group-aware reordering); for --method gptq and the gptq starts.
+  std::string gptq_order = "natural";
   // efficientqat: where W, s and z start. "minmax": W as loaded, s and z from each group's min–max (the paper's; the
   // CLI's default). "mse": W as loaded, s and z from each group's clip range with the least weight error
   // (mse_clip_init).

@@ -69,11 +69,31 @@ void reverse_both_(at::Tensor& M) {
 // intermediates; this costs 5/6·K³ and holds two [K, K] float64 matrices at most (H is consumed). Measured on one
 // core at K = 4096: 4.5 s against 2.5 s, the same U to 5e-13 relative. A 7B down_proj (K = 11008: 970 MB per
 // matrix) spends most of its GPTQ time here.
-GptqFactor gptq_factor(at::Tensor H, double damp) {
+at::Tensor gar_permutation(const at::Tensor& diag, int64_t g) {
+  c10::NoGradGuard ng;
+  const int64_t K = diag.numel(), full = K / g;
+  EQAT_ASSERT(g >= 1 && g <= K, "gar_permutation: group ", g, " for K = ", K);
+  at::Tensor d = diag.to(at::kCPU, at::kDouble).reshape({-1});
+  at::Tensor blocks = d.narrow(0, 0, full * g).view({full, g});
+  at::Tensor local = std::get<1>(blocks.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));  // [full, g]
+  at::Tensor order = std::get<1>(std::get<0>(blocks.max(1)).sort(/*stable=*/true, 0, /*descending=*/true));  // [full]
+  at::Tensor perm = (local.index_select(0, order) + order.unsqueeze(1) * g).reshape({-1});
+  if (full * g < K) perm = at::cat({perm, at::arange(full * g, K, at::kLong)});  // the ragged tail, as it is
+  return perm;
+}
+
+GptqFactor gptq_factor(at::Tensor H, double damp, const std::string& order, int64_t group) {
   c10::NoGradGuard g;
   EQAT_ASSERT(H.dim() == 2 && H.size(0) == H.size(1), "gptq_factor: H must be square");
+  EQAT_ASSERT(order == "natural" || order == "gar", "gptq_factor: unknown order '", order, "'");
   H = H.to(at::kCPU, at::kDouble).contiguous();
   GptqFactor f;
+  if (order == "gar") {
+    f.perm = gar_permutation(H.diagonal(), group);
+    f.group = group;
+    H = H.index_select(0, f.perm);  // one [K, K] copy at a time
+    H = H.index_select(1, f.perm);
+  }
   f.dead = H.diagonal() == 0;
   H.diagonal().masked_fill_(f.dead, 1);
   H.diagonal().add_(damp * H.diagonal().mean().item<double>());
@@ -99,9 +119,11 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const GptqFactor& f, const
                 qmax = spec.qmax();
   EQAT_ASSERT(f.U.size(0) == K && f.dead.numel() == K, "gptq_quantize: the factor is for K = ", f.U.size(0),
               ", the weight has K = ", K);
+  EQAT_ASSERT(!f.perm.defined() || f.group == gs, "gptq_quantize: the factor's order is for groups of ", f.group,
+              ", the weight has groups of ", gs);
   const at::Tensor& U = f.U;
   at::Tensor Wt = at::empty({K, N}, at::TensorOptions().dtype(at::kDouble));
-  Wt.copy_(W_in.detach().t());
+  Wt.copy_(f.perm.defined() ? W_in.detach().t().index_select(0, f.perm) : W_in.detach().t());
   Wt.masked_fill_(f.dead.unsqueeze(1), 0);
 
   at::Tensor Qt = at::empty({K, N}, at::kInt);
@@ -139,6 +161,14 @@ QuantizedWeight gptq_quantize(const at::Tensor& W_in, const GptqFactor& f, const
             .addmm_(U1.narrow(0, b0, b1 - b0).narrow(1, b1, count - b1).t(), Err1.narrow(0, b0, b1 - b0), 1, -1);
     }
     if (i2 < K) Wt.narrow(0, i2, K - i2).addmm_(U.narrow(0, i1, count).narrow(1, i2, K - i2).t(), Err1, 1, -1);
+  }
+  if (f.perm.defined()) {  // back to the natural order: rows of Qt and pre by the inverse permutation, groups of S, Z
+    const at::Tensor inv = at::argsort(f.perm);
+    Qt = Qt.index_select(0, inv);
+    if (unrounded) pre = pre.index_select(0, inv);
+    const at::Tensor group_of = f.perm.index({at::indexing::Slice(0, at::indexing::None, gs)}).div(gs, "floor");
+    S = at::zeros_like(S).index_copy_(0, group_of, S);  // permuted group j holds natural group group_of[j]
+    Z = at::zeros_like(Z).index_copy_(0, group_of, Z);
   }
   if (unrounded) *unrounded = pre.t().contiguous();
   QuantizedWeight out;

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <utility>
 
 #include "quant/quantizer.h"
@@ -30,12 +31,24 @@ class HessianAccumulator {
 // What GPTQ needs of H: U, the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), after each dead input
 // (H_kk = 0) got H_kk = 1; and the dead inputs, whose weights are zeroed. One factor serves every linear that reads
 // the same input (q/k/v, gate/up).
+//
+// Column order. "natural": left to right. "gar": group-aware reordering (GAR, Gafni et al. 2025; GPTQModel's default
+// act_group_aware): within each group of `group` columns, the columns by descending H_kk; the groups by descending
+// largest H_kk; a ragged last group stays last, in its own order. GPTQ then quantizes the most sensitive inputs first
+// while each group keeps its columns, so the export's g_idx stays k / g (every kernel's layout) and only the
+// integers, s and z change. U, dead and the work inside gptq_quantize are in that order; the results are returned
+// in the natural one.
 struct GptqFactor {
-  at::Tensor U;     // [K, K] float64, upper triangular
-  at::Tensor dead;  // [K] bool
+  at::Tensor U;     // [K, K] float64, upper triangular, in `perm` order
+  at::Tensor dead;  // [K] bool, in `perm` order
+  at::Tensor perm;  // [K] int64: position i holds input column perm[i]; undefined for the natural order
+  int64_t group = 0;  // the group size `perm` keeps together
 };
 // Consumes H: its storage is reused for the factorization (pass HessianAccumulator::take(), or a clone to keep H).
-GptqFactor gptq_factor(at::Tensor H, double damp = 0.01);
+// order "gar" needs `group` (the quantizer's group size for this K, K itself per-channel).
+GptqFactor gptq_factor(at::Tensor H, double damp = 0.01, const std::string& order = "natural", int64_t group = 0);
+// GAR's permutation for diag(H) [K] and groups of g columns (the order above).
+at::Tensor gar_permutation(const at::Tensor& diag, int64_t g);
 
 // W [N, K] -> integers (q, zero, scale) in the layout of quantize_integers. With `unrounded`, also each column as it
 // was just before its rounding ([N, K] float64: W with the error compensation of all earlier columns).

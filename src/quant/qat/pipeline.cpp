@@ -158,6 +158,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              "--init: expected minmax, mse, gptq or gptq-unrounded, got '", b.init, "'");
   EQAT_CHECK(b.init.empty() || b.init == "minmax" || o.method == "efficientqat", "--init ", b.init,
              ": only --method efficientqat trains from a starting point");
+  EQAT_CHECK(b.gptq_order == "natural" || b.gptq_order == "gar", "--gptq-order: expected natural or gar, got '",
+             b.gptq_order, "'");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
   EQAT_CHECK(b.batch_size >= 1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch, "], got ",
              b.batch_size);
@@ -210,6 +212,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
       {"--weight-lr", o.block.weight_lr},
       {"--min-lr-factor", o.block.min_lr_factor},
       {"--init", o.block.init},
+      {"--gptq-order", o.block.gptq_order},
       {"--device", o.device},
       {"--dtype", o.dtype},
   };
@@ -472,7 +475,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     series.push_back(curve("val", va));
     plots.emplace_back("eqat_quantize_blocks.png",
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
-    summary["block_phase"] = {{"init", bo.init}, {"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
+    summary["block_phase"] = {{"init", bo.init}, {"gptq_order", bo.gptq_order}, {"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }
   if (e2e) {

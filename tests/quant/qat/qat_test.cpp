@@ -417,6 +417,52 @@ TEST(Gptq, MatchesTheTextbookAlgorithm) {
   EXPECT_TRUE(at::equal(f.U, f.U.triu()));
 }
 
+// Group-aware reordering (--gptq-order gar) is the textbook algorithm run on the permuted problem (W[:, P],
+// H[P][:, P], groups in the permuted order) and mapped back: integers column by column, s and z group by group, the
+// unrounded weights to rounding (same operations in another order, as above). P keeps each group's columns together
+// (so the export's g_idx stays k / g), puts the columns of a group by descending H_kk and the groups by descending
+// largest H_kk; K = 328 in groups of 96 leaves a ragged tail of 40 that stays last; per-channel it is act-order.
+TEST(Gptq, GroupAwareReorderingIsTheTextbookOnThePermutedProblem) {
+  at::manual_seed(12);
+  const int64_t N = 40, K = 328;
+  at::Tensor W = at::randn({N, K});
+  at::Tensor X = at::randn({200, K}) * (at::rand({K}) * 3 + 0.1);
+  X.select(1, 5).zero_();
+  HessianAccumulator h(K);
+  h.add(X, at::Tensor());
+  const at::Tensor d = h.H().diagonal();
+  for (const auto& [bits, group] : std::vector<std::pair<int, int64_t>>{{2, 96}, {3, 64}, {4, -1}, {4, 82}}) {
+    QuantSpec spec;
+    spec.bits = bits;
+    spec.group_size = group;
+    const int64_t gs = spec.group_for(K), full = K / gs;
+    const at::Tensor P = gar_permutation(d, gs);
+    ASSERT_TRUE(at::equal(std::get<0>(P.sort()), at::arange(K, at::kLong))) << "a permutation";
+    ASSERT_FALSE(at::equal(P, at::arange(K, at::kLong))) << "not the identity on this H";
+    for (int64_t j = 0; j < full; ++j) {  // whole groups, each by descending H_kk; the groups by their largest H_kk
+      const at::Tensor cols = P.narrow(0, j * gs, gs);
+      EXPECT_TRUE(at::equal(cols.div(gs, "floor"), cols.div(gs, "floor")[0].expand({gs}))) << gs << ": group " << j;
+      const at::Tensor dj = d.index_select(0, cols);
+      EXPECT_TRUE(at::equal(dj, std::get<0>(dj.sort(0, /*descending=*/true)))) << gs;
+      if (j > 0) EXPECT_GE(d.index_select(0, P.narrow(0, (j - 1) * gs, gs)).max().item<double>(), dj.max().item<double>());
+    }
+    EXPECT_TRUE(at::equal(P.narrow(0, full * gs, K - full * gs), at::arange(full * gs, K, at::kLong))) << "ragged tail";
+
+    at::Tensor pre, want_pre;
+    const QuantizedWeight want = textbook_gptq(W.index_select(1, P), h.H().index_select(0, P).index_select(1, P), spec,
+                                               &want_pre);
+    const QuantizedWeight got = gptq_quantize(W, gptq_factor(h.H().clone(), 0.01, "gar", gs), spec, 128, &pre);
+    const at::Tensor inv = at::argsort(P);
+    const at::Tensor group_of = P.index({at::indexing::Slice(0, at::indexing::None, gs)}).div(gs, "floor");
+    EXPECT_TRUE(at::equal(got.q, want.q.index_select(1, inv))) << bits << "/" << group;
+    EXPECT_TRUE(at::equal(got.scale.index_select(1, group_of), want.scale)) << bits << "/" << group;
+    EXPECT_TRUE(at::equal(got.zero.index_select(1, group_of), want.zero)) << bits << "/" << group;
+    EXPECT_LE(max_abs_diff(pre, want_pre.index_select(1, inv)), 1e-9) << bits << "/" << group;
+    // The natural order gives other integers on this H: the order is used.
+    EXPECT_FALSE(at::equal(gptq_quantize(W, h.H(), spec, 0.01, 128).q, got.q)) << bits << "/" << group;
+  }
+}
+
 // --init gptq-unrounded: the start lies where GPTQ's compensation left each weight before rounding (off the grid),
 // yet fake quantization with GPTQ's s and z gives exactly GPTQ's dequantized weights; with 0 epochs the export is
 // GPTQ's bit for bit, and with training (s and z at this start's default lr) the block MSE falls below GPTQ's.
