@@ -475,16 +475,17 @@ void dequant_rows(const CpuQWeight& w, int64_t c_begin, int64_t c_end, bool with
 }
 }  // namespace
 
-void cpu_dequant_t(const CpuQWeight& w, float* out) {
+namespace {
+// All of Wᵀ, fp32 or bf16 (cpu_dequant_t, cpu_dequant_t_bf16).
+template <typename Out>
+void dequant_all(const CpuQWeight& w, Out* out) {
   EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0, "cpu_dequant_t: K ", w.K, " g ", w.group_size);
   dequant_rows(w, 0, w.K / kChunk, true, out);
 }
+}  // namespace
 
-void cpu_dequant_t_bf16(const CpuQWeight& w, uint16_t* out) {
-  EQAT_ASSERT(w.group_size % kChunk == 0 && w.K % w.group_size == 0, "cpu_dequant_t_bf16: K ", w.K, " g ",
-              w.group_size);
-  dequant_rows(w, 0, w.K / kChunk, true, out);
-}
+void cpu_dequant_t(const CpuQWeight& w, float* out) { dequant_all(w, out); }
+void cpu_dequant_t_bf16(const CpuQWeight& w, uint16_t* out) { dequant_all(w, out); }
 
 bool cpu_has_bf16_dot() {
   static const bool has = cpu_has_bf16_dot_impl();

@@ -63,12 +63,6 @@ void reverse_both_(at::Tensor& M) {
 }
 }  // namespace
 
-// U, the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), from one Cholesky: with P the reversal, P·H·P = L·Lᵀ gives
-// H⁻¹ = (P·L⁻ᵀ·P)(P·L⁻¹·P), and P·L⁻¹·P is upper triangular with a positive diagonal, so it is U. The textbook route
-// (Cholesky, the inverse from it, Cholesky again) costs 4/3·K³ flops and held the caller's H, a copy and two
-// intermediates; this costs 5/6·K³ and holds two [K, K] float64 matrices at most (H is consumed). Measured on one
-// core at K = 4096: 4.5 s against 2.5 s, the same U to 5e-13 relative. A 7B down_proj (K = 11008: 970 MB per
-// matrix) spends most of its GPTQ time here.
 at::Tensor gar_permutation(const at::Tensor& diag, int64_t g) {
   c10::NoGradGuard ng;
   const int64_t K = diag.numel(), full = K / g;
@@ -82,6 +76,12 @@ at::Tensor gar_permutation(const at::Tensor& diag, int64_t g) {
   return perm;
 }
 
+// U, the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), from one Cholesky: with P the reversal, P·H·P = L·Lᵀ gives
+// H⁻¹ = (P·L⁻ᵀ·P)(P·L⁻¹·P), and P·L⁻¹·P is upper triangular with a positive diagonal, so it is U. The textbook route
+// (Cholesky, the inverse from it, Cholesky again) costs 4/3·K³ flops and held the caller's H, a copy and two
+// intermediates; this costs 5/6·K³ and holds two [K, K] float64 matrices at most (H is consumed). Measured on one
+// core at K = 4096: 4.5 s against 2.5 s, the same U to 5e-13 relative. A 7B down_proj (K = 11008: 970 MB per
+// matrix) spends most of its GPTQ time here.
 GptqFactor gptq_factor(at::Tensor H, double damp, const std::string& order, int64_t group) {
   c10::NoGradGuard g;
   EQAT_ASSERT(H.dim() == 2 && H.size(0) == H.size(1), "gptq_factor: H must be square");
