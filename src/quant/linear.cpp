@@ -260,11 +260,22 @@ MergedPackedLinear MergedPackedLinear::merge(const std::vector<QuantLinear>& par
   if (!bs.empty()) m.bias_ = at::cat(bs, 0);
   m.bits_ = bits;
   m.group_size_ = a.spec().group_for(K);
+  // The parts' own storages, held here past the views (view_packed_columns swaps each tensor's storage for the
+  // merged one): where they alias a checkpoint's mapping (a loaded export), the concatenation above paged them in,
+  // and a mapping's pages stay in RSS while it lives (the shard's other tensors keep it alive), so serving held
+  // every merged weight twice. Once nothing but this list holds a storage, its pages are dropped.
+  std::vector<c10::Storage> originals;
   int64_t n0 = 0;
   for (QuantLinear p : parts) {  // a holder copy shares the module
+    originals.push_back(p->qweight.storage());
+    originals.push_back(p->scales.storage());
+    if (p->bias.defined()) originals.push_back(p->bias.storage());
     p->view_packed_columns(m.w_, m.bias_, n0);
     n0 += p->out_features();
   }
+  qw.clear(), sc.clear(), bs.clear();
+  for (const c10::Storage& st : originals)
+    if (st.use_count() == 1) release_mapped_bytes(st.data(), st.nbytes());
   return m;
 }
 

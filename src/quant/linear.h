@@ -79,7 +79,9 @@ TORCH_MODULE(QuantLinear);
 // set, so a decode step runs one fused dequant-GEMV over all their columns instead of one per projection: fewer
 // launches and weight streams, and GQA's narrow k/v projections no longer run as kernels too small to fill the GPU
 // (vLLM's merged column-parallel linears). Serving only: the parts' qweight, scales and bias become column views
-// of the merged tensors (the weights are held once), so their step sizes must not be trained afterwards.
+// of the merged tensors (the weights are held once: where the parts' own tensors aliased a checkpoint's mapping and
+// nothing else holds them, their pages are dropped after the copy), so their step sizes must not be trained
+// afterwards.
 class MergedPackedLinear {
  public:
   // Merges when every part is packed with the same bits, group size, in_features, scale dtype and device, g_idx is

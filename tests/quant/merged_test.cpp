@@ -1,6 +1,6 @@
 // MergedPackedLinear (serving: a layer's q/k/v or gate/up as one packed linear): the merged forward gives each
 // part's output, the parts keep computing what they did as views of the merged tensors, and parts that cannot
-// merge are left alone.
+// merge are left alone. Parts loaded from a checkpoint's mapping give its pages back once merged.
 //
 // Tolerance: both sides compute the same sums in fp32, but the CPU kernel's blocking over columns (and threads) may
 // order them differently. Each side is within the bound derived in qmatmul_test.cpp of the exact value,
@@ -12,7 +12,9 @@
 #include <cmath>
 #include <vector>
 
+#include "data/safetensors.h"
 #include "quant/linear.h"
+#include "test_util.h"
 
 using namespace eqat;
 
@@ -64,6 +66,51 @@ TEST(MergedPackedLinear, GivesEachPartsOutput) {
           EXPECT_EQ(p[i]->qweight.data_ptr<int32_t>(), p[0]->qweight.data_ptr<int32_t>() + (i ? (i == 1 ? 40 : 64) : 0));
         }
       }
+}
+
+// Serving a loaded export: the parts' integers alias the checkpoint's mapping, and merging reads them all. Their
+// pages must leave the process afterwards (a mapping's pages otherwise stay in RSS for as long as the shard's
+// other tensors keep it alive: every merged weight held twice, 15.1 GiB for a 7.4 GB 13B export), unless some
+// other tensor still aliases those bytes. Counted with the page table's present bits (/proc/self/pagemap).
+TEST(MergedPackedLinear, DropsTheMappedPagesOfItsParts) {
+  c10::NoGradGuard ng;
+  eqat_test::TempDir dir;
+  const std::string path = dir.str("parts.safetensors");
+  const int64_t K = 1024;
+  std::vector<QuantLinear> src{packed_linear(K, 512, 4, 128, false, 1), packed_linear(K, 256, 4, 128, false, 2),
+                               packed_linear(K, 256, 4, 128, false, 3)};  // qweight 256 / 128 / 128 KiB
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (size_t i = 0; i < src.size(); ++i)
+    for (const auto& [n, t] : std::vector<std::pair<std::string, at::Tensor>>{
+             {"qweight", src[i]->qweight}, {"qzeros", src[i]->qzeros}, {"scales", src[i]->scales}, {"g_idx", src[i]->g_idx}})
+      tensors.emplace_back(std::to_string(i) + "." + n, t);
+  write_safetensors(path, tensors);
+  auto f = SafetensorsFile::open(path);
+  std::vector<QuantLinear> p;
+  for (size_t i = 0; i < src.size(); ++i) {
+    const std::string k = std::to_string(i) + ".";
+    p.emplace_back(K, src[i]->out_features(), false);
+    p.back()->set_packed({f->get(k + "qweight"), f->get(k + "qzeros"), f->get(k + "scales"), f->get(k + "g_idx")},
+                         src[i]->spec());
+  }
+  const at::Tensor x = at::randn({3, K});
+  std::vector<at::Tensor> before;
+  std::vector<const void*> mapped;
+  for (auto& l : p) before.push_back(l->forward(x)), mapped.push_back(l->qweight.const_data_ptr());
+  const int64_t bytes = p[0]->qweight.nbytes();
+  const auto [present, pages] = eqat_test::present_pages(mapped[0], bytes);
+  if (present < 0) GTEST_SKIP() << "no /proc/self/pagemap";
+  ASSERT_GT(pages, 32);
+  ASSERT_EQ(present, pages) << "the forward read every page of part 0's integers";
+  const at::Tensor held = p[2]->qweight.narrow(1, 0, 8);  // someone else still aliases part 2's bytes
+  const at::Tensor held_value = held.clone();
+  ASSERT_TRUE(MergedPackedLinear::merge(p).defined());
+  for (size_t i = 0; i < 2; ++i)
+    EXPECT_EQ(eqat_test::present_pages(mapped[i], p[i]->qweight.nbytes()).first, 0) << "part " << i;
+  const auto [kept, kept_pages] = eqat_test::present_pages(mapped[2], held.storage().nbytes());
+  EXPECT_EQ(kept, kept_pages) << "part 2's pages are still aliased and must stay";
+  EXPECT_TRUE(at::equal(held, held_value));
+  for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(at::equal(p[i]->forward(x), before[i])) << "part " << i;
 }
 
 TEST(MergedPackedLinear, LeavesPartsThatCannotMergeAlone) {
