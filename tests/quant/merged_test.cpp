@@ -95,10 +95,13 @@ TEST(MergedPackedLinear, DropsTheMappedPagesOfItsParts) {
   }
   const at::Tensor x = at::randn({3, K});
   std::vector<at::Tensor> before;
-  std::vector<const void*> mapped;
-  for (auto& l : p) before.push_back(l->forward(x)), mapped.push_back(l->qweight.const_data_ptr());
-  const int64_t bytes = p[0]->qweight.nbytes();
-  const auto [present, pages] = eqat_test::present_pages(mapped[0], bytes);
+  std::vector<const void*> mapped;  // each part's integers in the mapping, and their size
+  std::vector<size_t> mapped_bytes;
+  for (auto& l : p) {
+    before.push_back(l->forward(x));
+    mapped.push_back(l->qweight.const_data_ptr()), mapped_bytes.push_back(l->qweight.nbytes());
+  }
+  const auto [present, pages] = eqat_test::present_pages(mapped[0], mapped_bytes[0]);
   if (present < 0) GTEST_SKIP() << "no /proc/self/pagemap";
   ASSERT_GT(pages, 32);
   ASSERT_EQ(present, pages) << "the forward read every page of part 0's integers";
@@ -106,8 +109,8 @@ TEST(MergedPackedLinear, DropsTheMappedPagesOfItsParts) {
   const at::Tensor held_value = held.clone();
   ASSERT_TRUE(MergedPackedLinear::merge(p).defined());
   for (size_t i = 0; i < 2; ++i)
-    EXPECT_EQ(eqat_test::present_pages(mapped[i], p[i]->qweight.nbytes()).first, 0) << "part " << i;
-  const auto [kept, kept_pages] = eqat_test::present_pages(mapped[2], held.storage().nbytes());
+    EXPECT_EQ(eqat_test::present_pages(mapped[i], mapped_bytes[i]).first, 0) << "part " << i;
+  const auto [kept, kept_pages] = eqat_test::present_pages(mapped[2], mapped_bytes[2]);
   EXPECT_EQ(kept, kept_pages) << "part 2's pages are still aliased and must stay";
   EXPECT_TRUE(at::equal(held, held_value));
   for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(at::equal(p[i]->forward(x), before[i])) << "part " << i;
