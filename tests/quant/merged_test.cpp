@@ -81,8 +81,10 @@ TEST(MergedPackedLinear, DropsTheMappedPagesOfItsParts) {
                                packed_linear(K, 256, 4, 128, false, 3)};  // qweight 256 / 128 / 128 KiB
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (size_t i = 0; i < src.size(); ++i)
-    for (const auto& [n, t] : std::vector<std::pair<std::string, at::Tensor>>{
-             {"qweight", src[i]->qweight}, {"qzeros", src[i]->qzeros}, {"scales", src[i]->scales}, {"g_idx", src[i]->g_idx}})
+    for (const auto& [n, t] : std::vector<std::pair<std::string, at::Tensor>>{{"qweight", src[i]->qweight},
+                                                                               {"qzeros", src[i]->qzeros},
+                                                                               {"scales", src[i]->scales},
+                                                                               {"g_idx", src[i]->g_idx}})
       tensors.emplace_back(std::to_string(i) + "." + n, t);
   write_safetensors(path, tensors);
   auto f = SafetensorsFile::open(path);

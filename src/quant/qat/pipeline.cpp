@@ -475,7 +475,8 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     series.push_back(curve("val", va));
     plots.emplace_back("eqat_quantize_blocks.png",
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
-    summary["block_phase"] = {{"init", bo.init}, {"gptq_order", bo.gptq_order}, {"seconds", r.seconds}, {"ms_per_iteration", r.ms_per_iteration},
+    summary["block_phase"] = {{"init", bo.init},         {"gptq_order", bo.gptq_order},
+                              {"seconds", r.seconds},    {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }
   if (e2e) {

@@ -444,7 +444,8 @@ TEST(Gptq, GroupAwareReorderingIsTheTextbookOnThePermutedProblem) {
       EXPECT_TRUE(at::equal(cols.div(gs, "floor"), cols.div(gs, "floor")[0].expand({gs}))) << gs << ": group " << j;
       const at::Tensor dj = d.index_select(0, cols);
       EXPECT_TRUE(at::equal(dj, std::get<0>(dj.sort(0, /*descending=*/true)))) << gs;
-      if (j > 0) EXPECT_GE(d.index_select(0, P.narrow(0, (j - 1) * gs, gs)).max().item<double>(), dj.max().item<double>());
+      if (j > 0)
+        EXPECT_GE(d.index_select(0, P.narrow(0, (j - 1) * gs, gs)).max().item<double>(), dj.max().item<double>());
     }
     EXPECT_TRUE(at::equal(P.narrow(0, full * gs, K - full * gs), at::arange(full * gs, K, at::kLong))) << "ragged tail";
 
