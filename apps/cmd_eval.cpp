@@ -63,7 +63,10 @@ int cmd_eval(const Argv& argv) {
        {"strict", "", "refuse corrupt JPEGs that libjpeg would decode with a warning (a bad question), and make "
                       "the answer checks (duplicate or unknown question ids, non-string text) errors", ""},
        {"device", "DEV", "cpu | cuda[:N]", "cpu"},
-       {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
+       {"dtype", "T",
+        "auto (the stored dtype; fp16 computes in float32 on the CPU, its weights kept fp16) | float32 | bfloat16 | "
+        "float16",
+        "auto"},
        {"threads", "N", "CPU threads (0 = auto)", "0"},
        {"exact-activations", "", "packed models compute with fp32 activations instead of the int8-activation AVX-512 "
                                  "VNNI kernel and the bf16 prefill GEMM (the CPU defaults where they exist): scores "

@@ -32,7 +32,10 @@ std::vector<FlagSpec> generation_flags(const std::string& default_template) {
       {"dump-logits", "FILE", "write the logits of the prompt's last position and of every step (safetensors)", ""},
       {"overwrite", "", kOverwriteHelp, ""},
       {"device", "DEV", "cpu | cuda[:N]", "cpu"},
-      {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
+      {"dtype", "T",
+       "auto (the stored dtype; fp16 computes in float32 on the CPU, its weights kept fp16) | float32 | bfloat16 | "
+       "float16",
+       "auto"},
       {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
       {"decode", "MODE",
        "decode steps: auto (graph on CUDA, else eager) | eager | static (fixed shapes) | graph (CUDA graph replay)",
@@ -147,6 +150,7 @@ LoadOptions load_options(const ParsedArgs& a) {
   lo.device = a.str("device");
   lo.dtype = a.str("dtype");
   lo.fuse_projections = true;
+  lo.weights_as_stored = true;
   return lo;
 }
 

@@ -52,7 +52,10 @@ int cmd_serve(const Argv& argv) {
        "prompt template for every model: llava-1.5 | hf | mistral | chatml | llama3 | none (default: each model's own)",
        ""},
       {"device", "DEV", "cpu | cuda[:N]", "cpu"},
-      {"dtype", "T", "auto | float32 | bfloat16 | float16", "auto"},
+      {"dtype", "T",
+       "auto (the stored dtype; fp16 computes in float32 on the CPU, its weights kept fp16) | float32 | bfloat16 | "
+       "float16",
+       "auto"},
       {"threads", "N", "CPU threads (0 = LibTorch's default)", "0"},
   };
   ParsedArgs a = parse_args(spec, argv);

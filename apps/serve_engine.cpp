@@ -77,6 +77,7 @@ Engine::Engine(const std::string& name, const std::string& dir, const EngineOpti
   lo.device = opts.device;
   lo.dtype = opts.dtype;
   lo.fuse_projections = true;
+  lo.weights_as_stored = true;
   s_->model = load_model(dir, lo);
   const Model& m = s_->model;
   const int64_t ctx = m.cfg.text.max_position_embeddings;

@@ -325,6 +325,7 @@ EvalResult run_text_metric(const EvalOptions& o) {
   lo.device = o.device;
   lo.dtype = o.dtype;
   lo.fuse_projections = true;
+  lo.weights_as_stored = true;
   Model m = load_model(o.model_dir, lo);
   apply_threads(o, m);
   Model ref;
@@ -530,6 +531,7 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
   lo.device = o.device;
   lo.dtype = o.dtype;
   lo.fuse_projections = true;
+  lo.weights_as_stored = true;
   Model ref = load_model(o.reference_dir, lo);
   EQAT_CHECK(ref.multimodal() && m.multimodal(), o.reference_dir, ": --reference for --bench shapes must be a LLaVA model");
   EQAT_CHECK(ref.cfg.text.vocab_size == m.cfg.text.vocab_size, o.reference_dir, ": vocabulary ", ref.cfg.text.vocab_size,
@@ -686,6 +688,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
       lo.device = o.device;
       lo.dtype = o.dtype;
       lo.fuse_projections = true;
+      lo.weights_as_stored = true;
       loaded.emplace(load_model(o.model_dir, lo));
       apply_threads(o, *loaded);
     }

@@ -247,7 +247,12 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& cfg) : cfg_(cfg) {
   if (!cfg.tie_word_embeddings) lm_head = register_module("lm_head", QuantLinear(cfg.hidden_size, cfg.vocab_size, false));
 }
 
-at::Tensor LlamaForCausalLMImpl::embed(const at::Tensor& ids) { return model->embed_tokens->forward(ids); }
+at::Tensor LlamaForCausalLMImpl::embed(const at::Tensor& ids) {
+  // A table kept in its stored fp16/bf16 (LoadOptions::weights_as_stored) gives rows in the decoder's dtype, exactly.
+  at::Tensor e = model->embed_tokens->forward(ids);
+  const c10::ScalarType dtype = model->norm->weight.scalar_type();
+  return e.scalar_type() == dtype ? e : e.to(dtype);
+}
 
 int64_t LlamaForCausalLMImpl::fuse_projections() {
   int64_t n = 0;

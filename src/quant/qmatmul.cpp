@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "data/error.h"
+#include "quant/cpu_half_gemv.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/quantizer.h"
 #ifdef EQAT_WITH_CUDA
@@ -172,7 +173,54 @@ bool sequential_cached(const GptqTensors& w, int64_t group_size) {
 
 }  // namespace
 
+namespace {
+
+// float_linear with fp32 activations and fp16/bf16 weights on the CPU (weights kept as stored).
+at::Tensor half_weight_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const int64_t K = w.size(-1), N = w.size(0);
+  EQAT_CHECK(w.dim() == 2 && x.size(-1) == K, "float_linear: x ", x.sizes(), " against weight ", w.sizes());
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  const bool grad = c10::GradMode::is_enabled() && (x.requires_grad() || (bias && bias->requires_grad()));
+  if (!grad && M <= kHalfWeightRows) {
+    const at::Tensor x2 = x.reshape({M, K}).contiguous();
+    const at::Tensor wc = w.contiguous();
+    at::Tensor y = at::empty({M, N}, x.options());
+    const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+    const bool bf16 = w.scalar_type() == at::kBFloat16;
+    const CpuIsa isa = cpu_half_gemv_isa();
+    // Slices of 64 output rows; below 4 Mi weights (8 MiB) one thread streams the matrix before a second pays off.
+    constexpr int64_t kSlice = 64;
+    const int64_t slices = (N + kSlice - 1) / kSlice;
+    at::parallel_for(0, slices, N * K >= (int64_t{1} << 22) ? 1 : slices, [&](int64_t s0, int64_t s1) {
+      cpu_half_gemv(x2.data_ptr<float>(), M, K, wp, bf16, s0 * kSlice, std::min(N, s1 * kSlice), y.data_ptr<float>(),
+                    N, isa);
+    });
+    if (bias) y.add_(*bias);
+    return y.view(shape);
+  }
+  // More rows (prefill, or gradients): the weight converted to fp32, which is exact, and LibTorch's GEMM: the same
+  // values and the same call as a float32 load, so the same result. A weight over kHalfWeightSliceBytes in fp32 (a
+  // 32000-wide lm_head is 524 MiB at K = 4096) is converted and multiplied in row slices, so no fp32 copy of it
+  // exists; MKL may then sum in another order (γ_K above).
+  const int64_t rows = std::max<int64_t>(1, kHalfWeightSliceBytes / (K * 4));
+  if (N <= rows) return at::linear(x, w.to(at::kFloat), bias);
+  std::vector<at::Tensor> parts;
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    parts.push_back(at::linear(x, w.narrow(0, n0, n).to(at::kFloat),
+                               bias ? c10::optional<at::Tensor>(bias->narrow(0, n0, n)) : c10::nullopt));
+  }
+  return at::cat(parts, -1);
+}
+
+}  // namespace
+
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (x.is_cpu() && x.scalar_type() == at::kFloat &&
+      (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16))
+    return half_weight_linear(x, w, bias);
   const int64_t K = w.size(-1), N = w.size(0);
   // Below 4 Mi weights (16 MiB) one thread streams the matrix before a second one pays off.
   const bool split = x.is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.dim() == 2 &&

@@ -55,7 +55,13 @@ QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, con
 // lm_head, float layers of a model served at batch 1) is split by output columns over LibTorch's threads: MKL runs
 // such a GEMV on the calling thread alone. Each output is the same dot product over K, computed by MKL on its
 // column slice; autograd is not involved (inference only: falls back to at::linear when gradients are recorded).
+// Weights kept in their stored fp16/bf16 (LoadOptions::weights_as_stored) with fp32 x on the CPU: up to
+// kHalfWeightRows rows go to cpu_half_gemv (each weight converted in registers, half the bytes of an fp32 weight
+// streamed, split by output rows over the threads); more rows multiply the weight converted to fp32 (exact) with
+// LibTorch's GEMM, in row slices of at most kHalfWeightSliceBytes, so a large matrix never exists in fp32 whole.
 constexpr int64_t kFewRows = 4;
+constexpr int64_t kHalfWeightRows = 16;
+constexpr int64_t kHalfWeightSliceBytes = int64_t{64} << 20;
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
 
 // True when g_idx is the plain k / group_size mapping (no act-order), which every fast path assumes.

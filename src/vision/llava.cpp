@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 
 #include "data/anyres.h"
 #include "data/error.h"
@@ -183,7 +184,7 @@ bool is_decoder_layer_key(const std::string& key) {
 }
 
 void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, c10::ScalarType dtype,
-                 c10::Device device, const std::string& dir, bool deferred = false) {
+                 c10::Device device, const std::string& dir, bool deferred = false, bool as_stored = false) {
   EQAT_CHECK(ckpt.has(key), dir, ": missing tensor '", key, "'");
   at::Tensor t = ckpt.get(key);
   EQAT_CHECK(t.sizes() == p.sizes(), dir, ": tensor '", key, "' has shape ", shape_str(t.sizes()),
@@ -205,6 +206,15 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
     p.set_requires_grad(false);
     return;
   }
+  // Kept as stored (LoadOptions::weights_as_stored): the alias, checked, and its pages dropped again, so only what
+  // a forward reads becomes resident (a token table is read a few rows at a time).
+  if (as_stored) {
+    check_finite(t, key, ckpt.info(key).file);
+    ckpt.release(key);
+    p.set_data(t);
+    p.set_requires_grad(false);
+    return;
+  }
   if (t.scalar_type() != dtype || device != t.device()) {
     t = t.to(device, dtype);
     ckpt.release(key);
@@ -218,7 +228,8 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
 // Walks the module tree: packed QuantLinears load qweight/qzeros/scales/g_idx (+bias), everything else its own
 // parameters and buffers (non-recursively, per module).
 void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multimodal, c10::ScalarType dtype,
-                  c10::Device device, const std::string& dir, int gptq_v1_bits, bool defer_decoder) {
+                  c10::Device device, const std::string& dir, int gptq_v1_bits, bool defer_decoder,
+                  const std::set<std::string>& as_stored) {
   c10::NoGradGuard no_grad;
   for (auto& item : module.named_modules("", /*include_self=*/true)) {
     const std::string prefix = item.key().empty() ? "" : item.key() + ".";
@@ -232,7 +243,8 @@ void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multim
         load_tensor(b, ckpt, checkpoint_key(ckpt, prefix + n, multimodal), dtype, device, dir);
       }
       if (gptq_v1_bits > 0) lin->qzeros.set_data(qzeros_v1_to_v2(lin->qzeros, gptq_v1_bits, lin->out_features()));
-      load_tensor(lin->scales, ckpt, checkpoint_key(ckpt, prefix + "scales", multimodal), dtype, device, dir);
+      const std::string scales_key = checkpoint_key(ckpt, prefix + "scales", multimodal);
+      load_tensor(lin->scales, ckpt, scales_key, dtype, device, dir, false, as_stored.count(scales_key) > 0);
       lin->scales.set_requires_grad(false);
       if (lin->bias.defined())
         load_tensor(lin->bias, ckpt, checkpoint_key(ckpt, prefix + "bias", multimodal), dtype, device, dir);
@@ -240,10 +252,35 @@ void load_weights(torch::nn::Module& module, const Checkpoint& ckpt, bool multim
     }
     for (auto& p : mod.named_parameters(/*recurse=*/false)) {
       if (p.value().numel() == 0 && p.key() != "weight") continue;  // unused fake-quant slots
-      load_tensor(p.value(), ckpt, checkpoint_key(ckpt, prefix + p.key(), multimodal), dtype, device, dir, deferred);
+      const std::string key = checkpoint_key(ckpt, prefix + p.key(), multimodal);
+      load_tensor(p.value(), ckpt, key, dtype, device, dir, deferred, as_stored.count(key) > 0);
       p.value().set_requires_grad(false);
     }
   }
+}
+
+// The checkpoint keys LoadOptions::weights_as_stored keeps in their stored dtype: float linears' weights, the token
+// table and packed linears' step sizes, where they are stored as fp16/bf16 and the model computes in fp32 on the
+// CPU. Each feeds only products that convert it exactly (float_linear, LlamaForCausalLM::embed, the packed kernels,
+// which read fp16/bf16 step sizes).
+std::set<std::string> as_stored_keys(torch::nn::Module& module, const Checkpoint& ckpt, bool multimodal) {
+  std::set<std::string> keys;
+  auto add = [&](const std::string& module_key) {
+    const std::string key = checkpoint_key(ckpt, module_key, multimodal);
+    if (!ckpt.has(key)) return;  // load_tensor names what is missing
+    const std::string& d = ckpt.info(key).dtype;
+    if (d == "F16" || d == "BF16") keys.insert(key);
+  };
+  for (auto& item : module.named_modules("", /*include_self=*/true)) {
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    if (dynamic_cast<QuantLinearImpl*>(item.value().get())) {
+      add(prefix + "weight");  // a float linear; a packed one has scales instead (pack_decoder may not have run yet)
+      add(prefix + "scales");
+    } else if (dynamic_cast<EmbeddingImpl*>(item.value().get())) {
+      add(prefix + "weight");
+    }
+  }
+  return keys;
 }
 
 c10::ScalarType stored_dtype(const Checkpoint& ckpt) {
@@ -332,13 +369,12 @@ void check_sizes_against_checkpoint(const ModelConfig& cfg, const Checkpoint& ck
 }
 
 // Bytes a load allocates in host memory: tensors converted to the compute dtype (a same-dtype CPU tensor aliases
-// the mmapped file: page cache, evictable, not counted), plus, for a packed model, the placeholders pack_decoder
-// fills before loading (zeros/ones the size of the packed tensors). Weights sent to a CUDA device are not host
-// memory (the device allocator reports its own out-of-memory).
+// the mmapped file: page cache, evictable, not counted; so do pack_decoder's placeholders, never touched). Weights
+// sent to a CUDA device are not host memory (the device allocator reports its own out-of-memory).
 // With `defer_decoder`, the decoder layers' floats are converted one layer at a time later (materialize_layer), so
-// they count once, as the largest layer.
-int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const c10::Device& device, bool packed,
-                           bool defer_decoder) {
+// they count once, as the largest layer. Tensors kept as stored (`as_stored`) alias the file and count nothing.
+int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const c10::Device& device,
+                           bool defer_decoder, const std::set<std::string>& as_stored) {
   int64_t bytes = 0;
   std::map<std::string, int64_t> layer_bytes;  // "....layers.N." -> converted bytes
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
@@ -347,9 +383,8 @@ int64_t host_bytes_to_load(const Checkpoint& ckpt, c10::ScalarType dtype, const 
     int64_t numel = 1;
     for (int64_t d : info.shape) numel = mul_sat(numel, d);
     const bool is_float = info.dtype == "F32" || info.dtype == "F16" || info.dtype == "BF16" || info.dtype == "F64";
-    if (packed && !is_float) bytes = add_sat(bytes, mul_sat(numel, static_cast<int64_t>(dtype_size(info.dtype))));
     if (!device.is_cpu()) continue;
-    if (!is_float || dtype_from_safetensors(info.dtype) == dtype) continue;
+    if (!is_float || dtype_from_safetensors(info.dtype) == dtype || as_stored.count(name)) continue;
     if (defer_decoder && is_decoder_layer_key(name)) {
       const size_t at = name.find("layers.") + 7, dot = name.find('.', at);
       int64_t& lb = layer_bytes[name.substr(0, dot)];
@@ -396,32 +431,37 @@ Model load_model(const std::string& dir, const LoadOptions& opts) {
   }
   check_sizes_against_checkpoint(m.cfg, ckpt, m.cfg.arch == Arch::kLlava, dir);
   const bool defer = opts.defer_decoder && m.device.is_cpu() && !m.cfg.quant.present;
-  check_memory_fits(host_bytes_to_load(ckpt, m.dtype, m.device, m.cfg.quant.present, defer),
-                    str_cat(dir, ": loading the weights as ", dtype_name(m.dtype)),
-                    m.dtype == at::kFloat ? "a smaller --dtype (bfloat16) halves it" : "");
-  if (opts.need_tokenizer) m.tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
   int v1_bits = 0;
   if (m.cfg.quant.present) {
     EQAT_CHECK(m.cfg.quant.quant_method == "gptq" && !m.cfg.quant.desc_act, dir,
                ": only GPTQ checkpoints without act-order are supported (quant_method gptq, desc_act false)");
     if (m.cfg.quant.checkpoint_format != "gptq_v2") v1_bits = static_cast<int>(m.cfg.quant.bits);
   }
-
-  if (m.cfg.arch == Arch::kLlava) {
+  // The modules first (uninitialised: nothing allocated is touched), so the memory check knows what stays stored.
+  const bool multimodal = m.cfg.arch == Arch::kLlava;
+  if (multimodal) {
     m.llava = LlavaForConditionalGeneration(m.cfg);
-    if (m.cfg.quant.present) pack_decoder(m.llava->language_model, m.cfg, m.dtype);
-    load_weights(*m.llava, ckpt, true, m.dtype, m.device, dir, v1_bits, defer);
     m.lm = m.llava->language_model;
+  } else {
+    m.lm = LlamaForCausalLM(m.cfg.text);
+  }
+  torch::nn::Module& root = multimodal ? static_cast<torch::nn::Module&>(*m.llava) : *m.lm;
+  const std::set<std::string> as_stored = opts.weights_as_stored && m.device.is_cpu() && m.dtype == at::kFloat
+                                              ? as_stored_keys(root, ckpt, multimodal)
+                                              : std::set<std::string>{};
+  check_memory_fits(host_bytes_to_load(ckpt, m.dtype, m.device, defer, as_stored),
+                    str_cat(dir, ": loading the weights as ", dtype_name(m.dtype)),
+                    m.dtype == at::kFloat ? "a smaller --dtype (bfloat16) halves it" : "");
+  if (opts.need_tokenizer) m.tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
+  if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
+  load_weights(root, ckpt, multimodal, m.dtype, m.device, dir, v1_bits, defer, as_stored);
+  if (multimodal) {
     m.image_cfg = load_image_processor_config(dir, m.cfg.vision.image_size);
     // The processor's pinpoints decide the tiles, the model's the unpadding: they must agree (they do in every
     // published checkpoint).
     EQAT_CHECK(!m.cfg.anyres || m.image_cfg.image_grid_pinpoints.empty() ||
                    m.image_cfg.image_grid_pinpoints == m.cfg.image_grid_pinpoints,
                dir, ": image_grid_pinpoints differ between preprocessor_config.json and config.json");
-  } else {
-    m.lm = LlamaForCausalLM(m.cfg.text);
-    if (m.cfg.quant.present) pack_decoder(m.lm, m.cfg, m.dtype);
-    load_weights(*m.lm, ckpt, false, m.dtype, m.device, dir, v1_bits, defer);
   }
   if (opts.fuse_projections && m.cfg.quant.present) m.lm->fuse_projections();
   if (m.tok) {

@@ -58,6 +58,12 @@ struct LoadOptions {
   // dtype (nothing read, nothing resident) until materialize_layer converts one, so a model larger than RAM can be
   // quantized layer by layer. Unquantized models only.
   bool defer_decoder = false;
+  // Serving on the CPU in fp32 (--dtype auto on an fp16 checkpoint): float linears' weights, the token table and
+  // packed linears' step sizes stored as fp16/bf16 stay so, aliases of the checkpoint (no fp32 copy; pages resident
+  // only once read). Every product converts them exactly (float_linear, LlamaForCausalLM::embed, the packed CPU
+  // kernels), so the numbers are a float32 load's, up to fp32 summation order where a few rows take
+  // cpu_half_gemv. Leave it off where weights or step sizes are trained afterwards.
+  bool weights_as_stored = false;
 };
 
 // Everything needed to run a model directory.

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 
 #include "data/error.h"
 #include "data/safetensors.h"
@@ -187,6 +188,57 @@ TEST(LoadChecks, DeferredDecoderLayersMaterializeToTheOrdinaryLoad) {
       EXPECT_TRUE(at::equal(kv.value(), pb[kv.key()])) << l << " " << kv.key();
     }
   }
+}
+
+// LoadOptions::weights_as_stored (what ask, generate, eval and serve load): an fp16 checkpoint served in fp32 keeps
+// its float linears' weights (decoder, vision tower, projector, lm_head) and its token table as fp16 aliases of the
+// file, norms and the rest converted as before. The numbers are the float32 load's: prompt rows multiply the
+// exactly converted weights with the same GEMM; a decode row takes cpu_half_gemv, whose sums differ from MKL's by
+// fp32 rounding only (kLogitTol, derived in model_test_util.h), so the greedy tokens are the same.
+TEST(LoadChecks, WeightsKeptAsStoredGiveTheFloat32LoadsAnswers) {
+  TempDir t;
+  const std::string dir = copy_model(t, "tiny_llava");
+  {
+    std::vector<std::pair<std::string, at::Tensor>> half;
+    const Checkpoint ck = Checkpoint::open(dir + "/model.safetensors");
+    for (const auto& name : ck.names()) {
+      const at::Tensor v = ck.get(name);
+      half.emplace_back(name, v.is_floating_point() ? v.to(at::kHalf) : v.clone());
+    }
+    write_safetensors(dir + "/model.safetensors", half);
+  }
+  LoadOptions stored;
+  stored.weights_as_stored = true;
+  Model a = load_model(dir), b = load_model(dir, stored);
+  ASSERT_EQ(a.dtype, at::kFloat);
+  ASSERT_EQ(b.dtype, at::kFloat);
+  std::set<std::string> kept;
+  for (const auto& p : b.llava->named_parameters(true)) {
+    if (p.value().scalar_type() == at::kHalf) kept.insert(p.key());
+    else EXPECT_EQ(p.value().scalar_type(), at::kFloat) << p.key();
+  }
+  for (const auto& p : a.llava->named_parameters(true)) EXPECT_EQ(p.value().scalar_type(), at::kFloat) << p.key();
+  for (const char* key : {"language_model.lm_head.weight", "language_model.model.embed_tokens.weight",
+                          "language_model.model.layers.0.mlp.down_proj.weight",
+                          "language_model.model.layers.1.self_attn.q_proj.weight",
+                          "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+                          "multi_modal_projector.linear_2.weight"})
+    EXPECT_EQ(kept.count(key), 1u) << key;
+  for (const auto& key : kept) EXPECT_EQ(key.find("norm"), std::string::npos) << key;
+
+  const auto golden = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
+  const std::vector<int64_t> ids = eqat_test::to_ids(golden.get("p0.input_ids"));
+  c10::NoGradGuard g;
+  at::Tensor ea = embed_prompt(a, ids, golden.get("pixel_values")), eb = embed_prompt(b, ids, golden.get("pixel_values"));
+  EXPECT_EQ(eb.scalar_type(), at::kFloat);
+  EXPECT_LE(eqat_test::max_abs_diff(ea, eb), eqat_test::kLogitTol);
+  GenerateOptions o;
+  o.max_new_tokens = 12;
+  o.keep_logits = true;
+  const at::Tensor valid = at::ones({1, ea.size(1)}, at::kBool);
+  GenerateResult ra = generate(a.lm, ea, valid, o), rb = generate(b.lm, eb, valid, o);
+  EXPECT_EQ(ra.tokens, rb.tokens);
+  EXPECT_LE(eqat_test::max_abs_diff(at::cat(ra.step_logits, 0), at::cat(rb.step_logits, 0)), eqat_test::kLogitTol);
 }
 
 }  // namespace load_checks_test

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "data/error.h"
+#include "quant/cpu_half_gemv.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/pack.h"
 #include "quant/qmatmul.h"
@@ -191,6 +192,71 @@ TEST(QMatmul, FloatLinearSplitsFewRowsOverThreads) {
   const at::Tensor yg = float_linear(xg, w);
   EXPECT_TRUE(yg.requires_grad());
   EXPECT_TRUE(at::equal(yg, at::linear(xg, w)));
+  at::set_num_threads(saved);
+}
+
+// Weights kept as stored (fp16 / bf16) with fp32 activations. The reference is at::linear on the weight converted to
+// fp32, which is exact, so both sides compute the same fp32 dot products. Up to kHalfWeightRows rows, cpu_half_gemv
+// sums in its own order: each side is within γ_K·Σ_k |x_k·w_k| of the exact value (γ_K ≈ K·u, u = 2^-24), so
+// |Δy| ≤ 2·γ_K·(Σ|x·w| + |b|), asserted with a further factor 2. Above it the product is the converted weight's
+// at::linear itself: bit-identical while the fp32 weight fits one slice (kHalfWeightSliceBytes), within the same
+// bound when it is multiplied in row slices.
+TEST(QMatmul, FloatLinearTakesHalfWeightsAsStored) {
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  at::manual_seed(6);
+  const double u = std::ldexp(1.0, -24);
+  // K: 16-wide body, an 8-wide step and a scalar tail (1091 = 68·16 + 3), and K < 8 (all tail); N: not a multiple
+  // of the 64-row slice; N·K ≥ 4 Mi in the first case, so the rows are split over both threads.
+  for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{4100, 1091}, {70, 1032}, {9, 5}})
+    for (const auto dt : {at::kHalf, at::kBFloat16}) {
+      const at::Tensor w = at::randn({N, K}).to(dt), b = at::randn({N});
+      const at::Tensor wf = w.to(at::kFloat);
+      for (const auto& shape : std::vector<std::vector<int64_t>>{
+               {1, K}, {2, K}, {3, K}, {4, K}, {5, K}, {1, 7, K}, {16, K}, {17, K}, {2, 20, K}}) {
+        const at::Tensor x = at::randn(shape);
+        const at::Tensor got = float_linear(x, w, b), ref = at::linear(x, wf, b);
+        ASSERT_EQ(got.sizes(), ref.sizes());
+        ASSERT_EQ(got.scalar_type(), at::kFloat);
+        const int64_t M = x.numel() / K;
+        if (M > kHalfWeightRows) {
+          EXPECT_TRUE(at::equal(got, ref)) << x.sizes() << " " << dt;
+          continue;
+        }
+        const at::Tensor bound = 4 * K * u * (at::matmul(x.abs(), wf.abs().t()) + b.abs());
+        EXPECT_LE((got - ref).abs().sub(bound).max().item<float>(), 0.f) << x.sizes() << " " << dt;
+        // Both kernel variants, on rows [3, N − 2) only: the others are left as they were.
+        for (const CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2}) {
+          if (!cpu_isa_supported(isa) || N < 6) continue;
+          const at::Tensor x2 = x.reshape({M, K}).contiguous(), wc = w.contiguous();
+          at::Tensor y = at::full({M, N}, 7.f);
+          cpu_half_gemv(x2.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(wc.data_ptr()),
+                        dt == at::kBFloat16, 3, N - 2, y.data_ptr<float>(), N, isa);
+          const at::Tensor r = at::matmul(x2, wf.t());
+          const at::Tensor bk = 4 * K * u * at::matmul(x2.abs(), wf.abs().t());
+          EXPECT_LE((y - r).abs().sub(bk).narrow(1, 3, N - 5).max().item<float>(), 0.f) << cpu_isa_name(isa);
+          EXPECT_TRUE((y.narrow(1, 0, 3) == 7.f).all().item<bool>()) << cpu_isa_name(isa);
+          EXPECT_TRUE((y.narrow(1, N - 2, 2) == 7.f).all().item<bool>()) << cpu_isa_name(isa);
+        }
+      }
+    }
+  // A weight larger than one slice in fp32 (64 MiB: 16400 rows at K = 1024) goes through in row slices.
+  {
+    const int64_t N = 16500, K = 1024;
+    const at::Tensor w = at::randn({N, K}).to(at::kHalf), x = at::randn({2, 9, K});
+    const at::Tensor wf = w.to(at::kFloat);
+    const at::Tensor got = float_linear(x, w), ref = at::linear(x, wf);
+    const at::Tensor bound = 4 * K * u * at::matmul(x.abs(), wf.abs().t());
+    EXPECT_LE((got - ref).abs().sub(bound).max().item<float>(), 0.f);
+  }
+  // Recorded gradients: the converted weight's at::linear, with its autograd.
+  const at::Tensor w = at::randn({40, 24}).to(at::kHalf);
+  const at::Tensor xg = at::randn({1, 24}).set_requires_grad(true);
+  const at::Tensor yg = float_linear(xg, w);
+  ASSERT_TRUE(yg.requires_grad());
+  EXPECT_TRUE(at::equal(yg, at::linear(xg, w.to(at::kFloat))));
+  yg.sum().backward();
+  EXPECT_TRUE(at::allclose(xg.grad(), w.to(at::kFloat).sum(0).unsqueeze(0)));
   at::set_num_threads(saved);
 }
 

@@ -203,6 +203,14 @@ TEST(BlockAp, ExportReloadGivesTheSameLogits) {
   Model f = load_model(t.str("q"), lo);
   EXPECT_EQ(f.lm->fuse_projections(), 2 * f.cfg.text.num_hidden_layers);  // already merged: a no-op that says so
   EXPECT_LE(max_abs_diff(logits(f), logits(r)), kLogitTol);
+  // With the step sizes kept as stored (fp16, as ask/generate/eval/serve load them): the kernels read the same fp16
+  // values they converted the fp32 copies back to, so the logits are bit for bit the same.
+  lo.weights_as_stored = true;
+  Model s = load_model(t.str("q"), lo);
+  auto* layer = s.lm->model->layers[0]->as<LlamaDecoderLayerImpl>();
+  EXPECT_EQ(layer->self_attn->q_proj->scales.scalar_type(), at::kHalf);
+  EXPECT_EQ(layer->mlp->down_proj->scales.scalar_type(), at::kHalf);
+  EXPECT_TRUE(at::equal(logits(s), logits(f)));
 }
 
 // LLaVA-NeXT: Block-AP calibrates on image-text samples whose image-token counts vary with each image's size
