@@ -199,8 +199,9 @@ void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
 void QuantLinearImpl::init_packed(const QuantSpec& spec, c10::ScalarType scale_dtype) {
   const int64_t N = out_features_, K = in_features_, G = spec.groups_for(K);
   // Uninitialised (at::empty touches no pages): the loader replaces every one, mostly by aliases of the file.
-  GptqTensors t{at::empty({packed_words(K, spec.bits), N}, at::kInt), at::empty({G, packed_words(N, spec.bits)}, at::kInt),
-                at::empty({G, N}, scale_dtype), at::arange(K, at::kLong).div(spec.group_for(K), "floor").to(at::kInt)};
+  GptqTensors t{at::empty({packed_words(K, spec.bits), N}, at::kInt),
+                at::empty({G, packed_words(N, spec.bits)}, at::kInt), at::empty({G, N}, scale_dtype),
+                at::arange(K, at::kLong).div(spec.group_for(K), "floor").to(at::kInt)};
   set_packed(t, spec);
 }
 

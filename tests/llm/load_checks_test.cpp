@@ -229,7 +229,8 @@ TEST(LoadChecks, WeightsKeptAsStoredGiveTheFloat32LoadsAnswers) {
   const auto golden = Checkpoint::open(fixture("tiny_llava/golden.safetensors"));
   const std::vector<int64_t> ids = eqat_test::to_ids(golden.get("p0.input_ids"));
   c10::NoGradGuard g;
-  at::Tensor ea = embed_prompt(a, ids, golden.get("pixel_values")), eb = embed_prompt(b, ids, golden.get("pixel_values"));
+  const at::Tensor pixels = golden.get("pixel_values");
+  at::Tensor ea = embed_prompt(a, ids, pixels), eb = embed_prompt(b, ids, pixels);
   EXPECT_EQ(eb.scalar_type(), at::kFloat);
   EXPECT_LE(eqat_test::max_abs_diff(ea, eb), eqat_test::kLogitTol);
   GenerateOptions o;
