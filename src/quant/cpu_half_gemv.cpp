@@ -96,19 +96,15 @@ EQAT_AVX2 void avx2_rows(const float* x, int64_t M, int64_t K, const uint16_t* w
   }
 }
 
-bool has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-#else
-bool has_avx2() { return false; }
 #endif
 
 }  // namespace
 
 CpuIsa cpu_half_gemv_isa() {
-  static const CpuIsa isa =
-      cpu_kernel_cap() != CpuKernelCap::kScalar && has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+  // The same AVX2+FMA+F16C test as the packed kernels' (cpu_qgemv.cpp).
+  static const CpuIsa isa = cpu_kernel_cap() != CpuKernelCap::kScalar && cpu_isa_supported(CpuIsa::kAvx2)
+                                ? CpuIsa::kAvx2
+                                : CpuIsa::kScalar;
   return isa;
 }
 
@@ -117,7 +113,7 @@ void cpu_half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, bool
   EQAT_ASSERT(M >= 0 && K > 0 && 0 <= n0 && n0 <= n1, "cpu_half_gemv: M ", M, " K ", K, " n ", n0, "..", n1);
 #ifdef EQAT_X86
   if (isa != CpuIsa::kScalar) {
-    EQAT_ASSERT(has_avx2(), "cpu_half_gemv: AVX2 requested on a CPU without it");
+    EQAT_ASSERT(cpu_isa_supported(CpuIsa::kAvx2), "cpu_half_gemv: AVX2 requested on a CPU without it");
     if (bf16)
       avx2_rows<true>(x, M, K, w, n0, n1, y, ldy);
     else

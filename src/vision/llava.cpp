@@ -201,16 +201,13 @@ void load_tensor(at::Tensor& p, const Checkpoint& ckpt, const std::string& key, 
   // stored, nothing read yet. Same dtype on CPU: alias the mmap'd bytes (no copy; peak RSS stays near the file
   // size). Otherwise convert, and drop the source's pages at once: loading fp16 as bf16 then peaks near the bf16
   // bytes, not both.
-  if (deferred && device.is_cpu() && t.is_floating_point()) {
-    p.set_data(t);
-    p.set_requires_grad(false);
-    return;
-  }
-  // Kept as stored (LoadOptions::weights_as_stored): the alias, checked, and its pages dropped again, so only what
-  // a forward reads becomes resident (a token table is read a few rows at a time).
-  if (as_stored) {
-    check_finite(t, key, ckpt.info(key).file);
-    ckpt.release(key);
+  // Kept as stored (LoadOptions::weights_as_stored): the alias too, checked, and its pages dropped again, so only
+  // what a forward reads becomes resident (a token table is read a few rows at a time).
+  if ((deferred && device.is_cpu() && t.is_floating_point()) || as_stored) {
+    if (as_stored) {
+      check_finite(t, key, ckpt.info(key).file);
+      ckpt.release(key);
+    }
     p.set_data(t);
     p.set_requires_grad(false);
     return;
