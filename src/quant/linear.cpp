@@ -106,6 +106,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
     case LinearMode::kFloat:
       return float_linear(x, weight, b);
     case LinearMode::kFakeQuant:
+      if (fake_quant_weight_override.defined()) return at::linear(x, fake_quant_weight_override, b);
       if (x.is_cpu() && x.scalar_type() == at::kFloat && fused_fake_quant_applies(weight, weight_scale, weight_zero)) {
         if (!c10::GradMode::is_enabled())
           return at::linear(x, fake_quantize_fused(weight, weight_scale, weight_zero, spec_), b);

@@ -57,6 +57,10 @@ class QuantLinearImpl : public torch::nn::Module {
 
   // Optional tap on the input of every forward (GPTQ collects its Hessian from it).
   std::function<void(const at::Tensor& x)> input_observer;
+  // Block-AP's data-parallel step: Ŵ, computed once per step by the trainer for all its threads (a leaf that
+  // requires grad, so each thread's backward stops at dL/dŴ). While defined, a fake-quant forward multiplies by it
+  // instead of quantizing `weight` itself.
+  at::Tensor fake_quant_weight_override;
 
   at::Tensor weight;  // [N, K] (empty in packed mode)
   at::Tensor bias;    // [N] or undefined

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <nlohmann/json.hpp>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <fstream>
@@ -71,15 +72,25 @@ struct Stream {
   std::vector<at::Tensor> valid;  // [B, L] bool per batch
 };
 
+// Σ valid (out − y)² over the valid positions.
+at::Tensor masked_sse(const at::Tensor& out, const at::Tensor& y, const at::Tensor& valid) {
+  at::Tensor v = valid.to(out.device()).unsqueeze(-1).to(out.scalar_type());
+  return ((out - y).pow(2) * v).sum();
+}
+
 // Masked MSE over valid positions: Σ valid (out − y)² / (#valid · C).
 at::Tensor masked_mse(const at::Tensor& out, const at::Tensor& y, const at::Tensor& valid) {
-  at::Tensor v = valid.to(out.device()).unsqueeze(-1).to(out.scalar_type());
-  return ((out - y).pow(2) * v).sum() / (v.sum() * out.size(-1));
+  return masked_sse(out, y, valid) / (valid.to(out.device()).to(out.scalar_type()).sum() * out.size(-1));
 }
 
 class BlockRunner {
  public:
-  BlockRunner(Model& m) : m_(m) {}
+  // The rotary embedding moves its inverse frequencies to the device on first use; done here, before any
+  // parallel_items, so threads only read it.
+  BlockRunner(Model& m) : m_(m) {
+    m_.lm->model->rotary().cos_sin(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(m_.device)),
+                                   at::kFloat, 1);
+  }
   // One block forward on a batch: x [B, L, C] (cache dtype) -> [B, L, C] in `compute` dtype.
   at::Tensor forward(LlamaDecoderLayerImpl& layer, const at::Tensor& x, c10::ScalarType compute) {
     const int64_t L = x.size(1);
@@ -242,20 +253,27 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   }
 
   BlockRunner runner(m);
+  const bool data_parallel = data_parallel_training(m);
+  // Runs fn over a stream's batch indices: on the threads when data_parallel (each batch's result is the same as
+  // in order), else in order.
+  auto each_batch = [&](size_t n, const std::function<void(int64_t)>& fn) {
+    if (data_parallel) return parallel_items(static_cast<int64_t>(n), fn);
+    for (size_t i = 0; i < n; ++i) fn(static_cast<int64_t>(i));
+  };
   auto advance = [&](Stream& st, LlamaDecoderLayerImpl& layer, bool fp_stream) {
     c10::NoGradGuard g;
-    for (size_t i = 0; i < st.valid.size(); ++i) {
-      ActivationCache& c = fp_stream ? st.fp : st.q;
-      c.put(i, runner.forward(layer, c.get(i), model_dtype));
-    }
+    ActivationCache& c = fp_stream ? st.fp : st.q;
+    each_batch(st.valid.size(), [&](int64_t i) { c.put(i, runner.forward(layer, c.get(i), model_dtype)); });
   };
   auto val_mse = [&](LlamaDecoderLayerImpl& layer, c10::ScalarType dt) {
     c10::NoGradGuard g;
-    double total = 0;
-    for (size_t i = 0; i < va.valid.size(); ++i) {
+    std::vector<double> mse(va.valid.size());
+    each_batch(va.valid.size(), [&](int64_t i) {
       at::Tensor y = va.fp.get(i).to(m.device, dt);
-      total += masked_mse(runner.forward(layer, va.q.get(i), dt), y, va.valid[i]).item<double>();
-    }
+      mse[i] = masked_mse(runner.forward(layer, va.q.get(i), dt), y, va.valid[i]).item<double>();
+    });
+    double total = 0;
+    for (double v : mse) total += v;  // in batch order, as before
     return va.valid.empty() ? 0.0 : total / static_cast<double>(va.valid.size());
   };
 
@@ -400,6 +418,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       for (auto* grp : {&gq, &gw})
         for (auto& p : grp->params) p.set_requires_grad(true);
       AdamW opt({gq, gw});
+      // The data-parallel step needs every linear on the fused fp32 fake quantizer (the CPU's path).
+      bool fused_step = data_parallel;
+      for (auto& [name, lin] : lins)
+        fused_step = fused_step && fused_fake_quant_applies(lin->weight, lin->weight_scale, lin->weight_zero);
       std::vector<at::Tensor> trained = gq.params;
       trained.insert(trained.end(), gw.params.begin(), gw.params.end());
       // On CUDA the forward runs under fp16 autocast with dynamic loss scaling; a step whose gradients overflow is
@@ -410,22 +432,85 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       const int64_t total = opts.epochs * static_cast<int64_t>(tr.valid.size());
       Progress bar(label, total, opts.progress);
       int64_t step = 0;
+      auto check_loss = [&](double lv) {
+        bad_in_a_row = std::isfinite(lv) ? 0 : bad_in_a_row + 1;
+        EQAT_CHECK(amp ? bad_in_a_row < 20 : bad_in_a_row == 0, "block ", b, ": non-finite training loss at step ",
+                   step, " (try a lower --weight-lr / --quant-lr)");
+      };
       auto tt0 = std::chrono::steady_clock::now();
       for (int64_t ep = 0; ep < opts.epochs; ++ep) {
         double sum = 0;
         for (size_t i = 0; i < tr.valid.size(); ++i) {
           at::Tensor y = tr.fp.get(i).to(m.device, train_dtype);
-          at::Tensor out;
-          {
-            AutocastGuard ac(m.device, at::kHalf, amp);
-            out = runner.forward(layer, tr.q.get(i), train_dtype);
+          double lv = 0;
+          const int64_t B = y.size(0), parts = fused_step ? std::min<int64_t>(B, at::get_num_threads()) : 1;
+          if (parts == 1) {
+            at::Tensor out;
+            {
+              AutocastGuard ac(m.device, at::kHalf, amp);
+              out = runner.forward(layer, tr.q.get(i), train_dtype);
+            }
+            at::Tensor loss = masked_mse(out.to(train_dtype), y, tr.valid[i]);
+            lv = loss.item<double>();
+            check_loss(lv);
+            scaler.scale(loss).backward();
+          } else {
+            // The batch's samples split over the threads. Each thread runs its rows, cut to their longest valid
+            // length (right padding under a causal mask: the valid positions never see the cut ones), and returns
+            // dL/dŴ and the norms' gradients of its share of the loss. Ŵ is computed once for all threads, and the
+            // fake quantizer's backward runs once on the summed dL/dŴ, as FakeQuantLinearFn does for one batch:
+            // the same loss and gradients as one forward of the whole batch, up to fp32 summation order.
+            const at::Tensor x = tr.q.get(i), valid = tr.valid[i];
+            const double denom = valid.sum().item<double>() * static_cast<double>(y.size(-1));
+            std::vector<at::Tensor> inputs;  // Ŵ of each linear, then the two norms' weights
+            struct ClearOverrides {  // also when a thread throws
+              decltype(lins)& l;
+              ~ClearOverrides() {
+                for (auto& [name, lin] : l) lin->fake_quant_weight_override = at::Tensor();
+              }
+            } clear{lins};
+            {
+              c10::NoGradGuard ng;
+              for (auto& [name, lin] : lins) {
+                lin->fake_quant_weight_override =
+                    fake_quantize_fused(lin->weight, lin->weight_scale, lin->weight_zero, lin->spec())
+                        .requires_grad_(true);
+                inputs.push_back(lin->fake_quant_weight_override);
+              }
+            }
+            inputs.push_back(layer.input_layernorm->weight);
+            inputs.push_back(layer.post_attention_layernorm->weight);
+            std::vector<double> part_loss(parts);
+            std::vector<std::vector<at::Tensor>> part_grads(parts);
+            parallel_items(parts, [&](int64_t p) {
+              const int64_t r0 = B * p / parts, r1 = B * (p + 1) / parts;
+              const at::Tensor v = valid.narrow(0, r0, r1 - r0);
+              const int64_t len = std::max<int64_t>(1, v.any(0).sum().item<int64_t>());
+              auto rows = [&](const at::Tensor& t) { return t.narrow(0, r0, r1 - r0).narrow(1, 0, len); };
+              at::Tensor out = runner.forward(layer, rows(x), train_dtype);
+              at::Tensor loss = masked_sse(out, rows(y), v.narrow(1, 0, len)) / denom;
+              part_loss[p] = loss.item<double>();
+              part_grads[p] = torch::autograd::grad({loss}, inputs, {}, false, false, true);
+            });
+            for (double l : part_loss) lv += l;
+            check_loss(lv);
+            c10::NoGradGuard ng;
+            std::vector<at::Tensor> sum(inputs.size());
+            for (size_t k = 0; k < inputs.size(); ++k)
+              for (const auto& pg : part_grads)
+                if (pg[k].defined()) sum[k] = sum[k].defined() ? sum[k].add_(pg[k]) : pg[k];
+            for (size_t k = 0; k < lins.size(); ++k) {
+              auto& lin = lins[k].second;
+              if (!sum[k].defined()) continue;
+              FakeQuantGrads g =
+                  fake_quantize_backward_fused(sum[k], lin->weight, lin->weight_scale, lin->weight_zero, lin->spec());
+              lin->weight.mutable_grad() = g.w;
+              lin->weight_scale.mutable_grad() = g.s;
+              lin->weight_zero.mutable_grad() = g.z;
+            }
+            for (size_t k = lins.size(); k < inputs.size(); ++k)
+              if (sum[k].defined()) inputs[k].mutable_grad() = sum[k];
           }
-          at::Tensor loss = masked_mse(out.to(train_dtype), y, tr.valid[i]);
-          const double lv = loss.item<double>();
-          bad_in_a_row = std::isfinite(lv) ? 0 : bad_in_a_row + 1;
-          EQAT_CHECK(amp ? bad_in_a_row < 20 : bad_in_a_row == 0, "block ", b, ": non-finite training loss at step ",
-                     step, " (try a lower --weight-lr / --quant-lr)");
-          scaler.scale(loss).backward();
           opt.groups()[0].lr = cosine_lr(quant_lr, opts.min_lr_factor, step, total);
           opt.groups()[1].lr = cosine_lr(weight_lr, opts.min_lr_factor, step, total);
           if (scaler.unscale_and_check(trained)) opt.step();

@@ -138,8 +138,14 @@ EmbeddedBatch embed_samples(Model& m, const std::vector<CalibSample>& samples) {
   for (int64_t i = 0; i < S; ++i) {
     const auto& s = samples[i];
     const int64_t T = static_cast<int64_t>(s.ids.size());
-    at::Tensor e = embed_prompt(m, s.ids, s.image.empty() ? ImageInput() : load_pixels(m, s.image));  // [1, T, C]
-    b.embeds[i].narrow(0, 0, T).copy_(e[0].cpu());
+    if (s.embeds.defined()) {
+      EQAT_ASSERT(s.embeds.dim() == 2 && s.embeds.size(0) == T && s.embeds.size(1) == C, "cached embeddings ",
+                  s.embeds.sizes(), " for a sample of ", T, " tokens");
+      b.embeds[i].narrow(0, 0, T).copy_(s.embeds);
+    } else {
+      at::Tensor e = embed_prompt(m, s.ids, s.image.empty() ? ImageInput() : load_pixels(m, s.image));  // [1, T, C]
+      b.embeds[i].narrow(0, 0, T).copy_(e[0].cpu());
+    }
     b.valid[i].narrow(0, 0, T).fill_(true);
     b.answer[i].narrow(0, 0, T).copy_(at::tensor(std::vector<int64_t>(s.is_answer.begin(), s.is_answer.end())).to(at::kBool));
     b.ids[i].narrow(0, 0, T).copy_(at::tensor(s.ids, at::kLong));

@@ -22,6 +22,9 @@ struct CalibSample {
   std::vector<int64_t> ids;        // expanded image positions included; ≤ seq_len
   std::vector<uint8_t> is_answer;  // loss mask for instruction data (all 1 for text)
   std::string image;               // image path, empty for text
+  // Optional: the sample's decoder inputs [T, C] in the model dtype, already computed (E2E-QP embeds each training
+  // sample once instead of running the vision tower every epoch); embed_samples uses them as they are.
+  at::Tensor embeds;
 };
 
 struct CalibSet {
@@ -41,7 +44,8 @@ CalibSet load_instruction_data(const Model& m, const std::string& instruction_js
 CalibSet load_text_data(const Model& m, const std::string& text_file, const CalibOptions& opts);
 
 // Embeds samples into right-padded decoder inputs: embeds [S, L, C] (model dtype, CPU), valid [S, L] bool,
-// answer [S, L] bool (is_answer), ids [S, L] int64 (pads 0). L = the longest sample.
+// answer [S, L] bool (is_answer), ids [S, L] int64 (pads 0). L = the longest sample. A sample with `embeds` set
+// is copied from them; the others run embed_prompt (image loaded, vision tower, projector, merge).
 struct EmbeddedBatch {
   at::Tensor embeds, valid, answer, ids;
 };

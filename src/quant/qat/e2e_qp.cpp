@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <nlohmann/json.hpp>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <fstream>
@@ -20,24 +21,29 @@
 namespace eqat {
 
 namespace {
-// Logits from the last decoder block's output h [..., C]: the final norm, then lm_head (or the tied embedding).
-at::Tensor head_logits(Model& m, const at::Tensor& h) {
-  at::Tensor x = m.lm->model->norm->forward(h);
+// Logits of the final-normed hidden states x [..., C]: lm_head, or the tied embedding.
+at::Tensor head_of_normed(Model& m, const at::Tensor& x) {
   return m.lm->lm_head ? m.lm->lm_head->forward(x) : at::linear(x, m.lm->model->embed_tokens->weight);
 }
 
+// Logits from the last decoder block's output h [..., C]: the final norm, then the head.
+at::Tensor head_logits(Model& m, const at::Tensor& h) { return head_of_normed(m, m.lm->model->norm->forward(h)); }
+
 // Loss of one micro-batch, summed over its loss positions (position t predicts ids[t+1] where answer[t+1] and
 // valid), with the number of positions. teacher: null for cross-entropy; for distillation, the FP model's last
-// hidden states at those positions, [n, C] (the batch's samples' rows, in order).
+// hidden states at those positions, [n, C] (the batch's samples' rows, in order). The head runs on the loss
+// positions only (an answer is a few tokens of each sample; the head's GEMM and its backward on every position
+// were about 5 % of a default-model step).
 std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b, const at::Tensor& teacher = at::Tensor()) {
   const int64_t L = b.embeds.size(1);
   at::Tensor pos = at::arange(L, at::TensorOptions().dtype(at::kLong).device(m.device)).view({1, L});
-  at::Tensor logits = m.lm->forward(b.embeds.to(m.device), pos, at::Tensor(), nullptr);  // [B, L, V]
+  at::Tensor h = m.lm->model->forward(b.embeds.to(m.device), pos, at::Tensor(), nullptr);  // [B, L, C], normed
   at::Tensor mask = loss_positions(b).to(m.device);
   const int64_t n = mask.sum().item<int64_t>();
+  at::Tensor logits = head_of_normed(m, h.narrow(1, 0, L - 1).index({mask}));  // [n, V]
   if (teacher.defined()) {
     EQAT_ASSERT(teacher.size(0) == n, "distillation targets: ", teacher.size(0), " rows for ", n, " loss positions");
-    at::Tensor lq = logits.narrow(1, 0, L - 1).index({mask}).to(at::kFloat).log_softmax(-1);  // [n, V]
+    at::Tensor lq = logits.to(at::kFloat).log_softmax(-1);  // [n, V]
     at::Tensor lp;
     {
       c10::NoGradGuard g;
@@ -45,10 +51,9 @@ std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b, const a
     }
     return {(lp.exp() * (lp - lq)).sum(), n};  // Σ_positions KL(p_FP ‖ p_q)
   }
-  at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device);
-  at::Tensor lp = logits.narrow(1, 0, L - 1).to(at::kFloat).log_softmax(-1);
-  at::Tensor nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1);
-  return {(nll * mask.to(at::kFloat)).sum(), n};
+  at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device).index({mask});  // [n]
+  at::Tensor lp = logits.to(at::kFloat).log_softmax(-1);
+  return {-lp.gather(-1, target.unsqueeze(-1)).sum(), n};
 }
 
 // The distillation rows of samples `idx` of the teacher list, concatenated in order (undefined for cross-entropy).
@@ -69,6 +74,21 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   EQAT_ASSERT(opts.loss != "kd" || (opts.teacher_hidden && opts.teacher_hidden->size() == data.train.size() +
                                                                                           data.val.size()),
               "E2E-QP distillation needs the FP model's hidden states of every train and val sample");
+  // The training samples' decoder inputs, computed once when they fit kEmbedCacheBytes: every epoch would otherwise
+  // load each image and run the vision tower and projector again (18 % of a default-model step). Larger sets (a 7B's
+  // long LLaVA samples: about 5 MB each) are embedded per step, as before. The values are the same either way.
+  constexpr int64_t kEmbedCacheBytes = int64_t{512} << 20;
+  std::vector<CalibSample> cached;
+  {
+    int64_t tokens = 0;
+    for (const auto& s : data.train) tokens += static_cast<int64_t>(s.ids.size());
+    if (tokens * m.cfg.text.hidden_size * static_cast<int64_t>(c10::elementSize(m.dtype)) <= kEmbedCacheBytes) {
+      cached = data.train;
+      for (auto& s : cached) s.embeds = embed_samples(m, {s}).embeds[0];
+    }
+  }
+  const std::vector<CalibSample>& train = cached.empty() ? data.train : cached;
+  const bool data_parallel = data_parallel_training(m);
   std::vector<at::Tensor> scales;
   // Block-AP's step sizes, kept in case training raises the validation loss (restored at the end, see below), in
   // their stored dtype (fp16 in a packed model: half the bytes of the fp32 masters, and exact). Without validation
@@ -176,18 +196,49 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       std::vector<size_t> idx;
       for (int64_t j = 0; j < micro_batch; ++j) {
         idx.push_back(order.at(static_cast<size_t>(in_ep * global_batch + a * micro_batch + j)));
-        mb.push_back(data.train[idx.back()]);
+        mb.push_back(train[idx.back()]);
       }
       micro.push_back(embed_samples(m, mb));
       teachers.push_back(teacher_rows(opts, idx));
       tokens += loss_positions(micro.back()).sum().item<int64_t>();
     }
     double step_loss = 0;
-    for (size_t a = 0; a < micro.size(); ++a) {
-      auto [s, c] = lm_loss(m, micro[a], teachers[a]);
-      at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
-      loss.backward();
-      step_loss += loss.item<double>();
+    const int64_t parts = data_parallel ? std::min<int64_t>(accum, at::get_num_threads()) : 1;
+    if (parts == 1) {
+      for (size_t a = 0; a < micro.size(); ++a) {
+        auto [s, c] = lm_loss(m, micro[a], teachers[a]);
+        at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
+        loss.backward();
+        step_loss += loss.item<double>();
+      }
+    } else {
+      // The micro-batches split over the threads, each a contiguous run of them accumulating its own gradients
+      // in order; the runs' gradients and losses are then summed in order.
+      std::vector<double> part_loss(parts, 0.0);
+      std::vector<std::vector<at::Tensor>> part_grads(parts);
+      parallel_items(parts, [&](int64_t p) {
+        for (int64_t a = accum * p / parts; a < accum * (p + 1) / parts; ++a) {
+          auto [s, c] = lm_loss(m, micro[a], teachers[a]);
+          at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
+          part_loss[p] += loss.item<double>();
+          std::vector<at::Tensor> g = torch::autograd::grad({loss}, scales, {}, false, false, true);
+          c10::NoGradGuard ng;
+          auto& acc = part_grads[p];
+          if (acc.empty()) acc.resize(g.size());
+          for (size_t k = 0; k < g.size(); ++k)
+            if (g[k].defined()) acc[k] = acc[k].defined() ? acc[k].add_(g[k]) : g[k];
+        }
+      });
+      c10::NoGradGuard ng;
+      for (int64_t p = 0; p < parts; ++p) {
+        step_loss += part_loss[p];
+        for (size_t k = 0; k < part_grads[p].size(); ++k) {
+          const at::Tensor& g = part_grads[p][k];
+          if (!g.defined()) continue;
+          if (scales[k].grad().defined()) scales[k].mutable_grad().add_(g);
+          else scales[k].mutable_grad() = g;
+        }
+      }
     }
     EQAT_CHECK(std::isfinite(step_loss), "E2E-QP: non-finite loss at step ", step, " (try a lower --e2e-lr)");
     clip_grad_norm(scales, opts.max_grad_norm);

@@ -6,8 +6,11 @@
 #include <c10/core/GradMode.h>
 
 #include <cmath>
+#include <optional>
 
 #include "data/error.h"
+#include "quant/cpu_qgemv.h"
+#include "vision/llava.h"
 #include "quant/train_loops.h"
 
 namespace eqat {
@@ -183,6 +186,24 @@ AutocastGuard::~AutocastGuard() {
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
   at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
   at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+}
+
+bool data_parallel_training(const Model& m) {
+  constexpr int64_t kMaxBlockBytes = int64_t{64} << 20;
+  const auto& t = m.cfg.text;
+  const int64_t C = t.hidden_size, F = t.intermediate_size, D = t.head_dim;
+  const int64_t params = C * D * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 3 * C * F;
+  return m.device.is_cpu() && at::get_num_threads() > 1 && params * 4 <= kMaxBlockBytes;
+}
+
+void parallel_items(int64_t n, const std::function<void(int64_t)>& fn) {
+  const bool grad = c10::GradMode::is_enabled(), exact = ExactCpuActivations::active();
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    c10::AutoGradMode g(grad);
+    std::optional<ExactCpuActivations> x;
+    if (exact) x.emplace();
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
 }
 
 }  // namespace eqat

@@ -5,11 +5,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 namespace eqat {
+
+struct Model;  // vision/llava.h
 
 struct ParamGroup {
   std::string name;
@@ -35,6 +39,17 @@ class AdamW {
   double beta1_, beta2_, eps_;
   int64_t step_ = 0;
 };
+
+// Data-parallel training on the CPU (Block-AP's batches, E2E-QP's micro-batches), for models whose decoder blocks
+// hold at most 64 MiB of fp32 parameters, when LibTorch has more than one thread. Such blocks' GEMMs are too small
+// for the BLAS to use a second thread (default model, [70, 256] × [256, 256]: 1.01× the one-thread time at two
+// threads, against 0.56× for [1100, 256] × [256, 512]); each extra thread's gradients cost one more copy of the
+// trained parameters, which stays small below the bound. A 7B block (0.8 GB) keeps the threaded ops.
+bool data_parallel_training(const Model& m);
+// Runs fn(i) for i in [0, n) on LibTorch's intra-op threads, each thread a contiguous range in order; with one
+// thread, inline. The workers take the caller's grad mode and exact-activation scope (both thread-local); the
+// LibTorch ops inside them run on their own thread (OpenMP does not nest).
+void parallel_items(int64_t n, const std::function<void(int64_t)>& fn);
 
 // Cosine from lr to lr/min_factor over `total` steps (Block-AP, per block, no warmup).
 double cosine_lr(double lr, double min_factor, int64_t step, int64_t total);
