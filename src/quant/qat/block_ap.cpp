@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #ifdef __GLIBC__
@@ -198,9 +199,20 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
             ActivationCache(opts.offload_dir, "q_train", batches_tr.size()), {}};
   Stream va{ActivationCache(opts.offload_dir, "fp_val", batches_va.size()),
             ActivationCache(opts.offload_dir, "q_val", batches_va.size()), {}};
-  // The distillation samples ride the FP stream only; their `valid` holds the loss positions instead.
-  auto batches_te = opts.teacher_samples ? make_batches(*opts.teacher_samples, opts.batch_size)
-                                         : std::vector<std::vector<CalibSample>>{};
+  // The distillation samples ride the FP stream only; their `valid` holds the loss positions instead. When they are
+  // the calibration samples themselves (train then val, in batches that line up: E2E-QP on Block-AP's data, the
+  // default), the train and val FP streams already carry them, and no third stream runs the same batches again.
+  auto same_sample = [](const CalibSample& a, const CalibSample& b) {
+    return a.ids == b.ids && a.is_answer == b.is_answer && a.image == b.image;
+  };
+  const bool teacher_is_calib =
+      opts.teacher_samples && opts.teacher_samples->size() == calib.train.size() + calib.val.size() &&
+      calib.train.size() % static_cast<size_t>(opts.batch_size) == 0 &&
+      std::equal(calib.train.begin(), calib.train.end(), opts.teacher_samples->begin(), same_sample) &&
+      std::equal(calib.val.begin(), calib.val.end(), opts.teacher_samples->begin() + calib.train.size(), same_sample);
+  std::vector<at::Tensor> calib_loss_positions;  // teacher_is_calib: per train batch, then per val batch
+  auto batches_te = opts.teacher_samples && !teacher_is_calib ? make_batches(*opts.teacher_samples, opts.batch_size)
+                                                              : std::vector<std::vector<CalibSample>>{};
   Stream te{ActivationCache(opts.offload_dir, "fp_teacher", batches_te.size()), ActivationCache("", "", 0), {}};
   {
     Progress p("embedding calibration samples",
@@ -216,6 +228,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         } else {
           st.q.put(i, e.embeds);
           st.valid.push_back(e.valid);
+          if (teacher_is_calib) calib_loss_positions.push_back(loss_positions(e));
         }
         p.update(++done);
       }
@@ -560,12 +573,17 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     release_block_pages(m, b);
   }
   // The teacher's last hidden states at each sample's loss positions (right-padded batches: row j's first T_j).
-  for (size_t i = 0; i < te.valid.size(); ++i) {
-    at::Tensor h = te.fp.get(i);  // [B, L, C]
+  auto teacher_rows = [&](const ActivationCache& fp, size_t i, const at::Tensor& positions) {
+    at::Tensor h = fp.get(i);  // [B, L, C]
     const int64_t L = h.size(1);
     for (int64_t j = 0; j < h.size(0); ++j)
-      res.teacher_hidden.push_back(h[j].narrow(0, 0, L - 1).index({te.valid[i][j]}).contiguous());
+      res.teacher_hidden.push_back(h[j].narrow(0, 0, L - 1).index({positions[j]}).contiguous());
+  };
+  if (teacher_is_calib) {
+    for (size_t i = 0; i < tr.valid.size(); ++i) teacher_rows(tr.fp, i, calib_loss_positions[i]);
+    for (size_t i = 0; i < va.valid.size(); ++i) teacher_rows(va.fp, i, calib_loss_positions[tr.valid.size() + i]);
   }
+  for (size_t i = 0; i < te.valid.size(); ++i) teacher_rows(te.fp, i, te.valid[i]);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.ms_per_iteration = iterations > 0 ? 1000.0 * train_seconds / static_cast<double>(iterations) : 0.0;
   res.peak_rss_mib = peak_rss_mib();
