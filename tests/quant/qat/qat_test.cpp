@@ -658,6 +658,37 @@ TEST(E2eQp, DistillationTargetsAreTheFpModelsAndKlFalls) {
   EXPECT_LT(r.val_loss_after, r.val_loss_before);
 }
 
+// Distillation samples that are the calibration samples (train then val, the default) take their targets from the
+// train and val FP streams; other samples ride a third stream of their own. Both give each sample the same targets:
+// here the same samples in reverse order, so the third stream's batches pair other samples (other padding). Rows
+// of a batch do not see each other, so only the fp16 stream caches' rounding may differ; it does not here (measured:
+// equal), and the bound allows one fp16 rounding step of the largest value.
+TEST(E2eQp, DistillationTargetsAreTheSameFromTheCalibrationStreamsOrTheirOwn) {
+  auto targets = [](bool reversed) {
+    Model m = load_model(fixture("tiny_llama"));
+    CalibSet calib = tiny_calib(m);
+    for (size_t i = 0; i < calib.train.size(); i += 2) {  // padded batches
+      calib.train[i].ids.resize(20 - i);
+      calib.train[i].is_answer.resize(20 - i);
+    }
+    std::vector<CalibSample> teacher = calib.train;
+    teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
+    if (reversed) std::reverse(teacher.begin(), teacher.end());
+    BlockApOptions bo = opts("rtn", 2);
+    bo.teacher_samples = &teacher;
+    std::vector<at::Tensor> h = run_block_quantization(m, calib, bo).teacher_hidden;
+    if (reversed) std::reverse(h.begin(), h.end());
+    return h;
+  };
+  const std::vector<at::Tensor> own = targets(true), calib = targets(false);
+  ASSERT_EQ(own.size(), calib.size());
+  for (size_t i = 0; i < own.size(); ++i) {
+    ASSERT_EQ(own[i].sizes(), calib[i].sizes()) << i;
+    const double tol = calib[i].abs().max().item<double>() * std::pow(2.0, -10);
+    EXPECT_LE((own[i].to(at::kFloat) - calib[i].to(at::kFloat)).abs().max().item<double>(), tol) << i;
+  }
+}
+
 // A learning rate far too large for step sizes raises the validation loss; E2E-QP then restores Block-AP's step
 // sizes exactly (a run never ends worse on validation than it started).
 TEST(E2eQp, AWorseValidationLossRestoresBlockApsStepSizes) {
