@@ -10,8 +10,8 @@
 
 #include "data/error.h"
 #include "quant/cpu_qgemv.h"
-#include "vision/llava.h"
 #include "quant/train_loops.h"
+#include "vision/llava.h"
 
 namespace eqat {
 

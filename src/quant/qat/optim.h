@@ -41,10 +41,11 @@ class AdamW {
 };
 
 // Data-parallel training on the CPU (Block-AP's batches, E2E-QP's micro-batches), for models whose decoder blocks
-// hold at most 64 MiB of fp32 parameters, when LibTorch has more than one thread. Such blocks' GEMMs are too small
-// for the BLAS to use a second thread (default model, [70, 256] × [256, 256]: 1.01× the one-thread time at two
-// threads, against 0.56× for [1100, 256] × [256, 512]); each extra thread's gradients cost one more copy of the
-// trained parameters, which stays small below the bound. A 7B block (0.8 GB) keeps the threaded ops.
+// hold at most 64 MiB of fp32 parameters, when LibTorch has more than one thread. Such blocks' ops are too small to
+// share: a default-model batch's GEMMs take 0.68–1.04× their one-thread time at two threads (0.49–0.50× for
+// [1100, 256] × [256, 512]; bench/train_gemm_shapes.py), LibTorch runs elementwise ops of [70, 256] on one thread,
+// and the default quantize took 0.97× its one-thread time at two. Each extra thread's gradients cost one more copy
+// of the trained parameters, which stays small below the bound. A 7B block (0.8 GB) keeps the threaded ops.
 bool data_parallel_training(const Model& m);
 // Runs fn(i) for i in [0, n) on LibTorch's intra-op threads, each thread a contiguous range in order; with one
 // thread, inline. The workers take the caller's grad mode and exact-activation scope (both thread-local); the
