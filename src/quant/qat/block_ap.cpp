@@ -73,6 +73,9 @@ struct Stream {
   std::vector<at::Tensor> valid;  // [B, L] bool per batch
 };
 
+// The part of the batches whose Hessians this thread accumulates (GPTQ's observers, data-parallel).
+thread_local int64_t t_observed_part = 0;
+
 // Σ valid (out − y)² over the valid positions.
 at::Tensor masked_sse(const at::Tensor& out, const at::Tensor& y, const at::Tensor& valid) {
   at::Tensor v = valid.to(out.device()).unsqueeze(-1).to(out.scalar_type());
@@ -311,27 +314,42 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
           break;
         }
     }
-    std::vector<HessianAccumulator> hs;
-    std::vector<std::vector<const void*>> seen(lins.size());
-    at::Tensor current_valid;
+    // Data-parallel (small blocks, several threads): each part of the batches, in order, accumulates its own
+    // Hessians on its own thread; the parts' Hessians are then merged in part order. One part otherwise.
+    const int64_t parts =
+        data_parallel ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tr.valid.size())) : 1;
+    std::vector<std::vector<HessianAccumulator>> hs(parts);  // [part][linear]
+    std::vector<std::vector<std::vector<const void*>>> seen(parts, std::vector<std::vector<const void*>>(lins.size()));
+    std::vector<at::Tensor> current_valid(parts);
     for (size_t k = 0; k < lins.size(); ++k) {
-      hs.emplace_back(leader[k] == k ? lins[k].second->in_features() : 0);
+      for (auto& h : hs) h.emplace_back(leader[k] == k ? lins[k].second->in_features() : 0);
       lins[k].second->input_observer = [&, k](const at::Tensor& x) {
-        seen[k].push_back(x.const_data_ptr());
-        if (leader[k] == k) hs[k].add(x, current_valid);
+        const int64_t p = t_observed_part;
+        seen[p][k].push_back(x.const_data_ptr());
+        if (leader[k] == k) hs[p][k].add(x, current_valid[p]);
       };
     }
-    {
-      c10::NoGradGuard g;
-      for (size_t i = 0; i < tr.valid.size(); ++i) {
-        current_valid = tr.valid[i];
+    auto observe_part = [&](int64_t p) {
+      t_observed_part = p;
+      const size_t n = tr.valid.size();
+      for (size_t i = n * p / parts; i < n * (p + 1) / parts; ++i) {
+        current_valid[p] = tr.valid[i];
         runner.forward(layer, tr.q.get(i), model_dtype);
       }
+      t_observed_part = 0;
+    };
+    {
+      c10::NoGradGuard g;
+      if (parts == 1) observe_part(0);
+      else parallel_items(parts, observe_part);
     }
     for (size_t k = 0; k < lins.size(); ++k) {
       lins[k].second->input_observer = nullptr;
-      EQAT_ASSERT(seen[k] == seen[leader[k]], "GPTQ: ", lins[k].first, " did not read the same input as ",
-                  lins[leader[k]].first);
+      for (int64_t p = 0; p < parts; ++p)
+        EQAT_ASSERT(seen[p][k] == seen[p][leader[k]], "GPTQ: ", lins[k].first, " did not read the same input as ",
+                    lins[leader[k]].first);
+      if (leader[k] == k)
+        for (int64_t p = 1; p < parts; ++p) hs[0][k].merge(hs[p][k]);
     }
     std::vector<QuantizedWeight> out;
     GptqFactor f;
@@ -339,7 +357,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     for (size_t k = 0; k < lins.size(); ++k) {
       if (leader[k] == k) {  // reuses the Hessian's storage
         const int64_t K = lins[k].second->in_features();
-        f = gptq_factor(hs[k].take(), opts.gptq_damp, opts.gptq_order, opts.spec.group_for(K));
+        f = gptq_factor(hs[0][k].take(), opts.gptq_damp, opts.gptq_order, opts.spec.group_for(K));
         f_of = k;
       }
       EQAT_ASSERT(f_of == leader[k], "GPTQ: linears that share an input must be adjacent");

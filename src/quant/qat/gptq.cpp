@@ -24,6 +24,14 @@ void HessianAccumulator::add(const at::Tensor& x, const at::Tensor& valid) {
   H_.addmm_(rows.t(), rows);
 }
 
+void HessianAccumulator::merge(const HessianAccumulator& other) {
+  if (other.n_ == 0) return;
+  c10::NoGradGuard g;
+  const double n = static_cast<double>(n_ + other.n_);
+  H_.mul_(static_cast<double>(n_) / n).add_(other.H_, static_cast<double>(other.n_) / n);
+  n_ += other.n_;
+}
+
 namespace {
 // GPTQ's quantizer.find_params (asymmetric) for a group of columns given as rows, Wg [g, N]: the range always
 // includes 0.

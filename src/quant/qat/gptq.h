@@ -19,6 +19,8 @@ class HessianAccumulator {
  public:
   explicit HessianAccumulator(int64_t K);
   void add(const at::Tensor& x, const at::Tensor& valid);
+  // Adds another accumulator's rows: H becomes the mean over both sets of rows (other's H is left as it was).
+  void merge(const HessianAccumulator& other);
   const at::Tensor& H() const { return H_; }
   at::Tensor take() { return std::move(H_); }  // hands H over (to gptq_factor), leaving this empty
   int64_t samples() const { return n_; }
