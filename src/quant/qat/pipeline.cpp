@@ -161,8 +161,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
   EQAT_CHECK(b.gptq_order == "natural" || b.gptq_order == "gar", "--gptq-order: expected natural or gar, got '",
              b.gptq_order, "'");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
-  EQAT_CHECK(b.batch_size >= 1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch, "], got ",
-             b.batch_size);
+  EQAT_CHECK(b.batch_size >= 0 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
+             "] or auto, got ", b.batch_size);
   EQAT_CHECK(b.quant_lr == -1 || is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ",
              b.quant_lr);
   EQAT_CHECK(b.weight_lr < 0 || std::isfinite(b.weight_lr), "--weight-lr must be finite, got ", b.weight_lr);
@@ -188,6 +188,16 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              e.max_grad_norm);
   EQAT_CHECK(e.save_every >= 0, "--e2e-save-every must be >= 0, got ", e.save_every);
   EQAT_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
+}
+
+int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train) {
+  constexpr int64_t kPaperBatch = 2;
+  if (method != "efficientqat" || bits >= 4 || train.empty()) return kPaperBatch;
+  int64_t tokens = 0;
+  for (const auto& smp : train) tokens = add_sat(tokens, static_cast<int64_t>(smp.ids.size()));
+  const double mean = static_cast<double>(tokens) / static_cast<double>(train.size());
+  const auto want = static_cast<int64_t>(std::ceil(static_cast<double>(kAutoBatchTokens) / std::max(1.0, mean)));
+  return std::clamp<int64_t>(want, kPaperBatch, kAutoBatchMax);
 }
 
 nlohmann::json quantize_settings(const QuantizeOptions& o) {
@@ -440,6 +450,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
     int64_t tokens = 0;
     for (const auto& smp : calib.train) tokens += static_cast<int64_t>(smp.ids.size());
+    if (o.block.batch_size == 0) o.block.batch_size = auto_block_batch(o.method, o.spec.bits, calib.train);
     check_activation_caches_fit(o, calib, m.cfg.text.hidden_size, teacher_samples);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
                  calib.train.size(), calib.val.size(), static_cast<long long>(tokens), calib.source.c_str());
@@ -475,7 +486,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     series.push_back(curve("val", va));
     plots.emplace_back("eqat_quantize_blocks.png",
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
-    summary["block_phase"] = {{"init", bo.init},         {"gptq_order", bo.gptq_order},
+    summary["block_phase"] = {{"init", bo.init},         {"gptq_order", bo.gptq_order}, {"batch_size", bo.batch_size},
                               {"seconds", r.seconds},    {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }

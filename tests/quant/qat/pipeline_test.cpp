@@ -112,6 +112,44 @@ TEST(Pipeline, DistillationAndGptqStartAreChosenAndChecked) {
   refused(b, "--init");
 }
 
+// --batch-size auto: the paper's 2 samples, or for efficientqat at 2 and 3 bits on short samples enough to hold about
+// kAutoBatchTokens tokens, at most kAutoBatchMax; the pipeline resolves it from the training samples it loaded.
+TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
+  auto samples = [](std::vector<size_t> lengths) {
+    std::vector<CalibSample> v(lengths.size());
+    for (size_t i = 0; i < lengths.size(); ++i) v[i].ids.assign(lengths[i], 1);
+    return v;
+  };
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({35, 34, 34})), 8);   // ⌈256 / 34.3⌉: the shapes world
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({256, 256})), 2);     // text windows: the paper's batch
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({2048})), 2);
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({100, 200})), 2);     // ⌈256 / 150⌉ = 2
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({60, 70})), 4);       // ⌈256 / 65⌉ = 4
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, samples({3, 4})), kAutoBatchMax);
+  EXPECT_EQ(auto_block_batch("efficientqat", 3, samples({35, 34, 34})), 8);
+  EXPECT_EQ(auto_block_batch("efficientqat", 4, samples({35, 34, 34})), 2);  // 4 bits: the paper's batch
+  EXPECT_EQ(auto_block_batch("efficientqat", 8, samples({35, 34, 34})), 2);
+  EXPECT_EQ(auto_block_batch("gptq", 2, samples({35, 34})), 2);               // no training: the batch only pads
+  EXPECT_EQ(auto_block_batch("rtn", 2, samples({35})), 2);
+  EXPECT_EQ(auto_block_batch("efficientqat", 2, {}), 2);
+
+  TempDir t;
+  QuantizeOptions o = pipeline_test::rtn_options(t.str("q"));
+  EXPECT_EQ(o.block.batch_size, 0);  // auto unless set
+  EXPECT_EQ(quantize_settings(o)["--batch-size"], 0);
+  o.method = "efficientqat";
+  o.phases = "block-ap";
+  o.block.epochs = 1;
+  EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 16);  // 16-token windows: ⌈256 / 16⌉ = 16
+  o.overwrite = true;
+  o.block.batch_size = 3;
+  EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 3);
+  o.method = "rtn";
+  o.phases = "both";
+  o.block.batch_size = 0;
+  EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 2);
+}
+
 // Rows whose weights are all >= 0 have a min–max zero point of 0, which GPTQ v1 (zero − 1 in `bits` bits) cannot
 // store; with zero_min = 1 the quantizers never produce it and stay consistent (Ŵ = (q − z)·s).
 TEST(Pipeline, GptqV1ZeroPointLimitHoldsInEveryQuantizer) {
