@@ -38,8 +38,9 @@ int cmd_quantize(const Argv& argv) {
        {"samples", "N", "calibration samples", "4096"},
        {"val-samples", "N", "validation samples", "64"},
        {"seq-len", "L", "max tokens per sample (text windows are exactly L)", "2048"},
-       {"batch-size", "N", "Block-AP batch size in samples: a number, or auto (the paper's 2; for efficientqat at 2 "
-                           "and 3 bits on short samples, enough for about 256 tokens, at most 16)", "auto"},
+       {"batch-size", "N", "Block-AP batch size in samples, or auto: for efficientqat at 2 and 3 bits on short samples, "
+                           "enough for about 256 tokens (at most 16), else 2; faster on ~35-token samples, but not "
+                           "always as close to the FP model (models/SOURCES.md)", "2"},
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
                           "sit on their grid points where s and z get no gradient; 2e-5 with --init gptq-unrounded)", ""},
@@ -58,9 +59,9 @@ int cmd_quantize(const Argv& argv) {
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "
                           "kd when its targets take at most 2 GiB, else ce)", ""},
-       {"e2e-lr", "LR", "E2E-QP lr of the step sizes (default 2e-5 at 2 bits, else 1e-5; 2e-4 when distilling at 2 "
+       {"e2e-lr", "LR", "E2E-QP lr of the step sizes (default 2e-5 at 2 bits, else 1e-5; 1e-4 when distilling at 2 "
                         "bits)", ""},
-       {"e2e-epochs", "N", "E2E-QP epochs (default 1; 2 when distilling at 2 bits)", ""},
+       {"e2e-epochs", "N", "E2E-QP epochs (default 1; 4 when distilling at 2 bits)", ""},
        {"e2e-batch", "N", "E2E-QP global batch (gradient accumulation over micro-batches)", "32"},
        {"e2e-micro-batch", "N", "E2E-QP micro-batch", "4"},
        {"e2e-samples", "N", "E2E-QP training samples (default: --samples)", ""},
@@ -105,7 +106,7 @@ int cmd_quantize(const Argv& argv) {
   o.calib_opts.seed = static_cast<uint64_t>(a.i64("seed", 0, INT64_MAX));
   if (a.has("e2e-samples")) o.e2e_samples = a.i64("e2e-samples", 1, kMaxSamples);
   o.block.epochs = a.i64("epochs", 0, kMaxEpochs);
-  if (a.str("batch-size") != "auto") o.block.batch_size = a.i64("batch-size", 1, kMaxBatch);
+  o.block.batch_size = a.str("batch-size") == "auto" ? 0 : a.i64("batch-size", 1, kMaxBatch);  // 0: auto_block_batch
   if (a.has("quant-lr")) o.block.quant_lr = a.f64("quant-lr", 0, 1);
   if (a.has("weight-lr")) o.block.weight_lr = a.f64("weight-lr", 0, 1);
   o.block.min_lr_factor = a.f64("min-lr-factor", 1, 1e6);

@@ -229,7 +229,7 @@ def build_shapes_calib(work: Path, eqat: str, log: Path) -> dict:
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    world = work / "shapes-calib"
+    world = work / ("shapes-calib" if SHAPES_SEED == 2 else f"shapes-calib-seed{SHAPES_SEED}")
     if not (world / "train.json").exists():
         sh([eqat, "data", "shapes", "--out", world, "--train", SHAPES_SAMPLES + SHAPES_VAL, "--test", 0,
             "--seed", SHAPES_SEED, "--overwrite"], log)
@@ -713,7 +713,7 @@ def eqat_quantize(model: str, method: str, bits: int, gs: int, qdir: Path, work:
     cmd = [eqat, "quantize", "--out", qdir, "--overwrite", "--bits", bits, "--group-size", gs, "--method", method,
            "--threads", threads, "--no-progress"]
     if model == "shapes-llava":
-        cmd += ["--model", LLAVA_DIR, "--samples", SHAPES_SAMPLES]
+        cmd += ["--model", LLAVA_DIR, "--samples", SHAPES_SAMPLES, "--seed", SHAPES_SEED]
     else:
         cmd += ["--model", work / "stories260K", "--calib", work / "shakespeare-calib.txt", "--samples",
                 STORIES_SAMPLES, "--seq-len", STORIES_SEQ, "--epochs", 2]
@@ -827,6 +827,7 @@ def table(rows: list[dict], model: str) -> str:
 
 
 def main() -> int:
+    global SHAPES_SEED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eqat", default=os.environ.get("EQAT", str(REPO / "build/bin/eqat")))
     ap.add_argument("--work", default="/tmp/eqat-peers", help="work directory (outside the repository)")
@@ -844,9 +845,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for eqat and torch (1: on the shared 2-core CPU an OpenMP team of 2 stalls on a "
                          "busy core)")
+    ap.add_argument("--seed", type=int, default=SHAPES_SEED,
+                    help="the default VLM's calibration draw (eqat quantize --seed; the peers get the same samples)")
     ap.add_argument("--print", dest="print_json", metavar="FILE", help="only print the tables of a result JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    SHAPES_SEED = a.seed
     if a.print_json:
         for model, rows in json.loads(Path(a.print_json).read_text())["results"].items():
             print(f"\n### {model}\n")

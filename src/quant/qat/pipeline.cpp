@@ -162,7 +162,7 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              b.gptq_order, "'");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
   EQAT_CHECK(b.batch_size >= 0 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
-             "] or auto, got ", b.batch_size);
+             "] or auto (0), got ", b.batch_size);
   EQAT_CHECK(b.quant_lr == -1 || is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ",
              b.quant_lr);
   EQAT_CHECK(b.weight_lr < 0 || std::isfinite(b.weight_lr), "--weight-lr must be finite, got ", b.weight_lr);

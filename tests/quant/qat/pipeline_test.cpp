@@ -112,8 +112,9 @@ TEST(Pipeline, DistillationAndGptqStartAreChosenAndChecked) {
   refused(b, "--init");
 }
 
-// --batch-size auto: the paper's 2 samples, or for efficientqat at 2 and 3 bits on short samples enough to hold about
-// kAutoBatchTokens tokens, at most kAutoBatchMax; the pipeline resolves it from the training samples it loaded.
+// --batch-size auto (not the default): the paper's 2 samples, or for efficientqat at 2 and 3 bits on short samples
+// enough to hold about kAutoBatchTokens tokens, at most kAutoBatchMax; the pipeline resolves it from the training
+// samples it loaded.
 TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
   auto samples = [](std::vector<size_t> lengths) {
     std::vector<CalibSample> v(lengths.size());
@@ -135,7 +136,8 @@ TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
 
   TempDir t;
   QuantizeOptions o = pipeline_test::rtn_options(t.str("q"));
-  EXPECT_EQ(o.block.batch_size, 0);  // auto unless set
+  EXPECT_EQ(o.block.batch_size, 2);  // the paper's, unless auto (0) is asked for
+  o.block.batch_size = 0;
   EXPECT_EQ(quantize_settings(o)["--batch-size"], 0);
   o.method = "efficientqat";
   o.phases = "block-ap";
