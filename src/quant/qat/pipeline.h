@@ -69,9 +69,9 @@ constexpr int64_t kDistillAutoBytes = int64_t{2} << 30;
 // 2.36). At 3 and 4 bits a 1e-4 lr raised the KL, so they keep the paper's.
 constexpr double kDistill2BitLr = 1e-4;
 constexpr int64_t kDistill2BitEpochs = 4;
-// Tried on 2026-12-04 (issue 18): 2 epochs at 2e-4 matched 4 at 1e-4 on 1024 samples, but on the CLI's 4096 (256
-// steps) they raised the validation KL, E2E-QP kept Block-AP's step sizes, and the answer KL was 2.7× the old
-// default's; 1e-4 over those 256 steps raised it too.
+// Tried on 2026-12-04 after a batch-8 Block-AP (issue 18): 2 epochs at 2e-4 matched 4 at 1e-4 on 1024 samples; on the
+// CLI's 4096, every distillation tried after it (2 epochs at 2e-4 or 1e-4, 4 at 1e-4) raised the validation KL and
+// was undone. Not tried after the default batch-2 Block-AP at 4096.
 
 // Block-AP's batch with --batch-size auto (not the default): the paper's 2 samples, or, for --method efficientqat at 2
 // and 3 bits on short samples, as many as hold about kAutoBatchTokens tokens (at most kAutoBatchMax). The paper's
