@@ -660,8 +660,9 @@ def run_worker(spec: dict, log: Path) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     t = time.monotonic()
+    # cwd = the work dir: GPTQModel writes a logs/ folder into its working directory, which must not be the repo.
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=spec["work"])
     wall = time.monotonic() - t
     with open(log, "a") as f:
         f.write(f"### worker {spec['peer']} {spec['model']} W{spec['bits']}g{spec['group']}\n{p.stdout}\n{p.stderr}\n"
@@ -865,7 +866,7 @@ def main() -> int:
         return 0
 
     _mt_selftest()
-    work = Path(a.work)
+    work = Path(a.work).resolve()  # absolute: the workers run inside it
     work.mkdir(parents=True, exist_ok=True)
     log = work / "quantize_peers.log"
     log.write_text("")
