@@ -66,6 +66,8 @@ int cmd_quantize(const Argv& argv) {
        {"e2e-micro-batch", "N", "E2E-QP micro-batch", "4"},
        {"e2e-samples", "N", "E2E-QP training samples (default: --samples)", ""},
        {"e2e-steps", "N", "cap on E2E-QP optimizer steps", ""},
+       {"e2e-early-check", "F", "after this fraction of E2E-QP's steps, stop and keep Block-AP's step sizes if the "
+                                "validation loss is above Block-AP's (0: judge at the end only)", "0.25"},
        {"warmup-ratio", "R", "E2E-QP linear warmup fraction", "0.03"},
        {"max-grad-norm", "X", "E2E-QP gradient clipping", "0.3"},
        {"e2e-save-every", "N", "E2E-QP checkpoint interval in steps", "10"},
@@ -119,6 +121,7 @@ int cmd_quantize(const Argv& argv) {
   o.e2e.global_batch = a.i64("e2e-batch", 1, kMaxBatch);
   o.e2e.micro_batch = a.i64("e2e-micro-batch", 1, kMaxBatch);
   if (a.has("e2e-steps")) o.e2e.max_steps = a.i64("e2e-steps", 1, INT64_MAX);
+  o.e2e.early_check = a.f64("e2e-early-check", 0, 1);
   o.e2e.warmup_ratio = a.f64("warmup-ratio", 0, 1);
   o.e2e.max_grad_norm = a.f64("max-grad-norm", 1e-12, 1e12);
   o.e2e.save_every = a.i64("e2e-save-every", 0, INT64_MAX);

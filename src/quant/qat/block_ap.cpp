@@ -231,6 +231,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         } else {
           st.q.put(i, e.embeds);
           st.valid.push_back(e.valid);
+          if (opts.keep_sample_embeds)
+            for (int64_t j = 0; j < e.embeds.size(0); ++j)
+              res.sample_embeds.push_back(
+                  e.embeds[j].narrow(0, 0, static_cast<int64_t>((*pair)[i][j].ids.size())).clone());
           if (teacher_is_calib) calib_loss_positions.push_back(loss_positions(e));
         }
         p.update(++done);

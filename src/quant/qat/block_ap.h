@@ -52,6 +52,9 @@ struct BlockApOptions {
   // E2E-QP's distillation targets (--e2e-loss kd): these samples also ride the FP stream through every block;
   // BlockApResult::teacher_hidden returns the FP model's last hidden states at their loss positions.
   const std::vector<CalibSample>* teacher_samples = nullptr;
+  // Return each calibration sample's decoder input (BlockApResult::sample_embeds), as embedded for the streams, so
+  // that E2E-QP on the same samples does not run the vision tower again.
+  bool keep_sample_embeds = false;
   std::string offload_dir;  // activation caches on disk (bounded RAM) instead of in memory
   std::string state_dir;    // where per-block state goes (resume); empty: no checkpointing
   bool resume = false;
@@ -78,6 +81,9 @@ struct BlockApResult {
   // Per teacher sample: [n_i, C] fp16, the FP model's output of the last decoder block (before the final norm) at
   // the sample's loss positions (loss_positions), in order.
   std::vector<at::Tensor> teacher_hidden;
+  // keep_sample_embeds: per sample of calib.train, then of calib.val, its decoder input [T, C] in the model's dtype
+  // (embed_samples of that sample alone gives the same values).
+  std::vector<at::Tensor> sample_embeds;
 };
 
 // Quantizes every decoder block of `m` in place (its linears end in packed mode).

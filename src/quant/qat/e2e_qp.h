@@ -7,6 +7,7 @@
 // `save_every` steps so a killed run resumes.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,12 +30,17 @@ struct E2eOptions {
   double warmup_ratio = 0.03;
   double max_grad_norm = 0.3;
   int64_t max_steps = -1;  // cap on optimizer steps (<0: epochs decide)
+  // Fraction of the steps after which the validation loss is checked once; if it is above Block-AP's, training stops
+  // and Block-AP's step sizes are restored (0: only the end's check). Needs validation samples.
+  double early_check = 0.25;
   uint64_t seed = 42;
   std::string state_dir;
   int64_t save_every = 0;  // steps between checkpoints (0: only at the end)
   bool resume = false;
   bool progress = true;
   std::string log_jsonl;
+  // Test hook: called with the number of steps done after each step (and its state save, when one is due).
+  std::function<void(int64_t steps_done)> on_step;
 };
 
 struct E2eResult {
@@ -44,7 +50,18 @@ struct E2eResult {
   int64_t steps = 0;
   // Training raised the validation loss (val_loss_after > val_loss_before), so Block-AP's step sizes were restored.
   bool reverted = false;
+  // The early check (E2eOptions::early_check): the step it ran at (-1: it did not run in this call: off, too few
+  // steps, or a resumed run already past it) and its validation loss; it stopped training when that loss was above
+  // val_loss_before (then steps == check_step, and reverted).
+  int64_t check_step = -1;
+  double val_loss_check = 0;
+  bool stopped_early = false;
 };
+
+// At most this many bytes of decoder inputs (the train and val samples' embeddings) are kept across E2E-QP's steps.
+constexpr int64_t kE2eEmbedCacheBytes = int64_t{512} << 20;
+// Whether E2E-QP keeps `data`'s embeddings across steps (they fit kE2eEmbedCacheBytes in the model's dtype).
+bool e2e_embeds_cached(const Model& m, const CalibSet& data);
 
 E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts);
 

@@ -35,6 +35,20 @@ CalibSet load_data(const Model& m, const std::string& file, const std::string& i
   return load_text_data(m, file, co);
 }
 
+// E2E-QP's samples that are Block-AP's calibration samples (same tokens, answer mask and image, at the same index:
+// the default, both drawn from one file) take the embeddings Block-AP computed for its streams.
+void hand_over_embeds(const CalibSet& calib, std::vector<at::Tensor>& embeds, CalibSet& e2e) {
+  if (embeds.size() != calib.train.size() + calib.val.size()) return;
+  auto take = [&](const std::vector<CalibSample>& from, size_t offset, std::vector<CalibSample>& to) {
+    for (size_t i = 0; i < std::min(from.size(), to.size()); ++i)
+      if (from[i].ids == to[i].ids && from[i].is_answer == to[i].is_answer && from[i].image == to[i].image)
+        to[i].embeds = std::move(embeds[offset + i]);
+  };
+  take(calib.train, 0, e2e.train);
+  take(calib.val, calib.train.size(), e2e.val);
+  embeds.clear();
+}
+
 int64_t dir_bytes(const std::string& dir) {
   int64_t n = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir))
@@ -236,6 +250,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
     s["--e2e-batch"] = o.e2e.global_batch;
     s["--e2e-micro-batch"] = o.e2e.micro_batch;
     s["--e2e-steps"] = o.e2e.max_steps;
+    s["--e2e-early-check"] = o.e2e.early_check;
     s["--warmup-ratio"] = o.e2e.warmup_ratio;
     s["--max-grad-norm"] = o.e2e.max_grad_norm;
   }
@@ -474,7 +489,9 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     bo.progress = o.progress;
     bo.log_jsonl = log;
     if (kd) bo.teacher_samples = &teacher_samples;
+    bo.keep_sample_embeds = e2e && e2e_embeds_cached(m, e2e_data);
     BlockApResult r = run_block_quantization(m, calib, bo);
+    hand_over_embeds(calib, r.sample_embeds, e2e_data);
     teacher_hidden = std::move(r.teacher_hidden);
     std::vector<double> tr, va;
     for (const auto& b : r.blocks) {
@@ -509,7 +526,8 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                        plot_png({curve("loss", r.step_loss)}, "E2E-QP: training loss per step", "step", true));
     summary["e2e_phase"] = {{"loss", e2e_loss}, {"seconds", r.seconds}, {"ms_per_step", r.ms_per_step}, {"steps", r.steps},
                             {"val_loss_before", r.val_loss_before}, {"val_loss_after", r.val_loss_after},
-                            {"reverted", r.reverted},
+                            {"reverted", r.reverted},   {"stopped_early", r.stopped_early},
+                            {"check_step", r.check_step}, {"val_loss_check", r.val_loss_check},
                             {"peak_rss_mib", r.peak_rss_mib}};
   }
 

@@ -5,10 +5,13 @@
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <set>
 
 #include "data/error.h"
 #include "data/safetensors.h"
@@ -587,8 +590,13 @@ TEST(E2eQp, TrainsStepSizesAndLowersTheLoss) {
   CalibSet calib = tiny_calib(m);
   run_block_quantization(m, calib, opts("rtn", 2));
   E2eResult r = run_e2e_qp(m, calib, e2e_opts());
-  EXPECT_GT(r.steps, 0);
+  EXPECT_EQ(r.steps, 8);  // 8 samples in steps of 4, 4 epochs
   EXPECT_LT(r.val_loss_after, r.val_loss_before);
+  // The early check ran after a quarter of the steps, found the loss lower, and training went on.
+  EXPECT_EQ(r.check_step, 2);
+  EXPECT_LT(r.val_loss_check, r.val_loss_before);
+  EXPECT_FALSE(r.stopped_early);
+  EXPECT_FALSE(r.reverted);
 }
 
 // E2E-QP over blocks that Block-AP streamed to its state files: every layer's packed integers leave RSS after each
@@ -723,12 +731,147 @@ TEST(E2eQp, AWorseValidationLossRestoresBlockApsStepSizes) {
   E2eOptions o = e2e_opts();
   o.lr = 50;  // Adam moves every step size by ~lr per step: scales of ~0.05 end far from any useful value
   o.warmup_ratio = 0;
+  o.early_check = 0;  // the end's rule alone (the early check has its own test)
   E2eResult r = run_e2e_qp(m, calib, o);
   EXPECT_GT(r.val_loss_after, r.val_loss_before);
   EXPECT_TRUE(r.reverted);
+  EXPECT_FALSE(r.stopped_early);
+  EXPECT_EQ(r.check_step, -1);
+  EXPECT_EQ(r.steps, 8);
   size_t i = 0;
   for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
     for (auto& [n, lin] : block_linears(m, b)) EXPECT_TRUE(at::equal(lin->scales, before[i++])) << n;
+}
+
+// The early check: after a quarter of the steps a raised validation loss stops training there and restores
+// Block-AP's step sizes. A run killed after it saved its state at the check, then resumed, repeats the check and
+// stops alike. A run killed mid-training judges, once resumed, against Block-AP's loss (not the loss of the step
+// sizes it resumed with, which the resumed run used to measure as its start) and ends exactly where an
+// uninterrupted run ends.
+TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
+  auto block_ap = []() {
+    Model m = load_model(fixture("tiny_llama"));
+    run_block_quantization(m, tiny_calib(m), opts("rtn", 2));
+    return m;
+  };
+  auto scales_of = [](Model& m) {
+    std::vector<at::Tensor> s;
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+      for (auto& [n, lin] : block_linears(m, b)) s.push_back(lin->scales.to(at::kFloat).clone());
+    return s;
+  };
+  auto same = [](const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (!at::equal(a[i], b[i])) return false;
+    return true;
+  };
+  E2eOptions o = e2e_opts();
+  o.lr = 50;  // as above: every step raises the loss
+  o.warmup_ratio = 0;
+  o.save_every = 1;
+  Model m = block_ap();
+  const std::vector<at::Tensor> start = scales_of(m);
+  CalibSet calib = tiny_calib(m);
+  E2eResult r = run_e2e_qp(m, calib, o);
+  EXPECT_TRUE(r.stopped_early);
+  EXPECT_TRUE(r.reverted);
+  EXPECT_EQ(r.check_step, 2);
+  EXPECT_EQ(r.steps, 2);
+  EXPECT_EQ(r.step_loss.size(), 2u);
+  EXPECT_GT(r.val_loss_check, r.val_loss_before);
+  EXPECT_EQ(r.val_loss_after, r.val_loss_check);
+  EXPECT_TRUE(same(scales_of(m), start));
+
+  // Killed right after the state at the check was saved (step 2), then resumed: the same check, the same stop.
+  TempDir t;
+  o.state_dir = t.str();
+  E2eOptions killed = o;
+  killed.on_step = [](int64_t done) {
+    if (done == 2) throw std::runtime_error("killed");  // after step 2's state was saved, before the check
+  };
+  Model k = block_ap();
+  EXPECT_THROW(run_e2e_qp(k, calib, killed), std::runtime_error);
+  Model resumed = block_ap();
+  E2eOptions again = o;
+  again.resume = true;
+  const E2eResult rr = run_e2e_qp(resumed, calib, again);
+  EXPECT_TRUE(rr.stopped_early);
+  EXPECT_EQ(rr.val_loss_before, r.val_loss_before);
+  EXPECT_EQ(rr.val_loss_check, r.val_loss_check);
+  EXPECT_TRUE(same(scales_of(resumed), start));
+
+  // Without the early check, killed mid-training at step 5 of 8 and resumed: the start's loss is Block-AP's and the
+  // run ends reverted to Block-AP's step sizes, as the uninterrupted run does.
+  o.early_check = 0;
+  Model u = block_ap();
+  const E2eResult full = run_e2e_qp(u, calib, [&] { E2eOptions x = o; x.state_dir.clear(); return x; }());
+  ASSERT_TRUE(full.reverted);
+  TempDir t2;
+  o.state_dir = t2.str();
+  o.on_step = [](int64_t done) {
+    if (done == 5) throw std::runtime_error("killed");
+  };
+  Model k2 = block_ap();
+  EXPECT_THROW(run_e2e_qp(k2, calib, o), std::runtime_error);
+  o.on_step = nullptr;
+  o.resume = true;
+  Model r2 = block_ap();
+  const E2eResult mid = run_e2e_qp(r2, calib, o);
+  EXPECT_EQ(mid.val_loss_before, full.val_loss_before);
+  EXPECT_EQ(mid.val_loss_after, full.val_loss_after);
+  EXPECT_TRUE(mid.reverted);
+  EXPECT_TRUE(same(scales_of(r2), start));
+}
+
+// Block-AP hands each calibration sample's decoder input to E2E-QP (keep_sample_embeds): for image-text samples of
+// varied lengths in padded batches, each is exactly the sample embedded alone, and E2E-QP given them trains exactly
+// as it does embedding the samples itself.
+TEST(E2eQp, BlockApsEmbeddingsAreEachSamplesOwnAndTrainAlike) {
+  TempDir t;
+  write_shapes_dataset(t.str("shapes"), 11, 0, 5);
+  auto run = [&](bool hand_over) {
+    Model m = load_model(fixture("tiny_llava"));
+    CalibOptions co;
+    co.n_train = 8;
+    co.n_val = 3;
+    co.seq_len = 256;
+    CalibSet calib = load_instruction_data(m, t.str("shapes/train.json"), t.str("shapes/images"), co);
+    BlockApOptions bo = opts("rtn", 4);
+    bo.batch_size = 4;
+    bo.keep_sample_embeds = hand_over;
+    BlockApResult br = run_block_quantization(m, calib, bo);
+    CalibSet e2e = calib;
+    if (hand_over) {
+      std::vector<CalibSample> all = calib.train;
+      all.insert(all.end(), calib.val.begin(), calib.val.end());
+      EXPECT_EQ(br.sample_embeds.size(), all.size());
+      std::set<size_t> lengths;
+      for (size_t i = 0; i < std::min(all.size(), br.sample_embeds.size()); ++i) {
+        lengths.insert(all[i].ids.size());
+        EXPECT_TRUE(at::equal(br.sample_embeds[i], embed_samples(m, {all[i]}).embeds[0])) << "sample " << i;
+      }
+      EXPECT_GT(lengths.size(), 1u);  // padded batches
+      for (size_t i = 0; i < e2e.train.size(); ++i) e2e.train[i].embeds = br.sample_embeds[i];
+      for (size_t i = 0; i < e2e.val.size(); ++i) e2e.val[i].embeds = br.sample_embeds[e2e.train.size() + i];
+    } else {
+      EXPECT_TRUE(br.sample_embeds.empty());
+    }
+    E2eOptions o = e2e_opts();
+    o.epochs = 2;
+    E2eResult r = run_e2e_qp(m, e2e, o);
+    std::vector<at::Tensor> s;
+    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+      for (auto& [n, lin] : block_linears(m, b)) s.push_back(lin->scales.clone());
+    return std::make_pair(r, s);
+  };
+  const auto [own, own_scales] = run(false);
+  const auto [given, given_scales] = run(true);
+  EXPECT_EQ(own.step_loss, given.step_loss);
+  EXPECT_EQ(own.val_loss_before, given.val_loss_before);
+  EXPECT_EQ(own.val_loss_after, given.val_loss_after);
+  ASSERT_EQ(own_scales.size(), given_scales.size());
+  for (size_t i = 0; i < own_scales.size(); ++i) EXPECT_TRUE(at::equal(own_scales[i], given_scales[i])) << i;
 }
 
 // Fewer training samples than the batch (issue 16): the step used to read past the epoch's permutation. The batch
