@@ -217,6 +217,16 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   auto batches_te = opts.teacher_samples && !teacher_is_calib ? make_batches(*opts.teacher_samples, opts.batch_size)
                                                               : std::vector<std::vector<CalibSample>>{};
   Stream te{ActivationCache(opts.offload_dir, "fp_teacher", batches_te.size()), ActivationCache("", "", 0), {}};
+  // keep_sample_embeds: every sample's rows in one tensor (one allocation, not one per sample between the streams'
+  // tensors), handed out as views.
+  at::Tensor kept_embeds;
+  int64_t kept_rows = 0;
+  if (opts.keep_sample_embeds) {
+    int64_t rows = 0;
+    for (const auto* set : {&calib.train, &calib.val})
+      for (const auto& smp : *set) rows += static_cast<int64_t>(smp.ids.size());
+    kept_embeds = at::empty({rows, m.cfg.text.hidden_size}, at::TensorOptions().dtype(m.dtype));
+  }
   {
     Progress p("embedding calibration samples",
                static_cast<int64_t>(batches_tr.size() + batches_va.size() + batches_te.size()), opts.progress);
@@ -232,9 +242,12 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
           st.q.put(i, e.embeds);
           st.valid.push_back(e.valid);
           if (opts.keep_sample_embeds)
-            for (int64_t j = 0; j < e.embeds.size(0); ++j)
-              res.sample_embeds.push_back(
-                  e.embeds[j].narrow(0, 0, static_cast<int64_t>((*pair)[i][j].ids.size())).clone());
+            for (int64_t j = 0; j < e.embeds.size(0); ++j) {
+              const int64_t T = static_cast<int64_t>((*pair)[i][j].ids.size());
+              res.sample_embeds.push_back(kept_embeds.narrow(0, kept_rows, T));
+              res.sample_embeds.back().copy_(e.embeds[j].narrow(0, 0, T));
+              kept_rows += T;
+            }
           if (teacher_is_calib) calib_loss_positions.push_back(loss_positions(e));
         }
         p.update(++done);
