@@ -205,9 +205,6 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   // The distillation samples ride the FP stream only; their `valid` holds the loss positions instead. When they are
   // the calibration samples themselves (train then val, in batches that line up: E2E-QP on Block-AP's data, the
   // default), the train and val FP streams already carry them, and no third stream runs the same batches again.
-  auto same_sample = [](const CalibSample& a, const CalibSample& b) {
-    return a.ids == b.ids && a.is_answer == b.is_answer && a.image == b.image;
-  };
   const bool teacher_is_calib =
       opts.teacher_samples && opts.teacher_samples->size() == calib.train.size() + calib.val.size() &&
       calib.train.size() % static_cast<size_t>(opts.batch_size) == 0 &&
@@ -222,10 +219,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   at::Tensor kept_embeds;
   int64_t kept_rows = 0;
   if (opts.keep_sample_embeds) {
-    int64_t rows = 0;
-    for (const auto* set : {&calib.train, &calib.val})
-      for (const auto& smp : *set) rows += static_cast<int64_t>(smp.ids.size());
-    kept_embeds = at::empty({rows, m.cfg.text.hidden_size}, at::TensorOptions().dtype(m.dtype));
+    kept_embeds = at::empty({token_count(calib.train) + token_count(calib.val), m.cfg.text.hidden_size},
+                            at::TensorOptions().dtype(m.dtype));
   }
   {
     Progress p("embedding calibration samples",

@@ -158,6 +158,16 @@ at::Tensor loss_positions(const EmbeddedBatch& b) {
   return b.answer.narrow(1, 1, L - 1).logical_and(b.valid.narrow(1, 1, L - 1));
 }
 
+bool same_sample(const CalibSample& a, const CalibSample& b) {
+  return a.ids == b.ids && a.is_answer == b.is_answer && a.image == b.image;
+}
+
+int64_t token_count(const std::vector<CalibSample>& samples) {
+  int64_t n = 0;
+  for (const auto& s : samples) n += static_cast<int64_t>(s.ids.size());
+  return n;
+}
+
 int64_t loss_position_count(const CalibSample& s) {
   int64_t n = 0;
   for (size_t t = 1; t < s.is_answer.size(); ++t) n += s.is_answer[t] != 0;

@@ -56,5 +56,9 @@ EmbeddedBatch embed_samples(Model& m, const std::vector<CalibSample>& samples);
 at::Tensor loss_positions(const EmbeddedBatch& b);
 // The number of loss positions of one sample (what loss_positions marks in its row).
 int64_t loss_position_count(const CalibSample& s);
+// The same sample: tokens, answer mask and image.
+bool same_sample(const CalibSample& a, const CalibSample& b);
+// Σ tokens of the samples.
+int64_t token_count(const std::vector<CalibSample>& samples);
 
 }  // namespace eqat

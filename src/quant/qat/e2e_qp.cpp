@@ -66,9 +66,7 @@ at::Tensor teacher_rows(const E2eOptions& o, const std::vector<size_t>& idx) {
 }  // namespace
 
 bool e2e_embeds_cached(const Model& m, const CalibSet& data) {
-  int64_t tokens = 0;
-  for (const auto* set : {&data.train, &data.val})
-    for (const auto& s : *set) tokens += static_cast<int64_t>(s.ids.size());
+  const int64_t tokens = token_count(data.train) + token_count(data.val);
   return tokens * m.cfg.text.hidden_size * static_cast<int64_t>(c10::elementSize(m.dtype)) <= kE2eEmbedCacheBytes;
 }
 
@@ -198,16 +196,17 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   // each of those the check after the first quarter, where the cosine rate is highest, already showed it; the other
   // 3 were below at the check and at the end (models/SOURCES.md). A resumed run that saved its state at the check
   // repeats it (same step sizes, same loss), so it decides alike.
-  const int64_t check_at =
+  int64_t check_at =
       opts.early_check > 0 && !val.empty()
           ? std::max<int64_t>(1, static_cast<int64_t>(std::floor(opts.early_check * static_cast<double>(total))))
           : -1;
+  if (check_at >= total) check_at = -1;  // no step left after it
   bool stopped = false;
   int64_t step = start_step;
   Progress bar("E2E-QP", total, opts.progress);
   auto t0 = std::chrono::steady_clock::now();
   for (; step < total; ++step) {
-    if (step == check_at && check_at < total) {
+    if (step == check_at) {
       res.val_loss_check = val_loss();
       res.check_step = step;
       if (!opts.log_jsonl.empty())

@@ -41,8 +41,7 @@ void hand_over_embeds(const CalibSet& calib, std::vector<at::Tensor>& embeds, Ca
   if (embeds.size() != calib.train.size() + calib.val.size()) return;
   auto take = [&](const std::vector<CalibSample>& from, size_t offset, std::vector<CalibSample>& to) {
     for (size_t i = 0; i < std::min(from.size(), to.size()); ++i)
-      if (from[i].ids == to[i].ids && from[i].is_answer == to[i].is_answer && from[i].image == to[i].image)
-        to[i].embeds = std::move(embeds[offset + i]);
+      if (same_sample(from[i], to[i])) to[i].embeds = std::move(embeds[offset + i]);
   };
   take(calib.train, 0, e2e.train);
   take(calib.val, calib.train.size(), e2e.val);
@@ -463,8 +462,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
 
   if (!e2e_only) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
-    int64_t tokens = 0;
-    for (const auto& smp : calib.train) tokens += static_cast<int64_t>(smp.ids.size());
+    const int64_t tokens = token_count(calib.train);
     if (o.block.batch_size == 0) o.block.batch_size = auto_block_batch(o.method, o.spec.bits, calib.train);
     check_activation_caches_fit(o, calib, m.cfg.text.hidden_size, teacher_samples);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
