@@ -4,6 +4,8 @@
 #include <c10/core/GradMode.h>
 #include <torch/autograd.h>
 
+#include <mutex>
+
 #include "data/error.h"
 #include "data/safetensors.h"
 #include "quant/qmatmul.h"
@@ -18,27 +20,37 @@ namespace {
 // When the integers alias a checkpoint's mapping (Block-AP's finished blocks, a loaded export), their pages are
 // dropped after each use (they are never written): a training step then holds one layer's integers in RSS, not the
 // model's (a 13B at W4g128: 6.9 GB), and the next use maps them again from the page cache.
+// Small models instead keep a training cache (QuantLinearImpl::set_train_cache, kE2eWeightCacheBytes): (q − z) and
+// Ŵᵀ in fp32, Ŵᵀ remade once per optimizer step; the integers are then not read at all, and no pages are dropped.
 struct PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scales,
                             const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& g_idx, int64_t bits,
-                            int64_t group) {
-    ctx->save_for_backward({x, scales, qweight, qzeros, g_idx});
+                            int64_t group, const std::shared_ptr<const TrainWeightCache>& train_cache) {
+    // (Passed as a non-tensor argument: Function::apply records every tensor argument's metadata, and an undefined
+    // one has none.)
+    const at::Tensor qmz = train_cache ? train_cache->qmz : at::Tensor();
+    const at::Tensor wt = train_cache ? train_cache->wt : at::Tensor();
+    ctx->save_for_backward({x, scales, qweight, qzeros, g_idx, qmz, wt});
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["group"] = group;
-    at::Tensor y = quant_linear_train_forward(x, {qweight, qzeros, scales, g_idx}, static_cast<int>(bits), group);
-    release_mapped_bytes(qweight.const_data_ptr(), qweight.nbytes());
+    const TrainWeightCache cache{qmz, wt};
+    at::Tensor y = quant_linear_train_forward(x, {qweight, qzeros, scales, g_idx}, static_cast<int>(bits), group,
+                                              qmz.defined() ? &cache : nullptr);
+    if (!qmz.defined()) release_mapped_bytes(qweight.const_data_ptr(), qweight.nbytes());
     return y;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scales = saved[1];
+    const TrainWeightCache cache{saved[5], saved[6]};
     const QuantLinearGrads g = quant_linear_backward(
         grads[0], x, {saved[2], saved[3], scales, saved[4]}, static_cast<int>(ctx->saved_data["bits"].toInt()),
-        ctx->saved_data["group"].toInt(), ctx->needs_input_grad(0), ctx->needs_input_grad(1));
-    release_mapped_bytes(saved[2].const_data_ptr(), saved[2].nbytes());
+        ctx->saved_data["group"].toInt(), ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        cache.qmz.defined() ? &cache : nullptr);
+    if (!cache.qmz.defined()) release_mapped_bytes(saved[2].const_data_ptr(), saved[2].nbytes());
     return {g.grad_input, g.grad_scales.defined() ? g.grad_scales.to(scales.scalar_type()) : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -122,7 +134,10 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
       // kernels (CPU AVX2 / VNNI / CUDA; they fall back to the reference dequant where a shape is not covered).
       if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad())) {
         if (!x.is_cpu()) return at::linear(x, packed_weight(x.scalar_type()), b);
-        at::Tensor y = PackedLinearFn::apply(x, scales, qweight, qzeros, g_idx, spec_.bits, spec_.group_for(in_features_));
+        const int64_t group = spec_.group_for(in_features_);
+        std::shared_ptr<const TrainWeightCache> cache;
+        if (train_cache_on_ && train_cache_applies(x, packed(), group)) cache = train_cache();
+        at::Tensor y = PackedLinearFn::apply(x, scales, qweight, qzeros, g_idx, spec_.bits, group, cache);
         return b ? y + *b : y;
       }
       return quant_linear_forward(x, packed(), spec_.bits, spec_.group_for(in_features_),
@@ -150,6 +165,33 @@ at::Tensor QuantLinearImpl::packed_weight(c10::ScalarType dtype) {
     dequant_ = dequantize_gptq(packed(), spec_.bits).to(qweight.device(), dtype);
   }
   return dequant_;
+}
+
+void QuantLinearImpl::set_train_cache(bool on) {
+  train_cache_on_ = on;
+  train_cache_.reset();
+  train_cache_key_ = {nullptr, nullptr, -1};
+}
+
+std::shared_ptr<const TrainWeightCache> QuantLinearImpl::train_cache() {
+  // The data-parallel E2E-QP step calls forward on the same module from several threads: one builds or refreshes,
+  // the others then find it current. A refresh makes a new Ŵᵀ (the backward of a step before holds the old one).
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const std::tuple<const void*, const void*, int64_t> key{scales.unsafeGetTensorImpl(), scales.const_data_ptr(),
+                                                          scales._version()};
+  if (train_cache_ && key == train_cache_key_) return train_cache_;
+  const int64_t group = spec_.group_for(in_features_);
+  c10::NoGradGuard g;
+  if (!train_cache_) {
+    train_cache_ = std::make_shared<const TrainWeightCache>(train_cache_build(packed(), spec_.bits, group));
+    release_mapped_bytes(qweight.const_data_ptr(), qweight.nbytes());  // not read again while the cache lives
+  } else {
+    train_cache_ = std::make_shared<const TrainWeightCache>(
+        TrainWeightCache{train_cache_->qmz, train_cache_scaled(train_cache_->qmz, scales, group)});
+  }
+  train_cache_key_ = key;
+  return train_cache_;
 }
 
 void QuantLinearImpl::to_fake_quant(const QuantSpec& spec) {
@@ -194,6 +236,7 @@ void QuantLinearImpl::set_packed(const GptqTensors& t, const QuantSpec& spec) {
   }
   q_minus_z_ = at::Tensor();
   dequant_ = at::Tensor();
+  set_train_cache(false);
   mode_ = LinearMode::kPacked;
 }
 
@@ -230,6 +273,7 @@ void QuantLinearImpl::view_packed_columns(const GptqTensors& merged, const at::T
   scales = set_tensor("scales", merged.scales.narrow(1, n0, out_features_), false);
   if (bias.defined()) bias = set_tensor("bias", merged_bias.narrow(0, n0, out_features_), false);
   dequant_ = at::Tensor(), q_minus_z_ = at::Tensor();
+  set_train_cache(false);
 }
 
 MergedPackedLinear MergedPackedLinear::merge(const std::vector<QuantLinear>& parts) {

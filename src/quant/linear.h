@@ -13,12 +13,16 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <tuple>
 #include <vector>
 
 #include "quant/pack.h"
 #include "quant/quantizer.h"
 
 namespace eqat {
+
+struct TrainWeightCache;  // quant/qmatmul.h
 
 enum class LinearMode { kFloat, kFakeQuant, kPacked, kCount };
 
@@ -55,6 +59,13 @@ class QuantLinearImpl : public torch::nn::Module {
   LinearMode mode() const { return mode_; }
   const QuantSpec& spec() const { return spec_; }
 
+  // E2E-QP on the CPU, for models small enough (the trainer decides): while on, the packed training forward and
+  // backward read (q − z) and Ŵᵀ from a TrainWeightCache (qmatmul.h) built at the first call, and Ŵᵀ is recomputed
+  // at the first call after the step sizes changed (their version counter: once per optimizer step) instead of
+  // at every call. Off drops it. The results are the same either way.
+  void set_train_cache(bool on);
+  bool train_cache_on() const { return train_cache_on_; }
+
   // Optional tap on the input of every forward (GPTQ collects its Hessian from it).
   std::function<void(const at::Tensor& x)> input_observer;
   // Block-AP's data-parallel step: Ŵ, computed once per step by the trainer for all its threads (a leaf that
@@ -70,12 +81,16 @@ class QuantLinearImpl : public torch::nn::Module {
  private:
   at::Tensor set_tensor(const std::string& name, const at::Tensor& value, bool is_buffer);
   at::Tensor packed_weight(c10::ScalarType dtype);
+  std::shared_ptr<const TrainWeightCache> train_cache();
 
   int64_t in_features_, out_features_;
   LinearMode mode_ = LinearMode::kFloat;
   QuantSpec spec_;
   at::Tensor q_minus_z_;  // packed on CUDA: (q − z) [N, K] float, cached for training scales
   at::Tensor dequant_;    // packed: cached dequantized weight for inference (CPU reference path)
+  bool train_cache_on_ = false;
+  std::shared_ptr<const TrainWeightCache> train_cache_;  // for the step sizes of train_cache_key_
+  std::tuple<const void*, const void*, int64_t> train_cache_key_{nullptr, nullptr, -1};  // impl, data, version
 };
 TORCH_MODULE(QuantLinear);
 

@@ -114,12 +114,14 @@ bool cpu_train_fast_path(const at::Tensor& x, const GptqTensors& w, int64_t grou
 }
 
 // One chunk of the CPU training path: input rows [k0, k0 + rows), qmz = (q − z) of those rows [rows, N] fp32, s
-// their step sizes [rows/per, N] fp32 (per = min(g, chunk) rows per step size), and a scratch [rows, N] buffer.
+// their step sizes [rows/per, N] fp32 (per = min(g, chunk) rows per step size), a scratch [rows, N] buffer, and
+// with a TrainWeightCache its Wᵀ rows, already scaled.
 struct TrainChunk {
   int64_t k0, rows, per;
-  at::Tensor qmz, s, work;
-  // Wᵀ rows of the chunk, s·(q − z), written into `work`.
+  at::Tensor qmz, s, work, cached_wt;
+  // Wᵀ rows of the chunk, s·(q − z): the cache's, or written into `work` (the same product, element by element).
   at::Tensor weight_t() const {
+    if (cached_wt.defined()) return cached_wt;
     const int64_t N = qmz.size(1);
     at::Tensor w = work.view({rows / per, per, N});
     at::mul_out(w, qmz.view({rows / per, per, N}), s.unsqueeze(1));
@@ -127,26 +129,44 @@ struct TrainChunk {
   }
 };
 
+// Sets up the unpacking of w's integers for the CPU training path (also builds the cache's (q − z)).
+CpuQWeight train_qweight(const at::Tensor& qw, const at::Tensor& qz, int bits, int64_t group_size, int64_t K) {
+  return CpuQWeight{reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
+                    reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>()),
+                    nullptr,
+                    false,
+                    K,
+                    qw.size(1),
+                    group_size,
+                    bits};
+}
+
 template <typename Fn>
-void for_each_train_chunk(const GptqTensors& w, int bits, int64_t group_size, int64_t K, Fn fn) {
+void for_each_train_chunk(const GptqTensors& w, int bits, int64_t group_size, int64_t K, const TrainWeightCache* cache,
+                          Fn fn) {
   const int64_t N = w.qweight.size(1), chunk = std::min(train_chunk_rows(group_size), K),
                 per = std::min(group_size, chunk);
+  at::Tensor work_buf = at::empty({chunk, N}, at::kFloat);
+  if (cache) {
+    EQAT_ASSERT(cache->qmz.sizes() == at::IntArrayRef({K, N}) && cache->wt.sizes() == at::IntArrayRef({K, N}),
+                "TrainWeightCache: shapes do not match the linear");
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t rows = std::min(chunk, K - k0);
+      fn(TrainChunk{k0, rows, per, cache->qmz.narrow(0, k0, rows), at::Tensor(), work_buf.narrow(0, 0, rows),
+                    cache->wt.narrow(0, k0, rows)});
+    }
+    return;
+  }
   at::Tensor qw = w.qweight.contiguous(), qz = w.qzeros.contiguous();
   at::Tensor s = w.scales.to(at::kFloat).contiguous();
-  const CpuQWeight cw{reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
-                      reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>()),
-                      nullptr,
-                      false,
-                      K,
-                      N,
-                      group_size,
-                      bits};
-  at::Tensor qmz_buf = at::empty({chunk, N}, at::kFloat), work_buf = at::empty({chunk, N}, at::kFloat);
+  const CpuQWeight cw = train_qweight(qw, qz, bits, group_size, K);
+  at::Tensor qmz_buf = at::empty({chunk, N}, at::kFloat);
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t rows = std::min(chunk, K - k0);
     at::Tensor qmz = qmz_buf.narrow(0, 0, rows);
     cpu_unpack_t(cw, k0, k0 + rows, qmz.data_ptr<float>());
-    fn(TrainChunk{k0, rows, per, qmz, s.narrow(0, k0 / group_size, rows / per), work_buf.narrow(0, 0, rows)});
+    fn(TrainChunk{k0, rows, per, qmz, s.narrow(0, k0 / group_size, rows / per), work_buf.narrow(0, 0, rows),
+                  at::Tensor()});
   }
 }
 
@@ -321,14 +341,40 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
   return y.to(x.scalar_type()).view(out_shape);
 }
 
-at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size) {
+bool train_cache_applies(const at::Tensor& x, const GptqTensors& w, int64_t group_size) {
+  return cpu_train_fast_path(x, w, group_size);
+}
+
+TrainWeightCache train_cache_build(const GptqTensors& w, int bits, int64_t group_size) {
+  const int64_t K = w.g_idx.size(0), N = w.qweight.size(1);
+  check_tensors(w, bits, group_size, K, "train_cache_build");
+  at::Tensor qw = w.qweight.contiguous(), qz = w.qzeros.contiguous();
+  TrainWeightCache c;
+  c.qmz = at::empty({K, N}, at::kFloat);
+  cpu_unpack_t(train_qweight(qw, qz, bits, group_size, K), 0, K, c.qmz.data_ptr<float>());
+  c.wt = train_cache_scaled(c.qmz, w.scales, group_size);
+  return c;
+}
+
+at::Tensor train_cache_scaled(const at::Tensor& qmz, const at::Tensor& scales, int64_t group_size) {
+  c10::NoGradGuard g;
+  const int64_t K = qmz.size(0), N = qmz.size(1);
+  at::Tensor s = scales.detach().to(at::kFloat).contiguous();
+  at::Tensor wt = at::empty({K, N}, at::kFloat);
+  at::Tensor w3 = wt.view({K / group_size, group_size, N});
+  at::mul_out(w3, qmz.view({K / group_size, group_size, N}), s.unsqueeze(1));
+  return wt;
+}
+
+at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                      const TrainWeightCache* cache) {
   EQAT_CHECK(x.dim() >= 1, "quant_linear_train_forward: x must have a feature dimension");
   check_tensors(w, bits, group_size, x.size(-1), "quant_linear_train_forward");
   if (!cpu_train_fast_path(x, w, group_size)) return quant_linear_forward_reference(x, w, bits, group_size, {});
   const int64_t K = x.size(-1), N = w.qweight.size(1);
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor y = at::zeros({x2.size(0), N}, at::kFloat);
-  for_each_train_chunk(w, bits, group_size, K,
+  for_each_train_chunk(w, bits, group_size, K, cache,
                        [&](const TrainChunk& c) { y.addmm_(x2.narrow(1, c.k0, c.rows), c.weight_t()); });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -360,7 +406,8 @@ QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, con
 }
 
 QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const GptqTensors& w,
-                                       int bits, int64_t group_size, bool need_input_grad, bool need_scale_grad) {
+                                       int bits, int64_t group_size, bool need_input_grad, bool need_scale_grad,
+                                       const TrainWeightCache* cache) {
   check_tensors(w, bits, group_size, x.size(-1), "quant_linear_backward");
   EQAT_CHECK(grad_out.size(-1) == w.qweight.size(1), "quant_linear_backward: grad_out has ", grad_out.size(-1),
              " features, expected ", w.qweight.size(1));
@@ -381,7 +428,7 @@ QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Ten
     QuantLinearGrads r;
     if (need_input_grad) r.grad_input = at::empty({go.size(0), K}, at::kFloat);
     if (need_scale_grad) r.grad_scales = at::zeros({G, N}, at::kFloat);
-    for_each_train_chunk(w, bits, group_size, K, [&](const TrainChunk& c) {
+    for_each_train_chunk(w, bits, group_size, K, cache, [&](const TrainChunk& c) {
       if (need_input_grad)  // grad_input[:, chunk] = grad_out · W[:, chunk] = grad_out · (Wᵀ rows)ᵀ
         r.grad_input.narrow(1, c.k0, c.rows).copy_(at::mm(go, c.weight_t().t()));
       if (need_scale_grad) {  // Σ over the chunk's rows of each group of (xᵀ·grad_out) ⊙ (q − z)

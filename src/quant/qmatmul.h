@@ -31,7 +31,12 @@ at::Tensor quant_linear_forward_reference(const at::Tensor& x, const GptqTensors
 // masters), in x's dtype. On the CPU with a sequential g_idx, g % 32 == 0 and g | K: (q − z) is unpacked kTrainChunk
 // input rows at a time, scaled and multiplied with SGEMM into y, so no [N, K] float copy of the weight exists and
 // the step sizes are not rounded to fp16 as quant_linear_forward's serving kernels do. Elsewhere: the reference.
-at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size);
+// E2E-QP's CPU training cache, for models small enough that the trainer keeps it (TrainWeightCache below): with it,
+// the fast path reads each chunk's (q − z) and Ŵᵀ from the cache instead of unpacking and scaling them at every
+// call; the chunks, products and sums are the same, so the results are bit for bit those without it.
+struct TrainWeightCache;
+at::Tensor quant_linear_train_forward(const at::Tensor& x, const GptqTensors& w, int bits, int64_t group_size,
+                                      const TrainWeightCache* cache = nullptr);
 
 // Backward of y = x·Wᵀ + b with W[n,k] = s[g,n]·(q[k,n] − z[g,n]) (E2E-QP trains the step sizes s only):
 //   grad_input  [..., K] = grad_out · W                          (x's dtype)
@@ -46,10 +51,21 @@ struct QuantLinearGrads {
 };
 QuantLinearGrads quant_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const GptqTensors& w,
                                        int bits, int64_t group_size, bool need_input_grad = true,
-                                       bool need_scale_grad = true);
+                                       bool need_scale_grad = true, const TrainWeightCache* cache = nullptr);
 QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, const at::Tensor& x,
                                                  const GptqTensors& w, int bits, int64_t group_size,
                                                  bool need_input_grad = true, bool need_scale_grad = true);
+
+// The training cache of one packed linear: (q − z) [K, N] and Ŵᵀ = s·(q − z) [K, N], fp32, 8 bytes per weight (an
+// fp32 copy of the model twice over: only for small models; a 7B's would be 52 GB). Used where
+// train_cache_applies (the CPU fast path: sequential g_idx, g % 32 == 0, g | K). train_cache_scaled recomputes Ŵᵀ
+// for new step sizes [G, N] (once per optimizer step instead of at every call of every micro-batch).
+struct TrainWeightCache {
+  at::Tensor qmz, wt;
+};
+bool train_cache_applies(const at::Tensor& x, const GptqTensors& w, int64_t group_size);
+TrainWeightCache train_cache_build(const GptqTensors& w, int bits, int64_t group_size);
+at::Tensor train_cache_scaled(const at::Tensor& qmz, const at::Tensor& scales, int64_t group_size);
 
 // at::linear for float weights, except that on the CPU a product of at most kFewRows rows in fp32 (decode: the
 // lm_head, float layers of a model served at batch 1) is split by output columns over LibTorch's threads: MKL runs

@@ -402,6 +402,22 @@ TEST(QMatmul, BackwardMatchesAutograd) {
   }
 }
 
+namespace {
+struct TrainLayout {
+  int bits;
+  int64_t K, g;
+};
+const TrainLayout kTrainLayouts[] = {{2, 640, 64}, {3, 576, 96}, {4, 1024, 512}, {4, 320, 320}};
+
+// A packed [N, K] weight of layout l with fp32 master step sizes off the fp16 grid (seeded by `seed`).
+GptqTensors train_case(const TrainLayout& l, int64_t N, uint64_t seed) {
+  GptqTensors w = make_case(N, l.K, l.bits, l.g, seed + l.bits).w;
+  at::manual_seed(seed + 10);
+  w.scales = (at::rand({l.K / l.g, N}) * 0.02 + 0.001).to(at::kFloat);
+  return w;
+}
+}  // namespace
+
 // E2E-QP's CPU training path (chunks of (q − z), fp32 master step sizes) against fp64 on the same weights, over
 // chunk layouts: several chunks with a short last one (g 64, K 640: chunks of 256), groups that do not divide 256
 // (g 96: chunks of 192), a chunk inside a group (g 512: chunks of 256), per-channel (g = K = 320: chunks of 160).
@@ -411,16 +427,9 @@ TEST(QMatmul, BackwardMatchesAutograd) {
 // of exactly formed |x|·|Ŵ| or |go|·|Ŵ| terms (Ŵ = (q − z)·s: one rounding, covered by the + 2); grad_scales sums
 // over the g rows of a group (plus one add per chunk) products of exact (q − z) with P = xᵀ·go, itself of depth M.
 TEST(QMatmul, TrainingPathUsesFp32StepSizesAndMatchesFp64) {
-  struct Layout {
-    int bits;
-    int64_t K, g;
-  };
-  for (const Layout l : {Layout{2, 640, 64}, Layout{3, 576, 96}, Layout{4, 1024, 512}, Layout{4, 320, 320}}) {
+  for (const TrainLayout& l : kTrainLayouts) {
     const int64_t N = 48, M = 7, G = l.K / l.g;
-    const Case c = make_case(N, l.K, l.bits, l.g, 40 + l.bits);
-    GptqTensors w = c.w;
-    at::manual_seed(50);
-    w.scales = (at::rand({G, N}) * 0.02 + 0.001).to(at::kFloat);  // fp32 masters, off the fp16 grid
+    const GptqTensors w = train_case(l, N, 40);
     ASSERT_FALSE(at::equal(w.scales, w.scales.to(at::kHalf).to(at::kFloat)));
     auto [q, z] = unpack_gptq(w, l.bits);
     at::Tensor gi = at::arange(l.K, at::kLong).div(l.g, "floor");
@@ -451,6 +460,30 @@ TEST(QMatmul, TrainingPathUsesFp32StepSizesAndMatchesFp64) {
     at::Tensor yb_ref = at::matmul(x.to(at::kBFloat16).to(at::kDouble), W.t());
     EXPECT_LE(((yb.to(at::kDouble) - yb_ref).abs() - std::ldexp(1.0, -8) * yb_ref.abs() -
                depth * u * at::matmul(x64.abs(), W.abs().t()) * 2).max().item<double>(), 0.0) << l.g;
+  }
+}
+
+// The training cache (E2E-QP on small models) reads the same chunks' (q − z) and Ŵᵀ that the uncached path forms at
+// every call, and forms Ŵᵀ with the same elementwise product: y, grad_input and grad_scales must be equal bit for
+// bit, over the chunk layouts above. Fresh step sizes give a Ŵᵀ of their own (train_cache_scaled).
+TEST(QMatmul, TrainingCacheGivesTheUncachedResultsBitForBit) {
+  for (const TrainLayout& l : kTrainLayouts) {
+    const int64_t N = 48, M = 9;
+    GptqTensors w = train_case(l, N, 60);
+    const at::Tensor x = at::randn({M, l.K}), go = at::randn({M, N});
+    ASSERT_TRUE(train_cache_applies(x, w, l.g)) << l.g;
+    TrainWeightCache cache = train_cache_build(w, l.bits, l.g);
+    for (int round = 0; round < 2; ++round) {
+      EXPECT_TRUE(at::equal(quant_linear_train_forward(x, w, l.bits, l.g, &cache),
+                            quant_linear_train_forward(x, w, l.bits, l.g)))
+          << l.g << " round " << round;
+      const QuantLinearGrads a = quant_linear_backward(go, x, w, l.bits, l.g, true, true, &cache);
+      const QuantLinearGrads b = quant_linear_backward(go, x, w, l.bits, l.g, true, true);
+      EXPECT_TRUE(at::equal(a.grad_input, b.grad_input)) << l.g << " round " << round;
+      EXPECT_TRUE(at::equal(a.grad_scales, b.grad_scales)) << l.g << " round " << round;
+      w.scales = w.scales * 1.5 + 1e-4;  // new step sizes: the cache's Ŵᵀ is rebuilt from its (q − z)
+      cache.wt = train_cache_scaled(cache.qmz, w.scales, l.g);
+    }
   }
 }
 

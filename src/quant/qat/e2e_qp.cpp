@@ -111,6 +111,23 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       scales.push_back(lin->scales);
       bits = lin->spec().bits;
     }
+  // The training cache, where the model is small enough (kE2eWeightCacheBytes); dropped again before returning.
+  std::vector<QuantLinear> cached_linears;
+  int64_t cache_bytes = 0;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [name, lin] : block_linears(m, b)) {
+      cache_bytes += 8 * lin->in_features() * lin->out_features();
+      cached_linears.push_back(lin);
+    }
+  const bool weight_cache = m.device.is_cpu() && cache_bytes <= kE2eWeightCacheBytes;
+  struct CacheOff {
+    std::vector<QuantLinear>& lins;
+    ~CacheOff() {
+      for (auto& l : lins) l->set_train_cache(false);
+    }
+  } cache_off{cached_linears};
+  if (weight_cache)
+    for (auto& l : cached_linears) l->set_train_cache(true);
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
   const int64_t n = static_cast<int64_t>(data.train.size());
   EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
@@ -300,6 +317,7 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   for (auto& s : scales) s.set_requires_grad(false);
   res.steps = step;
   res.stopped_early = stopped;
+  res.weight_cache = weight_cache;
   res.seconds = secs;
   res.ms_per_step = step > start_step ? 1000.0 * secs / static_cast<double>(step - start_step) : 0.0;
   // Early stopping at its coarsest: step sizes that ended with a higher validation loss than Block-AP's are not

@@ -56,12 +56,18 @@ struct E2eResult {
   int64_t check_step = -1;
   double val_loss_check = 0;
   bool stopped_early = false;
+  bool weight_cache = false;  // whether the linears kept a training cache (kE2eWeightCacheBytes)
 };
 
 // At most this many bytes of decoder inputs (the train and val samples' embeddings) are kept across E2E-QP's steps.
 constexpr int64_t kE2eEmbedCacheBytes = int64_t{512} << 20;
 // Whether E2E-QP keeps `data`'s embeddings across steps (they fit kE2eEmbedCacheBytes in the model's dtype).
 bool e2e_embeds_cached(const Model& m, const CalibSet& data);
+// On the CPU, the packed linears keep a training cache (QuantLinearImpl::set_train_cache: (q − z) and Ŵᵀ in fp32,
+// 8 bytes per weight) while E2E-QP runs when all of them together take at most this much: a model of up to 32 M
+// decoder-linear weights. On the default model (2.6 M) the per-call unpacking, scaling and page dropping it saves
+// were about 15 % of a step's profile; a 7B (52 GB) keeps the per-chunk path.
+constexpr int64_t kE2eWeightCacheBytes = int64_t{256} << 20;
 
 E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts);
 

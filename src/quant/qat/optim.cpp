@@ -58,6 +58,9 @@ void fused_step(at::Tensor& p, const at::Tensor& grad, at::Tensor& m, at::Tensor
   at::parallel_for(0, p.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
     loops.adamw(pp + i0, gp + i0, mp + i0, vp + i0, i1 - i0, c);
   });
+  // Written through raw pointers: count it as the in-place update it is (what an op like add_ does), so anything
+  // keyed on the version (autograd's saved-tensor check, a packed linear's training cache) sees the change.
+  for (at::Tensor* t : {&p, &m, &v}) t->unsafeGetTensorImpl()->bump_version();
 }
 }  // namespace
 

@@ -1020,3 +1020,47 @@ TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
   }
   at::set_num_threads(threads);
 }
+
+// E2E-QP's training cache on a packed linear (set_train_cache): forward and gradients equal the uncached module's
+// bit for bit, step after step of AdamW. AdamW's fused update writes the step sizes through a raw pointer, so it
+// must bump their version; without that the cache would keep the first step's Ŵᵀ and the outputs would part after
+// the first step. The integers are zeroed once the cache exists, so equal outputs after that also show the cache,
+// not the integers, was read.
+TEST(E2eQp, TrainingCacheFollowsTheStepSizesThroughAdamW) {
+  at::manual_seed(7);
+  const int64_t K = 256, N = 96, M = 10;
+  const at::Tensor W = at::randn({N, K}) * 0.05, x = at::randn({M, K}), r = at::randn({M, N});
+  auto make = [&]() {
+    QuantLinear lin(K, N, /*bias=*/false);
+    lin->weight.set_data(W.clone());
+    lin->to_fake_quant(QuantSpec{2, 64});
+    lin->to_packed(at::kHalf);
+    lin->scales.set_data(lin->scales.to(at::kFloat));
+    lin->scales.set_requires_grad(true);
+    return lin;
+  };
+  QuantLinear plain = make(), cached = make();
+  cached->set_train_cache(true);
+  AdamW opt_plain({ParamGroup{"scales", {plain->scales}, 1e-3, 0.0}});
+  AdamW opt_cached({ParamGroup{"scales", {cached->scales}, 1e-3, 0.0}});
+  at::Tensor before = plain->scales.detach().clone();
+  for (int step = 0; step < 3; ++step) {
+    const at::Tensor xa = x.clone().set_requires_grad(true), xb = x.clone().set_requires_grad(true);
+    const at::Tensor ya = plain->forward(xa), yb = cached->forward(xb);
+    ASSERT_TRUE(at::equal(ya, yb)) << "step " << step;
+    (ya * r).sum().backward();
+    (yb * r).sum().backward();
+    EXPECT_TRUE(at::equal(xa.grad(), xb.grad())) << "step " << step;
+    EXPECT_TRUE(at::equal(plain->scales.grad(), cached->scales.grad())) << "step " << step;
+    opt_plain.step();
+    opt_cached.step();
+    opt_plain.zero_grad();
+    opt_cached.zero_grad();
+    EXPECT_FALSE(at::equal(plain->scales.detach(), before)) << "the step sizes must move, step " << step;
+    before = plain->scales.detach().clone();
+    if (step == 0) {  // the cache exists now: later steps must not read the integers
+      c10::NoGradGuard g;
+      cached->qweight.zero_();
+    }
+  }
+}
