@@ -728,7 +728,14 @@ def eqat_quantize(model: str, method: str, bits: int, gs: int, qdir: Path, work:
             pass
     phases = [summary.get(k, {}).get("seconds") for k in ("block_phase", "e2e_phase")]
     q_s = sum(x for x in phases if x) if any(phases) else dt
-    return dict(quantize_s=round(q_s, 1), total_s=round(dt, 1), eqat_summary=summary,
+    # The export's own summary (phases, E2E-QP's validation losses, whether its check stopped it), for the record;
+    # the seconds above stay what they were.
+    written = {}
+    try:
+        written = json.loads((Path(qdir) / "eqat_quantize_summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    return dict(quantize_s=round(q_s, 1), total_s=round(dt, 1), eqat_summary=summary, eqat_export_summary=written,
                 command=" ".join(str(c) for c in cmd).replace(str(work), "$WORK").replace(str(REPO) + "/", ""))
 
 
@@ -825,6 +832,20 @@ def table(rows: list[dict], model: str) -> str:
                        f"{fmt(s.get('top1_agreement'), 2)} | "
                        f"{fmt(s.get('ppl'), 2)} | {q} | {tot} | {note} |")
     return "\n".join(out)
+
+
+def cpu_facts() -> dict:
+    """The CPU's name and the instruction sets by which MKL and oneDNN pick their kernels (AMX and AVX-512 BF16 for
+    the peers' bf16 tuning). The same eqat build and command gave other validation losses in two sessions on VMs of
+    the same kind, so each result file records the CPU it ran on."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return {}
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    return dict(model_name=name, flags=[f for f in ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni",
+                                                    "amx_bf16", "amx_int8") if f in flags])
 
 
 def main() -> int:
@@ -971,6 +992,7 @@ def main() -> int:
         date_utc=now,
         device="cpu", threads=a.threads,
         machine=f"{os.cpu_count()} cores, shared (other jobs ran; wall times are indicative)",
+        cpu=cpu_facts(),
         eqat=eqat,
         versions={n: version(n) for n in ("auto-round", "gptqmodel", "transformers", "optimum", "torch",
                                           "sentencepiece")},
