@@ -525,7 +525,12 @@ std::string sibling_answers(const std::string& questions) {
 // KL of the next-token distributions is averaged over that answer's tokens, then over the questions. A finer
 // measure than exact match of how much of the reference's behaviour a quantized model keeps: a question can stay
 // right while its answer distribution drifts. Also the share of answer positions whose argmax agrees.
-void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& items, ScoreReport& r) {
+// The mean is carried by a few questions where it is large (a near tie between two answers), so the report also
+// gives the median and the standard error of the mean over questions, and writes each question's KL to
+// `per_question_path` (JSON lines {question_id, kl, answer_tokens}): two models scored on the same split compare
+// question by question (a paired difference) instead of by two means.
+void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& items, ScoreReport& r,
+                   const std::string& per_question_path) {
   const std::map<std::string, std::string> truth = read_shapes_ground_truth(o.ground_truth);
   LoadOptions lo;
   lo.device = o.device;
@@ -547,6 +552,8 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
   Progress bar(static_cast<int64_t>(items.size()), o.progress, "q");
   double kl_sum = 0;
   int64_t questions = 0, agree = 0, positions = 0, visited = 0;
+  std::vector<double> kls;
+  std::string lines;
   for (const Item& it : items) {
     bar.update(++visited, positions);
     auto t = truth.find(it.qid);
@@ -565,16 +572,29 @@ void add_answer_kl(const EvalOptions& o, Model& m, const std::vector<Item>& item
     // Position prompt_len - 1 + k predicts answer token k.
     at::Tensor lp = answer_logp(m, ids, image, prompt_len - 1, n);
     at::Tensor rp = answer_logp(ref, ids, ref_image, prompt_len - 1, n);
-    kl_sum += (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
+    const double kl = (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
+    kl_sum += kl;
+    kls.push_back(kl);
+    lines += ordered_json({{"question_id", json::parse(it.qid_json)}, {"kl", kl}, {"answer_tokens", n}}).dump() + "\n";
     agree += (rp.argmax(-1) == lp.argmax(-1)).sum().item<int64_t>();
     positions += n;
     ++questions;
   }
   bar.finish();
   EQAT_CHECK(questions > 0, o.ground_truth, ": no question of ", o.data, " has a ground-truth answer and an image");
-  r.metrics.push_back({"answer_kl_mean", kl_sum / static_cast<double>(questions)});
+  const double nq = static_cast<double>(questions), mean = kl_sum / nq;
+  double ss = 0;
+  for (double k : kls) ss += (k - mean) * (k - mean);
+  std::vector<double> sorted = kls;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t h = sorted.size() / 2;
+  const double median = sorted.size() % 2 ? sorted[h] : 0.5 * (sorted[h - 1] + sorted[h]);
+  r.metrics.push_back({"answer_kl_mean", mean});
   r.metrics.push_back({"answer_top1_agreement", 100.0 * static_cast<double>(agree) / static_cast<double>(positions)});
-  r.metrics.push_back({"answer_kl_n", static_cast<double>(questions)});
+  r.metrics.push_back({"answer_kl_n", nq});
+  r.metrics.push_back({"answer_kl_median", median});
+  r.metrics.push_back({"answer_kl_sem", questions > 1 ? std::sqrt(ss / (nq - 1) / nq) : 0.0});
+  write_file_atomic(per_question_path, lines);
 }
 
 }  // namespace
@@ -805,7 +825,7 @@ EvalResult run_eval(const EvalOptions& o_in) {
   auto have = [](const std::string& p) { return !p.empty() && file_exists(p); };
   if (o.bench == "shapes" && have(o.ground_truth)) {
     res.score = score_shapes(questions, o.ground_truth, A, so), res.scored = true;
-    if (!o.reference_dir.empty()) add_answer_kl(o, model(), items, res.score);
+    if (!o.reference_dir.empty()) add_answer_kl(o, model(), items, res.score, path_join(o.out, "answer_kl.jsonl"));
   } else if (o.bench == "pope" && have(o.ground_truth)) {
     res.score = score_pope(o.ground_truth, questions, A, so), res.scored = true;
   } else if (o.bench == "mme" && have(o.ground_truth)) {

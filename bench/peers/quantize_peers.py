@@ -130,6 +130,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kl_paired  # noqa: E402  (bench/kl_paired.py: two models' answer KL question by question)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 LLAVA_DIR = REPO / "models/shapes-llava"
@@ -690,8 +693,27 @@ def read_scores(path: Path, model: str) -> dict:
     s = json.loads(path.read_text())
     if model == "shapes-llava":
         return dict(accuracy=s.get("accuracy"), answer_kl_mean=s.get("answer_kl_mean"),
-                    answer_top1_agreement=s.get("answer_top1_agreement"))
+                    answer_top1_agreement=s.get("answer_top1_agreement"),
+                    answer_kl_median=s.get("answer_kl_median"), answer_kl_sem=s.get("answer_kl_sem"))
     return dict(kl_mean=s.get("kl_mean"), top1_agreement=s.get("top1_agreement"), ppl=s.get("ppl"))
+
+
+def add_paired_kl(rows: list, work: Path) -> None:
+    """Each shapes row of a setting against eqat's EfficientQAT row of the same setting, question by question
+    (bench/kl_paired.py): the mean answer KL rests on a few questions, so two means alone can mislead. Stored as
+    row["paired_vs_eqat_efficientqat"], A = this row, B = eqat's."""
+    def eval_dir(r):  # as evaluate() names it: the quantize directory (see main) + "-eval"
+        m = r["method"]
+        name = f"W{r['bits']}g{r['group_size']}-" + (f"eqat-{m[5:]}" if m.startswith("eqat ") else m)
+        return work / "runs" / "shapes-llava" / (name + "-eval")
+    eq = {(r["bits"], r["group_size"]): r for r in rows if r["method"] == "eqat efficientqat" and r.get("scores")}
+    for r in rows:
+        ref = eq.get((r.get("bits"), r.get("group_size")))
+        if ref is None or r is ref or not r.get("scores") or r["method"].startswith("control"):
+            continue
+        a, b = eval_dir(r) / "answer_kl.jsonl", eval_dir(ref) / "answer_kl.jsonl"
+        if a.exists() and b.exists():
+            r["paired_vs_eqat_efficientqat"] = kl_paired.paired(kl_paired.load(a.parent), kl_paired.load(b.parent))
 
 
 def evaluate(model: str, qdir: Path, work: Path, eqat: str, threads: int, log: Path) -> dict:
@@ -960,6 +982,8 @@ def main() -> int:
                     ctl["scores"] = evaluate(model, fpdir, work, eqat, a.threads, log)
                     rows.append(ctl)
                     print(f"    control: {ctl['scores']}", file=sys.stderr, flush=True)
+        if model == "shapes-llava":
+            add_paired_kl(rows, work)
         results[model] = rows
 
     from importlib.metadata import version

@@ -6,8 +6,13 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "data/error.h"
 #include "data/fs.h"
@@ -274,6 +279,32 @@ TEST(Runner, ShapesAnswerKlAgainstAReference) {
   o2.reference_dir = t.str("ref");
   r = eqat::run_eval(o2);
   EXPECT_GT(r.score.get("answer_kl_mean"), 1e-4);
+  // Each question's KL is written (answer_kl.jsonl); the mean, median and standard error come from those values.
+  std::vector<double> kls;
+  std::set<std::string> ids;
+  {
+    std::ifstream f(t.str("other") + "/answer_kl.jsonl");
+    std::string line;
+    while (std::getline(f, line)) {
+      const auto j = nlohmann::json::parse(line);
+      ids.insert(j.at("question_id").dump());
+      kls.push_back(j.at("kl").get<double>());
+      EXPECT_GE(j.at("answer_tokens").get<int64_t>(), 2);  // at least one word and </s>
+    }
+  }
+  ASSERT_EQ(kls.size(), 14u);
+  EXPECT_EQ(ids.size(), 14u);
+  double sum = 0, ss = 0;
+  for (double k : kls) sum += k;
+  const double mean = sum / 14;
+  for (double k : kls) ss += (k - mean) * (k - mean);
+  std::sort(kls.begin(), kls.end());
+  // The file's values are the doubles the mean was summed from, in the same order: equal up to the JSON round trip
+  // (nlohmann writes the shortest repr that reads back exactly) and the summation order (same here): 1e-12 relative.
+  EXPECT_NEAR(r.score.get("answer_kl_mean"), mean, 1e-12 * mean);
+  EXPECT_NEAR(r.score.get("answer_kl_median"), 0.5 * (kls[6] + kls[7]), 1e-12 * mean);
+  EXPECT_NEAR(r.score.get("answer_kl_sem"), std::sqrt(ss / 13 / 14), 1e-9 * mean);
+  EXPECT_GT(r.score.get("answer_kl_sem"), 0.0);
   // Only shapes (and kl) take a reference.
   auto o3 = shapes_opts(t.str("pope"));
   o3.bench = "pope";
