@@ -79,7 +79,7 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
     > /dev/null 2>> "$OUT/eval.log"
   fp=$(field "$OUT/shapes-fp/scores.json" accuracy)
   row_json shapes-llava fp16 fp "$OUT/shapes-fp/scores.json"
-  echo "| setting | method | accuracy | Δ vs FP (pt) | answer KL vs FP | answer top-1 agreement % | quantize s |"
+  echo "| setting | method | accuracy | Δ vs FP (pt) | answer KL vs FP (± s.e.; median) | answer top-1 agreement % | quantize s |"
   echo "|---|---|---:|---:|---:|---:|---:|"
   echo "| fp16 | — | $fp | — | 0 | 100 | — |"
   IFS=';' read -ra settings <<< "$SETTINGS"
@@ -97,9 +97,13 @@ if [[ $WHAT == shapes || $WHAT == all ]]; then
       row_json shapes-llava "W$1g$2" "$method" "$q-eval/scores.json" "$dt"
       acc=$(field "$q-eval/scores.json" accuracy)
       kl=$(field "$q-eval/scores.json" answer_kl_mean)
+      se=$(field "$q-eval/scores.json" answer_kl_sem)
+      md=$(field "$q-eval/scores.json" answer_kl_median)
       ag=$(field "$q-eval/scores.json" answer_top1_agreement)
+      # A few questions carry most of the mean; compare two rows question by question with bench/kl_paired.py.
       echo "| W$1g$2 | $method | $acc | $(awk -v a="$acc" -v b="$fp" 'BEGIN{printf "%+.1f", 100*(a-b)}') |" \
-        "$(awk -v k="$kl" 'BEGIN{printf "%.4f", k}') | $(awk -v k="$ag" 'BEGIN{printf "%.2f", k}') | $dt |"
+        "$(awk -v k="$kl" -v e="$se" -v m="$md" 'BEGIN{printf "%.2e ± %.1e; %.1e", k, e, m}') |" \
+        "$(awk -v k="$ag" 'BEGIN{printf "%.2f", k}') | $dt |"
     done
   done
 fi
