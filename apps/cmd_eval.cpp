@@ -42,7 +42,10 @@ int cmd_eval(const Argv& argv) {
       "kl (--data TEXT --reference DIR). Scores: percent for LLaVA benchmarks, fractions (0-1) for shapes.",
       {{"bench", "NAME", "benchmark (see above)", ""},
        {"model", "DIR", "model directory (default: the embedded default model)", ""},
-       {"reference", "DIR", "kl: the reference model (e.g. the unquantized one); shapes: also report answer-token KL against it", ""},
+       {"reference", "DIR",
+        "kl: the reference model (e.g. the unquantized one); shapes: also report answer-token KL against it (mean, "
+        "median, standard error; each question's in OUT/answer_kl.jsonl)",
+        ""},
        {"data", "PATH", "question file (LLaVA JSONL; ScienceQA: llava_test_CQM-A.json; MMBench: the TSV), shapes "
                         "dataset dir, or text", ""},
        {"images", "DIR", "image root (default: the question file's directory; DIR/images/ is also tried)", ""},
