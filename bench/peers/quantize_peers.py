@@ -713,7 +713,11 @@ def add_paired_kl(rows: list, work: Path) -> None:
             continue
         a, b = eval_dir(r) / "answer_kl.jsonl", eval_dir(ref) / "answer_kl.jsonl"
         if a.exists() and b.exists():
-            r["paired_vs_eqat_efficientqat"] = kl_paired.paired(kl_paired.load(a.parent), kl_paired.load(b.parent))
+            try:
+                r["paired_vs_eqat_efficientqat"] = kl_paired.paired(kl_paired.load(a.parent),
+                                                                    kl_paired.load(b.parent))
+            except SystemExit:  # kl_paired reports bad files on stderr and exits; a long run keeps its other rows
+                r["paired_vs_eqat_efficientqat"] = {"error": f"{a} or {b} unreadable (see stderr)"}
 
 
 def evaluate(model: str, qdir: Path, work: Path, eqat: str, threads: int, log: Path) -> dict:
