@@ -135,8 +135,7 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
       if (scales.requires_grad() || (c10::GradMode::is_enabled() && x.requires_grad())) {
         if (!x.is_cpu()) return at::linear(x, packed_weight(x.scalar_type()), b);
         const int64_t group = spec_.group_for(in_features_);
-        std::shared_ptr<const TrainWeightCache> cache;
-        if (train_cache_on_ && train_cache_applies(x, packed(), group)) cache = train_cache();
+        const std::shared_ptr<const TrainWeightCache> cache = train_cache_on_ ? train_cache() : nullptr;
         at::Tensor y = PackedLinearFn::apply(x, scales, qweight, qzeros, g_idx, spec_.bits, group, cache);
         return b ? y + *b : y;
       }
@@ -182,6 +181,7 @@ std::shared_ptr<const TrainWeightCache> QuantLinearImpl::train_cache() {
                                                           scales._version()};
   if (train_cache_ && key == train_cache_key_) return train_cache_;
   const int64_t group = spec_.group_for(in_features_);
+  if (!train_cache_ && !train_cache_applies(packed(), group)) return nullptr;  // the layout the fast path takes
   c10::NoGradGuard g;
   if (!train_cache_) {
     train_cache_ = std::make_shared<const TrainWeightCache>(train_cache_build(packed(), spec_.bits, group));

@@ -108,9 +108,7 @@ int64_t train_chunk_rows(int64_t group_size) {
 }
 
 bool cpu_train_fast_path(const at::Tensor& x, const GptqTensors& w, int64_t group_size) {
-  const int64_t K = x.size(-1);
-  return x.is_cpu() && w.qweight.is_cpu() && group_size % 32 == 0 && K % group_size == 0 &&
-         gptq_is_sequential(w, group_size);
+  return x.is_cpu() && x.size(-1) == w.g_idx.size(0) && train_cache_applies(w, group_size);
 }
 
 // One chunk of the CPU training path: input rows [k0, k0 + rows), qmz = (q − z) of those rows [rows, N] fp32, s
@@ -341,8 +339,10 @@ at::Tensor quant_linear_forward(const at::Tensor& x, const GptqTensors& w, int b
   return y.to(x.scalar_type()).view(out_shape);
 }
 
-bool train_cache_applies(const at::Tensor& x, const GptqTensors& w, int64_t group_size) {
-  return cpu_train_fast_path(x, w, group_size);
+
+bool train_cache_applies(const GptqTensors& w, int64_t group_size) {
+  const int64_t K = w.g_idx.size(0);
+  return w.qweight.is_cpu() && group_size % 32 == 0 && K % group_size == 0 && gptq_is_sequential(w, group_size);
 }
 
 TrainWeightCache train_cache_build(const GptqTensors& w, int bits, int64_t group_size) {

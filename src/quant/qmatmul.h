@@ -58,12 +58,13 @@ QuantLinearGrads quant_linear_backward_reference(const at::Tensor& grad_out, con
 
 // The training cache of one packed linear: (q − z) [K, N] and Ŵᵀ = s·(q − z) [K, N], fp32, 8 bytes per weight (an
 // fp32 copy of the model twice over: only for small models; a 7B's would be 52 GB). Used where
-// train_cache_applies (the CPU fast path: sequential g_idx, g % 32 == 0, g | K). train_cache_scaled recomputes Ŵᵀ
+// train_cache_applies (the CPU fast path's conditions on the weight: on the CPU, sequential g_idx, g % 32 == 0,
+// g | K; x must be on the CPU too). train_cache_scaled recomputes Ŵᵀ
 // for new step sizes [G, N] (once per optimizer step instead of at every call of every micro-batch).
 struct TrainWeightCache {
   at::Tensor qmz, wt;
 };
-bool train_cache_applies(const at::Tensor& x, const GptqTensors& w, int64_t group_size);
+bool train_cache_applies(const GptqTensors& w, int64_t group_size);
 TrainWeightCache train_cache_build(const GptqTensors& w, int bits, int64_t group_size);
 at::Tensor train_cache_scaled(const at::Tensor& qmz, const at::Tensor& scales, int64_t group_size);
 

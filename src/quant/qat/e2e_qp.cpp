@@ -101,6 +101,8 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   // samples there is nothing to judge by, so nothing is kept.
   std::vector<at::Tensor> start_scales;
   int bits = 0;
+  std::vector<QuantLinear> linears;  // for the training cache below
+  int64_t cache_bytes = 0;
   for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
     for (auto& [name, lin] : block_linears(m, b)) {
       EQAT_CHECK(lin->mode() == LinearMode::kPacked, "E2E-QP needs a packed model (run Block-AP first or load a ",
@@ -110,24 +112,19 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       lin->scales.set_requires_grad(true);
       scales.push_back(lin->scales);
       bits = lin->spec().bits;
+      cache_bytes += 8 * lin->in_features() * lin->out_features();
+      linears.push_back(lin);
     }
   // The training cache, where the model is small enough (kE2eWeightCacheBytes); dropped again before returning.
-  std::vector<QuantLinear> cached_linears;
-  int64_t cache_bytes = 0;
-  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
-    for (auto& [name, lin] : block_linears(m, b)) {
-      cache_bytes += 8 * lin->in_features() * lin->out_features();
-      cached_linears.push_back(lin);
-    }
   const bool weight_cache = m.device.is_cpu() && cache_bytes <= kE2eWeightCacheBytes;
   struct CacheOff {
     std::vector<QuantLinear>& lins;
     ~CacheOff() {
       for (auto& l : lins) l->set_train_cache(false);
     }
-  } cache_off{cached_linears};
+  } cache_off{linears};
   if (weight_cache)
-    for (auto& l : cached_linears) l->set_train_cache(true);
+    for (auto& l : linears) l->set_train_cache(true);
   const double lr = opts.lr > 0 ? opts.lr : (bits == 2 ? 2e-5 : 1e-5);
   const int64_t n = static_cast<int64_t>(data.train.size());
   EQAT_CHECK(n > 0, "E2E-QP: no training samples in ", data.source.empty() ? "the calibration data" : data.source);
