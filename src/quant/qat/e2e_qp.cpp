@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <numeric>
@@ -64,6 +65,29 @@ at::Tensor teacher_rows(const E2eOptions& o, const std::vector<size_t>& idx) {
   return at::cat(rows);
 }
 }  // namespace
+
+MicroBatchPlan plan_micro_batches(const std::vector<int64_t>& lengths, int64_t micro_batch, int64_t parts) {
+  EQAT_ASSERT(micro_batch > 0 && parts > 0, "plan_micro_batches: micro_batch and parts must be positive");
+  std::vector<size_t> by_length(lengths.size());
+  std::iota(by_length.begin(), by_length.end(), 0);
+  std::stable_sort(by_length.begin(), by_length.end(), [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
+  MicroBatchPlan plan;
+  std::vector<int64_t> cost;  // padded tokens: the micro-batch's size times its longest (first) sample
+  for (size_t i = 0; i < by_length.size(); i += static_cast<size_t>(micro_batch)) {
+    const size_t end = std::min(by_length.size(), i + static_cast<size_t>(micro_batch));
+    plan.micro.emplace_back(by_length.begin() + static_cast<std::ptrdiff_t>(i),
+                            by_length.begin() + static_cast<std::ptrdiff_t>(end));
+    cost.push_back(static_cast<int64_t>(end - i) * lengths[by_length[i]]);
+  }
+  plan.runs.resize(static_cast<size_t>(parts));
+  std::vector<int64_t> load(static_cast<size_t>(parts), 0);
+  for (size_t a = 0; a < plan.micro.size(); ++a) {
+    const size_t p = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    plan.runs[p].push_back(a);
+    load[p] += cost[a];
+  }
+  return plan;
+}
 
 bool e2e_embeds_cached(const Model& m, const CalibSet& data) {
   const int64_t tokens = token_count(data.train) + token_count(data.val);
@@ -145,15 +169,21 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   if (opts.max_steps > 0) total = std::min(total, opts.max_steps);
   AdamW opt({ParamGroup{"scales", scales, lr, 0.0}});
 
+  std::vector<int64_t> val_lengths;
+  for (const auto& v : val) val_lengths.push_back(static_cast<int64_t>(v.ids.size()));
+  const MicroBatchPlan val_plan = plan_micro_batches(val_lengths, opts.micro_batch, 1);
+  const int64_t parts = data_parallel ? std::min<int64_t>(accum, at::get_num_threads()) : 1;
   auto val_loss = [&]() {
     c10::NoGradGuard g;
     double sum = 0;
     int64_t cnt = 0;
-    for (size_t i = 0; i < val.size(); i += static_cast<size_t>(opts.micro_batch)) {
-      const size_t end = std::min(val.size(), i + static_cast<size_t>(opts.micro_batch));
-      std::vector<CalibSample> mb(val.begin() + i, val.begin() + end);
+    for (const auto& positions : val_plan.micro) {
+      std::vector<CalibSample> mb;
       std::vector<size_t> idx;
-      for (size_t j = i; j < end; ++j) idx.push_back(data.train.size() + j);
+      for (size_t j : positions) {
+        mb.push_back(val[j]);
+        idx.push_back(data.train.size() + j);
+      }
       auto [s, c] = lm_loss(m, embed_samples(m, mb), teacher_rows(opts, idx));
       sum += s.item<double>();
       cnt += c;
@@ -236,15 +266,23 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
     }
     const int64_t ep = step / steps_per_epoch, in_ep = step % steps_per_epoch;
     const std::vector<size_t> order = order_for_epoch(ep);
-    // First pass counts the loss tokens of the whole global batch so accumulation averages over tokens.
+    // The step's samples, in micro-batches of similar length (plan_micro_batches). First pass: the loss tokens of
+    // the whole global batch, so that accumulation averages over tokens.
+    std::vector<size_t> batch(static_cast<size_t>(global_batch));
+    std::vector<int64_t> lengths;
+    for (size_t j = 0; j < batch.size(); ++j) {
+      batch[j] = order.at(static_cast<size_t>(in_ep * global_batch) + j);
+      lengths.push_back(static_cast<int64_t>(train[batch[j]].ids.size()));
+    }
+    const MicroBatchPlan plan = plan_micro_batches(lengths, micro_batch, parts);
     std::vector<EmbeddedBatch> micro;
     std::vector<at::Tensor> teachers;
     int64_t tokens = 0;
-    for (int64_t a = 0; a < accum; ++a) {
+    for (const auto& positions : plan.micro) {
       std::vector<CalibSample> mb;
       std::vector<size_t> idx;
-      for (int64_t j = 0; j < micro_batch; ++j) {
-        idx.push_back(order.at(static_cast<size_t>(in_ep * global_batch + a * micro_batch + j)));
+      for (size_t j : positions) {
+        idx.push_back(batch[j]);
         mb.push_back(train[idx.back()]);
       }
       micro.push_back(embed_samples(m, mb));
@@ -252,21 +290,20 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       tokens += loss_positions(micro.back()).sum().item<int64_t>();
     }
     double step_loss = 0;
-    const int64_t parts = data_parallel ? std::min<int64_t>(accum, at::get_num_threads()) : 1;
     if (parts == 1) {
-      for (size_t a = 0; a < micro.size(); ++a) {
+      for (size_t a : plan.runs[0]) {
         auto [s, c] = lm_loss(m, micro[a], teachers[a]);
         at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
         loss.backward();
         step_loss += loss.item<double>();
       }
     } else {
-      // The micro-batches split over the threads, each a contiguous run of them accumulating its own gradients
-      // in order; the runs' gradients and losses are then summed in order.
+      // The micro-batches split over the threads as the plan deals them, each thread accumulating its own
+      // gradients in order; the threads' gradients and losses are then summed in thread order.
       std::vector<double> part_loss(parts, 0.0);
       std::vector<std::vector<at::Tensor>> part_grads(parts);
       parallel_items(parts, [&](int64_t p) {
-        for (int64_t a = accum * p / parts; a < accum * (p + 1) / parts; ++a) {
+        for (size_t a : plan.runs[static_cast<size_t>(p)]) {
           auto [s, c] = lm_loss(m, micro[a], teachers[a]);
           at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
           part_loss[p] += loss.item<double>();

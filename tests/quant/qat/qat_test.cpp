@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <random>
 #include <set>
 
 #include "data/error.h"
@@ -1019,6 +1020,83 @@ TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
     EXPECT_LE(moved(start.scales, two.scales, one.scales), 0.05);
   }
   at::set_num_threads(threads);
+}
+
+// plan_micro_batches: samples longest first (ties in their order), cut into micro-batches of consecutive ones, dealt
+// longest first to the least-loaded thread. Worked by hand for lengths 5 9 3 9 7 1 4 8, micro-batches of 2, two
+// threads: sorted 9(1) 9(3) 8(7) 7(4) 5(0) 4(6) 3(2) 1(5); padded costs 18, 16, 10, 6; thread 0 takes 18, thread 1
+// 16 then 10 (16 < 18), thread 0 then 6 (18 < 26): loads 24 and 26, against 46 and 34 for the two halves in order.
+TEST(E2eQp, MicroBatchesAreCutFromTheSamplesByLengthAndDealtToBalanceTheThreads) {
+  const std::vector<int64_t> len = {5, 9, 3, 9, 7, 1, 4, 8};
+  MicroBatchPlan p = plan_micro_batches(len, 2, 2);
+  using V = std::vector<size_t>;
+  EXPECT_EQ(p.micro, (std::vector<V>{{1, 3}, {7, 4}, {0, 6}, {2, 5}}));
+  EXPECT_EQ(p.runs, (std::vector<V>{{0, 3}, {1, 2}}));
+  // One thread runs every micro-batch, longest first; a ragged end makes a smaller last micro-batch.
+  p = plan_micro_batches({2, 6, 4, 6, 1}, 2, 1);
+  EXPECT_EQ(p.micro, (std::vector<V>{{1, 3}, {2, 0}, {4}}));
+  EXPECT_EQ(p.runs, (std::vector<V>{{0, 1, 2}}));
+  // More threads than micro-batches: the extra ones run nothing.
+  p = plan_micro_batches({3, 3}, 2, 3);
+  EXPECT_EQ(p.runs, (std::vector<V>{{0}, {}, {}}));
+  // Random lengths: every sample once, never more padded tokens than the micro-batches in the given order.
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<int64_t> l(32);
+    for (auto& x : l) x = 20 + static_cast<int64_t>(rng() % 30);
+    p = plan_micro_batches(l, 4, 2);
+    std::multiset<size_t> seen;
+    int64_t padded = 0, in_order = 0;
+    for (const auto& mb : p.micro) {
+      int64_t longest = 0;
+      for (size_t j : mb) seen.insert(j), longest = std::max(longest, l[j]);
+      padded += longest * static_cast<int64_t>(mb.size());
+    }
+    for (size_t i = 0; i < l.size(); i += 4) in_order += 4 * *std::max_element(l.begin() + i, l.begin() + i + 4);
+    EXPECT_EQ(seen.size(), l.size());
+    EXPECT_EQ(std::set<size_t>(seen.begin(), seen.end()).size(), l.size());
+    EXPECT_LE(padded, in_order);
+    EXPECT_EQ(p.runs[0].size() + p.runs[1].size(), p.micro.size());
+  }
+}
+
+// A step's loss does not depend on how its samples are cut into micro-batches: one micro-batch of all four (padded
+// to the longest), two or four of them give the same distillation loss and validation loss, each sample against
+// its own targets (a sample paired with another's targets fails the row-count assertion or changes the loss). The
+// valid positions never see the padding (right padding, causal mask), so only fp32 summation order differs: GEMMs
+// of another row count block their sums differently, a relative 1e-6 on these few-hundred-term sums, checked at 1e-5.
+TEST(E2eQp, TheStepsLossIsTheSameInAnyMicroBatches) {
+  Model m0 = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m0);
+  for (size_t i = 0; i < calib.train.size(); ++i) {  // lengths 32, 29, 26, ...: every micro-batch pads
+    calib.train[i].ids.resize(32 - 3 * i);
+    calib.train[i].is_answer.resize(32 - 3 * i);
+  }
+  calib.val[1].ids.resize(17);
+  calib.val[1].is_answer.resize(17);
+  std::vector<CalibSample> teacher = calib.train;
+  teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
+  std::vector<double> first, val;
+  for (int64_t micro : {4, 2, 1}) {
+    Model m = load_model(fixture("tiny_llama"));
+    BlockApOptions bo = opts("rtn", 2);
+    bo.teacher_samples = &teacher;
+    BlockApResult br = run_block_quantization(m, calib, bo);
+    E2eOptions o = e2e_opts();
+    o.loss = "kd";
+    o.teacher_hidden = &br.teacher_hidden;
+    o.micro_batch = micro;
+    o.max_steps = 1;
+    E2eResult r = run_e2e_qp(m, calib, o);
+    ASSERT_EQ(r.step_loss.size(), 1u);
+    first.push_back(r.step_loss[0]);
+    val.push_back(r.val_loss_before);
+  }
+  for (size_t i = 1; i < first.size(); ++i) {
+    EXPECT_NEAR(first[i], first[0], 1e-5 * first[0]) << i;
+    EXPECT_NEAR(val[i], val[0], 1e-5 * val[0]) << i;
+  }
+  EXPECT_GT(first[0], 0);
 }
 
 // E2E-QP's training cache on a packed linear (set_train_cache): forward and gradients equal the uncached module's
