@@ -1025,7 +1025,8 @@ TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
 // plan_micro_batches: samples longest first (ties in their order), cut into micro-batches of consecutive ones, dealt
 // longest first to the least-loaded thread. Worked by hand for lengths 5 9 3 9 7 1 4 8, micro-batches of 2, two
 // threads: sorted 9(1) 9(3) 8(7) 7(4) 5(0) 4(6) 3(2) 1(5); padded costs 18, 16, 10, 6; thread 0 takes 18, thread 1
-// 16 then 10 (16 < 18), thread 0 then 6 (18 < 26): loads 24 and 26, against 46 and 34 for the two halves in order.
+// 16 then 10 (16 < 18), thread 0 then 6 (18 < 26): loads 24 and 26 (50 padded tokens), against 36 and 30 (66) for
+// the micro-batches in the given order, two to each thread.
 TEST(E2eQp, MicroBatchesAreCutFromTheSamplesByLengthAndDealtToBalanceTheThreads) {
   const std::vector<int64_t> len = {5, 9, 3, 9, 7, 1, 4, 8};
   MicroBatchPlan p = plan_micro_batches(len, 2, 2);
