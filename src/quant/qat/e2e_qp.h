@@ -71,10 +71,10 @@ constexpr int64_t kE2eWeightCacheBytes = int64_t{256} << 20;
 
 // How one step's samples run. The samples (their token counts in `lengths`), longest first, are cut into
 // micro-batches of `micro_batch` consecutive ones (the last may hold fewer), so that each micro-batch pads to about
-// its own samples' length instead of the longest of a random draw (on the default model's calibration set that
-// padding was 10.5 % of E2E-QP's token slots). The micro-batches are then dealt, longest first, each to the thread with the
-// fewest padded tokens so far (lowest index on a tie), so the threads finish together. Any plan sums the same
-// samples' losses and gradients; only the fp32 summation order differs.
+// its own samples' length instead of the longest of a random draw (on the default model's calibration set, such
+// padding was 10.5 % of E2E-QP's token slots). The micro-batches are then dealt, longest first, each to the thread
+// with the fewest padded tokens so far (lowest index on a tie), so the threads finish together. Any plan sums the
+// same samples' losses and gradients; only the fp32 summation order differs.
 struct MicroBatchPlan {
   std::vector<std::vector<size_t>> micro;  // per micro-batch: positions into `lengths`
   std::vector<std::vector<size_t>> runs;   // per thread: the micro-batches it runs, in order
