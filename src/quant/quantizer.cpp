@@ -97,13 +97,20 @@ FakeQuantRows rows_of(const at::Tensor& W, const at::Tensor& s, const at::Tensor
 }  // namespace
 
 at::Tensor fake_quantize_fused(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {
-  check_fused_shapes(W, s, z, spec);
   at::Tensor out = at::empty_like(W);
+  fake_quantize_fused_into(W, s, z, spec, out);
+  return out;
+}
+
+void fake_quantize_fused_into(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec,
+                              const at::Tensor& out) {
+  check_fused_shapes(W, s, z, spec);
+  EQAT_ASSERT(out.sizes() == W.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat && out.is_cpu(),
+              "fused fake quant: out ", out.sizes(), " for W ", W.sizes());
   const FakeQuantRows rows = rows_of(W, s, z, spec);
   float* o = out.data_ptr<float>();
   const TrainLoops& loops = best_train_loops();
   at::parallel_for(0, W.size(0), 16, [&](int64_t n0, int64_t n1) { loops.fake_quant(rows, n0, n1, o); });
-  return out;
 }
 
 FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, const at::Tensor& s,

@@ -51,6 +51,9 @@ at::Tensor fake_quantize(const at::Tensor& W, const at::Tensor& s, const at::Ten
 bool fused_fake_quant_applies(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z);
 // Ŵ, bit-identical to fake_quantize (the same float operations in the same order).
 at::Tensor fake_quantize_fused(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec);
+// The same Ŵ written into `out` (fp32, contiguous, W's shape: e.g. rows of a stacked q/k/v weight).
+void fake_quantize_fused_into(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec,
+                              const at::Tensor& out);
 // The STE gradients of Ŵ = fake_quantize(W, s, z) from dL/dŴ (G [N, K] fp32, overwritten with dL/dW), with
 // u = W/s', in = [0 ≤ round(u) + z' ≤ qmax]:
 //   dL/dW = G·in;  dL/ds = Σ_group G·((q − z') − in·u);  dL/dz = Σ_group −G·s'·(1 − in)   (sums in double)

@@ -21,6 +21,7 @@
 #include "data/fs.h"
 #include "data/safetensors.h"
 #include "quant/cpu_qgemv.h"
+#include "quant/qat/block_grad.h"
 #include "quant/qat/gptq.h"
 #include "quant/qat/optim.h"
 #include "quant/qat/progress.h"
@@ -85,6 +86,55 @@ at::Tensor masked_sse(const at::Tensor& out, const at::Tensor& y, const at::Tens
 // Masked MSE over valid positions: Σ valid (out − y)² / (#valid · C).
 at::Tensor masked_mse(const at::Tensor& out, const at::Tensor& y, const at::Tensor& valid) {
   return masked_sse(out, y, valid) / (valid.to(out.device()).to(out.scalar_type()).sum() * out.size(-1));
+}
+
+// One Block-AP step by hand (block_grad.h): Ŵ of the block's linears (q/k/v and gate/up stacked), the loss of the
+// batch and its gradients, which become the gradients of W, s, z (the fused fake quantizer's backward) and of the
+// two norms' weights. Returns the loss.
+double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
+                       const std::vector<std::pair<std::string, QuantLinear>>& lins, const at::Tensor& x,
+                       const at::Tensor& y, const at::Tensor& valid) {
+  EQAT_ASSERT(lins.size() == 7 && lins[0].first == "self_attn.q_proj" && lins[4].first == "mlp.gate_proj",
+              "block_grad_step: the linears in block_linears' order");
+  BlockGradWeights w;
+  std::vector<at::Tensor> hat(lins.size());  // each linear's rows of the stacked weights
+  {
+    c10::NoGradGuard ng;
+    auto stacked = [&](size_t k0, size_t k1) {
+      int64_t rows = 0;
+      for (size_t k = k0; k < k1; ++k) rows += lins[k].second->weight.size(0);
+      at::Tensor t = at::empty({rows, lins[k0].second->weight.size(1)}, at::kFloat);
+      for (size_t k = k0, r = 0; k < k1; ++k) {
+        const auto& lin = lins[k].second;
+        hat[k] = t.narrow(0, static_cast<int64_t>(r), lin->weight.size(0));
+        fake_quantize_fused_into(lin->weight, lin->weight_scale, lin->weight_zero, lin->spec(), hat[k]);
+        r += static_cast<size_t>(lin->weight.size(0));
+      }
+      return t;
+    };
+    w.qkv = stacked(0, 3), w.o = stacked(3, 4), w.gate_up = stacked(4, 6), w.down = stacked(6, 7);
+    w.norm_in = layer.input_layernorm->weight.detach();
+    w.norm_post = layer.post_attention_layernorm->weight.detach();
+  }
+  const int64_t L = x.size(1);
+  auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
+  const double denom = valid.sum().item<double>() * static_cast<double>(y.size(-1));
+  BlockGrads g = block_grad_cpu(m.cfg.text, w, x, y, valid, cos[0].contiguous(), sin[0].contiguous(), denom);
+  const at::Tensor* stacked_grads[] = {&g.qkv, &g.qkv, &g.qkv, &g.o, &g.gate_up, &g.gate_up, &g.down};
+  for (size_t k = 0, r = 0; k < lins.size(); ++k) {
+    if (k == 3 || k == 4 || k == 6) r = 0;  // a new stack
+    const auto& lin = lins[k].second;
+    const int64_t rows = lin->weight.size(0);
+    FakeQuantGrads fg = fake_quantize_backward_fused(stacked_grads[k]->narrow(0, static_cast<int64_t>(r), rows),
+                                                     lin->weight, lin->weight_scale, lin->weight_zero, lin->spec());
+    lin->weight.mutable_grad() = fg.w;
+    lin->weight_scale.mutable_grad() = fg.s;
+    lin->weight_zero.mutable_grad() = fg.z;
+    r += static_cast<size_t>(rows);
+  }
+  layer.input_layernorm->weight.mutable_grad() = g.norm_in;
+  layer.post_attention_layernorm->weight.mutable_grad() = g.norm_post;
+  return g.loss;
 }
 
 class BlockRunner {
@@ -465,6 +515,8 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
       bool fused_step = data_parallel;
       for (auto& [name, lin] : lins)
         fused_step = fused_step && fused_fake_quant_applies(lin->weight, lin->weight_scale, lin->weight_zero);
+      // The hand-written step (block_grad.h) where it computes this block, LibTorch's autograd otherwise.
+      const bool by_hand = fused_step && block_grad_cpu_applies(m.cfg.text);
       std::vector<at::Tensor> trained = gq.params;
       trained.insert(trained.end(), gw.params.begin(), gw.params.end());
       // On CUDA the forward runs under fp16 autocast with dynamic loss scaling; a step whose gradients overflow is
@@ -487,7 +539,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
           at::Tensor y = tr.fp.get(i).to(m.device, train_dtype);
           double lv = 0;
           const int64_t B = y.size(0), parts = fused_step ? std::min<int64_t>(B, at::get_num_threads()) : 1;
-          if (parts == 1) {
+          if (by_hand) {
+            lv = block_grad_step(m, layer, lins, tr.q.get(i), y, tr.valid[i]);
+            check_loss(lv);
+          } else if (parts == 1) {
             at::Tensor out;
             {
               AutocastGuard ac(m.device, at::kHalf, amp);

@@ -1,0 +1,317 @@
+// Block-AP's CPU step by hand (block_grad.h). Forward, per packed position n (HF order, llm/llama.cpp):
+//   x̂1 = x·r1, r1 = 1/√(mean x² + ε);  h1 = w_in ⊙ x̂1;  [q k v] = h1·Ŵqkvᵀ;  q, k rotated (rotate-half RoPE);
+//   per head: P = softmax(q·kᵀ/√D, causal);  o = P·v;  x2 = x + o·Ŵoᵀ;  h2 = w_post ⊙ x̂2;  [g u] = h2·Ŵguᵀ;
+//   m = g·σ(g)·u;  out = x2 + m·Ŵdᵀ;  loss = Σ valid·(out − y)² / denom.
+// Backward, the chain rule in reverse. Two shortcuts: dL/dx is never formed (the block's input does not train), so
+// the last GEMM (dL/dh1 = dqkv·Ŵqkv) is replaced by M = dqkvᵀ·x̂1, from which dL/dŴqkv = M ⊙ w_in (per column) and
+// dL/dw_in = Σ_o Ŵqkv ⊙ M; and P is kept from the forward (the blocks this path serves have short samples).
+#include "quant/qat/block_grad.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "data/error.h"
+#include "quant/qat/optim.h"
+
+namespace eqat {
+
+bool block_grad_cpu_applies(const LlamaConfig& cfg) {
+  return !cfg.attention_bias && !cfg.mlp_bias && cfg.hidden_act == "silu" && cfg.num_key_value_heads > 0 &&
+         cfg.num_attention_heads % cfg.num_key_value_heads == 0 && cfg.head_dim % 2 == 0;
+}
+
+namespace {
+
+int64_t threads_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)); }
+
+// fn(p, r0, r1) for each thread p's share [r0, r1) of rows [0, n).
+template <class Fn>
+void over_rows(int64_t n, int64_t parts, const Fn& fn) {
+  parallel_items(parts, [&](int64_t p) { fn(p, n * p / parts, n * (p + 1) / parts); });
+}
+
+// out = a · b. The products run on the threads, one each; with fewer products than threads, each is split by its
+// output columns (b's columns), so a thread packs only its part of the weight operand.
+struct Mm {
+  at::Tensor out, a, b;
+};
+void run_mms(const std::vector<Mm>& mms) {
+  const int64_t n = static_cast<int64_t>(mms.size());
+  const int64_t split = std::max<int64_t>(1, at::get_num_threads() / n);
+  parallel_items(n * split, [&](int64_t i) {
+    const Mm& m = mms[static_cast<size_t>(i / split)];
+    const int64_t k = i % split, cols = m.out.size(1), c0 = cols * k / split, c1 = cols * (k + 1) / split;
+    if (c1 == c0) return;
+    at::Tensor out = m.out.narrow(1, c0, c1 - c0);
+    at::mm_out(out, m.a, m.b.narrow(1, c0, c1 - c0));
+  });
+}
+
+// Rotate-half RoPE on a [T, D] head whose rows are `stride` floats apart, in place; backward = the transpose.
+void rope(float* p, int64_t T, int64_t stride, int64_t D, const float* cos, const float* sin, bool backward) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; ++t, p += stride) {
+    const float *c = cos + t * D, *s = sin + t * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      if (!backward) {
+        p[i] = a * c[i] - b * s[i];
+        p[i + half] = b * c[i + half] + a * s[i + half];
+      } else {
+        p[i] = a * c[i] + b * s[i + half];
+        p[i + half] = b * c[i + half] - a * s[i];
+      }
+    }
+  }
+}
+
+// The keys query i attends: [first_key(i), i] (causal, within a sliding window of W keys when W > 0).
+int64_t first_key(int64_t i, int64_t W) { return W > 0 ? std::max<int64_t>(0, i - W + 1) : 0; }
+
+}  // namespace
+
+BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
+                          const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom) {
+  c10::NoGradGuard no_grad;
+  const int64_t B = x.size(0), L = x.size(1), C = cfg.hidden_size, H = cfg.num_attention_heads,
+                Hkv = cfg.num_key_value_heads, D = cfg.head_dim, F = cfg.intermediate_size;
+  const int64_t Cq = H * D, Ck = Hkv * D, Cqkv = Cq + 2 * Ck, group = H / Hkv, window = cfg.sliding_window;
+  EQAT_ASSERT(block_grad_cpu_applies(cfg) && x.dim() == 3 && x.size(2) == C && y.sizes() == x.sizes() &&
+                  valid.sizes() == x.sizes().slice(0, 2) && cos.sizes() == at::IntArrayRef({L, D}) &&
+                  sin.sizes() == cos.sizes(),
+              "block_grad_cpu: x ", x.sizes(), " y ", y.sizes(), " valid ", valid.sizes(), " cos ", cos.sizes());
+  for (const auto* t : {&w.qkv, &w.o, &w.gate_up, &w.down, &w.norm_in, &w.norm_post, &cos, &sin})
+    EQAT_ASSERT(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "block_grad_cpu: fp32 CPU");
+  EQAT_ASSERT(w.qkv.sizes() == at::IntArrayRef({Cqkv, C}) && w.o.sizes() == at::IntArrayRef({C, Cq}) &&
+                  w.gate_up.sizes() == at::IntArrayRef({2 * F, C}) && w.down.sizes() == at::IntArrayRef({C, F}) &&
+                  w.norm_in.numel() == C && w.norm_post.numel() == C,
+              "block_grad_cpu: weight shapes");
+  const float eps = static_cast<float>(cfg.rms_norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(D));
+
+  // Pack each sample's positions up to its last valid one.
+  const at::Tensor vb = valid.to(at::kCPU, at::kBool).contiguous();
+  std::vector<int64_t> off(static_cast<size_t>(B)), len(static_cast<size_t>(B));
+  int64_t N = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* v = vb.const_data_ptr<bool>() + b * L;
+    int64_t last = -1;
+    for (int64_t j = 0; j < L; ++j)
+      if (v[j]) last = j;
+    off[b] = N, len[b] = last + 1, N += last + 1;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  BlockGrads g;
+  if (N == 0) {
+    g.qkv = at::zeros_like(w.qkv), g.o = at::zeros_like(w.o), g.gate_up = at::zeros_like(w.gate_up);
+    g.down = at::zeros_like(w.down), g.norm_in = at::zeros_like(w.norm_in), g.norm_post = at::zeros_like(w.norm_post);
+    return g;
+  }
+  at::Tensor xr = at::empty({N, C}, f32), yr = at::empty({N, C}, f32), vm = at::empty({N}, f32);
+  for (int64_t b = 0; b < B; ++b) {
+    if (len[b] == 0) continue;
+    xr.narrow(0, off[b], len[b]).copy_(x[b].narrow(0, 0, len[b]));
+    yr.narrow(0, off[b], len[b]).copy_(y[b].narrow(0, 0, len[b]));
+    vm.narrow(0, off[b], len[b]).copy_(vb[b].narrow(0, 0, len[b]));
+  }
+  const int64_t P = threads_for(N);
+  const float *win = w.norm_in.const_data_ptr<float>(), *wpost = w.norm_post.const_data_ptr<float>();
+  const float *cs = cos.const_data_ptr<float>(), *sn = sin.const_data_ptr<float>();
+
+  // ---- forward
+  at::Tensor xh1 = at::empty({N, C}, f32), h1 = at::empty({N, C}, f32), r2 = at::empty({N}, f32);
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    const float* xp = xr.const_data_ptr<float>();
+    float *xh = xh1.data_ptr<float>(), *hp = h1.data_ptr<float>();
+    for (int64_t n = r0; n < r1; ++n) {
+      const float* xs = xp + n * C;
+      float ss = 0;
+      for (int64_t c = 0; c < C; ++c) ss += xs[c] * xs[c];
+      const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+      for (int64_t c = 0; c < C; ++c) {
+        xh[n * C + c] = xs[c] * r;
+        hp[n * C + c] = win[c] * xh[n * C + c];
+      }
+    }
+  });
+  at::Tensor qkv = at::empty({N, Cqkv}, f32);
+  run_mms({{qkv, h1, w.qkv.t()}});
+
+  // Attention by (key head, sample), key heads outermost so that each thread's share holds every sample.
+  std::vector<at::Tensor> probs(static_cast<size_t>(B * H));
+  at::Tensor attn = at::empty({N, Cq}, f32);
+  auto head = [&](const at::Tensor& t, int64_t b, int64_t col) { return t.narrow(0, off[b], len[b]).narrow(1, col, D); };
+  parallel_items(Hkv * B, [&](int64_t item) {
+    const int64_t kh = item / B, b = item % B, T = len[b];
+    if (T == 0) return;
+    float* rows = qkv.data_ptr<float>() + off[b] * Cqkv;
+    rope(rows + Cq + kh * D, T, Cqkv, D, cs, sn, false);
+    const at::Tensor k = head(qkv, b, Cq + kh * D), v = head(qkv, b, Cq + Ck + kh * D);
+    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+      rope(rows + h * D, T, Cqkv, D, cs, sn, false);
+      at::Tensor s = at::mm(head(qkv, b, h * D), k.t());  // [T, T]
+      float* sp = s.data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i) {
+        float* row = sp + i * T;
+        const int64_t j0 = first_key(i, window);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = j0; j <= i; ++j) mx = std::max(mx, row[j] * scale);
+        float sum = 0;
+        for (int64_t j = j0; j <= i; ++j) sum += (row[j] = std::exp(row[j] * scale - mx));
+        for (int64_t j = 0; j < T; ++j) row[j] = (j >= j0 && j <= i) ? row[j] / sum : 0.0f;
+      }
+      at::Tensor o = head(attn, b, h * D);
+      at::mm_out(o, s, v);
+      probs[static_cast<size_t>(b * H + h)] = s;
+    }
+  });
+  at::Tensor x2 = at::empty({N, C}, f32), h2 = at::empty({N, C}, f32);
+  run_mms({{x2, attn, w.o.t()}});
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    const float* xp = xr.const_data_ptr<float>();
+    float *x2p = x2.data_ptr<float>(), *hp = h2.data_ptr<float>(), *rp = r2.data_ptr<float>();
+    for (int64_t n = r0; n < r1; ++n) {
+      float* xs = x2p + n * C;
+      float ss = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        xs[c] += xp[n * C + c];
+        ss += xs[c] * xs[c];
+      }
+      const float r = rp[n] = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+      for (int64_t c = 0; c < C; ++c) hp[n * C + c] = wpost[c] * (xs[c] * r);
+    }
+  });
+  at::Tensor gu = at::empty({N, 2 * F}, f32), sig = at::empty({N, F}, f32), mid = at::empty({N, F}, f32);
+  run_mms({{gu, h2, w.gate_up.t()}});
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    at::Tensor sg = sig.narrow(0, r0, r1 - r0);
+    at::sigmoid_out(sg, gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
+    const float *gp = gu.const_data_ptr<float>(), *sp = sig.const_data_ptr<float>();
+    float* mp = mid.data_ptr<float>();
+    for (int64_t n = r0; n < r1; ++n)
+      for (int64_t f = 0; f < F; ++f)
+        mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
+  });
+  at::Tensor dout = at::empty({N, C}, f32);  // the MLP's output, then dL/dout
+  run_mms({{dout, mid, w.down.t()}});
+  std::vector<double> part_loss(static_cast<size_t>(P), 0.0);
+  over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
+    const float *x2p = x2.const_data_ptr<float>(), *yp = yr.const_data_ptr<float>(), *vp = vm.const_data_ptr<float>();
+    float* dp = dout.data_ptr<float>();
+    double sse = 0;
+    for (int64_t n = r0; n < r1; ++n) {
+      const float k = 2.0f * vp[n] / static_cast<float>(denom);
+      double row = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = x2p[n * C + c] + dp[n * C + c] - yp[n * C + c];
+        row += static_cast<double>(d) * d;
+        dp[n * C + c] = k * d;
+      }
+      sse += vp[n] * row;
+    }
+    part_loss[static_cast<size_t>(p)] = sse;
+  });
+  for (double l : part_loss) g.loss += l;
+  g.loss /= denom;
+
+  // ---- backward
+  g.down = at::empty({C, F}, f32);
+  at::Tensor dmid = at::empty({N, F}, f32);
+  run_mms({{g.down, dout.t(), mid}, {dmid, dout, w.down}});
+  at::Tensor dgu = at::empty({N, 2 * F}, f32);
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    const float *gp = gu.const_data_ptr<float>(), *sp = sig.const_data_ptr<float>(), *dm = dmid.const_data_ptr<float>();
+    float* dp = dgu.data_ptr<float>();
+    for (int64_t n = r0; n < r1; ++n)
+      for (int64_t f = 0; f < F; ++f) {
+        const float gv = gp[n * 2 * F + f], uv = gp[n * 2 * F + F + f], s = sp[n * F + f], d = dm[n * F + f];
+        dp[n * 2 * F + f] = d * uv * s * (1.0f + gv * (1.0f - s));  // d silu(g)/dg = σ(1 + g(1 − σ))
+        dp[n * 2 * F + F + f] = d * gv * s;
+      }
+  });
+  g.gate_up = at::empty({2 * F, C}, f32);
+  at::Tensor dx2 = at::empty({N, C}, f32);  // dL/dh2, then dL/dx2
+  run_mms({{g.gate_up, dgu.t(), h2}, {dx2, dgu, w.gate_up}});
+  std::vector<std::vector<double>> part_norm(static_cast<size_t>(P), std::vector<double>(static_cast<size_t>(C), 0.0));
+  over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
+    const float *x2p = x2.const_data_ptr<float>(), *rp = r2.const_data_ptr<float>(), *dop = dout.const_data_ptr<float>();
+    float* dp = dx2.data_ptr<float>();
+    std::vector<double>& dw = part_norm[static_cast<size_t>(p)];
+    for (int64_t n = r0; n < r1; ++n) {
+      const float r = rp[n];
+      float* d = dp + n * C;
+      float dot = 0;  // Σ_c dL/dx̂2 · x̂2
+      for (int64_t c = 0; c < C; ++c) {
+        const float xh = x2p[n * C + c] * r;
+        dw[c] += static_cast<double>(d[c]) * xh;
+        dot += d[c] * wpost[c] * xh;
+      }
+      dot /= static_cast<float>(C);
+      for (int64_t c = 0; c < C; ++c) d[c] = dop[n * C + c] + r * (d[c] * wpost[c] - x2p[n * C + c] * r * dot);
+    }
+  });
+  auto reduce = [&](const std::vector<std::vector<double>>& parts) {
+    at::Tensor t = at::empty({C}, f32);
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0;
+      for (const auto& v : parts) s += v[static_cast<size_t>(c)];
+      t.data_ptr<float>()[c] = static_cast<float>(s);
+    }
+    return t;
+  };
+  g.norm_post = reduce(part_norm);
+  g.o = at::empty({C, Cq}, f32);
+  at::Tensor dattn = at::empty({N, Cq}, f32);
+  run_mms({{g.o, dx2.t(), attn}, {dattn, dx2, w.o}});
+  at::Tensor dqkv = at::empty({N, Cqkv}, f32);
+  parallel_items(Hkv * B, [&](int64_t item) {
+    const int64_t kh = item / B, b = item % B, T = len[b];
+    if (T == 0) return;
+    const at::Tensor k = head(qkv, b, Cq + kh * D), v = head(qkv, b, Cq + Ck + kh * D);
+    at::Tensor dk = head(dqkv, b, Cq + kh * D), dv = head(dqkv, b, Cq + Ck + kh * D);
+    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+      const at::Tensor& pr = probs[static_cast<size_t>(b * H + h)];
+      const at::Tensor dO = head(dattn, b, h * D);
+      if (h == kh * group) at::mm_out(dv, pr.t(), dO);
+      else dv.addmm_(pr.t(), dO);
+      at::Tensor ds = at::mm(dO, v.t());  // dL/dP, then dL/d(q·kᵀ)
+      float* dp = ds.data_ptr<float>();
+      const float* pp = pr.const_data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i) {
+        float delta = 0;
+        for (int64_t j = 0; j < T; ++j) delta += dp[i * T + j] * pp[i * T + j];
+        for (int64_t j = 0; j < T; ++j) dp[i * T + j] = pp[i * T + j] * (dp[i * T + j] - delta) * scale;
+      }
+      at::Tensor dq = head(dqkv, b, h * D);
+      at::mm_out(dq, ds, k);
+      if (h == kh * group) at::mm_out(dk, ds.t(), head(qkv, b, h * D));
+      else dk.addmm_(ds.t(), head(qkv, b, h * D));
+      rope(dqkv.data_ptr<float>() + off[b] * Cqkv + h * D, T, Cqkv, D, cs, sn, true);
+    }
+    rope(dqkv.data_ptr<float>() + off[b] * Cqkv + Cq + kh * D, T, Cqkv, D, cs, sn, true);
+  });
+  // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
+  g.qkv = at::empty({Cqkv, C}, f32);
+  run_mms({{g.qkv, dqkv.t(), xh1}});
+  const int64_t Po = threads_for(Cqkv);
+  std::vector<std::vector<double>> part_in(static_cast<size_t>(Po), std::vector<double>(static_cast<size_t>(C), 0.0));
+  over_rows(Cqkv, Po, [&](int64_t p, int64_t o0, int64_t o1) {
+    const float* wp = w.qkv.const_data_ptr<float>();
+    float* mp = g.qkv.data_ptr<float>();
+    std::vector<double>& dw = part_in[static_cast<size_t>(p)];
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < C; ++c) {
+        dw[c] += static_cast<double>(wp[o * C + c]) * mp[o * C + c];
+        mp[o * C + c] *= win[c];
+      }
+  });
+  g.norm_in = reduce(part_in);
+  return g;
+}
+
+}  // namespace eqat

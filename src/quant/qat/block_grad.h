@@ -1,0 +1,47 @@
+// Block-AP's training step on the CPU without autograd: the forward and backward of one Llama decoder block (HF
+// order, llm/llama.h) written out by hand in fp32, for the data-parallel step of small blocks (optim.h).
+//
+// Why: on the default model a block's GEMMs are [~35, 256] × [256, 512] per sample. Run through LibTorch's autograd,
+// one sample per thread, they were about 40 % of a training iteration; the rest was op dispatch, graph bookkeeping,
+// allocation, and the thread with the shorter sample waiting for the other (models/SOURCES.md). Here the batch's
+// samples are packed into one [N, C] matrix of their positions (each cut after its last valid one), and each stage
+// is shared evenly by the threads: a GEMM by its output columns (or two independent GEMMs, one per thread), the
+// row-wise stages by rows, attention by (sample, key head). q/k/v and gate/up run as one GEMM each on stacked Ŵ.
+//
+// The loss and gradients are those of the autograd path, Σ valid·(block(x) − y)² / denom, up to fp32 summation
+// order. Legend: B batch, L positions, N packed positions, C hidden, H query heads, Hkv key heads, D head dim,
+// F intermediate.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "data/config.h"
+
+namespace eqat {
+
+// The block's weights as the step uses them, all fp32 contiguous on the CPU.
+struct BlockGradWeights {
+  at::Tensor qkv;      // [H·D + 2·Hkv·D, C]: Ŵ of q_proj, k_proj, v_proj stacked by rows
+  at::Tensor o;        // [C, H·D]
+  at::Tensor gate_up;  // [2F, C]: gate_proj's Ŵ, then up_proj's
+  at::Tensor down;     // [C, F]
+  at::Tensor norm_in, norm_post;  // [C]
+};
+
+// loss and dL/d of each weight above (same shapes; the stacked gradients split by rows like the weights).
+struct BlockGrads {
+  double loss = 0;
+  at::Tensor qkv, o, gate_up, down, norm_in, norm_post;
+};
+
+// Whether block_grad_cpu computes this model's blocks: Llama blocks without biases (the only activation loaded is
+// SiLU), query heads a multiple of the key heads.
+bool block_grad_cpu_applies(const LlamaConfig& cfg);
+
+// x, y [B, L, C] (any float dtype), valid [B, L] bool: the loss positions (a sample's positions after its last valid
+// one are not computed; the ones before it are, as keys). cos, sin [L, D] fp32 (RotaryEmbedding::cos_sin at
+// positions 0..L−1). Attention is causal, within cfg.sliding_window when set. Threads: LibTorch's intra-op ones.
+BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
+                          const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom);
+
+}  // namespace eqat

@@ -1,0 +1,137 @@
+// block_grad_cpu (Block-AP's hand-written CPU step) against LibTorch's autograd through the model's own decoder layer.
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "llm/llama.h"
+#include "quant/qat/block_grad.h"
+
+using namespace eqat;
+
+namespace {
+
+// max |a − b| / max |b|: the gradients' error relative to their scale.
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-30);
+}
+
+struct Case {
+  LlamaConfig cfg;
+  at::Tensor x, y, valid;  // [B, L, C] fp16 (the activation cache's dtype), [B, L, C] fp32, [B, L] bool
+};
+
+Case make_case(int64_t sliding_window) {
+  Case k;
+  LlamaConfig& c = k.cfg;
+  c.hidden_size = 64, c.intermediate_size = 96, c.num_hidden_layers = 1;
+  c.num_attention_heads = 4, c.num_key_value_heads = 2, c.head_dim = 16;  // grouped queries: 2 per key head
+  c.rms_norm_eps = 1e-5, c.rope_theta = 10000, c.sliding_window = sliding_window;
+  const int64_t B = 4, L = 13;
+  at::manual_seed(7);
+  k.x = at::randn({B, L, c.hidden_size}).to(at::kHalf);
+  k.y = at::randn({B, L, c.hidden_size});
+  // Sample 0: every position but the first and the fourth (holes inside); 1: 7 positions, then padding; 2: none;
+  // 3: only the last position (all of it computed, one loss position).
+  k.valid = at::zeros({B, L}, at::kBool);
+  k.valid[0].fill_(true);
+  k.valid[0][0] = false, k.valid[0][3] = false;
+  k.valid[1].narrow(0, 0, 7).fill_(true);
+  k.valid[3][L - 1] = true;
+  return k;
+}
+
+}  // namespace
+
+// The loss and every gradient match autograd through LlamaDecoderLayerImpl (one sample at a time, cut after its
+// last valid position, as Block-AP's autograd step runs them), at 1, 2 and 3 threads, with and without a sliding
+// window. Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's
+// softmax by hand against SDPA, RMSNorm's backward by hand); over dot products of ≤ 96 terms the relative error
+// per value is ≲ 96·6e-8 ≈ 6e-6 at worst, compounded over the block's ~10 stages in each direction: 1e-4 of the
+// largest entry holds with margin, while a wrong sign, a missing term or a misplaced head moves the gradient by
+// a large part of its scale.
+TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
+  const int threads = at::get_num_threads();
+  for (int64_t window : {0, 5}) {
+    Case k = make_case(window);
+    const LlamaConfig& cfg = k.cfg;
+    LlamaModel model(cfg);
+    auto* layer = model->layers[0]->as<LlamaDecoderLayerImpl>();
+    at::manual_seed(11);
+    std::vector<QuantLinear> lins = {layer->self_attn->q_proj, layer->self_attn->k_proj, layer->self_attn->v_proj,
+                                     layer->self_attn->o_proj, layer->mlp->gate_proj,    layer->mlp->up_proj,
+                                     layer->mlp->down_proj};
+    for (auto& lin : lins)
+      lin->set_float_weight(at::randn({lin->out_features(), lin->in_features()}) / std::sqrt(lin->in_features()));
+    {
+      c10::NoGradGuard ng;
+      layer->input_layernorm->weight.set_data(1 + 0.3 * at::randn({cfg.hidden_size}));
+      layer->post_attention_layernorm->weight.set_data(1 + 0.3 * at::randn({cfg.hidden_size}));
+    }
+    const int64_t B = k.x.size(0), L = k.x.size(1);
+    auto [cos, sin] = model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
+    const double denom = k.valid.sum().item<double>() * cfg.hidden_size;
+
+    // Autograd, sample by sample.
+    std::vector<at::Tensor> params;
+    for (auto& lin : lins) params.push_back(lin->weight);
+    params.push_back(layer->input_layernorm->weight);
+    params.push_back(layer->post_attention_layernorm->weight);
+    for (auto& p : params) p.set_requires_grad(true);
+    at::Tensor loss = at::zeros({}, at::kFloat);
+    for (int64_t b = 0; b < B; ++b) {
+      const at::Tensor v = k.valid[b];
+      const int64_t len = v.nonzero().numel() == 0 ? 0 : v.nonzero().max().item<int64_t>() + 1;
+      if (len == 0) continue;
+      const at::Tensor mask = model->sliding_window_mask(at::Tensor(), len, nullptr, at::kCPU);
+      at::Tensor out = layer->forward(k.x[b].narrow(0, 0, len).unsqueeze(0).to(at::kFloat),
+                                      cos.narrow(1, 0, len), sin.narrow(1, 0, len), mask, nullptr, 0)[0];
+      loss = loss + ((out - k.y[b].narrow(0, 0, len)).pow(2) * v.narrow(0, 0, len).unsqueeze(-1)).sum() / denom;
+    }
+    const std::vector<at::Tensor> ref = torch::autograd::grad({loss}, params);
+    for (auto& p : params) p.set_requires_grad(false);
+
+    BlockGradWeights w;
+    w.qkv = at::cat({lins[0]->weight, lins[1]->weight, lins[2]->weight}).contiguous();
+    w.o = lins[3]->weight.contiguous();
+    w.gate_up = at::cat({lins[4]->weight, lins[5]->weight}).contiguous();
+    w.down = lins[6]->weight.contiguous();
+    w.norm_in = layer->input_layernorm->weight.detach();
+    w.norm_post = layer->post_attention_layernorm->weight.detach();
+    for (int nthreads : {1, 2, 3}) {
+      at::set_num_threads(nthreads);
+      const BlockGrads g = block_grad_cpu(cfg, w, k.x, k.y, k.valid, cos[0].contiguous(), sin[0].contiguous(), denom);
+      SCOPED_TRACE(testing::Message() << "window " << window << ", " << nthreads << " threads");
+      EXPECT_NEAR(g.loss, loss.item<double>(), 1e-5 * loss.item<double>());
+      const int64_t Cq = cfg.num_attention_heads * cfg.head_dim, Ck = cfg.num_key_value_heads * cfg.head_dim,
+                    F = cfg.intermediate_size;
+      const std::vector<at::Tensor> mine = {g.qkv.narrow(0, 0, Cq),   g.qkv.narrow(0, Cq, Ck),
+                                            g.qkv.narrow(0, Cq + Ck, Ck), g.o,
+                                            g.gate_up.narrow(0, 0, F), g.gate_up.narrow(0, F, F),
+                                            g.down,                    g.norm_in,
+                                            g.norm_post};
+      const char* names[] = {"q", "k", "v", "o", "gate", "up", "down", "norm_in", "norm_post"};
+      for (size_t i = 0; i < ref.size(); ++i) EXPECT_LE(rel_err(mine[i], ref[i]), 1e-4) << names[i];
+    }
+  }
+  at::set_num_threads(threads);
+}
+
+// A batch without a loss position computes nothing: loss 0, zero gradients.
+TEST(BlockGrad, NoValidPositionGivesZeroLossAndGradients) {
+  Case k = make_case(0);
+  k.valid.fill_(false);
+  const LlamaConfig& c = k.cfg;
+  const int64_t C = c.hidden_size, Cqkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  BlockGradWeights w{at::randn({Cqkv, C}), at::randn({C, c.num_attention_heads * c.head_dim}),
+                     at::randn({2 * c.intermediate_size, C}), at::randn({C, c.intermediate_size}), at::ones({C}),
+                     at::ones({C})};
+  const int64_t L = k.x.size(1);
+  const BlockGrads g = block_grad_cpu(c, w, k.x, k.y, k.valid, at::ones({L, c.head_dim}), at::zeros({L, c.head_dim}), 1.0);
+  EXPECT_EQ(g.loss, 0.0);
+  for (const at::Tensor* t : {&g.qkv, &g.o, &g.gate_up, &g.down, &g.norm_in, &g.norm_post})
+    EXPECT_EQ(t->abs().max().item<double>(), 0.0);
+}
