@@ -65,6 +65,8 @@ class QuantLinearImpl : public torch::nn::Module {
   // at every call. Off drops it. The results are the same either way.
   void set_train_cache(bool on);
   bool train_cache_on() const { return train_cache_on_; }
+  // The cache for the current step sizes, built or refreshed here (only while on); null where it does not apply.
+  std::shared_ptr<const TrainWeightCache> train_cache();
 
   // Optional tap on the input of every forward (GPTQ collects its Hessian from it).
   std::function<void(const at::Tensor& x)> input_observer;
@@ -81,7 +83,6 @@ class QuantLinearImpl : public torch::nn::Module {
  private:
   at::Tensor set_tensor(const std::string& name, const at::Tensor& value, bool is_buffer);
   at::Tensor packed_weight(c10::ScalarType dtype);
-  std::shared_ptr<const TrainWeightCache> train_cache();
 
   int64_t in_features_, out_features_;
   LinearMode mode_ = LinearMode::kFloat;

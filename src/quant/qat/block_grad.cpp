@@ -76,105 +76,117 @@ int64_t first_key(int64_t i, int64_t W) { return W > 0 ? std::max<int64_t>(0, i 
 
 }  // namespace
 
-BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
-                          const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom) {
-  c10::NoGradGuard no_grad;
-  const int64_t B = x.size(0), L = x.size(1), C = cfg.hidden_size, H = cfg.num_attention_heads,
-                Hkv = cfg.num_key_value_heads, D = cfg.head_dim, F = cfg.intermediate_size;
-  const int64_t Cq = H * D, Ck = Hkv * D, Cqkv = Cq + 2 * Ck, group = H / Hkv, window = cfg.sliding_window;
-  EQAT_ASSERT(block_grad_cpu_applies(cfg) && x.dim() == 3 && x.size(2) == C && y.sizes() == x.sizes() &&
-                  valid.sizes() == x.sizes().slice(0, 2) && cos.sizes() == at::IntArrayRef({L, D}) &&
-                  sin.sizes() == cos.sizes(),
-              "block_grad_cpu: x ", x.sizes(), " y ", y.sizes(), " valid ", valid.sizes(), " cos ", cos.sizes());
-  for (const auto* t : {&w.qkv, &w.o, &w.gate_up, &w.down, &w.norm_in, &w.norm_post, &cos, &sin})
-    EQAT_ASSERT(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "block_grad_cpu: fp32 CPU");
-  EQAT_ASSERT(w.qkv.sizes() == at::IntArrayRef({Cqkv, C}) && w.o.sizes() == at::IntArrayRef({C, Cq}) &&
-                  w.gate_up.sizes() == at::IntArrayRef({2 * F, C}) && w.down.sizes() == at::IntArrayRef({C, F}) &&
-                  w.norm_in.numel() == C && w.norm_post.numel() == C,
-              "block_grad_cpu: weight shapes");
-  const float eps = static_cast<float>(cfg.rms_norm_eps), scale = 1.0f / std::sqrt(static_cast<float>(D));
+PackedRows pack_rows(const std::vector<int64_t>& lengths) {
+  PackedRows pk;
+  for (int64_t len : lengths) {
+    pk.off.push_back(pk.rows);
+    pk.len.push_back(len);
+    pk.rows += len;
+  }
+  return pk;
+}
 
-  // Pack each sample's positions up to its last valid one.
-  const at::Tensor vb = valid.to(at::kCPU, at::kBool).contiguous();
-  std::vector<int64_t> off(static_cast<size_t>(B)), len(static_cast<size_t>(B));
-  int64_t N = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const bool* v = vb.const_data_ptr<bool>() + b * L;
-    int64_t last = -1;
-    for (int64_t j = 0; j < L; ++j)
-      if (v[j]) last = j;
-    off[b] = N, len[b] = last + 1, N += last + 1;
+namespace {
+
+struct Dims {
+  int64_t C, H, Hkv, D, F, Cq, Ck, Cqkv, group, window;
+  float eps, scale;
+  explicit Dims(const LlamaConfig& cfg)
+      : C(cfg.hidden_size), H(cfg.num_attention_heads), Hkv(cfg.num_key_value_heads), D(cfg.head_dim),
+        F(cfg.intermediate_size), Cq(H * D), Ck(Hkv * D), Cqkv(Cq + 2 * Ck), group(H / Hkv),
+        window(cfg.sliding_window), eps(static_cast<float>(cfg.rms_norm_eps)),
+        scale(1.0f / std::sqrt(static_cast<float>(D))) {}
+};
+
+// One head's [len, D] columns of a packed [rows, ·] matrix.
+at::Tensor head_of(const at::Tensor& t, const PackedRows& pk, int64_t b, int64_t col, int64_t D) {
+  return t.narrow(0, pk.off[static_cast<size_t>(b)], pk.len[static_cast<size_t>(b)]).narrow(1, col, D);
+}
+
+// Σ over the threads' partial sums, as a [C] fp32 tensor.
+at::Tensor reduce_parts(const std::vector<std::vector<double>>& parts, int64_t C) {
+  at::Tensor t = at::empty({C}, at::kFloat);
+  float* p = t.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0;
+    for (const auto& v : parts) s += v[static_cast<size_t>(c)];
+    p[c] = static_cast<float>(s);
   }
+  return t;
+}
+
+}  // namespace
+
+at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
+                             const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, BlockTape* tape) {
+  c10::NoGradGuard no_grad;
+  const Dims d(cfg);
+  const int64_t C = d.C, D = d.D, F = d.F, Cq = d.Cq, Ck = d.Ck, Cqkv = d.Cqkv, N = pk.rows;
+  const int64_t B = static_cast<int64_t>(pk.len.size());
+  EQAT_ASSERT(block_grad_cpu_applies(cfg) && x.dim() == 2 && x.size(0) == N && x.size(1) == C &&
+                  x.scalar_type() == at::kFloat && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == D &&
+                  sin.sizes() == cos.sizes() && w.norm_in.scalar_type() == at::kFloat &&
+                  w.norm_post.scalar_type() == at::kFloat && w.norm_in.is_contiguous() && w.norm_post.is_contiguous(),
+              "block_forward_cpu: x ", x.sizes(), " rows ", N, " cos ", cos.sizes());
+  for (int64_t len : pk.len) EQAT_ASSERT(len <= cos.size(0), "block_forward_cpu: a sample longer than cos/sin");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  BlockGrads g;
-  if (N == 0) {
-    g.qkv = at::zeros_like(w.qkv), g.o = at::zeros_like(w.o), g.gate_up = at::zeros_like(w.gate_up);
-    g.down = at::zeros_like(w.down), g.norm_in = at::zeros_like(w.norm_in), g.norm_post = at::zeros_like(w.norm_post);
-    return g;
-  }
-  at::Tensor xr = at::empty({N, C}, f32), yr = at::empty({N, C}, f32), vm = at::empty({N}, f32);
-  for (int64_t b = 0; b < B; ++b) {
-    if (len[b] == 0) continue;
-    xr.narrow(0, off[b], len[b]).copy_(x[b].narrow(0, 0, len[b]));
-    yr.narrow(0, off[b], len[b]).copy_(y[b].narrow(0, 0, len[b]));
-    vm.narrow(0, off[b], len[b]).copy_(vb[b].narrow(0, 0, len[b]));
-  }
+  BlockTape local;
+  BlockTape& t = tape ? *tape : local;
   const int64_t P = threads_for(N);
   const float *win = w.norm_in.const_data_ptr<float>(), *wpost = w.norm_post.const_data_ptr<float>();
   const float *cs = cos.const_data_ptr<float>(), *sn = sin.const_data_ptr<float>();
 
-  // ---- forward
-  at::Tensor xh1 = at::empty({N, C}, f32), h1 = at::empty({N, C}, f32), r2 = at::empty({N}, f32);
+  t.xh1 = at::empty({N, C}, f32), t.r1 = at::empty({N}, f32), t.h1 = at::empty({N, C}, f32);
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
-    const float* xp = xr.const_data_ptr<float>();
-    float *xh = xh1.data_ptr<float>(), *hp = h1.data_ptr<float>();
+    const float* xp = x.const_data_ptr<float>();
+    float *xh = t.xh1.data_ptr<float>(), *hp = t.h1.data_ptr<float>(), *rp = t.r1.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n) {
       const float* xs = xp + n * C;
       float ss = 0;
       for (int64_t c = 0; c < C; ++c) ss += xs[c] * xs[c];
-      const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+      const float r = rp[n] = 1.0f / std::sqrt(ss / static_cast<float>(C) + d.eps);
       for (int64_t c = 0; c < C; ++c) {
         xh[n * C + c] = xs[c] * r;
         hp[n * C + c] = win[c] * xh[n * C + c];
       }
     }
   });
-  at::Tensor qkv = at::empty({N, Cqkv}, f32);
-  run_mms({{qkv, h1, w.qkv.t()}});
+  t.qkv = at::empty({N, Cqkv}, f32);
+  run_mms({{t.qkv, t.h1, w.qkv.t()}});
 
   // Attention by (key head, sample), key heads outermost so that each thread's share holds every sample.
-  std::vector<at::Tensor> probs(static_cast<size_t>(B * H));
-  at::Tensor attn = at::empty({N, Cq}, f32);
-  auto head = [&](const at::Tensor& t, int64_t b, int64_t col) { return t.narrow(0, off[b], len[b]).narrow(1, col, D); };
-  parallel_items(Hkv * B, [&](int64_t item) {
-    const int64_t kh = item / B, b = item % B, T = len[b];
+  t.probs.assign(static_cast<size_t>(B * d.H), at::Tensor());
+  t.attn = at::empty({N, Cq}, f32);
+  parallel_items(d.Hkv * B, [&](int64_t item) {
+    const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)];
     if (T == 0) return;
-    float* rows = qkv.data_ptr<float>() + off[b] * Cqkv;
+    float* rows = t.qkv.data_ptr<float>() + pk.off[static_cast<size_t>(b)] * Cqkv;
     rope(rows + Cq + kh * D, T, Cqkv, D, cs, sn, false);
-    const at::Tensor k = head(qkv, b, Cq + kh * D), v = head(qkv, b, Cq + Ck + kh * D);
-    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+    const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
+    for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
       rope(rows + h * D, T, Cqkv, D, cs, sn, false);
-      at::Tensor s = at::mm(head(qkv, b, h * D), k.t());  // [T, T]
+      at::Tensor s = at::mm(head_of(t.qkv, pk, b, h * D, D), k.t());  // [T, T]
       float* sp = s.data_ptr<float>();
       for (int64_t i = 0; i < T; ++i) {
         float* row = sp + i * T;
-        const int64_t j0 = first_key(i, window);
+        const int64_t j0 = first_key(i, d.window);
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = j0; j <= i; ++j) mx = std::max(mx, row[j] * scale);
+        for (int64_t j = j0; j <= i; ++j) mx = std::max(mx, row[j] * d.scale);
         float sum = 0;
-        for (int64_t j = j0; j <= i; ++j) sum += (row[j] = std::exp(row[j] * scale - mx));
+        for (int64_t j = j0; j <= i; ++j) sum += (row[j] = std::exp(row[j] * d.scale - mx));
         for (int64_t j = 0; j < T; ++j) row[j] = (j >= j0 && j <= i) ? row[j] / sum : 0.0f;
       }
-      at::Tensor o = head(attn, b, h * D);
+      at::Tensor o = head_of(t.attn, pk, b, h * D, D);
       at::mm_out(o, s, v);
-      probs[static_cast<size_t>(b * H + h)] = s;
+      t.probs[static_cast<size_t>(b * d.H + h)] = s;
     }
   });
-  at::Tensor x2 = at::empty({N, C}, f32), h2 = at::empty({N, C}, f32);
-  run_mms({{x2, attn, w.o.t()}});
+  t.x2 = at::empty({N, C}, f32), t.h2 = at::empty({N, C}, f32), t.r2 = at::empty({N}, f32);
+  run_mms({{t.x2, t.attn, w.o.t()}});
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
-    const float* xp = xr.const_data_ptr<float>();
-    float *x2p = x2.data_ptr<float>(), *hp = h2.data_ptr<float>(), *rp = r2.data_ptr<float>();
+    const float* xp = x.const_data_ptr<float>();
+    float *x2p = t.x2.data_ptr<float>(), *hp = t.h2.data_ptr<float>(), *rp = t.r2.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n) {
       float* xs = x2p + n * C;
       float ss = 0;
@@ -182,102 +194,102 @@ BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, con
         xs[c] += xp[n * C + c];
         ss += xs[c] * xs[c];
       }
-      const float r = rp[n] = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+      const float r = rp[n] = 1.0f / std::sqrt(ss / static_cast<float>(C) + d.eps);
       for (int64_t c = 0; c < C; ++c) hp[n * C + c] = wpost[c] * (xs[c] * r);
     }
   });
-  at::Tensor gu = at::empty({N, 2 * F}, f32), sig = at::empty({N, F}, f32), mid = at::empty({N, F}, f32);
-  run_mms({{gu, h2, w.gate_up.t()}});
+  t.gu = at::empty({N, 2 * F}, f32), t.sig = at::empty({N, F}, f32), t.mid = at::empty({N, F}, f32);
+  run_mms({{t.gu, t.h2, w.gate_up.t()}});
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
-    at::Tensor sg = sig.narrow(0, r0, r1 - r0);
-    at::sigmoid_out(sg, gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
-    const float *gp = gu.const_data_ptr<float>(), *sp = sig.const_data_ptr<float>();
-    float* mp = mid.data_ptr<float>();
+    at::Tensor sg = t.sig.narrow(0, r0, r1 - r0);
+    at::sigmoid_out(sg, t.gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
+    const float *gp = t.gu.const_data_ptr<float>(), *sp = t.sig.const_data_ptr<float>();
+    float* mp = t.mid.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n)
-      for (int64_t f = 0; f < F; ++f)
-        mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
+      for (int64_t f = 0; f < F; ++f) mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
   });
-  at::Tensor dout = at::empty({N, C}, f32);  // the MLP's output, then dL/dout
-  run_mms({{dout, mid, w.down.t()}});
-  std::vector<double> part_loss(static_cast<size_t>(P), 0.0);
-  over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
-    const float *x2p = x2.const_data_ptr<float>(), *yp = yr.const_data_ptr<float>(), *vp = vm.const_data_ptr<float>();
-    float* dp = dout.data_ptr<float>();
-    double sse = 0;
-    for (int64_t n = r0; n < r1; ++n) {
-      const float k = 2.0f * vp[n] / static_cast<float>(denom);
-      double row = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = x2p[n * C + c] + dp[n * C + c] - yp[n * C + c];
-        row += static_cast<double>(d) * d;
-        dp[n * C + c] = k * d;
-      }
-      sse += vp[n] * row;
-    }
-    part_loss[static_cast<size_t>(p)] = sse;
+  at::Tensor out = at::empty({N, C}, f32);
+  run_mms({{out, t.mid, w.down.t()}});
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    const float* x2p = t.x2.const_data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t n = r0 * C; n < r1 * C; ++n) op[n] += x2p[n];
   });
-  for (double l : part_loss) g.loss += l;
-  g.loss /= denom;
+  return out;
+}
 
-  // ---- backward
-  g.down = at::empty({C, F}, f32);
+namespace {
+
+// The backward shared by Block-AP (block_ap: dL/dŴ as [N, K], the norms' gradients, no dL/dx) and E2E-QP
+// (dL/dŴᵀ as [K, N], dL/dx when asked).
+void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk, const BlockTape& t,
+                   const at::Tensor& dout, const at::Tensor& cos, const at::Tensor& sin, bool block_ap, bool want_dx,
+                   BlockGrads* ga, BlockGradsT* ge) {
+  c10::NoGradGuard no_grad;
+  const Dims d(cfg);
+  const int64_t C = d.C, D = d.D, F = d.F, Cq = d.Cq, Ck = d.Ck, Cqkv = d.Cqkv, N = pk.rows;
+  const int64_t B = static_cast<int64_t>(pk.len.size());
+  EQAT_ASSERT(dout.sizes() == at::IntArrayRef({N, C}) && dout.scalar_type() == at::kFloat && dout.is_contiguous(),
+              "block_backward_cpu: dout ", dout.sizes(), " for ", N, " rows");
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t P = threads_for(N);
+  const float *win = w.norm_in.const_data_ptr<float>(), *wpost = w.norm_post.const_data_ptr<float>();
+  const float *cs = cos.const_data_ptr<float>(), *sn = sin.const_data_ptr<float>();
+  // A weight's gradient: dL/dŴ = dYᵀ·X [N, K] for Block-AP, dL/dŴᵀ = Xᵀ·dY [K, N] for E2E-QP.
+  auto weight_grad = [&](at::Tensor* out, const at::Tensor& dy, const at::Tensor& xin) {
+    *out = block_ap ? at::empty({dy.size(1), xin.size(1)}, f32) : at::empty({xin.size(1), dy.size(1)}, f32);
+    return block_ap ? Mm{*out, dy.t(), xin} : Mm{*out, xin.t(), dy};
+  };
+
   at::Tensor dmid = at::empty({N, F}, f32);
-  run_mms({{g.down, dout.t(), mid}, {dmid, dout, w.down}});
+  run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dout, t.mid), {dmid, dout, w.down}});
   at::Tensor dgu = at::empty({N, 2 * F}, f32);
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
-    const float *gp = gu.const_data_ptr<float>(), *sp = sig.const_data_ptr<float>(), *dm = dmid.const_data_ptr<float>();
+    const float *gp = t.gu.const_data_ptr<float>(), *sp = t.sig.const_data_ptr<float>(),
+                *dm = dmid.const_data_ptr<float>();
     float* dp = dgu.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n)
       for (int64_t f = 0; f < F; ++f) {
-        const float gv = gp[n * 2 * F + f], uv = gp[n * 2 * F + F + f], s = sp[n * F + f], d = dm[n * F + f];
-        dp[n * 2 * F + f] = d * uv * s * (1.0f + gv * (1.0f - s));  // d silu(g)/dg = σ(1 + g(1 − σ))
-        dp[n * 2 * F + F + f] = d * gv * s;
+        const float gv = gp[n * 2 * F + f], uv = gp[n * 2 * F + F + f], s = sp[n * F + f], dv = dm[n * F + f];
+        dp[n * 2 * F + f] = dv * uv * s * (1.0f + gv * (1.0f - s));  // d silu(g)/dg = σ(1 + g(1 − σ))
+        dp[n * 2 * F + F + f] = dv * gv * s;
       }
   });
-  g.gate_up = at::empty({2 * F, C}, f32);
   at::Tensor dx2 = at::empty({N, C}, f32);  // dL/dh2, then dL/dx2
-  run_mms({{g.gate_up, dgu.t(), h2}, {dx2, dgu, w.gate_up}});
-  std::vector<std::vector<double>> part_norm(static_cast<size_t>(P), std::vector<double>(static_cast<size_t>(C), 0.0));
+  run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dgu, t.h2), {dx2, dgu, w.gate_up}});
+  std::vector<std::vector<double>> part_norm(static_cast<size_t>(P),
+                                             std::vector<double>(block_ap ? static_cast<size_t>(C) : 0, 0.0));
   over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
-    const float *x2p = x2.const_data_ptr<float>(), *rp = r2.const_data_ptr<float>(), *dop = dout.const_data_ptr<float>();
+    const float *x2p = t.x2.const_data_ptr<float>(), *rp = t.r2.const_data_ptr<float>(),
+                *dop = dout.const_data_ptr<float>();
     float* dp = dx2.data_ptr<float>();
     std::vector<double>& dw = part_norm[static_cast<size_t>(p)];
     for (int64_t n = r0; n < r1; ++n) {
       const float r = rp[n];
-      float* d = dp + n * C;
+      float* dr = dp + n * C;
       float dot = 0;  // Σ_c dL/dx̂2 · x̂2
       for (int64_t c = 0; c < C; ++c) {
         const float xh = x2p[n * C + c] * r;
-        dw[c] += static_cast<double>(d[c]) * xh;
-        dot += d[c] * wpost[c] * xh;
+        if (block_ap) dw[c] += static_cast<double>(dr[c]) * xh;
+        dot += dr[c] * wpost[c] * xh;
       }
       dot /= static_cast<float>(C);
-      for (int64_t c = 0; c < C; ++c) d[c] = dop[n * C + c] + r * (d[c] * wpost[c] - x2p[n * C + c] * r * dot);
+      for (int64_t c = 0; c < C; ++c) dr[c] = dop[n * C + c] + r * (dr[c] * wpost[c] - x2p[n * C + c] * r * dot);
     }
   });
-  auto reduce = [&](const std::vector<std::vector<double>>& parts) {
-    at::Tensor t = at::empty({C}, f32);
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0;
-      for (const auto& v : parts) s += v[static_cast<size_t>(c)];
-      t.data_ptr<float>()[c] = static_cast<float>(s);
-    }
-    return t;
-  };
-  g.norm_post = reduce(part_norm);
-  g.o = at::empty({C, Cq}, f32);
+  if (block_ap) ga->norm_post = reduce_parts(part_norm, C);
   at::Tensor dattn = at::empty({N, Cq}, f32);
-  run_mms({{g.o, dx2.t(), attn}, {dattn, dx2, w.o}});
+  run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dx2, t.attn), {dattn, dx2, w.o}});
   at::Tensor dqkv = at::empty({N, Cqkv}, f32);
-  parallel_items(Hkv * B, [&](int64_t item) {
-    const int64_t kh = item / B, b = item % B, T = len[b];
+  parallel_items(d.Hkv * B, [&](int64_t item) {
+    const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)], off = pk.off[static_cast<size_t>(b)];
     if (T == 0) return;
-    const at::Tensor k = head(qkv, b, Cq + kh * D), v = head(qkv, b, Cq + Ck + kh * D);
-    at::Tensor dk = head(dqkv, b, Cq + kh * D), dv = head(dqkv, b, Cq + Ck + kh * D);
-    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-      const at::Tensor& pr = probs[static_cast<size_t>(b * H + h)];
-      const at::Tensor dO = head(dattn, b, h * D);
-      if (h == kh * group) at::mm_out(dv, pr.t(), dO);
+    const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
+    at::Tensor dk = head_of(dqkv, pk, b, Cq + kh * D, D), dv = head_of(dqkv, pk, b, Cq + Ck + kh * D, D);
+    for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
+      const at::Tensor& pr = t.probs[static_cast<size_t>(b * d.H + h)];
+      const at::Tensor dO = head_of(dattn, pk, b, h * D, D), q = head_of(t.qkv, pk, b, h * D, D);
+      if (h == kh * d.group) at::mm_out(dv, pr.t(), dO);
       else dv.addmm_(pr.t(), dO);
       at::Tensor ds = at::mm(dO, v.t());  // dL/dP, then dL/d(q·kᵀ)
       float* dp = ds.data_ptr<float>();
@@ -285,32 +297,131 @@ BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, con
       for (int64_t i = 0; i < T; ++i) {
         float delta = 0;
         for (int64_t j = 0; j < T; ++j) delta += dp[i * T + j] * pp[i * T + j];
-        for (int64_t j = 0; j < T; ++j) dp[i * T + j] = pp[i * T + j] * (dp[i * T + j] - delta) * scale;
+        for (int64_t j = 0; j < T; ++j) dp[i * T + j] = pp[i * T + j] * (dp[i * T + j] - delta) * d.scale;
       }
-      at::Tensor dq = head(dqkv, b, h * D);
+      at::Tensor dq = head_of(dqkv, pk, b, h * D, D);
       at::mm_out(dq, ds, k);
-      if (h == kh * group) at::mm_out(dk, ds.t(), head(qkv, b, h * D));
-      else dk.addmm_(ds.t(), head(qkv, b, h * D));
-      rope(dqkv.data_ptr<float>() + off[b] * Cqkv + h * D, T, Cqkv, D, cs, sn, true);
+      if (h == kh * d.group) at::mm_out(dk, ds.t(), q);
+      else dk.addmm_(ds.t(), q);
+      rope(dqkv.data_ptr<float>() + off * Cqkv + h * D, T, Cqkv, D, cs, sn, true);
     }
-    rope(dqkv.data_ptr<float>() + off[b] * Cqkv + Cq + kh * D, T, Cqkv, D, cs, sn, true);
+    rope(dqkv.data_ptr<float>() + off * Cqkv + Cq + kh * D, T, Cqkv, D, cs, sn, true);
   });
-  // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
-  g.qkv = at::empty({Cqkv, C}, f32);
-  run_mms({{g.qkv, dqkv.t(), xh1}});
-  const int64_t Po = threads_for(Cqkv);
-  std::vector<std::vector<double>> part_in(static_cast<size_t>(Po), std::vector<double>(static_cast<size_t>(C), 0.0));
-  over_rows(Cqkv, Po, [&](int64_t p, int64_t o0, int64_t o1) {
-    const float* wp = w.qkv.const_data_ptr<float>();
-    float* mp = g.qkv.data_ptr<float>();
-    std::vector<double>& dw = part_in[static_cast<size_t>(p)];
-    for (int64_t o = o0; o < o1; ++o)
+  if (block_ap) {
+    // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
+    ga->qkv = at::empty({Cqkv, C}, f32);
+    run_mms({{ga->qkv, dqkv.t(), t.xh1}});
+    const int64_t Po = threads_for(Cqkv);
+    std::vector<std::vector<double>> part_in(static_cast<size_t>(Po), std::vector<double>(static_cast<size_t>(C), 0.0));
+    over_rows(Cqkv, Po, [&](int64_t p, int64_t o0, int64_t o1) {
+      const float* wp = w.qkv.const_data_ptr<float>();
+      float* mp = ga->qkv.data_ptr<float>();
+      std::vector<double>& dw = part_in[static_cast<size_t>(p)];
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t c = 0; c < C; ++c) {
+          dw[c] += static_cast<double>(wp[o * C + c]) * mp[o * C + c];
+          mp[o * C + c] *= win[c];
+        }
+    });
+    ga->norm_in = reduce_parts(part_in, C);
+    return;
+  }
+  if (!want_dx) {
+    run_mms({weight_grad(&ge->qkv, dqkv, t.h1)});
+    return;
+  }
+  ge->dx = at::empty({N, C}, f32);  // dL/dh1, then dL/dx
+  run_mms({weight_grad(&ge->qkv, dqkv, t.h1), {ge->dx, dqkv, w.qkv}});
+  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+    const float *xh = t.xh1.const_data_ptr<float>(), *rp = t.r1.const_data_ptr<float>(),
+                *d2 = dx2.const_data_ptr<float>();
+    float* dp = ge->dx.data_ptr<float>();
+    for (int64_t n = r0; n < r1; ++n) {
+      float* dr = dp + n * C;
+      float dot = 0;
+      for (int64_t c = 0; c < C; ++c) dot += dr[c] * win[c] * xh[n * C + c];
+      dot /= static_cast<float>(C);
+      for (int64_t c = 0; c < C; ++c) dr[c] = d2[n * C + c] + rp[n] * (dr[c] * win[c] - xh[n * C + c] * dot);
+    }
+  });
+}
+
+}  // namespace
+
+BlockGradsT block_backward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
+                               const BlockTape& tape, const at::Tensor& dout, const at::Tensor& cos,
+                               const at::Tensor& sin, bool want_dx) {
+  BlockGradsT g;
+  backward_impl(cfg, w, pk, tape, dout, cos, sin, /*block_ap=*/false, want_dx, nullptr, &g);
+  return g;
+}
+
+BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
+                          const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom) {
+  c10::NoGradGuard no_grad;
+  const int64_t B = x.size(0), L = x.size(1), C = cfg.hidden_size, D = cfg.head_dim;
+  const Dims d(cfg);
+  EQAT_ASSERT(block_grad_cpu_applies(cfg) && x.dim() == 3 && x.size(2) == C && y.sizes() == x.sizes() &&
+                  valid.sizes() == x.sizes().slice(0, 2) && cos.sizes() == at::IntArrayRef({L, D}) &&
+                  sin.sizes() == cos.sizes(),
+              "block_grad_cpu: x ", x.sizes(), " y ", y.sizes(), " valid ", valid.sizes(), " cos ", cos.sizes());
+  for (const auto* t : {&w.qkv, &w.o, &w.gate_up, &w.down, &w.norm_in, &w.norm_post, &cos, &sin})
+    EQAT_ASSERT(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "block_grad_cpu: fp32 CPU");
+  EQAT_ASSERT(w.qkv.sizes() == at::IntArrayRef({d.Cqkv, C}) && w.o.sizes() == at::IntArrayRef({C, d.Cq}) &&
+                  w.gate_up.sizes() == at::IntArrayRef({2 * d.F, C}) && w.down.sizes() == at::IntArrayRef({C, d.F}) &&
+                  w.norm_in.numel() == C && w.norm_post.numel() == C,
+              "block_grad_cpu: weight shapes");
+
+  // Pack each sample's positions up to its last valid one.
+  const at::Tensor vb = valid.to(at::kCPU, at::kBool).contiguous();
+  std::vector<int64_t> lengths(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* v = vb.const_data_ptr<bool>() + b * L;
+    int64_t last = -1;
+    for (int64_t j = 0; j < L; ++j)
+      if (v[j]) last = j;
+    lengths[static_cast<size_t>(b)] = last + 1;
+  }
+  const PackedRows pk = pack_rows(lengths);
+  const int64_t N = pk.rows;
+  BlockGrads g;
+  if (N == 0) {
+    g.qkv = at::zeros_like(w.qkv), g.o = at::zeros_like(w.o), g.gate_up = at::zeros_like(w.gate_up);
+    g.down = at::zeros_like(w.down), g.norm_in = at::zeros_like(w.norm_in), g.norm_post = at::zeros_like(w.norm_post);
+    return g;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor xr = at::empty({N, C}, f32), yr = at::empty({N, C}, f32), vm = at::empty({N}, f32);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = pk.len[static_cast<size_t>(b)], off = pk.off[static_cast<size_t>(b)];
+    if (len == 0) continue;
+    xr.narrow(0, off, len).copy_(x[b].narrow(0, 0, len));
+    yr.narrow(0, off, len).copy_(y[b].narrow(0, 0, len));
+    vm.narrow(0, off, len).copy_(vb[b].narrow(0, 0, len));
+  }
+  BlockTape tape;
+  at::Tensor dout = block_forward_cpu(cfg, w, pk, xr, cos, sin, &tape);  // the output, then dL/dout
+  const int64_t P = threads_for(N);
+  std::vector<double> part_loss(static_cast<size_t>(P), 0.0);
+  over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
+    const float *yp = yr.const_data_ptr<float>(), *vp = vm.const_data_ptr<float>();
+    float* dp = dout.data_ptr<float>();
+    double sse = 0;
+    for (int64_t n = r0; n < r1; ++n) {
+      const float k = 2.0f * vp[n] / static_cast<float>(denom);
+      double row = 0;
       for (int64_t c = 0; c < C; ++c) {
-        dw[c] += static_cast<double>(wp[o * C + c]) * mp[o * C + c];
-        mp[o * C + c] *= win[c];
+        const float dv = dp[n * C + c] - yp[n * C + c];
+        row += static_cast<double>(dv) * dv;
+        dp[n * C + c] = k * dv;
       }
+      sse += vp[n] * row;
+    }
+    part_loss[static_cast<size_t>(p)] = sse;
   });
-  g.norm_in = reduce(part_in);
+  for (double l : part_loss) g.loss += l;
+  g.loss /= denom;
+  backward_impl(cfg, w, pk, tape, dout, cos, sin, /*block_ap=*/true, /*want_dx=*/false, &g, nullptr);
   return g;
 }
 

@@ -15,6 +15,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "data/config.h"
 
 namespace eqat {
@@ -37,6 +40,32 @@ struct BlockGrads {
 // Whether block_grad_cpu computes this model's blocks: Llama blocks without biases (the only activation loaded is
 // SiLU), query heads a multiple of the key heads.
 bool block_grad_cpu_applies(const LlamaConfig& cfg);
+
+// The pieces, for E2E-QP's step (e2e_qp.cpp). A batch's samples as rows of one matrix: sample b's first len[b]
+// positions are rows [off[b], off[b] + len[b]).
+struct PackedRows {
+  std::vector<int64_t> off, len;
+  int64_t rows = 0;
+};
+PackedRows pack_rows(const std::vector<int64_t>& lengths);
+// What the backward reads, saved by the forward.
+struct BlockTape {
+  at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
+  std::vector<at::Tensor> probs;  // [len, len] per (sample, query head)
+};
+// x [rows, C] fp32 -> the block's output [rows, C]; fills `tape` when given. The weights may be transposed views
+// (E2E-QP's Ŵᵀ caches); cos, sin [L, D] with L ≥ the longest sample.
+at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
+                             const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, BlockTape* tape);
+// From dL/d(output) [rows, C]: dL/dŴᵀ of each stacked weight ([C, H·D + 2·Hkv·D], [H·D, C], [C, 2F], [F, C]: the
+// layout of the packed linears' (q − z), so that dL/ds sums them per group) and, when asked, dL/dx [rows, C].
+// The norms' weights are constants here.
+struct BlockGradsT {
+  at::Tensor qkv, o, gate_up, down, dx;
+};
+BlockGradsT block_backward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
+                               const BlockTape& tape, const at::Tensor& dout, const at::Tensor& cos,
+                               const at::Tensor& sin, bool want_dx);
 
 // x, y [B, L, C] (any float dtype), valid [B, L] bool: the loss positions (a sample's positions after its last valid
 // one are not computed; the ones before it are, as keys). cos, sin [L, D] fp32 (RotaryEmbedding::cos_sin at

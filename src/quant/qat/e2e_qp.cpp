@@ -15,7 +15,9 @@
 #include "data/fs.h"
 #include "data/safetensors.h"
 #include "quant/cpu_qgemv.h"
+#include "quant/qmatmul.h"
 #include "quant/qat/block_ap.h"
+#include "quant/qat/block_grad.h"
 #include "quant/qat/optim.h"
 #include "quant/qat/progress.h"
 
@@ -30,6 +32,25 @@ at::Tensor head_of_normed(Model& m, const at::Tensor& x) {
 // Logits from the last decoder block's output h [..., C]: the final norm, then the head.
 at::Tensor head_logits(Model& m, const at::Tensor& h) { return head_of_normed(m, m.lm->model->norm->forward(h)); }
 
+// The loss summed over a batch's loss positions (`mask`, loss_positions(b)) from their logits [n, V] (see lm_loss).
+at::Tensor loss_of_logits(Model& m, const EmbeddedBatch& b, const at::Tensor& mask, const at::Tensor& logits,
+                          const at::Tensor& teacher) {
+  const int64_t L = b.embeds.size(1), n = logits.size(0);
+  if (teacher.defined()) {
+    EQAT_ASSERT(teacher.size(0) == n, "distillation targets: ", teacher.size(0), " rows for ", n, " loss positions");
+    at::Tensor lq = logits.to(at::kFloat).log_softmax(-1);  // [n, V]
+    at::Tensor lp;
+    {
+      c10::NoGradGuard g;
+      lp = head_logits(m, teacher.to(m.device, m.dtype)).to(at::kFloat).log_softmax(-1);
+    }
+    return (lp.exp() * (lp - lq)).sum();  // Σ_positions KL(p_FP ‖ p_q)
+  }
+  at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device).index({mask});  // [n]
+  at::Tensor lp = logits.to(at::kFloat).log_softmax(-1);
+  return -lp.gather(-1, target.unsqueeze(-1)).sum();
+}
+
 // Loss of one micro-batch, summed over its loss positions (position t predicts ids[t+1] where answer[t+1] and
 // valid), with the number of positions. teacher: null for cross-entropy; for distillation, the FP model's last
 // hidden states at those positions, [n, C] (the batch's samples' rows, in order). The head runs on the loss
@@ -42,19 +63,7 @@ std::pair<at::Tensor, int64_t> lm_loss(Model& m, const EmbeddedBatch& b, const a
   at::Tensor mask = loss_positions(b).to(m.device);
   const int64_t n = mask.sum().item<int64_t>();
   at::Tensor logits = head_of_normed(m, h.narrow(1, 0, L - 1).index({mask}));  // [n, V]
-  if (teacher.defined()) {
-    EQAT_ASSERT(teacher.size(0) == n, "distillation targets: ", teacher.size(0), " rows for ", n, " loss positions");
-    at::Tensor lq = logits.to(at::kFloat).log_softmax(-1);  // [n, V]
-    at::Tensor lp;
-    {
-      c10::NoGradGuard g;
-      lp = head_logits(m, teacher.to(m.device, m.dtype)).to(at::kFloat).log_softmax(-1);
-    }
-    return {(lp.exp() * (lp - lq)).sum(), n};  // Σ_positions KL(p_FP ‖ p_q)
-  }
-  at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device).index({mask});  // [n]
-  at::Tensor lp = logits.to(at::kFloat).log_softmax(-1);
-  return {-lp.gather(-1, target.unsqueeze(-1)).sum(), n};
+  return {loss_of_logits(m, b, mask, logits, teacher), n};
 }
 
 // The distillation rows of samples `idx` of the teacher list, concatenated in order (undefined for cross-entropy).
@@ -63,6 +72,101 @@ at::Tensor teacher_rows(const E2eOptions& o, const std::vector<size_t>& idx) {
   std::vector<at::Tensor> rows;
   for (size_t i : idx) rows.push_back(o.teacher_hidden->at(i));
   return at::cat(rows);
+}
+
+// E2E-QP's step by hand (block_grad.h), where data-parallel training and the weight cache apply: each micro-batch
+// runs on all the threads, its samples packed up to their last loss position, through the layers' hand-written
+// forward and backward on the cached Ŵᵀ (q/k/v and gate/up stacked); the final norm, the head and the loss go
+// through autograd on the loss positions' rows only. dL/ds of a linear = Σ_group (q − z) ⊙ dL/dŴᵀ, as
+// PackedLinearFn computes it.
+struct HandLayer {
+  BlockGradWeights w;
+  std::vector<std::shared_ptr<const TrainWeightCache>> caches;  // the 7 linears' (block_linears' order)
+};
+bool e2e_by_hand_applies(Model& m, bool data_parallel, bool weight_cache) {
+  if (!data_parallel || !weight_cache || m.dtype != at::kFloat || !m.device.is_cpu() ||
+      !block_grad_cpu_applies(m.cfg.text))
+    return false;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [name, lin] : block_linears(m, b))
+      if (!lin->train_cache()) return false;
+  return true;
+}
+// The layers' weights for the current step sizes.
+std::vector<HandLayer> hand_layers(Model& m) {
+  std::vector<HandLayer> out;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b) {
+    HandLayer hl;
+    for (auto& [name, lin] : block_linears(m, b)) hl.caches.push_back(lin->train_cache());
+    auto wt = [&](size_t k) { return hl.caches[k]->wt; };  // Ŵᵀ [K, N]
+    hl.w.qkv = at::cat({wt(0), wt(1), wt(2)}, 1).t();
+    hl.w.o = wt(3).t();
+    hl.w.gate_up = at::cat({wt(4), wt(5)}, 1).t();
+    hl.w.down = wt(6).t();
+    auto* layer = m.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
+    hl.w.norm_in = layer->input_layernorm->weight.detach().to(at::kFloat).contiguous();
+    hl.w.norm_post = layer->post_attention_layernorm->weight.detach().to(at::kFloat).contiguous();
+    out.push_back(std::move(hl));
+  }
+  return out;
+}
+// One micro-batch: returns its loss / tokens and adds its dL/ds to grads (per linear of every layer, [G, N]).
+double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, const EmbeddedBatch& b,
+                               const at::Tensor& teacher, int64_t tokens, std::vector<at::Tensor>& grads) {
+  const int64_t B = b.embeds.size(0), L = b.embeds.size(1), C = m.cfg.text.hidden_size;
+  const at::Tensor mask = loss_positions(b).contiguous();  // [B, L − 1]
+  std::vector<int64_t> lengths(static_cast<size_t>(B), 0), rows_at;
+  for (int64_t i = 0; i < B; ++i) {
+    const bool* mk = mask.const_data_ptr<bool>() + i * (L - 1);
+    for (int64_t t = 0; t < L - 1; ++t)
+      if (mk[t]) lengths[static_cast<size_t>(i)] = t + 1;
+  }
+  const PackedRows pk = pack_rows(lengths);
+  for (int64_t i = 0; i < B; ++i) {
+    const bool* mk = mask.const_data_ptr<bool>() + i * (L - 1);
+    for (int64_t t = 0; t < L - 1; ++t)
+      if (mk[t]) rows_at.push_back(pk.off[static_cast<size_t>(i)] + t);
+  }
+  if (rows_at.empty()) return 0.0;
+  at::Tensor x = at::empty({pk.rows, C}, at::kFloat);
+  for (int64_t i = 0; i < B; ++i)
+    if (lengths[static_cast<size_t>(i)] > 0)
+      x.narrow(0, pk.off[static_cast<size_t>(i)], lengths[static_cast<size_t>(i)])
+          .copy_(b.embeds[i].narrow(0, 0, lengths[static_cast<size_t>(i)]));
+  auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
+  cos = cos[0].contiguous(), sin = sin[0].contiguous();
+  std::vector<BlockTape> tapes(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) x = block_forward_cpu(m.cfg.text, layers[l].w, pk, x, cos, sin, &tapes[l]);
+  const at::Tensor idx = at::tensor(rows_at, at::kLong);
+  at::Tensor h = x.index_select(0, idx).requires_grad_(true);
+  at::Tensor loss;
+  {
+    c10::AutoGradMode on(true);
+    loss = loss_of_logits(m, b, mask, head_logits(m, h), teacher) / static_cast<double>(std::max<int64_t>(1, tokens));
+  }
+  at::Tensor dx = at::zeros({pk.rows, C}, at::kFloat);
+  dx.index_add_(0, idx, torch::autograd::grad({loss}, {h})[0]);
+  const double lv = loss.item<double>();
+  for (size_t l = layers.size(); l-- > 0;) {
+    BlockGradsT g = block_backward_cpu(m.cfg.text, layers[l].w, pk, tapes[l], dx, cos, sin, l > 0);
+    tapes[l] = BlockTape();
+    const at::Tensor* stack[] = {&g.qkv, &g.qkv, &g.qkv, &g.o, &g.gate_up, &g.gate_up, &g.down};
+    parallel_items(7, [&](int64_t k) {
+      const auto& cache = *layers[l].caches[static_cast<size_t>(k)];
+      int64_t c0 = 0;  // the linear's first column in its stack
+      for (int64_t j = k - 1; j >= 0 && stack[j] == stack[k]; --j) c0 += layers[l].caches[static_cast<size_t>(j)]->qmz.size(1);
+      at::Tensor& gs = grads[l * 7 + static_cast<size_t>(k)];
+      const int64_t K = cache.qmz.size(0), N = cache.qmz.size(1), G = gs.size(0), gsz = K / G,
+                    ld = stack[k]->size(1);
+      const float *q = cache.qmz.const_data_ptr<float>(), *dw = stack[k]->const_data_ptr<float>() + c0;
+      float* out = gs.data_ptr<float>();
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t r = gi * gsz; r < (gi + 1) * gsz; ++r)
+          for (int64_t n = 0; n < N; ++n) out[gi * N + n] += q[r * N + n] * dw[r * ld + n];
+    });
+    if (l > 0) dx = g.dx;
+  }
+  return lv;
 }
 }  // namespace
 
@@ -173,6 +277,7 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   for (const auto& v : val) val_lengths.push_back(static_cast<int64_t>(v.ids.size()));
   const MicroBatchPlan val_plan = plan_micro_batches(val_lengths, opts.micro_batch, 1);
   const int64_t parts = data_parallel ? std::min<int64_t>(accum, at::get_num_threads()) : 1;
+  const bool by_hand = opts.by_hand && e2e_by_hand_applies(m, data_parallel, weight_cache);
   auto val_loss = [&]() {
     c10::NoGradGuard g;
     double sum = 0;
@@ -290,7 +395,14 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       tokens += loss_positions(micro.back()).sum().item<int64_t>();
     }
     double step_loss = 0;
-    if (parts == 1) {
+    if (by_hand) {
+      const std::vector<HandLayer> layers = hand_layers(m);
+      std::vector<at::Tensor> grads;
+      for (const auto& sc : scales) grads.push_back(at::zeros(sc.sizes(), at::kFloat));
+      for (size_t a = 0; a < micro.size(); ++a)
+        step_loss += e2e_micro_batch_by_hand(m, layers, micro[a], teachers[a], tokens, grads);
+      for (size_t k = 0; k < scales.size(); ++k) scales[k].mutable_grad() = grads[k];
+    } else if (parts == 1) {
       for (size_t a : plan.runs[0]) {
         auto [s, c] = lm_loss(m, micro[a], teachers[a]);
         at::Tensor loss = s / static_cast<double>(std::max<int64_t>(1, tokens));
@@ -327,6 +439,11 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       }
     }
     EQAT_CHECK(std::isfinite(step_loss), "E2E-QP: non-finite loss at step ", step, " (try a lower --e2e-lr)");
+    if (opts.on_gradients) {
+      std::vector<at::Tensor> g;
+      for (const auto& sc : scales) g.push_back(sc.grad().defined() ? sc.grad().clone() : at::zeros_like(sc));
+      opts.on_gradients(g);
+    }
     clip_grad_norm(scales, opts.max_grad_norm);
     opt.groups()[0].lr = warmup_cosine_lr(lr, opts.warmup_ratio, step, total);
     opt.step();
@@ -352,6 +469,7 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   res.steps = step;
   res.stopped_early = stopped;
   res.weight_cache = weight_cache;
+  res.by_hand = by_hand;
   res.seconds = secs;
   res.ms_per_step = step > start_step ? 1000.0 * secs / static_cast<double>(step - start_step) : 0.0;
   // Early stopping at its coarsest: step sizes that ended with a higher validation loss than Block-AP's are not

@@ -41,6 +41,11 @@ struct E2eOptions {
   std::string log_jsonl;
   // Test hook: called with the number of steps done after each step (and its state save, when one is due).
   std::function<void(int64_t steps_done)> on_step;
+  // The CPU step by hand (block_grad.h) where it applies: data-parallel training (optim.h), the weight cache, an
+  // fp32 model of Llama blocks without biases. false: autograd always (tests compare the two).
+  bool by_hand = true;
+  // Test hook: each step's dL/ds of every packed linear (block_linears' order, layer by layer), before clipping.
+  std::function<void(const std::vector<at::Tensor>& grads)> on_gradients;
 };
 
 struct E2eResult {
@@ -57,6 +62,7 @@ struct E2eResult {
   double val_loss_check = 0;
   bool stopped_early = false;
   bool weight_cache = false;  // whether the linears kept a training cache (kE2eWeightCacheBytes)
+  bool by_hand = false;       // whether the steps ran by hand (E2eOptions::by_hand)
 };
 
 // At most this many bytes of decoder inputs (the train and val samples' embeddings) are kept across E2E-QP's steps.

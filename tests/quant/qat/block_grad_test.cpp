@@ -48,7 +48,7 @@ Case make_case(int64_t sliding_window) {
 
 // The loss and every gradient match autograd through LlamaDecoderLayerImpl (one sample at a time, cut after its
 // last valid position, as Block-AP's autograd step runs them), at 1, 2 and 3 threads, with and without a sliding
-// window. Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's
+// window: Block-AP's step (dL/dŴ, the norms' gradients), and E2E-QP's forward and backward pieces (dL/dŴᵀ, dL/dx). Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's
 // softmax by hand against SDPA, RMSNorm's backward by hand); over dot products of ≤ 96 terms the relative error
 // per value is ≲ 96·6e-8 ≈ 6e-6 at worst, compounded over the block's ~10 stages in each direction: 1e-4 of the
 // largest entry holds with margin, while a wrong sign, a missing term or a misplaced head moves the gradient by
@@ -81,17 +81,20 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
     params.push_back(layer->input_layernorm->weight);
     params.push_back(layer->post_attention_layernorm->weight);
     for (auto& p : params) p.set_requires_grad(true);
+    const at::Tensor xf = k.x.to(at::kFloat).requires_grad_(true);  // for dL/dx (E2E-QP's backward)
+    params.push_back(xf);
     at::Tensor loss = at::zeros({}, at::kFloat);
     for (int64_t b = 0; b < B; ++b) {
       const at::Tensor v = k.valid[b];
       const int64_t len = v.nonzero().numel() == 0 ? 0 : v.nonzero().max().item<int64_t>() + 1;
       if (len == 0) continue;
       const at::Tensor mask = model->sliding_window_mask(at::Tensor(), len, nullptr, at::kCPU);
-      at::Tensor out = layer->forward(k.x[b].narrow(0, 0, len).unsqueeze(0).to(at::kFloat),
+      at::Tensor out = layer->forward(xf[b].narrow(0, 0, len).unsqueeze(0),
                                       cos.narrow(1, 0, len), sin.narrow(1, 0, len), mask, nullptr, 0)[0];
       loss = loss + ((out - k.y[b].narrow(0, 0, len)).pow(2) * v.narrow(0, 0, len).unsqueeze(-1)).sum() / denom;
     }
     const std::vector<at::Tensor> ref = torch::autograd::grad({loss}, params);
+    params.pop_back();
     for (auto& p : params) p.set_requires_grad(false);
 
     BlockGradWeights w;
@@ -114,7 +117,34 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
                                             g.down,                    g.norm_in,
                                             g.norm_post};
       const char* names[] = {"q", "k", "v", "o", "gate", "up", "down", "norm_in", "norm_post"};
-      for (size_t i = 0; i < ref.size(); ++i) EXPECT_LE(rel_err(mine[i], ref[i]), 1e-4) << names[i];
+      for (size_t i = 0; i + 1 < ref.size(); ++i) EXPECT_LE(rel_err(mine[i], ref[i]), 1e-4) << names[i];
+
+      // E2E-QP's pieces: the forward on packed rows, dL/dout of the same loss by hand, the backward to dL/dŴᵀ and
+      // dL/dx; the weights given as transposed views, as E2E-QP passes its Ŵᵀ caches.
+      std::vector<int64_t> lengths;
+      for (int64_t b = 0; b < B; ++b)
+        lengths.push_back(k.valid[b].nonzero().numel() == 0 ? 0 : k.valid[b].nonzero().max().item<int64_t>() + 1);
+      const PackedRows pk = pack_rows(lengths);
+      std::vector<at::Tensor> xs, ys, vs;
+      for (int64_t b = 0; b < B; ++b) {
+        xs.push_back(k.x[b].narrow(0, 0, lengths[b]).to(at::kFloat));
+        ys.push_back(k.y[b].narrow(0, 0, lengths[b]));
+        vs.push_back(k.valid[b].narrow(0, 0, lengths[b]).to(at::kFloat));
+      }
+      BlockGradWeights wt = w;
+      for (at::Tensor* t : {&wt.qkv, &wt.o, &wt.gate_up, &wt.down}) *t = t->t().contiguous().t();
+      BlockTape tape;
+      const at::Tensor out = block_forward_cpu(cfg, wt, pk, at::cat(xs), cos[0].contiguous(), sin[0].contiguous(), &tape);
+      const at::Tensor dout = ((out - at::cat(ys)) * at::cat(vs).unsqueeze(1) * (2 / denom)).contiguous();
+      const BlockGradsT gt = block_backward_cpu(cfg, wt, pk, tape, dout, cos[0].contiguous(), sin[0].contiguous(), true);
+      const std::vector<at::Tensor> mine_t = {gt.qkv.t().narrow(0, 0, Cq), gt.qkv.t().narrow(0, Cq, Ck),
+                                              gt.qkv.t().narrow(0, Cq + Ck, Ck), gt.o.t(),
+                                              gt.gate_up.t().narrow(0, 0, F), gt.gate_up.t().narrow(0, F, F),
+                                              gt.down.t()};
+      for (size_t i = 0; i < mine_t.size(); ++i) EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << "transposed " << names[i];
+      std::vector<at::Tensor> ref_dx;
+      for (int64_t b = 0; b < B; ++b) ref_dx.push_back(ref.back()[b].narrow(0, 0, lengths[b]));
+      EXPECT_LE(rel_err(gt.dx, at::cat(ref_dx)), 1e-4) << "dx";
     }
   }
   at::set_num_threads(threads);

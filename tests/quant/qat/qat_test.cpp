@@ -1100,6 +1100,53 @@ TEST(E2eQp, TheStepsLossIsTheSameInAnyMicroBatches) {
   EXPECT_GT(first[0], 0);
 }
 
+// E2E-QP's step by hand (block_grad.h) has the autograd step's loss and gradients: one step at two threads, each
+// way, with cross-entropy and with distillation, on micro-batches of samples of different lengths. Tolerance as in
+// BlockGrad.LossAndGradientsMatchAutogradThroughTheLayer (fp32, other summation orders, here through two blocks and
+// the head): 1e-4 of the largest entry of each linear's dL/ds. A gradient on the wrong linear or group moves
+// entries by a large part of that scale; AdamW's first step, which only sees each gradient's sign, would not show it.
+TEST(E2eQp, TheStepByHandHasAutogradsGradients) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  Model m0 = load_model(fixture("tiny_llama"));
+  CalibSet calib = tiny_calib(m0);
+  for (size_t i = 0; i < calib.train.size(); ++i) {  // lengths 32, 29, 26, ...
+    calib.train[i].ids.resize(32 - 3 * i);
+    calib.train[i].is_answer.resize(32 - 3 * i);
+  }
+  std::vector<CalibSample> teacher = calib.train;
+  teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
+  for (const std::string loss : {"ce", "kd"}) {
+    std::vector<std::vector<at::Tensor>> grads;
+    std::vector<double> first;
+    for (bool by_hand : {false, true}) {
+      Model m = load_model(fixture("tiny_llama"));
+      BlockApOptions bo = opts("rtn", 2);
+      bo.teacher_samples = &teacher;
+      BlockApResult br = run_block_quantization(m, calib, bo);
+      E2eOptions o = e2e_opts();
+      o.loss = loss;
+      if (loss == "kd") o.teacher_hidden = &br.teacher_hidden;
+      o.max_steps = 1;
+      o.by_hand = by_hand;
+      o.on_gradients = [&](const std::vector<at::Tensor>& g) { grads.push_back(g); };
+      E2eResult r = run_e2e_qp(m, calib, o);
+      EXPECT_EQ(r.by_hand, by_hand) << loss;
+      ASSERT_EQ(r.step_loss.size(), 1u);
+      first.push_back(r.step_loss[0]);
+    }
+    ASSERT_EQ(grads.size(), 2u);
+    EXPECT_NEAR(first[1], first[0], 1e-5 * first[0]) << loss;
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t k = 0; k < grads[0].size(); ++k) {
+      const double scale = grads[0][k].abs().max().item<double>();
+      EXPECT_GT(scale, 0.0) << loss << " " << k;
+      EXPECT_LE((grads[1][k] - grads[0][k]).abs().max().item<double>(), 1e-4 * scale) << loss << " linear " << k;
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 // E2E-QP's training cache on a packed linear (set_train_cache): forward and gradients equal the uncached module's
 // bit for bit, step after step of AdamW. AdamW's fused update writes the step sizes through a raw pointer, so it
 // must bump their version; without that the cache would keep the first step's Ŵᵀ and the outputs would part after
