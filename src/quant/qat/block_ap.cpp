@@ -229,7 +229,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
                      opts.spec.group_for(lin->in_features()), str_cat("layer ", b, " ", name));
   // From GPTQ's unrounded start, 3 and 4 bits train the weights at 4e-5 (the paper's 1e-5 left both models here
   // behind GPTQ at W3: models/SOURCES.md, issue 18); 2 bits keep the paper's 2e-5, which measured best there.
-  const double weight_lr = opts.weight_lr > 0             ? opts.weight_lr
+  const double weight_lr = opts.weight_lr >= 0            ? opts.weight_lr
                            : opts.spec.bits == 2            ? 2e-5
                            : opts.init == "gptq-unrounded" ? 4e-5
                                                             : 1e-5;

@@ -1,16 +1,17 @@
-// Block-AP's training step on the CPU without autograd: the forward and backward of one Llama decoder block (HF
-// order, llm/llama.h) written out by hand in fp32, for the data-parallel step of small blocks (optim.h).
+// Training on the CPU without autograd: the forward and backward of one Llama decoder block (HF order, llm/llama.h)
+// written out by hand in fp32, for the data-parallel steps of small blocks (optim.h): Block-AP's whole step
+// (block_grad_cpu) and E2E-QP's layers (block_forward_cpu, block_backward_cpu; e2e_qp.cpp).
 //
 // Why: on the default model a block's GEMMs are [~35, 256] × [256, 512] per sample. Run through LibTorch's autograd,
-// one sample per thread, they were about 40 % of a training iteration; the rest was op dispatch, graph bookkeeping,
+// one sample per thread, they were about 40 % of a Block-AP iteration; the rest was op dispatch, graph bookkeeping,
 // allocation, and the thread with the shorter sample waiting for the other (models/SOURCES.md). Here the batch's
-// samples are packed into one [N, C] matrix of their positions (each cut after its last valid one), and each stage
+// samples are packed into one [N, C] matrix of their positions (each cut after its last needed one), and each stage
 // is shared evenly by the threads: a GEMM by its output columns (or two independent GEMMs, one per thread), the
 // row-wise stages by rows, attention by (sample, key head). q/k/v and gate/up run as one GEMM each on stacked Ŵ.
 //
-// The loss and gradients are those of the autograd path, Σ valid·(block(x) − y)² / denom, up to fp32 summation
-// order. Legend: B batch, L positions, N packed positions, C hidden, H query heads, Hkv key heads, D head dim,
-// F intermediate.
+// The loss and gradients are those of the autograd path up to fp32 summation order (tests: BlockGrad.*,
+// E2eQp.TheStepByHandHasAutogradsGradients). Legend: B batch, L positions, N packed positions, C hidden, H query
+// heads, Hkv key heads, D head dim, F intermediate.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -942,11 +942,15 @@ TEST(LossScaler, UnscalesSkipsOverflowsAndGrows) {
 //  - without learning (lr 0) every loss is a pure forward: a sum of ≤ 2·32·64 squares or KL terms in another order,
 //    relative error ≤ n·2⁻²⁴ ≈ 2.4e-4 at worst, asserted at 1e-4 since these errors are random-signed (measured:
 //    under 7e-8);
+//    The lr-0 run trains nothing at all (an lr of 0 is 0, not "the default"): its norms are the checkpoint's.
 //  - with learning, the parameters' movement is the same movement: AdamW's first steps are ±lr per element (the sign
-//    of the gradient), so rounding only flips elements whose gradient is near zero. The difference of the two
-//    movements is asserted under 5 % of the movement (measured: 0, the norms and step sizes being stored in the
-//    model's 16-bit dtype), where a lost gradient differs by far more (measured with the bug put in: the norms'
-//    gradients dropped, 49×; one thread's E2E-QP share dropped, 0.44×).
+//    of the gradient), so rounding only flips elements whose gradient is near zero, and a flip changes the next
+//    steps' inputs, so the two runs drift apart slowly. The difference of the two movements is asserted under 10 %
+//    of the movement. Measured: 0 while both thread counts ran autograd (the norms and step sizes being stored in
+//    the model's 16-bit dtype); since two threads run the hand-written step (block_grad.h), which sums in another
+//    order, 0.028 (norms) and 0.053 (step sizes) on an AMD EPYC, under 0.05 on an Intel Xeon. A lost gradient
+//    differs by far more (measured with the bug put in: the norms' gradients dropped, 49× under autograd, 1.37×
+//    (norms) and 0.21× (step sizes) in block_grad's post-attention norm; one thread's E2E-QP share dropped, 0.44×).
 //  - GPTQ's Hessians from two threads' parts, merged, differ from one pass by fp64 rounding, which flips no integer
 //    here: the block losses agree within 1e-4 (measured: equal; with one part's Hessian dropped: 0.53–0.65).
 TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
@@ -990,6 +994,12 @@ TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
         EXPECT_LE(rel(two.block.blocks[b].train_loss[k], one.block.blocks[b].train_loss[k]), 1e-4) << b << " " << k;
         EXPECT_LE(rel(two.block.blocks[b].val_loss[k], one.block.blocks[b].val_loss[k]), 1e-4) << b << " " << k;
       }
+    Model fresh = load_model(fixture("tiny_llama"));
+    for (int64_t b = 0; b < fresh.cfg.text.num_hidden_layers; ++b) {
+      auto* l = fresh.lm->model->layers[b]->as<LlamaDecoderLayerImpl>();
+      EXPECT_TRUE(one.norms[2 * b].equal(l->input_layernorm->weight.detach().to(at::kFloat))) << b;
+      EXPECT_TRUE(two.norms[2 * b + 1].equal(l->post_attention_layernorm->weight.detach().to(at::kFloat))) << b;
+    }
     ASSERT_EQ(one.e2e.step_loss.size(), two.e2e.step_loss.size());
     for (size_t k = 0; k < one.e2e.step_loss.size(); ++k)
       EXPECT_LE(rel(two.e2e.step_loss[k], one.e2e.step_loss[k]), 1e-4) << k;
@@ -1016,8 +1026,8 @@ TEST(BlockAp, DataParallelStepsMatchTheOneThreadOrder) {
       EXPECT_GT(m2, 0.0);
       return std::sqrt(d2 / m2);
     };
-    EXPECT_LE(moved(start.norms, two.norms, one.norms), 0.05);
-    EXPECT_LE(moved(start.scales, two.scales, one.scales), 0.05);
+    EXPECT_LE(moved(start.norms, two.norms, one.norms), 0.1);
+    EXPECT_LE(moved(start.scales, two.scales, one.scales), 0.1);
   }
   at::set_num_threads(threads);
 }
