@@ -45,7 +45,9 @@ class AdamW {
 // share: a default-model batch's GEMMs take 0.68–1.04× their one-thread time at two threads (0.49–0.50× for
 // [1100, 256] × [256, 512]; bench/train_gemm_shapes.py), LibTorch runs elementwise ops of [70, 256] on one thread,
 // and the default quantize took 0.97× its one-thread time at two. Each extra thread's gradients cost one more copy
-// of the trained parameters, which stays small below the bound. A 7B block (0.8 GB) keeps the threaded ops.
+// of the trained parameters, which stays small below the bound. A 7B block (0.8 GB) keeps the threaded ops. Where
+// the hand-written step applies (block_grad.h: Block-AP's whole step, E2E-QP's layers), each stage is shared by the
+// threads instead of each sample, and no per-thread gradient copies are made.
 bool data_parallel_training(const Model& m);
 // Runs fn(i) for i in [0, n) on LibTorch's intra-op threads, each thread a contiguous range in order; with one
 // thread, inline. The workers take the caller's grad mode and exact-activation scope (both thread-local); the
