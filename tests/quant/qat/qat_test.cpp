@@ -749,24 +749,29 @@ TEST(E2eQp, AWorseValidationLossRestoresBlockApsStepSizes) {
 // stops alike. A run killed mid-training judges, once resumed, against Block-AP's loss (not the loss of the step
 // sizes it resumed with, which the resumed run used to measure as its start) and ends exactly where an
 // uninterrupted run ends.
+namespace {
+Model rtn_tiny() {
+  Model m = load_model(fixture("tiny_llama"));
+  run_block_quantization(m, tiny_calib(m), opts("rtn", 2));
+  return m;
+}
+// Every packed linear's step sizes, in block_linears' order, as fp32 copies.
+std::vector<at::Tensor> scales_of(Model& m) {
+  std::vector<at::Tensor> s;
+  for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
+    for (auto& [n, lin] : block_linears(m, b)) s.push_back(lin->scales.to(at::kFloat).clone());
+  return s;
+}
+bool same(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!at::equal(a[i], b[i])) return false;
+  return true;
+}
+}  // namespace
+
 TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
-  auto block_ap = []() {
-    Model m = load_model(fixture("tiny_llama"));
-    run_block_quantization(m, tiny_calib(m), opts("rtn", 2));
-    return m;
-  };
-  auto scales_of = [](Model& m) {
-    std::vector<at::Tensor> s;
-    for (int64_t b = 0; b < m.cfg.text.num_hidden_layers; ++b)
-      for (auto& [n, lin] : block_linears(m, b)) s.push_back(lin->scales.to(at::kFloat).clone());
-    return s;
-  };
-  auto same = [](const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-    if (a.size() != b.size()) return false;
-    for (size_t i = 0; i < a.size(); ++i)
-      if (!at::equal(a[i], b[i])) return false;
-    return true;
-  };
+  auto block_ap = rtn_tiny;
   E2eOptions o = e2e_opts();
   o.lr = 50;  // as above: every step raises the loss
   o.warmup_ratio = 0;
@@ -823,6 +828,18 @@ TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
   EXPECT_EQ(mid.val_loss_after, full.val_loss_after);
   EXPECT_TRUE(mid.reverted);
   EXPECT_TRUE(same(scales_of(r2), start));
+}
+
+// An lr of 0 is 0, not "the default" (--e2e-lr 0 used to train at 2e-5): the step sizes end where they started.
+TEST(E2eQp, AZeroLrTrainsNothing) {
+  Model m = rtn_tiny();
+  const std::vector<at::Tensor> start = scales_of(m);
+  E2eOptions o = e2e_opts();
+  o.lr = 0;
+  const E2eResult r = run_e2e_qp(m, tiny_calib(m), o);
+  EXPECT_EQ(r.steps, 8);
+  EXPECT_EQ(r.val_loss_after, r.val_loss_before);
+  EXPECT_TRUE(same(scales_of(m), start));
 }
 
 // Block-AP hands each calibration sample's decoder input to E2E-QP (keep_sample_embeds): for image-text samples of
