@@ -120,12 +120,12 @@ double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
   auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
   const double denom = valid.sum().item<double>() * static_cast<double>(y.size(-1));
   BlockGrads g = block_grad_cpu(m.cfg.text, w, x, y, valid, cos[0].contiguous(), sin[0].contiguous(), denom);
-  const at::Tensor* stacked_grads[] = {&g.qkv, &g.qkv, &g.qkv, &g.o, &g.gate_up, &g.gate_up, &g.down};
+  const at::Tensor* stacks[] = {&g.qkv, &g.o, &g.gate_up, &g.down};
   for (size_t k = 0, r = 0; k < lins.size(); ++k) {
-    if (k == 3 || k == 4 || k == 6) r = 0;  // a new stack
+    if (k > 0 && kLinearStack[k] != kLinearStack[k - 1]) r = 0;  // a new stack
     const auto& lin = lins[k].second;
     const int64_t rows = lin->weight.size(0);
-    FakeQuantGrads fg = fake_quantize_backward_fused(stacked_grads[k]->narrow(0, static_cast<int64_t>(r), rows),
+    FakeQuantGrads fg = fake_quantize_backward_fused(stacks[kLinearStack[k]]->narrow(0, static_cast<int64_t>(r), rows),
                                                      lin->weight, lin->weight_scale, lin->weight_zero, lin->spec());
     lin->weight.mutable_grad() = fg.w;
     lin->weight_scale.mutable_grad() = fg.s;

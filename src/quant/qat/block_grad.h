@@ -32,6 +32,10 @@ struct BlockGradWeights {
   at::Tensor norm_in, norm_post;  // [C]
 };
 
+// Which stacked weight above each of block_linears' seven linears (q, k, v, o, gate, up, down) is part of: 0 qkv,
+// 1 o, 2 gate_up, 3 down. Within a stack the linears follow in that order.
+inline constexpr int kLinearStack[7] = {0, 0, 0, 1, 2, 2, 3};
+
 // loss and dL/d of each weight above (same shapes; the stacked gradients split by rows like the weights).
 struct BlockGrads {
   double loss = 0;

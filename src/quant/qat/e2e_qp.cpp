@@ -150,19 +150,19 @@ double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, c
   for (size_t l = layers.size(); l-- > 0;) {
     BlockGradsT g = block_backward_cpu(m.cfg.text, layers[l].w, pk, tapes[l], dx, cos, sin, l > 0);
     tapes[l] = BlockTape();
-    const at::Tensor* stack[] = {&g.qkv, &g.qkv, &g.qkv, &g.o, &g.gate_up, &g.gate_up, &g.down};
+    const at::Tensor* stacks[] = {&g.qkv, &g.o, &g.gate_up, &g.down};
     // Item i: linear i % 7, its part i / 7 of the groups, so that each thread's share holds a part of every linear.
     const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
     parallel_items(7 * parts, [&](int64_t i) {
       const int64_t k = i % 7, part = i / 7;
       const auto& cache = *layers[l].caches[static_cast<size_t>(k)];
+      const at::Tensor& stack = *stacks[kLinearStack[k]];
       int64_t c0 = 0;  // the linear's first column in its stack
-      for (int64_t j = k - 1; j >= 0 && stack[j] == stack[k]; --j)
+      for (int64_t j = k - 1; j >= 0 && kLinearStack[j] == kLinearStack[k]; --j)
         c0 += layers[l].caches[static_cast<size_t>(j)]->qmz.size(1);
       at::Tensor& gs = grads[l * 7 + static_cast<size_t>(k)];
-      const int64_t K = cache.qmz.size(0), N = cache.qmz.size(1), G = gs.size(0), gsz = K / G,
-                    ld = stack[k]->size(1);
-      const float *q = cache.qmz.const_data_ptr<float>(), *dw = stack[k]->const_data_ptr<float>() + c0;
+      const int64_t K = cache.qmz.size(0), N = cache.qmz.size(1), G = gs.size(0), gsz = K / G, ld = stack.size(1);
+      const float *q = cache.qmz.const_data_ptr<float>(), *dw = stack.const_data_ptr<float>() + c0;
       float* out = gs.data_ptr<float>();
       for (int64_t gi = G * part / parts; gi < G * (part + 1) / parts; ++gi)
         for (int64_t r = gi * gsz; r < (gi + 1) * gsz; ++r)

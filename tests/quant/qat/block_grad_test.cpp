@@ -48,8 +48,9 @@ Case make_case(int64_t sliding_window) {
 
 // The loss and every gradient match autograd through LlamaDecoderLayerImpl (one sample at a time, cut after its
 // last valid position, as Block-AP's autograd step runs them), at 1, 2 and 3 threads, with and without a sliding
-// window: Block-AP's step (dL/dŴ, the norms' gradients), and E2E-QP's forward and backward pieces (dL/dŴᵀ, dL/dx). Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's
-// softmax by hand against SDPA, RMSNorm's backward by hand); over dot products of ≤ 96 terms the relative error
+// window: Block-AP's step (dL/dŴ, the norms' gradients), and E2E-QP's forward and backward pieces (dL/dŴᵀ, dL/dx).
+// Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's softmax by hand
+// against SDPA, RMSNorm's backward by hand); over dot products of ≤ 96 terms the relative error
 // per value is ≲ 96·6e-8 ≈ 6e-6 at worst, compounded over the block's ~10 stages in each direction: 1e-4 of the
 // largest entry holds with margin, while a wrong sign, a missing term or a misplaced head moves the gradient by
 // a large part of its scale.
@@ -134,14 +135,16 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
       BlockGradWeights wt = w;
       for (at::Tensor* t : {&wt.qkv, &wt.o, &wt.gate_up, &wt.down}) *t = t->t().contiguous().t();
       BlockTape tape;
-      const at::Tensor out = block_forward_cpu(cfg, wt, pk, at::cat(xs), cos[0].contiguous(), sin[0].contiguous(), &tape);
+      const at::Tensor c0 = cos[0].contiguous(), s0 = sin[0].contiguous();
+      const at::Tensor out = block_forward_cpu(cfg, wt, pk, at::cat(xs), c0, s0, &tape);
       const at::Tensor dout = ((out - at::cat(ys)) * at::cat(vs).unsqueeze(1) * (2 / denom)).contiguous();
-      const BlockGradsT gt = block_backward_cpu(cfg, wt, pk, tape, dout, cos[0].contiguous(), sin[0].contiguous(), true);
+      const BlockGradsT gt = block_backward_cpu(cfg, wt, pk, tape, dout, c0, s0, true);
       const std::vector<at::Tensor> mine_t = {gt.qkv.t().narrow(0, 0, Cq), gt.qkv.t().narrow(0, Cq, Ck),
                                               gt.qkv.t().narrow(0, Cq + Ck, Ck), gt.o.t(),
                                               gt.gate_up.t().narrow(0, 0, F), gt.gate_up.t().narrow(0, F, F),
                                               gt.down.t()};
-      for (size_t i = 0; i < mine_t.size(); ++i) EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << "transposed " << names[i];
+      for (size_t i = 0; i < mine_t.size(); ++i)
+        EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << "transposed " << names[i];
       std::vector<at::Tensor> ref_dx;
       for (int64_t b = 0; b < B; ++b) ref_dx.push_back(ref.back()[b].narrow(0, 0, lengths[b]));
       EXPECT_LE(rel_err(gt.dx, at::cat(ref_dx)), 1e-4) << "dx";
@@ -160,7 +163,8 @@ TEST(BlockGrad, NoValidPositionGivesZeroLossAndGradients) {
                      at::randn({2 * c.intermediate_size, C}), at::randn({C, c.intermediate_size}), at::ones({C}),
                      at::ones({C})};
   const int64_t L = k.x.size(1);
-  const BlockGrads g = block_grad_cpu(c, w, k.x, k.y, k.valid, at::ones({L, c.head_dim}), at::zeros({L, c.head_dim}), 1.0);
+  const BlockGrads g =
+      block_grad_cpu(c, w, k.x, k.y, k.valid, at::ones({L, c.head_dim}), at::zeros({L, c.head_dim}), 1.0);
   EXPECT_EQ(g.loss, 0.0);
   for (const at::Tensor* t : {&g.qkv, &g.o, &g.gate_up, &g.down, &g.norm_in, &g.norm_post})
     EXPECT_EQ(t->abs().max().item<double>(), 0.0);
