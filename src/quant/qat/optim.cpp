@@ -5,6 +5,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -40,28 +41,14 @@ bool fused_step_applies(const at::Tensor& p, const at::Tensor& grad, const at::T
   return true;
 }
 
-// The update below in one pass over fp32 CPU tensors (a 7B block: 202 M parameters, where the op-by-op form makes
-// nine passes and a temporary as large as the parameter), vectorised (train_loops.h). Same arithmetic, in float:
-// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε); results may differ from the op-by-op
-// form in the last bit.
-void fused_step(at::Tensor& p, const at::Tensor& grad, at::Tensor& m, at::Tensor& v, double lr, double weight_decay,
-                double bc1, double bc2, double beta1, double beta2, double epsilon) {
-  float* pp = p.data_ptr<float>();
-  const float* gp = grad.const_data_ptr<float>();
-  float *mp = m.data_ptr<float>(), *vp = v.data_ptr<float>();
-  // decay is exactly 1 without weight decay, and p·1 = p.
-  const AdamWStep c{static_cast<float>(beta1),      static_cast<float>(beta2),
-                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                    static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(std::sqrt(bc2)),
-                    static_cast<float>(epsilon),    static_cast<float>(-lr / bc1)};
-  const TrainLoops& loops = best_train_loops();
-  at::parallel_for(0, p.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-    loops.adamw(pp + i0, gp + i0, mp + i0, vp + i0, i1 - i0, c);
-  });
-  // Written through raw pointers: count it as the in-place update it is (what an op like add_ does), so anything
-  // keyed on the version (autograd's saved-tensor check, a packed linear's training cache) sees the change.
-  for (at::Tensor* t : {&p, &m, &v}) t->unsafeGetTensorImpl()->bump_version();
-}
+// One fp32 CPU parameter's share of the one-pass update: p, m, v and the gradient as raw pointers, with its group's
+// constants.
+struct FusedSpan {
+  float *p, *m, *v;
+  const float* g;
+  int64_t n;
+  AdamWStep c;
+};
 }  // namespace
 
 void AdamW::step() {
@@ -69,15 +56,34 @@ void AdamW::step() {
   ++step_;
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(step_));
+  // fp32 CPU parameters take the update in one pass (a 7B block: 202 M parameters, where the op-by-op form makes nine
+  // passes and a temporary as large as the parameter), vectorised (train_loops.h). Same arithmetic, in float:
+  // m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε); results may differ from the op-by-op
+  // form in the last bit. All of the step's such parameters share one parallel region over their elements laid end
+  // to end, split evenly by the threads: per parameter, a default-model block's 65 536-weight linears and its step
+  // sizes fell under the split's grain and ran on one thread while the others waited (7 % of a Block-AP run's
+  // samples on the main thread, models/SOURCES.md). Each element's operations do not depend on the split, so the
+  // update is the same at any thread count.
+  std::vector<FusedSpan> spans;
+  std::vector<at::Tensor*> written;
+  int64_t total = 0;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     auto& g = groups_[gi];
+    // decay is exactly 1 without weight decay, and p·1 = p.
+    const AdamWStep c{static_cast<float>(beta1_),      static_cast<float>(beta2_),
+                      static_cast<float>(1.0 - beta1_), static_cast<float>(1.0 - beta2_),
+                      static_cast<float>(1.0 - g.lr * g.weight_decay), static_cast<float>(std::sqrt(bc2)),
+                      static_cast<float>(eps_),         static_cast<float>(-g.lr / bc1)};
     for (size_t i = 0; i < g.params.size(); ++i) {
       at::Tensor& p = g.params[i];
       if (!p.grad().defined()) continue;
       at::Tensor grad = p.grad();
       at::Tensor &m = exp_avg_[gi][i], &v = exp_avg_sq_[gi][i];
       if (fused_step_applies(p, grad, m, v)) {
-        fused_step(p, grad, m, v, g.lr, g.weight_decay, bc1, bc2, beta1_, beta2_, eps_);
+        spans.push_back({p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), grad.const_data_ptr<float>(),
+                         p.numel(), c});
+        total += p.numel();
+        written.insert(written.end(), {&p, &m, &v});
         continue;
       }
       if (g.weight_decay != 0) p.mul_(1.0 - g.lr * g.weight_decay);
@@ -88,6 +94,19 @@ void AdamW::step() {
       p.addcdiv_(exp_avg_[gi][i], denom, -g.lr / bc1);
     }
   }
+  if (spans.empty()) return;
+  const TrainLoops& loops = best_train_loops();
+  at::parallel_for(0, total, 1 << 14, [&](int64_t i0, int64_t i1) {
+    int64_t at0 = 0;  // where the span starts in the flat range
+    for (const FusedSpan& sp : spans) {
+      const int64_t b = std::max(i0, at0), e = std::min(i1, at0 + sp.n);
+      if (b < e) loops.adamw(sp.p + (b - at0), sp.g + (b - at0), sp.m + (b - at0), sp.v + (b - at0), e - b, sp.c);
+      at0 += sp.n;
+    }
+  });
+  // Written through raw pointers: count it as the in-place update it is (what an op like add_ does), so anything
+  // keyed on the version (autograd's saved-tensor check, a packed linear's training cache) sees the change.
+  for (at::Tensor* t : written) t->unsafeGetTensorImpl()->bump_version();
 }
 
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
