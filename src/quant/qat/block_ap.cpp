@@ -121,16 +121,14 @@ double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
   const double denom = valid.sum().item<double>() * static_cast<double>(y.size(-1));
   BlockGrads g = block_grad_cpu(m.cfg.text, w, x, y, valid, cos[0].contiguous(), sin[0].contiguous(), denom);
   const at::Tensor* stacks[] = {&g.qkv, &g.o, &g.gate_up, &g.down};
-  for (size_t k = 0, r = 0; k < lins.size(); ++k) {
-    if (k > 0 && kLinearStack[k] != kLinearStack[k - 1]) r = 0;  // a new stack
+  for (size_t k = 0; k < lins.size(); ++k) {
     const auto& lin = lins[k].second;
-    const int64_t rows = lin->weight.size(0);
-    FakeQuantGrads fg = fake_quantize_backward_fused(stacks[kLinearStack[k]]->narrow(0, static_cast<int64_t>(r), rows),
+    const int64_t r = stack_offset(k, [&](size_t j) { return lins[j].second->weight.size(0); });
+    FakeQuantGrads fg = fake_quantize_backward_fused(stacks[kLinearStack[k]]->narrow(0, r, lin->weight.size(0)),
                                                      lin->weight, lin->weight_scale, lin->weight_zero, lin->spec());
     lin->weight.mutable_grad() = fg.w;
     lin->weight_scale.mutable_grad() = fg.s;
     lin->weight_zero.mutable_grad() = fg.z;
-    r += static_cast<size_t>(rows);
   }
   layer.input_layernorm->weight.mutable_grad() = g.norm_in;
   layer.post_attention_layernorm->weight.mutable_grad() = g.norm_post;

@@ -35,6 +35,14 @@ struct BlockGradWeights {
 // Which stacked weight above each of block_linears' seven linears (q, k, v, o, gate, up, down) is part of: 0 qkv,
 // 1 o, 2 gate_up, 3 down. Within a stack the linears follow in that order.
 inline constexpr int kLinearStack[7] = {0, 0, 0, 1, 2, 2, 3};
+// Where linear k starts in its stack: the sum of width(j) over the linears j before it in the same stack (their
+// rows of Ŵ, or their columns of Ŵᵀ).
+template <class Width>
+int64_t stack_offset(size_t k, const Width& width) {
+  int64_t off = 0;
+  for (size_t j = k; j-- > 0 && kLinearStack[j] == kLinearStack[k];) off += width(j);
+  return off;
+}
 
 // loss and dL/d of each weight above (same shapes; the stacked gradients split by rows like the weights).
 struct BlockGrads {

@@ -157,9 +157,8 @@ double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, c
       const int64_t k = i % 7, part = i / 7;
       const auto& cache = *layers[l].caches[static_cast<size_t>(k)];
       const at::Tensor& stack = *stacks[kLinearStack[k]];
-      int64_t c0 = 0;  // the linear's first column in its stack
-      for (int64_t j = k - 1; j >= 0 && kLinearStack[j] == kLinearStack[k]; --j)
-        c0 += layers[l].caches[static_cast<size_t>(j)]->qmz.size(1);
+      const int64_t c0 =  // the linear's first column in its stack
+          stack_offset(static_cast<size_t>(k), [&](size_t j) { return layers[l].caches[j]->qmz.size(1); });
       at::Tensor& gs = grads[l * 7 + static_cast<size_t>(k)];
       const int64_t K = cache.qmz.size(0), N = cache.qmz.size(1), G = gs.size(0), gsz = K / G, ld = stack.size(1);
       const float *q = cache.qmz.const_data_ptr<float>(), *dw = stack.const_data_ptr<float>() + c0;

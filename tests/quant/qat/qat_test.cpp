@@ -812,12 +812,11 @@ bool same(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
 }  // namespace
 
 TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
-  auto block_ap = rtn_tiny;
   E2eOptions o = e2e_opts();
   o.lr = 50;  // as above: every step raises the loss
   o.warmup_ratio = 0;
   o.save_every = 1;
-  Model m = block_ap();
+  Model m = rtn_tiny();
   const std::vector<at::Tensor> start = scales_of(m);
   CalibSet calib = tiny_calib(m);
   E2eResult r = run_e2e_qp(m, calib, o);
@@ -837,9 +836,9 @@ TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
   killed.on_step = [](int64_t done) {
     if (done == 2) throw std::runtime_error("killed");  // after step 2's state was saved, before the check
   };
-  Model k = block_ap();
+  Model k = rtn_tiny();
   EXPECT_THROW(run_e2e_qp(k, calib, killed), std::runtime_error);
-  Model resumed = block_ap();
+  Model resumed = rtn_tiny();
   E2eOptions again = o;
   again.resume = true;
   const E2eResult rr = run_e2e_qp(resumed, calib, again);
@@ -851,7 +850,7 @@ TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
   // Without the early check, killed mid-training at step 5 of 8 and resumed: the start's loss is Block-AP's and the
   // run ends reverted to Block-AP's step sizes, as the uninterrupted run does.
   o.early_check = 0;
-  Model u = block_ap();
+  Model u = rtn_tiny();
   const E2eResult full = run_e2e_qp(u, calib, [&] { E2eOptions x = o; x.state_dir.clear(); return x; }());
   ASSERT_TRUE(full.reverted);
   TempDir t2;
@@ -859,11 +858,11 @@ TEST(E2eQp, TheEarlyCheckStopsARunThatRaisedTheValidationLoss) {
   o.on_step = [](int64_t done) {
     if (done == 5) throw std::runtime_error("killed");
   };
-  Model k2 = block_ap();
+  Model k2 = rtn_tiny();
   EXPECT_THROW(run_e2e_qp(k2, calib, o), std::runtime_error);
   o.on_step = nullptr;
   o.resume = true;
-  Model r2 = block_ap();
+  Model r2 = rtn_tiny();
   const E2eResult mid = run_e2e_qp(r2, calib, o);
   EXPECT_EQ(mid.val_loss_before, full.val_loss_before);
   EXPECT_EQ(mid.val_loss_after, full.val_loss_after);
