@@ -63,7 +63,8 @@ int cmd_quantize(const Argv& argv) {
                         "bits)", ""},
        {"e2e-epochs", "N", "E2E-QP epochs (default 1; 4 when distilling at 2 bits)", ""},
        {"e2e-batch", "N", "E2E-QP global batch (gradient accumulation over micro-batches)", "32"},
-       {"e2e-micro-batch", "N", "E2E-QP micro-batch", "4"},
+       {"e2e-micro-batch", "N", "E2E-QP micro-batch, a memory bound (small fp32 models on the CPU run a step's "
+                                "samples in one pass where that takes at most 256 MiB)", "4"},
        {"e2e-samples", "N", "E2E-QP training samples (default: --samples)", ""},
        {"e2e-steps", "N", "cap on E2E-QP optimizer steps", ""},
        {"e2e-early-check", "F", "after this fraction of E2E-QP's steps, stop and keep Block-AP's step sizes if the "

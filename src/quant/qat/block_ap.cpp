@@ -1,6 +1,6 @@
 // Block loop shared by RTN, GPTQ and Block-AP (EFFICIENTQAT.md §3.3), step by step:
 //   for block b: (1) FP targets: FP block b over the FP stream; (2) quantize block b (method); (3) save state;
-//   (4) advance the quantized stream through the finalised block b.
+//   (4) advance the quantized stream through the finalised block b (but the last).
 // Legend: S samples, B batch, L sequence, C n_embd.
 #include "quant/qat/block_ap.h"
 
@@ -439,10 +439,14 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     advance(tr, layer, true);
     advance(va, layer, true);
     advance(te, layer, true);
+    // Nothing reads the quantized stream after the last block: E2E-QP embeds its samples afresh.
+    const bool q_stream_read = b + 1 < n_layer;
     if (b < blocks_done) {
       load_block_state(m, b, opts.state_dir, opts.spec);
-      advance(tr, layer, false);
-      advance(va, layer, false);
+      if (q_stream_read) {
+        advance(tr, layer, false);
+        advance(va, layer, false);
+      }
       release_block_pages(m, b);
       continue;
     }
@@ -651,8 +655,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
                  rec.train_loss.empty() ? "" : str_cat(", train mse ", rec.train_loss.back()).c_str(), rec.seconds);
     res.blocks.push_back(rec);
     if (opts.after_block) opts.after_block(b);
-    advance(tr, layer, false);
-    advance(va, layer, false);
+    if (q_stream_read) {
+      advance(tr, layer, false);
+      advance(va, layer, false);
+    }
     release_block_pages(m, b);
   }
   // The teacher's last hidden states at each sample's loss positions (right-padded batches: row j's first T_j).

@@ -103,6 +103,49 @@ at::Tensor head_of(const at::Tensor& t, const PackedRows& pk, int64_t b, int64_t
   return t.narrow(0, pk.off[static_cast<size_t>(b)], pk.len[static_cast<size_t>(b)]).narrow(1, col, D);
 }
 
+// The rows whose output a block computes (PackedRows::out), by sample: sample b's are rows [off[b], off[b] + len[b])
+// of the output; pos: each output row's position in its sample; rows: each one's packed row (a subset only).
+struct Queries {
+  bool all = true;
+  int64_t n = 0;
+  std::vector<int64_t> off, len, pos;
+  at::Tensor rows;
+};
+Queries queries_of(const PackedRows& pk) {
+  Queries q;
+  const size_t B = pk.len.size();
+  q.all = pk.out.empty();
+  if (q.all) {
+    q.n = pk.rows, q.off = pk.off, q.len = pk.len;
+    for (size_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < pk.len[b]; ++t) q.pos.push_back(t);
+    return q;
+  }
+  q.n = static_cast<int64_t>(pk.out.size());
+  q.len.assign(B, 0);
+  size_t b = 0;
+  for (size_t i = 0; i < pk.out.size(); ++i) {
+    const int64_t r = pk.out[i];
+    EQAT_ASSERT(r >= 0 && r < pk.rows && (i == 0 || r > pk.out[i - 1]), "PackedRows::out: row ", r,
+                " is not an increasing row of the ", pk.rows);
+    while (r >= pk.off[b] + pk.len[b]) ++b;
+    ++q.len[b];
+    q.pos.push_back(r - pk.off[b]);
+  }
+  for (size_t c = 0, first = 0; c < B; first += static_cast<size_t>(q.len[c++]))
+    q.off.push_back(static_cast<int64_t>(first));
+  q.rows = at::tensor(pk.out, at::kLong);
+  return q;
+}
+
+// Query head h's rows (rotated q) of sample b that attend: a view of all of them, or a copy of the subset's.
+at::Tensor queries_of_head(const at::Tensor& qkv, const PackedRows& pk, const Queries& q, int64_t b, int64_t col,
+                           int64_t D) {
+  const size_t i = static_cast<size_t>(b);
+  if (q.all) return head_of(qkv, pk, b, col, D);
+  return qkv.narrow(1, col, D).index_select(0, q.rows.narrow(0, q.off[i], q.len[i]));
+}
+
 // Σ over the threads' partial sums, as a [C] fp32 tensor.
 at::Tensor reduce_parts(const std::vector<std::vector<double>>& parts, int64_t C) {
   at::Tensor t = at::empty({C}, at::kFloat);
@@ -116,6 +159,15 @@ at::Tensor reduce_parts(const std::vector<std::vector<double>>& parts, int64_t C
 }
 
 }  // namespace
+
+int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& lengths) {
+  const Dims d(cfg);
+  // Per row: xh1, h1, x2, h2 [C]; qkv; attn; gu [2F], sig, mid [F]; r1, r2. Per sample and query head: P [T, T].
+  const int64_t per_row = 4 * d.C + d.Cqkv + d.Cq + 4 * d.F + 2;
+  int64_t floats = 0;
+  for (int64_t T : lengths) floats += T * per_row + d.H * T * T;
+  return floats * static_cast<int64_t>(sizeof(float));
+}
 
 at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
                              const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, BlockTape* tape) {
@@ -133,7 +185,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   BlockTape local;
   BlockTape& t = tape ? *tape : local;
-  const int64_t P = threads_for(N);
+  const Queries qs = queries_of(pk);
+  const int64_t NQ = qs.n, P = threads_for(N), PQ = threads_for(NQ);
   const float *win = w.norm_in.const_data_ptr<float>(), *wpost = w.norm_post.const_data_ptr<float>();
   const float *cs = cos.const_data_ptr<float>(), *sn = sin.const_data_ptr<float>();
 
@@ -155,52 +208,56 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
   t.qkv = at::empty({N, Cqkv}, f32);
   run_mms({{t.qkv, t.h1, w.qkv.t()}});
 
-  // Attention by (key head, sample), key heads outermost so that each thread's share holds every sample.
+  // Attention by (key head, sample), key heads outermost so that each thread's share holds every sample; the
+  // queries are the output rows.
   t.probs.assign(static_cast<size_t>(B * d.H), at::Tensor());
-  t.attn = at::empty({N, Cq}, f32);
+  t.attn = at::empty({NQ, Cq}, f32);
   parallel_items(d.Hkv * B, [&](int64_t item) {
     const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)];
-    if (T == 0) return;
+    const int64_t nq = qs.len[static_cast<size_t>(b)], q0 = qs.off[static_cast<size_t>(b)];
+    if (nq == 0) return;
     float* rows = t.qkv.data_ptr<float>() + pk.off[static_cast<size_t>(b)] * Cqkv;
     rope(rows + Cq + kh * D, T, Cqkv, D, cs, sn, false);
     const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
     for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
       rope(rows + h * D, T, Cqkv, D, cs, sn, false);
-      at::Tensor s = at::mm(head_of(t.qkv, pk, b, h * D, D), k.t());  // [T, T]
+      at::Tensor s = at::mm(queries_of_head(t.qkv, pk, qs, b, h * D, D), k.t());  // [nq, T]
       float* sp = s.data_ptr<float>();
-      for (int64_t i = 0; i < T; ++i) {
-        float* row = sp + i * T;
-        const int64_t j0 = first_key(i, d.window);
+      for (int64_t r = 0; r < nq; ++r) {
+        float* row = sp + r * T;
+        const int64_t i = qs.pos[static_cast<size_t>(q0 + r)], j0 = first_key(i, d.window);
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = j0; j <= i; ++j) mx = std::max(mx, row[j] * d.scale);
         float sum = 0;
         for (int64_t j = j0; j <= i; ++j) sum += (row[j] = std::exp(row[j] * d.scale - mx));
         for (int64_t j = 0; j < T; ++j) row[j] = (j >= j0 && j <= i) ? row[j] / sum : 0.0f;
       }
-      at::Tensor o = head_of(t.attn, pk, b, h * D, D);
+      at::Tensor o = t.attn.narrow(0, q0, nq).narrow(1, h * D, D);
       at::mm_out(o, s, v);
       t.probs[static_cast<size_t>(b * d.H + h)] = s;
     }
   });
-  t.x2 = at::empty({N, C}, f32), t.h2 = at::empty({N, C}, f32), t.r2 = at::empty({N}, f32);
+  t.x2 = at::empty({NQ, C}, f32), t.h2 = at::empty({NQ, C}, f32), t.r2 = at::empty({NQ}, f32);
   run_mms({{t.x2, t.attn, w.o.t()}});
-  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+  over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* xp = x.const_data_ptr<float>();
+    const int64_t* xrow = qs.all ? nullptr : qs.rows.const_data_ptr<int64_t>();  // the residual's row
     float *x2p = t.x2.data_ptr<float>(), *hp = t.h2.data_ptr<float>(), *rp = t.r2.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n) {
       float* xs = x2p + n * C;
+      const float* xin = xp + (xrow ? xrow[n] : n) * C;
       float ss = 0;
       for (int64_t c = 0; c < C; ++c) {
-        xs[c] += xp[n * C + c];
+        xs[c] += xin[c];
         ss += xs[c] * xs[c];
       }
       const float r = rp[n] = 1.0f / std::sqrt(ss / static_cast<float>(C) + d.eps);
       for (int64_t c = 0; c < C; ++c) hp[n * C + c] = wpost[c] * (xs[c] * r);
     }
   });
-  t.gu = at::empty({N, 2 * F}, f32), t.sig = at::empty({N, F}, f32), t.mid = at::empty({N, F}, f32);
+  t.gu = at::empty({NQ, 2 * F}, f32), t.sig = at::empty({NQ, F}, f32), t.mid = at::empty({NQ, F}, f32);
   run_mms({{t.gu, t.h2, w.gate_up.t()}});
-  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+  over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     at::Tensor sg = t.sig.narrow(0, r0, r1 - r0);
     at::sigmoid_out(sg, t.gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
     const float *gp = t.gu.const_data_ptr<float>(), *sp = t.sig.const_data_ptr<float>();
@@ -208,9 +265,9 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     for (int64_t n = r0; n < r1; ++n)
       for (int64_t f = 0; f < F; ++f) mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
   });
-  at::Tensor out = at::empty({N, C}, f32);
+  at::Tensor out = at::empty({NQ, C}, f32);
   run_mms({{out, t.mid, w.down.t()}});
-  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+  over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* x2p = t.x2.const_data_ptr<float>();
     float* op = out.data_ptr<float>();
     for (int64_t n = r0 * C; n < r1 * C; ++n) op[n] += x2p[n];
@@ -229,10 +286,13 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   const Dims d(cfg);
   const int64_t C = d.C, D = d.D, F = d.F, Cq = d.Cq, Ck = d.Ck, Cqkv = d.Cqkv, N = pk.rows;
   const int64_t B = static_cast<int64_t>(pk.len.size());
-  EQAT_ASSERT(dout.sizes() == at::IntArrayRef({N, C}) && dout.scalar_type() == at::kFloat && dout.is_contiguous(),
-              "block_backward_cpu: dout ", dout.sizes(), " for ", N, " rows");
+  const Queries qs = queries_of(pk);
+  const int64_t NQ = qs.n;
+  EQAT_ASSERT(dout.sizes() == at::IntArrayRef({NQ, C}) && dout.scalar_type() == at::kFloat && dout.is_contiguous() &&
+                  (qs.all || !block_ap),
+              "block_backward_cpu: dout ", dout.sizes(), " for ", NQ, " output rows");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const int64_t P = threads_for(N);
+  const int64_t P = threads_for(N), PQ = threads_for(NQ);
   const float *win = w.norm_in.const_data_ptr<float>(), *wpost = w.norm_post.const_data_ptr<float>();
   const float *cs = cos.const_data_ptr<float>(), *sn = sin.const_data_ptr<float>();
   // A weight's gradient: dL/dŴ = dYᵀ·X [N, K] for Block-AP, dL/dŴᵀ = Xᵀ·dY [K, N] for E2E-QP.
@@ -241,10 +301,10 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     return block_ap ? Mm{*out, dy.t(), xin} : Mm{*out, xin.t(), dy};
   };
 
-  at::Tensor dmid = at::empty({N, F}, f32);
+  at::Tensor dmid = at::empty({NQ, F}, f32);
   run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dout, t.mid), {dmid, dout, w.down}});
-  at::Tensor dgu = at::empty({N, 2 * F}, f32);
-  over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
+  at::Tensor dgu = at::empty({NQ, 2 * F}, f32);
+  over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float *gp = t.gu.const_data_ptr<float>(), *sp = t.sig.const_data_ptr<float>(),
                 *dm = dmid.const_data_ptr<float>();
     float* dp = dgu.data_ptr<float>();
@@ -255,11 +315,11 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
         dp[n * 2 * F + F + f] = dv * gv * s;
       }
   });
-  at::Tensor dx2 = at::empty({N, C}, f32);  // dL/dh2, then dL/dx2
+  at::Tensor dx2 = at::empty({NQ, C}, f32);  // dL/dh2, then dL/dx2
   run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dgu, t.h2), {dx2, dgu, w.gate_up}});
-  std::vector<std::vector<double>> part_norm(static_cast<size_t>(P),
+  std::vector<std::vector<double>> part_norm(static_cast<size_t>(PQ),
                                              std::vector<double>(block_ap ? static_cast<size_t>(C) : 0, 0.0));
-  over_rows(N, P, [&](int64_t p, int64_t r0, int64_t r1) {
+  over_rows(NQ, PQ, [&](int64_t p, int64_t r0, int64_t r1) {
     const float *x2p = t.x2.const_data_ptr<float>(), *rp = t.r2.const_data_ptr<float>(),
                 *dop = dout.const_data_ptr<float>();
     float* dp = dx2.data_ptr<float>();
@@ -278,29 +338,36 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     }
   });
   if (block_ap) ga->norm_post = reduce_parts(part_norm, C);
-  at::Tensor dattn = at::empty({N, Cq}, f32);
+  at::Tensor dattn = at::empty({NQ, Cq}, f32);
   run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dx2, t.attn), {dattn, dx2, w.o}});
-  at::Tensor dqkv = at::empty({N, Cqkv}, f32);
+  // With a subset of queries, the other rows' dL/dq (and a sample without queries' dL/dk, dL/dv) are 0.
+  at::Tensor dqkv = qs.all ? at::empty({N, Cqkv}, f32) : at::zeros({N, Cqkv}, f32);
   parallel_items(d.Hkv * B, [&](int64_t item) {
     const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)], off = pk.off[static_cast<size_t>(b)];
-    if (T == 0) return;
+    const int64_t nq = qs.len[static_cast<size_t>(b)], q0 = qs.off[static_cast<size_t>(b)];
+    if (nq == 0) return;
     const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
     at::Tensor dk = head_of(dqkv, pk, b, Cq + kh * D, D), dv = head_of(dqkv, pk, b, Cq + Ck + kh * D, D);
     for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
       const at::Tensor& pr = t.probs[static_cast<size_t>(b * d.H + h)];
-      const at::Tensor dO = head_of(dattn, pk, b, h * D, D), q = head_of(t.qkv, pk, b, h * D, D);
+      const at::Tensor dO = dattn.narrow(0, q0, nq).narrow(1, h * D, D);
+      const at::Tensor q = queries_of_head(t.qkv, pk, qs, b, h * D, D);
       if (h == kh * d.group) at::mm_out(dv, pr.t(), dO);
       else dv.addmm_(pr.t(), dO);
       at::Tensor ds = at::mm(dO, v.t());  // dL/dP, then dL/d(q·kᵀ)
       float* dp = ds.data_ptr<float>();
       const float* pp = pr.const_data_ptr<float>();
-      for (int64_t i = 0; i < T; ++i) {
+      for (int64_t i = 0; i < nq; ++i) {
         float delta = 0;
         for (int64_t j = 0; j < T; ++j) delta += dp[i * T + j] * pp[i * T + j];
         for (int64_t j = 0; j < T; ++j) dp[i * T + j] = pp[i * T + j] * (dp[i * T + j] - delta) * d.scale;
       }
-      at::Tensor dq = head_of(dqkv, pk, b, h * D, D);
-      at::mm_out(dq, ds, k);
+      if (qs.all) {
+        at::Tensor dq = head_of(dqkv, pk, b, h * D, D);
+        at::mm_out(dq, ds, k);
+      } else {
+        dqkv.narrow(1, h * D, D).index_copy_(0, qs.rows.narrow(0, q0, nq), at::mm(ds, k));
+      }
       if (h == kh * d.group) at::mm_out(dk, ds.t(), q);
       else dk.addmm_(ds.t(), q);
       rope(dqkv.data_ptr<float>() + off * Cqkv + h * D, T, Cqkv, D, cs, sn, true);
@@ -332,9 +399,11 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   }
   ge->dx = at::empty({N, C}, f32);  // dL/dh1, then dL/dx
   run_mms({weight_grad(&ge->qkv, dqkv, t.h1), {ge->dx, dqkv, w.qkv}});
+  // The residual's share: dL/dx2 at the output rows, 0 elsewhere.
+  const at::Tensor dres = qs.all ? dx2 : at::zeros({N, C}, f32).index_copy_(0, qs.rows, dx2);
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
     const float *xh = t.xh1.const_data_ptr<float>(), *rp = t.r1.const_data_ptr<float>(),
-                *d2 = dx2.const_data_ptr<float>();
+                *d2 = dres.const_data_ptr<float>();
     float* dp = ge->dx.data_ptr<float>();
     for (int64_t n = r0; n < r1; ++n) {
       float* dr = dp + n * C;

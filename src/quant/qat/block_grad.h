@@ -56,23 +56,32 @@ bool block_grad_cpu_applies(const LlamaConfig& cfg);
 
 // The pieces, for E2E-QP's step (e2e_qp.cpp). A batch's samples as rows of one matrix: sample b's first len[b]
 // positions are rows [off[b], off[b] + len[b]).
+//
+// out: the rows whose block output is wanted, increasing; empty for all of them. E2E-QP's last layer needs its
+// output only where the loss reads it (the answer positions: about 10 % of a default-model micro-batch's rows),
+// and every other row serves only as a key and value. So with `out` given, q/k/v are computed for all rows, but
+// attention, o_proj, the MLP and their backward only for those rows: the block's output and dL/d(output) are
+// [out.size(), C], and dL/dx is still [rows, C].
 struct PackedRows {
   std::vector<int64_t> off, len;
   int64_t rows = 0;
+  std::vector<int64_t> out;
 };
 PackedRows pack_rows(const std::vector<int64_t>& lengths);
 // What the backward reads, saved by the forward.
 struct BlockTape {
   at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
-  std::vector<at::Tensor> probs;  // [len, len] per (sample, query head)
+  std::vector<at::Tensor> probs;  // [the sample's output rows, len] per (sample, query head)
 };
-// x [rows, C] fp32 -> the block's output [rows, C]; fills `tape` when given. The weights may be transposed views
-// (E2E-QP's Ŵᵀ caches); cos, sin [L, D] with L ≥ the longest sample.
+// The bytes of a BlockTape for samples of these lengths (all rows output).
+int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& lengths);
+// x [rows, C] fp32 -> the block's output [rows, C] (or [out.size(), C], see PackedRows::out); fills `tape` when
+// given. The weights may be transposed views (E2E-QP's Ŵᵀ caches); cos, sin [L, D] with L ≥ the longest sample.
 at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
                              const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, BlockTape* tape);
-// From dL/d(output) [rows, C]: dL/dŴᵀ of each stacked weight ([C, H·D + 2·Hkv·D], [H·D, C], [C, 2F], [F, C]: the
-// layout of the packed linears' (q − z), so that dL/ds sums them per group) and, when asked, dL/dx [rows, C].
-// The norms' weights are constants here.
+// From dL/d(output) (the forward's output shape, the same `pk`): dL/dŴᵀ of each stacked weight ([C, H·D + 2·Hkv·D],
+// [H·D, C], [C, 2F], [F, C]: the layout of the packed linears' (q − z), so that dL/ds sums them per group) and, when
+// asked, dL/dx [rows, C]. The norms' weights are constants here.
 struct BlockGradsT {
   at::Tensor qkv, o, gate_up, down, dx;
 };

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <numeric>
 #include <random>
 
@@ -135,20 +136,23 @@ double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, c
           .copy_(b.embeds[i].narrow(0, 0, lengths[static_cast<size_t>(i)]));
   auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
   cos = cos[0].contiguous(), sin = sin[0].contiguous();
+  // The last layer computes its output on the loss rows only (PackedRows::out): the others are its keys and values.
+  PackedRows pk_last = pk;
+  pk_last.out = rows_at;
+  auto pk_of = [&](size_t l) -> const PackedRows& { return l + 1 == layers.size() ? pk_last : pk; };
   std::vector<BlockTape> tapes(layers.size());
-  for (size_t l = 0; l < layers.size(); ++l) x = block_forward_cpu(m.cfg.text, layers[l].w, pk, x, cos, sin, &tapes[l]);
-  const at::Tensor idx = at::tensor(rows_at, at::kLong);
-  at::Tensor h = x.index_select(0, idx).requires_grad_(true);
+  for (size_t l = 0; l < layers.size(); ++l)
+    x = block_forward_cpu(m.cfg.text, layers[l].w, pk_of(l), x, cos, sin, &tapes[l]);
+  at::Tensor h = x.requires_grad_(true);  // [loss rows, C]
   at::Tensor loss;
   {
     c10::AutoGradMode on(true);
     loss = loss_of_logits(m, b, mask, head_logits(m, h), teacher) / static_cast<double>(std::max<int64_t>(1, tokens));
   }
-  at::Tensor dx = at::zeros({pk.rows, C}, at::kFloat);
-  dx.index_add_(0, idx, torch::autograd::grad({loss}, {h})[0]);
+  at::Tensor dx = torch::autograd::grad({loss}, {h})[0].contiguous();
   const double lv = loss.item<double>();
   for (size_t l = layers.size(); l-- > 0;) {
-    BlockGradsT g = block_backward_cpu(m.cfg.text, layers[l].w, pk, tapes[l], dx, cos, sin, l > 0);
+    BlockGradsT g = block_backward_cpu(m.cfg.text, layers[l].w, pk_of(l), tapes[l], dx, cos, sin, l > 0);
     tapes[l] = BlockTape();
     const at::Tensor* stacks[] = {&g.qkv, &g.o, &g.gate_up, &g.down};
     // Item i: linear i % 7, its part i / 7 of the groups, so that each thread's share holds a part of every linear.
@@ -382,7 +386,20 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       batch[j] = order.at(static_cast<size_t>(in_ep * global_batch) + j);
       lengths.push_back(static_cast<int64_t>(train[batch[j]].ids.size()));
     }
-    const MicroBatchPlan plan = plan_micro_batches(lengths, micro_batch, parts);
+    int64_t step_micro = micro_batch;
+    if (by_hand) {  // kE2eHandPassBytes
+      const int64_t budget = opts.hand_pass_bytes >= 0 ? opts.hand_pass_bytes : kE2eHandPassBytes;
+      std::vector<int64_t> longest = lengths;
+      std::sort(longest.begin(), longest.end(), std::greater<>());
+      for (int64_t k = global_batch; k > micro_batch; k /= 2) {
+        const std::vector<int64_t> first(longest.begin(), longest.begin() + k);
+        if (m.cfg.text.num_hidden_layers * block_tape_bytes(m.cfg.text, first) <= budget) {
+          step_micro = k;
+          break;
+        }
+      }
+    }
+    const MicroBatchPlan plan = plan_micro_batches(lengths, step_micro, parts);
     std::vector<EmbeddedBatch> micro;
     std::vector<at::Tensor> teachers;
     int64_t tokens = 0;
@@ -402,8 +419,10 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       const std::vector<HandLayer> layers = hand_layers(m);
       std::vector<at::Tensor> grads;
       for (const auto& sc : scales) grads.push_back(at::zeros(sc.sizes(), at::kFloat));
-      for (size_t a = 0; a < micro.size(); ++a)
+      for (size_t a = 0; a < micro.size(); ++a) {
         step_loss += e2e_micro_batch_by_hand(m, layers, micro[a], teachers[a], tokens, grads);
+        res.pass_samples = std::max<int64_t>(res.pass_samples, micro[a].embeds.size(0));
+      }
       for (size_t k = 0; k < scales.size(); ++k) scales[k].mutable_grad() = grads[k];
     } else if (parts == 1) {
       for (size_t a : plan.runs[0]) {

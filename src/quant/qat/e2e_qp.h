@@ -44,6 +44,9 @@ struct E2eOptions {
   // The CPU step by hand (block_grad.h) where it applies: data-parallel training (optim.h), the weight cache, an
   // fp32 model of Llama blocks without biases. false: autograd always (tests compare the two).
   bool by_hand = true;
+  // By hand: the most bytes of layer tapes one pass of a step's samples may hold (kE2eHandPassBytes; tests set 0
+  // to run the micro-batches one by one).
+  int64_t hand_pass_bytes = -1;  // <0: kE2eHandPassBytes
   // Test hook: each step's dL/ds of every packed linear (block_linears' order, layer by layer), before clipping.
   std::function<void(const std::vector<at::Tensor>& grads)> on_gradients;
 };
@@ -63,6 +66,7 @@ struct E2eResult {
   bool stopped_early = false;
   bool weight_cache = false;  // whether the linears kept a training cache (kE2eWeightCacheBytes)
   bool by_hand = false;       // whether the steps ran by hand (E2eOptions::by_hand)
+  int64_t pass_samples = 0;   // by hand: the most samples one pass held (kE2eHandPassBytes)
 };
 
 // At most this many bytes of decoder inputs (the train and val samples' embeddings) are kept across E2E-QP's steps.
@@ -74,6 +78,13 @@ bool e2e_embeds_cached(const Model& m, const CalibSet& data);
 // decoder-linear weights. On the default model (2.6 M) the per-call unpacking, scaling and page dropping it saves
 // were about 15 % of a step's profile; a 7B (52 GB) keeps the per-chunk path.
 constexpr int64_t kE2eWeightCacheBytes = int64_t{256} << 20;
+
+// E2eOptions::hand_pass_bytes' default. By hand (E2eOptions::by_hand), a step's micro-batches only bound its
+// memory: its samples run as one pass of packed rows where all the layers' tapes for them (block_tape_bytes) fit
+// this, else in the largest halvings of the batch that fit, down to the micro-batch. On the default model one pass
+// instead of eight took 0.78-0.91x the time per step (fewer, larger GEMMs, one barrier per stage instead of eight);
+// the sums differ in fp32 order only.
+constexpr int64_t kE2eHandPassBytes = int64_t{256} << 20;
 
 // How one step's samples run. The samples (their token counts in `lengths`), longest first, are cut into
 // micro-batches of `micro_batch` consecutive ones (the last may hold fewer), so that each micro-batch pads to about

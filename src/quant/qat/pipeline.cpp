@@ -526,6 +526,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                             {"val_loss_before", r.val_loss_before}, {"val_loss_after", r.val_loss_after},
                             {"reverted", r.reverted},   {"stopped_early", r.stopped_early}, {"weight_cache", r.weight_cache},
                             {"by_hand", r.by_hand},
+                            {"pass_samples", r.pass_samples},
                             {"check_step", r.check_step}, {"val_loss_check", r.val_loss_check},
                             {"peak_rss_mib", r.peak_rss_mib}};
   }

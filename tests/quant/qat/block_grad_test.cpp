@@ -48,7 +48,8 @@ Case make_case(int64_t sliding_window) {
 
 // The loss and every gradient match autograd through LlamaDecoderLayerImpl (one sample at a time, cut after its
 // last valid position, as Block-AP's autograd step runs them), at 1, 2 and 3 threads, with and without a sliding
-// window: Block-AP's step (dL/dŴ, the norms' gradients), and E2E-QP's forward and backward pieces (dL/dŴᵀ, dL/dx).
+// window: Block-AP's step (dL/dŴ, the norms' gradients), and E2E-QP's forward and backward pieces (dL/dŴᵀ, dL/dx),
+// on all rows and with the output on the loss rows only.
 // Tolerance: both sides are fp32 with different summation orders (the packed GEMMs, the attention's softmax by hand
 // against SDPA, RMSNorm's backward by hand); over dot products of ≤ 96 terms the relative error
 // per value is ≲ 96·6e-8 ≈ 6e-6 at worst, compounded over the block's ~10 stages in each direction: 1e-4 of the
@@ -138,16 +139,34 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
       const at::Tensor c0 = cos[0].contiguous(), s0 = sin[0].contiguous();
       const at::Tensor out = block_forward_cpu(cfg, wt, pk, at::cat(xs), c0, s0, &tape);
       const at::Tensor dout = ((out - at::cat(ys)) * at::cat(vs).unsqueeze(1) * (2 / denom)).contiguous();
-      const BlockGradsT gt = block_backward_cpu(cfg, wt, pk, tape, dout, c0, s0, true);
-      const std::vector<at::Tensor> mine_t = {gt.qkv.t().narrow(0, 0, Cq), gt.qkv.t().narrow(0, Cq, Ck),
-                                              gt.qkv.t().narrow(0, Cq + Ck, Ck), gt.o.t(),
-                                              gt.gate_up.t().narrow(0, 0, F), gt.gate_up.t().narrow(0, F, F),
-                                              gt.down.t()};
-      for (size_t i = 0; i < mine_t.size(); ++i)
-        EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << "transposed " << names[i];
       std::vector<at::Tensor> ref_dx;
       for (int64_t b = 0; b < B; ++b) ref_dx.push_back(ref.back()[b].narrow(0, 0, lengths[b]));
-      EXPECT_LE(rel_err(gt.dx, at::cat(ref_dx)), 1e-4) << "dx";
+      auto expect_ref = [&](const BlockGradsT& gt, const char* what) {
+        const std::vector<at::Tensor> mine_t = {gt.qkv.t().narrow(0, 0, Cq), gt.qkv.t().narrow(0, Cq, Ck),
+                                                gt.qkv.t().narrow(0, Cq + Ck, Ck), gt.o.t(),
+                                                gt.gate_up.t().narrow(0, 0, F), gt.gate_up.t().narrow(0, F, F),
+                                                gt.down.t()};
+        for (size_t i = 0; i < mine_t.size(); ++i)
+          EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << what << " " << names[i];
+        EXPECT_LE(rel_err(gt.dx, at::cat(ref_dx)), 1e-4) << what << " dx";
+      };
+      expect_ref(block_backward_cpu(cfg, wt, pk, tape, dout, c0, s0, true), "all rows:");
+
+      // The output wanted at the loss positions only (PackedRows::out, as E2E-QP's last layer runs): sample 0's
+      // rows have holes, sample 2 has none, sample 3 only its last. The output there is the full forward's rows
+      // (the same arithmetic in GEMMs of other shapes: ~1e-6 relative; 1e-5), and dL/dout on those rows alone gives
+      // every gradient above, dL/dx included (the other rows' outputs were multiplied by 0 in the loss).
+      PackedRows pk_out = pk;
+      const at::Tensor vcat = at::cat(vs);
+      for (int64_t r = 0; r < pk.rows; ++r)
+        if (vcat[r].item<float>() > 0) pk_out.out.push_back(r);
+      const at::Tensor rows = at::tensor(pk_out.out, at::kLong);
+      BlockTape tape_out;
+      const at::Tensor out_sub = block_forward_cpu(cfg, wt, pk_out, at::cat(xs), c0, s0, &tape_out);
+      ASSERT_EQ(out_sub.size(0), rows.numel());
+      EXPECT_LE(rel_err(out_sub, out.index_select(0, rows)), 1e-5);
+      const at::Tensor dout_sub = dout.index_select(0, rows).contiguous();
+      expect_ref(block_backward_cpu(cfg, wt, pk_out, tape_out, dout_sub, c0, s0, true), "loss rows:");
     }
   }
   at::set_num_threads(threads);

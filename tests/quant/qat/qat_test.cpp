@@ -1168,7 +1168,8 @@ TEST(E2eQp, TheStepsLossIsTheSameInAnyMicroBatches) {
 }
 
 // E2E-QP's step by hand (block_grad.h) has the autograd step's loss and gradients: one step at two threads, each
-// way, with cross-entropy and with distillation, on micro-batches of samples of different lengths. Tolerance as in
+// way, with cross-entropy and with distillation, on micro-batches of samples of different lengths; by hand both as
+// one pass of the step's 4 samples (kE2eHandPassBytes) and as its 2 micro-batches one by one. Tolerance as in
 // BlockGrad.LossAndGradientsMatchAutogradThroughTheLayer (fp32, other summation orders, here through two blocks and
 // the head): 1e-4 of the largest entry of each linear's dL/ds. A gradient on the wrong linear or group moves
 // entries by a large part of that scale; AdamW's first step, which only sees each gradient's sign, would not show it.
@@ -1186,29 +1187,35 @@ TEST(E2eQp, TheStepByHandHasAutogradsGradients) {
   for (const std::string loss : {"ce", "kd"}) {
     std::vector<std::vector<at::Tensor>> grads;
     std::vector<double> first;
-    for (bool by_hand : {false, true}) {
+    const E2eOptions base = e2e_opts();
+    for (const int64_t pass : {int64_t{0}, base.global_batch, base.micro_batch}) {  // 0: autograd
       Model m = load_model(fixture("tiny_llama"));
       BlockApOptions bo = opts("rtn", 2);
       bo.teacher_samples = &teacher;
       BlockApResult br = run_block_quantization(m, calib, bo);
-      E2eOptions o = e2e_opts();
+      E2eOptions o = base;
       o.loss = loss;
       if (loss == "kd") o.teacher_hidden = &br.teacher_hidden;
       o.max_steps = 1;
-      o.by_hand = by_hand;
+      o.by_hand = pass > 0;
+      if (pass == base.micro_batch) o.hand_pass_bytes = 0;
       o.on_gradients = [&](const std::vector<at::Tensor>& g) { grads.push_back(g); };
       E2eResult r = run_e2e_qp(m, calib, o);
-      EXPECT_EQ(r.by_hand, by_hand) << loss;
+      EXPECT_EQ(r.by_hand, pass > 0) << loss;
+      EXPECT_EQ(r.pass_samples, pass) << loss;
       ASSERT_EQ(r.step_loss.size(), 1u);
       first.push_back(r.step_loss[0]);
     }
-    ASSERT_EQ(grads.size(), 2u);
-    EXPECT_NEAR(first[1], first[0], 1e-5 * first[0]) << loss;
-    ASSERT_EQ(grads[0].size(), grads[1].size());
-    for (size_t k = 0; k < grads[0].size(); ++k) {
-      const double scale = grads[0][k].abs().max().item<double>();
-      EXPECT_GT(scale, 0.0) << loss << " " << k;
-      EXPECT_LE((grads[1][k] - grads[0][k]).abs().max().item<double>(), 1e-4 * scale) << loss << " linear " << k;
+    ASSERT_EQ(grads.size(), 3u);
+    for (size_t way = 1; way < grads.size(); ++way) {
+      EXPECT_NEAR(first[way], first[0], 1e-5 * first[0]) << loss << " way " << way;
+      ASSERT_EQ(grads[0].size(), grads[way].size());
+      for (size_t k = 0; k < grads[0].size(); ++k) {
+        const double scale = grads[0][k].abs().max().item<double>();
+        EXPECT_GT(scale, 0.0) << loss << " " << k;
+        EXPECT_LE((grads[way][k] - grads[0][k]).abs().max().item<double>(), 1e-4 * scale)
+            << loss << " way " << way << " linear " << k;
+      }
     }
   }
   at::set_num_threads(threads);
