@@ -104,26 +104,57 @@ at::Tensor fake_quantize_fused(const at::Tensor& W, const at::Tensor& s, const a
 
 void fake_quantize_fused_into(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec,
                               const at::Tensor& out) {
-  check_fused_shapes(W, s, z, spec);
-  EQAT_ASSERT(out.sizes() == W.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat && out.is_cpu(),
-              "fused fake quant: out ", out.sizes(), " for W ", W.sizes());
-  const FakeQuantRows rows = rows_of(W, s, z, spec);
-  float* o = out.data_ptr<float>();
-  const TrainLoops& loops = best_train_loops();
-  at::parallel_for(0, W.size(0), 16, [&](int64_t n0, int64_t n1) { loops.fake_quant(rows, n0, n1, o); });
+  fake_quantize_fused_into(std::vector<FakeQuantJob>{{W, s, z, spec, out}});
 }
 
 FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, const at::Tensor& s,
                                             const at::Tensor& z, const QuantSpec& spec) {
-  check_fused_shapes(W, s, z, spec);
-  EQAT_ASSERT(G.sizes() == W.sizes() && G.is_contiguous() && G.scalar_type() == at::kFloat, "fused fake quant grad");
-  at::Tensor gs = at::empty_like(s), gz = at::empty_like(z);
-  const FakeQuantRows rows = rows_of(W, s, z, spec);
-  float *gp = G.data_ptr<float>(), *gsp = gs.data_ptr<float>(), *gzp = gz.data_ptr<float>();
+  return fake_quantize_backward_fused(std::vector<FakeQuantJob>{{W, s, z, spec, G}})[0];
+}
+
+namespace {
+// fn(j, n0, n1) for job j's rows [n0, n1), over the threads: the jobs' weights laid end to end and split evenly by
+// elements, each row going to the share that holds its first element (grain: 4096 weights).
+template <class Fn>
+void over_job_rows(const std::vector<FakeQuantJob>& jobs, const Fn& fn) {
+  std::vector<int64_t> start;
+  int64_t total = 0;
+  for (const auto& j : jobs) {
+    check_fused_shapes(j.W, j.s, j.z, j.spec);
+    EQAT_ASSERT(j.t.sizes() == j.W.sizes() && j.t.is_contiguous() && j.t.scalar_type() == at::kFloat && j.t.is_cpu(),
+                "fused fake quant: ", j.t.sizes(), " for W ", j.W.sizes());
+    start.push_back(total);
+    total += j.W.numel();
+  }
+  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const int64_t K = std::max<int64_t>(1, jobs[j].W.size(1)), N = jobs[j].W.size(0);
+      auto first_row_from = [&](int64_t e) { return std::min(N, (std::max<int64_t>(0, e - start[j]) + K - 1) / K); };
+      const int64_t n0 = first_row_from(e0), n1 = first_row_from(e1);
+      if (n0 < n1) fn(j, n0, n1);
+    }
+  });
+}
+}  // namespace
+
+void fake_quantize_fused_into(const std::vector<FakeQuantJob>& jobs) {
   const TrainLoops& loops = best_train_loops();
-  at::parallel_for(0, W.size(0), 16,
-                   [&](int64_t n0, int64_t n1) { loops.fake_quant_backward(rows, n0, n1, gp, gsp, gzp); });
-  return {G, gs, gz};
+  over_job_rows(jobs, [&](size_t j, int64_t n0, int64_t n1) {
+    const FakeQuantJob& jb = jobs[j];
+    loops.fake_quant(rows_of(jb.W, jb.s, jb.z, jb.spec), n0, n1, jb.t.data_ptr<float>());
+  });
+}
+
+std::vector<FakeQuantGrads> fake_quantize_backward_fused(const std::vector<FakeQuantJob>& jobs) {
+  std::vector<FakeQuantGrads> out;
+  for (const auto& j : jobs) out.push_back({j.t, at::empty_like(j.s), at::empty_like(j.z)});
+  const TrainLoops& loops = best_train_loops();
+  over_job_rows(jobs, [&](size_t j, int64_t n0, int64_t n1) {
+    const FakeQuantJob& jb = jobs[j];
+    loops.fake_quant_backward(rows_of(jb.W, jb.s, jb.z, jb.spec), n0, n1, jb.t.data_ptr<float>(),
+                              out[j].s.data_ptr<float>(), out[j].z.data_ptr<float>());
+  });
+  return out;
 }
 
 QuantizedWeight quantize_integers(const at::Tensor& W, const at::Tensor& s, const at::Tensor& z, const QuantSpec& spec) {

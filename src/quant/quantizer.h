@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace eqat {
 
@@ -62,6 +63,16 @@ struct FakeQuantGrads {
 };
 FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, const at::Tensor& s,
                                             const at::Tensor& z, const QuantSpec& spec);
+// Both for several linears at once, in one parallel region over their weights laid end to end (split by elements,
+// each row whole), with the same results: Block-AP's step on the default model had seven regions of 65 536-131 072
+// weights each way, a barrier each. `t`: Ŵ's destination for the forward, dL/dŴ (becoming dL/dW) for the backward.
+struct FakeQuantJob {
+  at::Tensor W, s, z;
+  QuantSpec spec;
+  at::Tensor t;
+};
+void fake_quantize_fused_into(const std::vector<FakeQuantJob>& jobs);
+std::vector<FakeQuantGrads> fake_quantize_backward_fused(const std::vector<FakeQuantJob>& jobs);
 
 // The integers the fake quantizer produces, for packing: q [N, K] int32 in [0, qmax], zero [N, G] int32 in
 // [0, qmax] (clamped — the reference's packer does not clamp, pitfall P6), scale [N, G] (clamped to its range).

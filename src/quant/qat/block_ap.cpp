@@ -105,14 +105,18 @@ double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
       for (size_t k = k0; k < k1; ++k) rows += lins[k].second->weight.size(0);
       at::Tensor t = at::empty({rows, lins[k0].second->weight.size(1)}, at::kFloat);
       for (size_t k = k0, r = 0; k < k1; ++k) {
-        const auto& lin = lins[k].second;
-        hat[k] = t.narrow(0, static_cast<int64_t>(r), lin->weight.size(0));
-        fake_quantize_fused_into(lin->weight, lin->weight_scale, lin->weight_zero, lin->spec(), hat[k]);
-        r += static_cast<size_t>(lin->weight.size(0));
+        hat[k] = t.narrow(0, static_cast<int64_t>(r), lins[k].second->weight.size(0));
+        r += static_cast<size_t>(lins[k].second->weight.size(0));
       }
       return t;
     };
     w.qkv = stacked(0, 3), w.o = stacked(3, 4), w.gate_up = stacked(4, 6), w.down = stacked(6, 7);
+    std::vector<FakeQuantJob> jobs;
+    for (size_t k = 0; k < lins.size(); ++k) {
+      const auto& lin = lins[k].second;
+      jobs.push_back({lin->weight, lin->weight_scale, lin->weight_zero, lin->spec(), hat[k]});
+    }
+    fake_quantize_fused_into(jobs);  // the seven Ŵ in one parallel region
     w.norm_in = layer.input_layernorm->weight.detach();
     w.norm_post = layer.post_attention_layernorm->weight.detach();
   }
@@ -121,14 +125,19 @@ double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
   const double denom = valid.sum().item<double>() * static_cast<double>(y.size(-1));
   BlockGrads g = block_grad_cpu(m.cfg.text, w, x, y, valid, cos[0].contiguous(), sin[0].contiguous(), denom);
   const at::Tensor* stacks[] = {&g.qkv, &g.o, &g.gate_up, &g.down};
+  std::vector<FakeQuantJob> jobs;
   for (size_t k = 0; k < lins.size(); ++k) {
     const auto& lin = lins[k].second;
     const int64_t r = stack_offset(k, [&](size_t j) { return lins[j].second->weight.size(0); });
-    FakeQuantGrads fg = fake_quantize_backward_fused(stacks[kLinearStack[k]]->narrow(0, r, lin->weight.size(0)),
-                                                     lin->weight, lin->weight_scale, lin->weight_zero, lin->spec());
-    lin->weight.mutable_grad() = fg.w;
-    lin->weight_scale.mutable_grad() = fg.s;
-    lin->weight_zero.mutable_grad() = fg.z;
+    jobs.push_back({lin->weight, lin->weight_scale, lin->weight_zero, lin->spec(),
+                    stacks[kLinearStack[k]]->narrow(0, r, lin->weight.size(0))});
+  }
+  const std::vector<FakeQuantGrads> fg = fake_quantize_backward_fused(jobs);  // one parallel region
+  for (size_t k = 0; k < lins.size(); ++k) {
+    const auto& lin = lins[k].second;
+    lin->weight.mutable_grad() = fg[k].w;
+    lin->weight_scale.mutable_grad() = fg[k].s;
+    lin->weight_zero.mutable_grad() = fg[k].z;
   }
   layer.input_layernorm->weight.mutable_grad() = g.norm_in;
   layer.post_attention_layernorm->weight.mutable_grad() = g.norm_post;

@@ -129,6 +129,44 @@ TEST(Quantizer, FusedFakeQuantMatchesTheCompositeAndItsGradients) {
     }
 }
 
+// The fake quantizer and its backward for several linears in one parallel region (FakeQuantJob) give each linear
+// bit for bit what a call of its own gives, at 1, 2 and 3 threads: rows of different widths (a ragged last group
+// included) and counts, so that the threads' element shares end inside rows of every job. A row mapped to the wrong
+// job, skipped or done twice changes values.
+TEST(Quantizer, FusedFakeQuantOfSeveralLinearsIsEachLinearsOwn) {
+  const int threads = at::get_num_threads();
+  at::manual_seed(12);
+  const QuantSpec spec{2, 64};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{37, 256}, {5, 100}, {130, 512}, {64, 64}};  // [N, K]
+  std::vector<at::Tensor> W, s, z, dhat;
+  for (auto [N, K] : shapes) {
+    W.push_back(at::randn({N, K}));
+    auto [s0, z0] = minmax_init(W.back(), spec);
+    s.push_back((s0 * (0.6 + at::rand_like(s0))).contiguous());  // some weights clip
+    z.push_back(z0.contiguous());
+    dhat.push_back(at::randn({N, K}));
+  }
+  for (int nthreads : {1, 2, 3}) {
+    at::set_num_threads(nthreads);
+    std::vector<FakeQuantJob> fwd, bwd;
+    for (size_t j = 0; j < W.size(); ++j) {
+      fwd.push_back({W[j], s[j], z[j], spec, at::full_like(W[j], 7.0f)});
+      bwd.push_back({W[j], s[j], z[j], spec, dhat[j].clone()});
+    }
+    fake_quantize_fused_into(fwd);
+    const std::vector<FakeQuantGrads> got = fake_quantize_backward_fused(bwd);
+    for (size_t j = 0; j < W.size(); ++j) {
+      SCOPED_TRACE(testing::Message() << nthreads << " threads, linear " << j);
+      EXPECT_TRUE(at::equal(fwd[j].t, fake_quantize_fused(W[j], s[j], z[j], spec)));
+      const FakeQuantGrads own = fake_quantize_backward_fused(dhat[j].clone(), W[j], s[j], z[j], spec);
+      EXPECT_TRUE(at::equal(got[j].w, own.w));
+      EXPECT_TRUE(at::equal(got[j].s, own.s));
+      EXPECT_TRUE(at::equal(got[j].z, own.z));
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 // The one-pass AdamW on fp32 CPU tensors against the op-by-op form (taken by fp64 tensors), over three steps with
 // weight decay. A float update carries a relative error of a few 2⁻²⁴ per step; 1e-6 of the parameters' scale
 // bounds three of them.
