@@ -118,7 +118,7 @@ std::vector<HandLayer> hand_layers(Model& m) {
 // By hand, every step allocates and frees the same tapes and temporaries (~100 MB on the default model in one pass,
 // kE2eHandPassBytes). With glibc's dynamic thresholds the freed top of the heap went back to the kernel at each
 // step's end, and the next step faulted its pages in again, zeroed: an E2E-QP epoch of the default model spent 2.3 s
-// in the kernel against 1.4 s with the memory kept, and took 0.87x the wall time kept (models/SOURCES.md). While the
+// in the kernel against 1.4 s with the memory kept, and took 0.93x the wall time kept (models/SOURCES.md). While the
 // steps run, freed memory stays in the heap (trim threshold 1 GiB, mmap threshold at glibc's largest, 32 MiB);
 // afterwards the trim threshold returns to 64 MiB (twice the mmap threshold, where glibc's dynamic rule ends) and the
 // heap is trimmed.
