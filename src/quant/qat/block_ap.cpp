@@ -339,6 +339,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
 
   BlockRunner runner(m);
   const bool data_parallel = data_parallel_training(m);
+  const KeepFreedMemory keep_freed(data_parallel);  // small blocks: every step's tapes and gradients (optim.h)
   // Runs fn over a stream's batch indices: on the threads when data_parallel (each batch's result is the same as
   // in order), else in order.
   auto each_batch = [&](size_t n, const std::function<void(int64_t)>& fn) {

@@ -5,10 +5,6 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
 
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -115,36 +111,6 @@ std::vector<HandLayer> hand_layers(Model& m) {
   }
   return out;
 }
-// By hand, every step allocates and frees the same tapes and temporaries (~100 MB on the default model in one pass,
-// kE2eHandPassBytes). With glibc's dynamic thresholds the freed top of the heap went back to the kernel at each
-// step's end, and the next step faulted its pages in again, zeroed: an E2E-QP epoch of the default model spent 2.3 s
-// in the kernel against 1.4 s with the memory kept, and took 0.93x the wall time kept (models/SOURCES.md). While the
-// steps run, freed memory stays in the heap (trim threshold 1 GiB, mmap threshold at glibc's largest, 32 MiB);
-// afterwards the trim threshold returns to 64 MiB (twice the mmap threshold, where glibc's dynamic rule ends) and the
-// heap is trimmed.
-class KeepFreedMemory {
- public:
-  explicit KeepFreedMemory(bool on) : on_(on) {
-#ifdef __GLIBC__
-    if (!on_) return;
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
-  }
-  ~KeepFreedMemory() {
-#ifdef __GLIBC__
-    if (!on_) return;
-    mallopt(M_TRIM_THRESHOLD, 64 << 20);
-    malloc_trim(0);
-#endif
-  }
-  KeepFreedMemory(const KeepFreedMemory&) = delete;
-  KeepFreedMemory& operator=(const KeepFreedMemory&) = delete;
-
- private:
-  bool on_;
-};
-
 // One micro-batch: returns its loss / tokens and adds its dL/ds to grads (per linear of every layer, [G, N]).
 double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, const EmbeddedBatch& b,
                                const at::Tensor& teacher, int64_t tokens, std::vector<at::Tensor>& grads) {
@@ -319,7 +285,7 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
   const MicroBatchPlan val_plan = plan_micro_batches(val_lengths, opts.micro_batch, 1);
   const int64_t parts = data_parallel ? std::min<int64_t>(accum, at::get_num_threads()) : 1;
   const bool by_hand = opts.by_hand && e2e_by_hand_applies(m, data_parallel, weight_cache);
-  const KeepFreedMemory keep_freed(by_hand);
+  const KeepFreedMemory keep_freed(by_hand);  // the steps' tapes, allocated and freed every step
   auto val_loss = [&]() {
     c10::NoGradGuard g;
     double sum = 0;

@@ -5,6 +5,10 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -134,6 +138,26 @@ void AdamW::load_state(const std::map<std::string, at::Tensor>& state) {
   auto s = state.find("step");
   EQAT_CHECK(s != state.end(), "optimizer state lacks step");
   step_ = s->second.item<int64_t>();
+}
+
+namespace {
+int keep_freed_depth = 0;  // KeepFreedMemory scopes alive (with on)
+}  // namespace
+
+KeepFreedMemory::KeepFreedMemory(bool on) : on_(on) {
+  if (!on_ || keep_freed_depth++ > 0) return;
+#ifdef __GLIBC__
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
+}
+
+KeepFreedMemory::~KeepFreedMemory() {
+  if (!on_ || --keep_freed_depth > 0) return;
+#ifdef __GLIBC__
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  malloc_trim(0);
+#endif
 }
 
 double cosine_lr(double lr, double min_factor, int64_t step, int64_t total) {

@@ -7,8 +7,13 @@
 
 #include <set>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <memory>
@@ -166,6 +171,33 @@ TEST(Quantizer, FusedFakeQuantOfSeveralLinearsIsEachLinearsOwn) {
   }
   at::set_num_threads(threads);
 }
+
+#ifdef __GLIBC__
+// KeepFreedMemory: 96 MiB allocated in 1 MiB blocks and freed again stay in the heap while a scope is alive (glibc
+// would give back a free top above 64 MiB), also after an inner scope ended; when the outermost one ends, the heap is
+// trimmed. The blocks are written so that their pages are real. mallinfo2().fordblks: free bytes inside the heap.
+TEST(KeepFreedMemory, FreedMemoryStaysInTheHeapUntilTheOutermostScopeEnds) {
+  constexpr size_t kBlock = size_t{1} << 20, kBlocks = 96;
+  auto churn = [&] {
+    std::vector<void*> p;
+    for (size_t i = 0; i < kBlocks; ++i) {
+      p.push_back(std::malloc(kBlock));
+      std::memset(p.back(), 1, kBlock);
+    }
+    for (void* q : p) std::free(q);
+    return mallinfo2().fordblks;
+  };
+  {
+    KeepFreedMemory outer(true);
+    EXPECT_GE(churn(), kBlocks * kBlock);
+    { KeepFreedMemory inner(true); }
+    EXPECT_GE(churn(), kBlocks * kBlock) << "the inner scope's end must not restore the thresholds";
+    { KeepFreedMemory off(false); }
+  }
+  EXPECT_LT(mallinfo2().fordblks, kBlocks * kBlock / 2);
+  EXPECT_LT(churn(), kBlocks * kBlock / 2) << "outside a scope, a free top above 64 MiB goes back to the kernel";
+}
+#endif
 
 // The one-pass AdamW on fp32 CPU tensors against the op-by-op form (taken by fp64 tensors), over three steps with
 // weight decay. A float update carries a relative error of a few 2⁻²⁴ per step; 1e-6 of the parameters' scale
