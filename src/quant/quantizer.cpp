@@ -113,26 +113,21 @@ FakeQuantGrads fake_quantize_backward_fused(at::Tensor G, const at::Tensor& W, c
 }
 
 namespace {
-// fn(j, n0, n1) for job j's rows [n0, n1), over the threads: the jobs' weights laid end to end and split evenly by
-// elements, each row going to the share that holds its first element (grain: 4096 weights).
+// fn(j, n0, n1) for job j's rows [n0, n1), over the threads: the jobs' weights split by elements
+// (parallel_over_parts, grain 4096), each row going to the piece that holds its first element.
 template <class Fn>
 void over_job_rows(const std::vector<FakeQuantJob>& jobs, const Fn& fn) {
-  std::vector<int64_t> start;
-  int64_t total = 0;
+  std::vector<int64_t> sizes;
   for (const auto& j : jobs) {
     check_fused_shapes(j.W, j.s, j.z, j.spec);
     EQAT_ASSERT(j.t.sizes() == j.W.sizes() && j.t.is_contiguous() && j.t.scalar_type() == at::kFloat && j.t.is_cpu(),
                 "fused fake quant: ", j.t.sizes(), " for W ", j.W.sizes());
-    start.push_back(total);
-    total += j.W.numel();
+    sizes.push_back(j.W.numel());
   }
-  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
-    for (size_t j = 0; j < jobs.size(); ++j) {
-      const int64_t K = std::max<int64_t>(1, jobs[j].W.size(1)), N = jobs[j].W.size(0);
-      auto first_row_from = [&](int64_t e) { return std::min(N, (std::max<int64_t>(0, e - start[j]) + K - 1) / K); };
-      const int64_t n0 = first_row_from(e0), n1 = first_row_from(e1);
-      if (n0 < n1) fn(j, n0, n1);
-    }
+  parallel_over_parts(sizes, 4096, [&](size_t j, int64_t b, int64_t e) {
+    const int64_t K = jobs[j].W.size(1);  // > 0: a part with elements
+    const int64_t n0 = (b + K - 1) / K, n1 = (e + K - 1) / K;
+    if (n0 < n1) fn(j, n0, n1);
   });
 }
 }  // namespace

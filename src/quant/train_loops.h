@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 namespace eqat {
 
@@ -58,6 +60,12 @@ struct TrainLoops {
   // Elements [0, n) of p, m, v with gradient g.
   void (*adamw)(float* p, const float* g, float* m, float* v, int64_t n, const AdamWStep& c);
 };
+
+// How the loops share the threads: parts of `sizes` elements laid end to end, that range split by at::parallel_for
+// with this grain, and fn(j, b, e) called for each piece [b, e) of part j (offsets within the part). A share may end
+// inside a part; each element is in exactly one piece.
+void parallel_over_parts(const std::vector<int64_t>& sizes, int64_t grain,
+                         const std::function<void(size_t j, int64_t b, int64_t e)>& fn);
 
 const TrainLoops& best_train_loops();
 const TrainLoops& scalar_train_loops();

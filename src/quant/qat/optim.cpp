@@ -100,13 +100,11 @@ void AdamW::step() {
   }
   if (spans.empty()) return;
   const TrainLoops& loops = best_train_loops();
-  at::parallel_for(0, total, 1 << 14, [&](int64_t i0, int64_t i1) {
-    int64_t at0 = 0;  // where the span starts in the flat range
-    for (const FusedSpan& sp : spans) {
-      const int64_t b = std::max(i0, at0), e = std::min(i1, at0 + sp.n);
-      if (b < e) loops.adamw(sp.p + (b - at0), sp.g + (b - at0), sp.m + (b - at0), sp.v + (b - at0), e - b, sp.c);
-      at0 += sp.n;
-    }
+  std::vector<int64_t> sizes;
+  for (const FusedSpan& sp : spans) sizes.push_back(sp.n);
+  parallel_over_parts(sizes, 1 << 14, [&](size_t j, int64_t b, int64_t e) {
+    const FusedSpan& sp = spans[j];
+    loops.adamw(sp.p + b, sp.g + b, sp.m + b, sp.v + b, e - b, sp.c);
   });
   // Written through raw pointers: count it as the in-place update it is (what an op like add_ does), so anything
   // keyed on the version (autograd's saved-tensor check, a packed linear's training cache) sees the change.
