@@ -1,6 +1,7 @@
 #include "quant/qat/gptq.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
@@ -9,27 +10,87 @@
 
 namespace eqat {
 
-HessianAccumulator::HessianAccumulator(int64_t K) : H_(at::zeros({K, K}, at::kDouble)) {}
+namespace {
+// Staged rows: as many as fill 8 MiB, at most 512 (a rank-512 update keeps the GEMM efficient; larger inputs are
+// added directly). Panels of at least 64 rows, at most 8 of them.
+constexpr int64_t kStageBytes = int64_t{8} << 20, kStageRowsMax = 512, kPanelRowsMin = 64, kPanelsMax = 8;
+}  // namespace
+
+HessianAccumulator::HessianAccumulator(int64_t K) : K_(K), sum_(at::zeros({K, K}, at::kDouble)) {}
+
+// sum_ += rowsᵀ·rows on and below the diagonal: panel p (rows [r0, r1) of sum_) gets columns [0, r1).
+void HessianAccumulator::accumulate(const at::Tensor& rows) {
+  const int64_t panels = std::clamp<int64_t>(K_ / kPanelRowsMin, 1, kPanelsMax);
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t r0 = K_ * p / panels, r1 = K_ * (p + 1) / panels;
+    sum_.narrow(0, r0, r1 - r0).narrow(1, 0, r1).addmm_(rows.narrow(1, r0, r1 - r0).t(), rows.narrow(1, 0, r1));
+  }
+}
+
+void HessianAccumulator::flush() {
+  if (staged_ == 0) return;
+  c10::NoGradGuard g;
+  accumulate(stage_.narrow(0, 0, staged_));
+  staged_ = 0;
+}
 
 void HessianAccumulator::add(const at::Tensor& x, const at::Tensor& valid) {
   c10::NoGradGuard g;
-  at::Tensor rows = x.reshape({-1, x.size(-1)}).to(at::kCPU, at::kDouble);
-  if (valid.defined()) rows = rows.index({valid.reshape({-1}).to(at::kCPU)});
+  at::Tensor rows = x.reshape({-1, x.size(-1)});
+  if (valid.defined()) rows = rows.index({valid.reshape({-1}).to(rows.device())});
   const int64_t m = rows.size(0);
   if (m == 0) return;
-  // Running mean of 2·xxᵀ, as GPTQ's add_batch does.
-  H_.mul_(static_cast<double>(n_) / static_cast<double>(n_ + m));
   n_ += m;
-  rows = rows * std::sqrt(2.0 / static_cast<double>(n_));
-  H_.addmm_(rows.t(), rows);
+  const int64_t capacity = std::clamp<int64_t>(kStageBytes / std::max<int64_t>(1, 8 * K_), 1, kStageRowsMax);
+  if (m >= capacity) {  // large enough to be its own update
+    accumulate(rows.to(at::kCPU, at::kDouble).contiguous());
+    return;
+  }
+  if (staged_ + m > capacity) flush();
+  if (!stage_.defined()) stage_ = at::empty({capacity, K_}, at::kDouble);
+  stage_.narrow(0, staged_, m).copy_(rows);
+  staged_ += m;
 }
 
-void HessianAccumulator::merge(const HessianAccumulator& other) {
+void HessianAccumulator::merge(HessianAccumulator& other) {
   if (other.n_ == 0) return;
   c10::NoGradGuard g;
-  const double n = static_cast<double>(n_ + other.n_);
-  H_.mul_(static_cast<double>(n_) / n).add_(other.H_, static_cast<double>(other.n_) / n);
+  flush();
+  other.flush();
+  sum_.add_(other.sum_);
   n_ += other.n_;
+}
+
+namespace {
+// S[i][j] = S[j][i] for j > i, in place (S [K, K] contiguous float64), in 64×64 tiles so that the reads down the
+// columns stay in cache.
+void mirror_lower_(const at::Tensor& S) {
+  const int64_t K = S.size(0), T = 64, tiles = (K + T - 1) / T;
+  double* p = S.data_ptr<double>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t bi = t0; bi < t1; ++bi)
+      for (int64_t bj = bi; bj < tiles; ++bj)
+        for (int64_t i = bi * T; i < std::min(K, (bi + 1) * T); ++i)
+          for (int64_t j = std::max(i + 1, bj * T); j < std::min(K, (bj + 1) * T); ++j) p[i * K + j] = p[j * K + i];
+  });
+}
+}  // namespace
+
+at::Tensor HessianAccumulator::H() {
+  flush();
+  at::Tensor h = sum_.clone();
+  mirror_lower_(h);
+  return n_ > 0 ? h.mul_(2.0 / static_cast<double>(n_)) : h;
+}
+
+at::Tensor HessianAccumulator::take() {
+  flush();
+  at::Tensor h = std::move(sum_);  // in place: at 13B a Hessian is 1.5 GB
+  mirror_lower_(h);
+  if (n_ > 0) h.mul_(2.0 / static_cast<double>(n_));
+  stage_ = at::Tensor();
+  staged_ = n_ = 0;
+  return h;
 }
 
 namespace {
