@@ -543,8 +543,9 @@ TEST(Gptq, MergedHessiansAreTheHessianOfAllRows) {
 // The accumulator stages small inputs and adds them in one update of H's lower triangle, in panels (K = 200: three
 // ragged panels), then mirrors it: H is 2/n XᵀX of the valid rows, exactly symmetric, whether the rows came in small
 // adds that fill and overflow the stage (512 rows), in one add too large to stage, or with none valid. Against the
-// product in one fp64 GEMM the sums differ only in order: a few hundred terms of relative error 2⁻⁵³ bound the
-// difference near 1e-13 of the largest entry; 1e-12 is asserted. take() hands over the same H.
+// product in one fp64 GEMM the sums differ only in order: each entry sums ~1500 products, so each sum is exact to
+// ~1500·2⁻⁵³ ≈ 1.7e-13 of Σ|x_i·x_j|, which is at most the largest diagonal entry (|x_i·x_j| ≤ (x_i² + x_j²)/2); two
+// such sums differ by at most twice that, and 1e-12 of the largest entry is asserted. take() hands over the same H.
 TEST(Gptq, StagedLowerTriangleHessianIsTheFullProduct) {
   at::manual_seed(5);
   const int64_t K = 200;
