@@ -59,7 +59,8 @@ void parallel_items(int64_t n, const std::function<void(int64_t)>& fn);
 // trimmed. For the small models' training on the CPU, whose every step allocates and frees the same tapes and
 // temporaries: with the dynamic thresholds the freed top of the heap went back to the kernel at a step's end, and
 // the next step faulted its pages in again, zeroed. Measured on the default model (models/SOURCES.md): an E2E-QP
-// epoch by hand spent 1.4 s in the kernel against 2.3 s and took 0.93x the wall time; Block-AP alone at 512 samples, 0.94x (0.76-1.02).
+// epoch by hand spent 1.4 s in the kernel against 2.3 s and took 0.93x the wall time; Block-AP alone at 512
+// samples, 0.94x (0.76-1.02).
 // Nested scopes: the outermost one sets and restores. The main thread's; a no-op without glibc.
 class KeepFreedMemory {
  public:
