@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -76,14 +77,47 @@ int64_t first_key(int64_t i, int64_t W) { return W > 0 ? std::max<int64_t>(0, i 
 
 }  // namespace
 
-PackedRows pack_rows(const std::vector<int64_t>& lengths) {
+PackedRows pack_rows(const std::vector<int64_t>& lengths, int64_t prefix) {
   PackedRows pk;
-  for (int64_t len : lengths) {
+  auto add = [&pk](int64_t len) {
     pk.off.push_back(pk.rows);
     pk.len.push_back(len);
     pk.rows += len;
+  };
+  if (prefix > 0) add(prefix);
+  pk.prefix = prefix;
+  for (int64_t len : lengths) {
+    EQAT_ASSERT(prefix == 0 || len == 0 || len >= prefix, "pack_rows: a sample of ", len, " positions under a prefix of ",
+                prefix);
+    add(len > 0 ? len - prefix : 0);
   }
   return pk;
+}
+
+int64_t shared_prefix(const std::vector<at::Tensor>& rows_of, const std::vector<int64_t>& lengths, int64_t cap) {
+  std::vector<int64_t> used;
+  for (size_t b = 0; b < lengths.size(); ++b)
+    if (lengths[b] > 0) {
+      used.push_back(static_cast<int64_t>(b));
+      cap = std::min(cap, lengths[b]);
+    }
+  if (used.size() < 2) return 0;
+  int64_t S = std::max<int64_t>(0, cap);
+  for (const at::Tensor& t : rows_of) {
+    EQAT_ASSERT(t.is_cpu() && t.is_contiguous() && t.dim() >= 2 && t.size(0) == static_cast<int64_t>(lengths.size()),
+                "shared_prefix: [B, L, ...] contiguous CPU tensors, one sample per length");
+    const int64_t row = t.nbytes() / static_cast<size_t>(t.size(0) * t.size(1));  // bytes per position
+    const auto* base = static_cast<const char*>(t.const_data_ptr());
+    auto at_row = [&](int64_t b, int64_t pos) { return base + (b * t.size(1) + pos) * row; };
+    S = std::min(S, t.size(1));
+    for (size_t i = 1; i < used.size(); ++i) {
+      int64_t same = 0;
+      while (same < S && std::memcmp(at_row(used[0], same), at_row(used[i], same), static_cast<size_t>(row)) == 0)
+        ++same;
+      S = same;
+    }
+  }
+  return S;
 }
 
 namespace {
@@ -146,6 +180,13 @@ at::Tensor queries_of_head(const at::Tensor& qkv, const PackedRows& pk, const Qu
   return qkv.narrow(1, col, D).index_select(0, q.rows.narrow(0, q.off[i], q.len[i]));
 }
 
+// Segment b's keys or values for one key head (columns [col, col + D)): its own rows, after the shared prefix's
+// (PackedRows::prefix) for a segment that continues it, [start + len, D].
+at::Tensor keys_of(const at::Tensor& t, const PackedRows& pk, int64_t b, int64_t col, int64_t D) {
+  const at::Tensor own = head_of(t, pk, b, col, D);
+  return pk.start(static_cast<size_t>(b)) > 0 ? at::cat({head_of(t, pk, 0, col, D), own}) : own;
+}
+
 // Σ over the threads' partial sums, as a [C] fp32 tensor.
 at::Tensor reduce_parts(const std::vector<std::vector<double>>& parts, int64_t C) {
   at::Tensor t = at::empty({C}, at::kFloat);
@@ -181,7 +222,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
                   sin.sizes() == cos.sizes() && w.norm_in.scalar_type() == at::kFloat &&
                   w.norm_post.scalar_type() == at::kFloat && w.norm_in.is_contiguous() && w.norm_post.is_contiguous(),
               "block_forward_cpu: x ", x.sizes(), " rows ", N, " cos ", cos.sizes());
-  for (int64_t len : pk.len) EQAT_ASSERT(len <= cos.size(0), "block_forward_cpu: a sample longer than cos/sin");
+  for (size_t b = 0; b < pk.len.size(); ++b)
+    EQAT_ASSERT(pk.start(b) + pk.len[b] <= cos.size(0), "block_forward_cpu: a sample longer than cos/sin");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   BlockTape local;
   BlockTape& t = tape ? *tape : local;
@@ -208,29 +250,34 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
   t.qkv = at::empty({N, Cqkv}, f32);
   run_mms({{t.qkv, t.h1, w.qkv.t()}});
 
-  // Attention by (key head, sample), key heads outermost so that each thread's share holds every sample; the
-  // queries are the output rows.
+  // Attention by (key head, segment), key heads outermost so that each thread's share holds every segment; the
+  // queries are the output rows. A shared prefix's queries and keys are rotated first: every segment reads its keys.
+  // A few rows: on this thread, no barrier.
+  for (int64_t h = 0; pk.prefix > 0 && h < d.H + d.Hkv; ++h)  // q heads, then k heads: columns h·D
+    rope(t.qkv.data_ptr<float>() + h * D, pk.len[0], Cqkv, D, cs, sn, false);
   t.probs.assign(static_cast<size_t>(B * d.H), at::Tensor());
   t.attn = at::empty({NQ, Cq}, f32);
   parallel_items(d.Hkv * B, [&](int64_t item) {
     const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)];
     const int64_t nq = qs.len[static_cast<size_t>(b)], q0 = qs.off[static_cast<size_t>(b)];
     if (nq == 0) return;
+    const int64_t S = pk.start(static_cast<size_t>(b)), TK = S + T;  // the keys: the prefix's S, then its own T
+    const bool is_prefix = pk.prefix > 0 && b == 0;                   // rotated above
     float* rows = t.qkv.data_ptr<float>() + pk.off[static_cast<size_t>(b)] * Cqkv;
-    rope(rows + Cq + kh * D, T, Cqkv, D, cs, sn, false);
-    const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
+    if (!is_prefix) rope(rows + Cq + kh * D, T, Cqkv, D, cs + S * D, sn + S * D, false);
+    const at::Tensor k = keys_of(t.qkv, pk, b, Cq + kh * D, D), v = keys_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
     for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
-      rope(rows + h * D, T, Cqkv, D, cs, sn, false);
-      at::Tensor s = at::mm(queries_of_head(t.qkv, pk, qs, b, h * D, D), k.t());  // [nq, T]
+      if (!is_prefix) rope(rows + h * D, T, Cqkv, D, cs + S * D, sn + S * D, false);
+      at::Tensor s = at::mm(queries_of_head(t.qkv, pk, qs, b, h * D, D), k.t());  // [nq, TK]
       float* sp = s.data_ptr<float>();
       for (int64_t r = 0; r < nq; ++r) {
-        float* row = sp + r * T;
-        const int64_t i = qs.pos[static_cast<size_t>(q0 + r)], j0 = first_key(i, d.window);
+        float* row = sp + r * TK;
+        const int64_t i = S + qs.pos[static_cast<size_t>(q0 + r)], j0 = first_key(i, d.window);
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = j0; j <= i; ++j) mx = std::max(mx, row[j] * d.scale);
         float sum = 0;
         for (int64_t j = j0; j <= i; ++j) sum += (row[j] = std::exp(row[j] * d.scale - mx));
-        for (int64_t j = 0; j < T; ++j) row[j] = (j >= j0 && j <= i) ? row[j] / sum : 0.0f;
+        for (int64_t j = 0; j < TK; ++j) row[j] = (j >= j0 && j <= i) ? row[j] / sum : 0.0f;
       }
       at::Tensor o = t.attn.narrow(0, q0, nq).narrow(1, h * D, D);
       at::mm_out(o, s, v);
@@ -342,25 +389,30 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dx2, t.attn), {dattn, dx2, w.o}});
   // With a subset of queries, the other rows' dL/dq (and a sample without queries' dL/dk, dL/dv) are 0.
   at::Tensor dqkv = qs.all ? at::empty({N, Cqkv}, f32) : at::zeros({N, Cqkv}, f32);
+  // A segment that continues the shared prefix leaves its share of the prefix's dL/dk and dL/dv here ([S, D] each,
+  // per item); they are added to the prefix's own after all items, in segment order.
+  std::vector<at::Tensor> prefix_dk(static_cast<size_t>(d.Hkv * B)), prefix_dv(prefix_dk.size());
   parallel_items(d.Hkv * B, [&](int64_t item) {
     const int64_t kh = item / B, b = item % B, T = pk.len[static_cast<size_t>(b)], off = pk.off[static_cast<size_t>(b)];
     const int64_t nq = qs.len[static_cast<size_t>(b)], q0 = qs.off[static_cast<size_t>(b)];
     if (nq == 0) return;
-    const at::Tensor k = head_of(t.qkv, pk, b, Cq + kh * D, D), v = head_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
+    const int64_t S = pk.start(static_cast<size_t>(b)), TK = S + T;
+    const at::Tensor k = keys_of(t.qkv, pk, b, Cq + kh * D, D), v = keys_of(t.qkv, pk, b, Cq + Ck + kh * D, D);
     at::Tensor dk = head_of(dqkv, pk, b, Cq + kh * D, D), dv = head_of(dqkv, pk, b, Cq + Ck + kh * D, D);
+    at::Tensor dkf = S > 0 ? at::empty({TK, D}, f32) : dk, dvf = S > 0 ? at::empty({TK, D}, f32) : dv;  // all keys'
     for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
       const at::Tensor& pr = t.probs[static_cast<size_t>(b * d.H + h)];
       const at::Tensor dO = dattn.narrow(0, q0, nq).narrow(1, h * D, D);
       const at::Tensor q = queries_of_head(t.qkv, pk, qs, b, h * D, D);
-      if (h == kh * d.group) at::mm_out(dv, pr.t(), dO);
-      else dv.addmm_(pr.t(), dO);
+      if (h == kh * d.group) at::mm_out(dvf, pr.t(), dO);
+      else dvf.addmm_(pr.t(), dO);
       at::Tensor ds = at::mm(dO, v.t());  // dL/dP, then dL/d(q·kᵀ)
       float* dp = ds.data_ptr<float>();
       const float* pp = pr.const_data_ptr<float>();
       for (int64_t i = 0; i < nq; ++i) {
         float delta = 0;
-        for (int64_t j = 0; j < T; ++j) delta += dp[i * T + j] * pp[i * T + j];
-        for (int64_t j = 0; j < T; ++j) dp[i * T + j] = pp[i * T + j] * (dp[i * T + j] - delta) * d.scale;
+        for (int64_t j = 0; j < TK; ++j) delta += dp[i * TK + j] * pp[i * TK + j];
+        for (int64_t j = 0; j < TK; ++j) dp[i * TK + j] = pp[i * TK + j] * (dp[i * TK + j] - delta) * d.scale;
       }
       if (qs.all) {
         at::Tensor dq = head_of(dqkv, pk, b, h * D, D);
@@ -368,12 +420,34 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
       } else {
         dqkv.narrow(1, h * D, D).index_copy_(0, qs.rows.narrow(0, q0, nq), at::mm(ds, k));
       }
-      if (h == kh * d.group) at::mm_out(dk, ds.t(), q);
-      else dk.addmm_(ds.t(), q);
-      rope(dqkv.data_ptr<float>() + off * Cqkv + h * D, T, Cqkv, D, cs, sn, true);
+      if (h == kh * d.group) at::mm_out(dkf, ds.t(), q);
+      else dkf.addmm_(ds.t(), q);
+      rope(dqkv.data_ptr<float>() + off * Cqkv + h * D, T, Cqkv, D, cs + S * D, sn + S * D, true);
     }
-    rope(dqkv.data_ptr<float>() + off * Cqkv + Cq + kh * D, T, Cqkv, D, cs, sn, true);
+    if (S > 0) {
+      dk.copy_(dkf.narrow(0, S, T));
+      dv.copy_(dvf.narrow(0, S, T));
+      prefix_dk[static_cast<size_t>(item)] = dkf.narrow(0, 0, S);
+      prefix_dv[static_cast<size_t>(item)] = dvf.narrow(0, 0, S);
+    }
+    if (!(pk.prefix > 0 && b == 0))  // the prefix's keys are rotated back once all their gradient is in
+      rope(dqkv.data_ptr<float>() + off * Cqkv + Cq + kh * D, T, Cqkv, D, cs + S * D, sn + S * D, true);
   });
+  // A few rows per segment: on this thread, no barrier.
+  for (int64_t kh = 0; pk.prefix > 0 && kh < d.Hkv; ++kh) {
+    float* dkp = dqkv.data_ptr<float>() + Cq + kh * D;  // the prefix's rows of this key head, then its values'
+    for (int64_t b = 1; b < B; ++b) {
+      const size_t item = static_cast<size_t>(kh * B + b);
+      if (!prefix_dk[item].defined()) continue;
+      const float *pk_k = prefix_dk[item].const_data_ptr<float>(), *pk_v = prefix_dv[item].const_data_ptr<float>();
+      for (int64_t r = 0; r < pk.prefix; ++r)
+        for (int64_t j = 0; j < D; ++j) {
+          dkp[r * Cqkv + j] += pk_k[r * D + j];
+          dkp[r * Cqkv + Ck + j] += pk_v[r * D + j];
+        }
+    }
+    rope(dkp, pk.prefix, Cqkv, D, cs, sn, true);
+  }
   if (block_ap) {
     // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
     ga->qkv = at::empty({Cqkv, C}, f32);
@@ -451,7 +525,11 @@ BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, con
       if (v[j]) last = j;
     lengths[static_cast<size_t>(b)] = last + 1;
   }
-  const PackedRows pk = pack_rows(lengths);
+  // The positions that every sample begins with, the same inputs and targets to the byte, run once
+  // (PackedRows::prefix); their loss counts once per sample that has them valid.
+  const at::Tensor xc = x.to(at::kCPU).contiguous(), yc = y.to(at::kCPU).contiguous();
+  const int64_t S = shared_prefix({xc, yc}, lengths, L);
+  const PackedRows pk = pack_rows(lengths, S);
   const int64_t N = pk.rows;
   BlockGrads g;
   if (N == 0) {
@@ -461,12 +539,19 @@ BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, con
   }
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor xr = at::empty({N, C}, f32), yr = at::empty({N, C}, f32), vm = at::empty({N}, f32);
+  if (S > 0) {
+    const int64_t b0 = std::find_if(lengths.begin(), lengths.end(), [](int64_t n) { return n > 0; }) - lengths.begin();
+    xr.narrow(0, 0, S).copy_(xc[b0].narrow(0, 0, S));
+    yr.narrow(0, 0, S).copy_(yc[b0].narrow(0, 0, S));
+    vm.narrow(0, 0, S).copy_(vb.narrow(1, 0, S).to(at::kFloat).sum(0));
+  }
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = pk.len[static_cast<size_t>(b)], off = pk.off[static_cast<size_t>(b)];
+    const size_t seg = static_cast<size_t>(S > 0 ? b + 1 : b);
+    const int64_t len = pk.len[seg], off = pk.off[seg];
     if (len == 0) continue;
-    xr.narrow(0, off, len).copy_(x[b].narrow(0, 0, len));
-    yr.narrow(0, off, len).copy_(y[b].narrow(0, 0, len));
-    vm.narrow(0, off, len).copy_(vb[b].narrow(0, 0, len));
+    xr.narrow(0, off, len).copy_(xc[b].narrow(0, S, len));
+    yr.narrow(0, off, len).copy_(yc[b].narrow(0, S, len));
+    vm.narrow(0, off, len).copy_(vb[b].narrow(0, S, len));
   }
   BlockTape tape;
   at::Tensor dout = block_forward_cpu(cfg, w, pk, xr, cos, sin, &tape);  // the output, then dL/dout

@@ -62,18 +62,31 @@ bool block_grad_cpu_applies(const LlamaConfig& cfg);
 // and every other row serves only as a key and value. So with `out` given, q/k/v are computed for all rows, but
 // attention, o_proj, the MLP and their backward only for those rows: the block's output and dL/d(output) are
 // [out.size(), C], and dL/dx is still [rows, C].
+//
+// prefix: the positions that every sample begins with bit for bit (a chat template's system prompt: about a quarter of
+// a default-model sample), computed once. With prefix S > 0, segment 0 holds positions 0..S−1, and segment b + 1
+// sample b's positions S..len[b]−1; every segment attends to segment 0's rows as well as its own, and those rows'
+// gradients are the sums over the samples, as if each sample had its own copy. Without, segment b is sample b.
 struct PackedRows {
-  std::vector<int64_t> off, len;
+  std::vector<int64_t> off, len;  // per segment
   int64_t rows = 0;
   std::vector<int64_t> out;
+  int64_t prefix = 0;
+  // The position of segment b's first row in its sample.
+  int64_t start(size_t b) const { return prefix > 0 && b > 0 ? prefix : 0; }
 };
-PackedRows pack_rows(const std::vector<int64_t>& lengths);
+// Samples of these lengths (each ≥ prefix, or 0 for a sample that computes nothing) as segments.
+PackedRows pack_rows(const std::vector<int64_t>& lengths, int64_t prefix = 0);
+// The largest S ≤ cap such that positions 0..S−1 are the same bytes in every sample with lengths[b] > 0, in each of
+// `rows_of` ([B, L, ...] CPU tensors, contiguous: the inputs, and whatever else a position's result depends on);
+// 0 when fewer than two samples compute anything (sharing saves nothing).
+int64_t shared_prefix(const std::vector<at::Tensor>& rows_of, const std::vector<int64_t>& lengths, int64_t cap);
 // What the backward reads, saved by the forward.
 struct BlockTape {
   at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
-  std::vector<at::Tensor> probs;  // [the sample's output rows, len] per (sample, query head)
+  std::vector<at::Tensor> probs;  // [the segment's output rows, start + len] per (segment, query head)
 };
-// The bytes of a BlockTape for samples of these lengths (all rows output).
+// The bytes of a BlockTape for samples of these lengths (all rows output, no shared prefix: an upper bound with one).
 int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& lengths);
 // x [rows, C] fp32 -> the block's output [rows, C] (or [out.size(), C], see PackedRows::out); fills `tape` when
 // given. The weights may be transposed views (E2E-QP's Ŵᵀ caches); cos, sin [L, D] with L ≥ the longest sample.
@@ -90,7 +103,8 @@ BlockGradsT block_backward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w
                                const at::Tensor& sin, bool want_dx);
 
 // x, y [B, L, C] (any float dtype), valid [B, L] bool: the loss positions (a sample's positions after its last valid
-// one are not computed; the ones before it are, as keys). cos, sin [L, D] fp32 (RotaryEmbedding::cos_sin at
+// one are not computed; the ones before it are, as keys; the positions that all samples begin with, inputs and
+// targets alike, are computed once: PackedRows::prefix). cos, sin [L, D] fp32 (RotaryEmbedding::cos_sin at
 // positions 0..L−1). Attention is causal, within cfg.sliding_window when set. Threads: LibTorch's intra-op ones.
 BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
                           const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom);

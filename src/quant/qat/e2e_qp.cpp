@@ -117,23 +117,36 @@ double e2e_micro_batch_by_hand(Model& m, const std::vector<HandLayer>& layers, c
   const int64_t B = b.embeds.size(0), L = b.embeds.size(1), C = m.cfg.text.hidden_size;
   const at::Tensor mask = loss_positions(b).contiguous();  // [B, L − 1]
   std::vector<int64_t> lengths(static_cast<size_t>(B), 0), rows_at;
+  int64_t first_loss = L;  // the earliest loss position of any sample
   for (int64_t i = 0; i < B; ++i) {
     const bool* mk = mask.const_data_ptr<bool>() + i * (L - 1);
     for (int64_t t = 0; t < L - 1; ++t)
-      if (mk[t]) lengths[static_cast<size_t>(i)] = t + 1;
+      if (mk[t]) {
+        lengths[static_cast<size_t>(i)] = t + 1;
+        first_loss = std::min(first_loss, t);
+      }
   }
-  const PackedRows pk = pack_rows(lengths);
+  // The positions that every sample begins with (the chat template's system prompt: 8 of a default-model sample's
+  // ~34) run once (PackedRows::prefix), up to the first loss position, so that the loss rows are each sample's own.
+  const at::Tensor embeds = b.embeds.to(at::kFloat).contiguous();
+  const int64_t S = shared_prefix({embeds}, lengths, first_loss);
+  const PackedRows pk = pack_rows(lengths, S);
+  auto segment = [S](int64_t i) { return static_cast<size_t>(S > 0 ? i + 1 : i); };  // sample i's
   for (int64_t i = 0; i < B; ++i) {
     const bool* mk = mask.const_data_ptr<bool>() + i * (L - 1);
     for (int64_t t = 0; t < L - 1; ++t)
-      if (mk[t]) rows_at.push_back(pk.off[static_cast<size_t>(i)] + t);
+      if (mk[t]) rows_at.push_back(pk.off[segment(i)] + t - S);
   }
   if (rows_at.empty()) return 0.0;
   at::Tensor x = at::empty({pk.rows, C}, at::kFloat);
-  for (int64_t i = 0; i < B; ++i)
-    if (lengths[static_cast<size_t>(i)] > 0)
-      x.narrow(0, pk.off[static_cast<size_t>(i)], lengths[static_cast<size_t>(i)])
-          .copy_(b.embeds[i].narrow(0, 0, lengths[static_cast<size_t>(i)]));
+  if (S > 0) {  // the same bytes in every sample that runs
+    const int64_t i0 = std::find_if(lengths.begin(), lengths.end(), [](int64_t n) { return n > 0; }) - lengths.begin();
+    x.narrow(0, 0, S).copy_(embeds[i0].narrow(0, 0, S));
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = pk.len[segment(i)];
+    if (n > 0) x.narrow(0, pk.off[segment(i)], n).copy_(embeds[i].narrow(0, S, n));
+  }
   auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
   cos = cos[0].contiguous(), sin = sin[0].contiguous();
   // The last layer computes its output on the loss rows only (PackedRows::out): the others are its keys and values.

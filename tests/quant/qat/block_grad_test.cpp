@@ -55,10 +55,18 @@ Case make_case(int64_t sliding_window) {
 // per value is ≲ 96·6e-8 ≈ 6e-6 at worst, compounded over the block's ~10 stages in each direction: 1e-4 of the
 // largest entry holds with margin, while a wrong sign, a missing term or a misplaced head moves the gradient by
 // a large part of its scale.
+//
+// Then again with the first 4 positions of samples 0, 1 and 3 the same (inputs and targets; sample 2 computes nothing):
+// computed once (PackedRows::prefix), their loss weighted by how many samples have them valid (1 at positions 0 and 3,
+// sample 0's holes; 2 at 1 and 2), and their gradients, dL/dx included, the sums over the samples' copies.
 TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
   const int threads = at::get_num_threads();
-  for (int64_t window : {0, 5}) {
+  for (auto [window, prefix] : {std::pair<int64_t, int64_t>{0, 0}, {5, 0}, {0, 4}, {5, 4}}) {
     Case k = make_case(window);
+    for (int64_t b : {1, 3}) {
+      k.x[b].narrow(0, 0, prefix).copy_(k.x[0].narrow(0, 0, prefix));
+      k.y[b].narrow(0, 0, prefix).copy_(k.y[0].narrow(0, 0, prefix));
+    }
     const LlamaConfig& cfg = k.cfg;
     LlamaModel model(cfg);
     auto* layer = model->layers[0]->as<LlamaDecoderLayerImpl>();
@@ -109,7 +117,7 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
     for (int nthreads : {1, 2, 3}) {
       at::set_num_threads(nthreads);
       const BlockGrads g = block_grad_cpu(cfg, w, k.x, k.y, k.valid, cos[0].contiguous(), sin[0].contiguous(), denom);
-      SCOPED_TRACE(testing::Message() << "window " << window << ", " << nthreads << " threads");
+      SCOPED_TRACE(testing::Message() << "window " << window << ", prefix " << prefix << ", " << nthreads << " threads");
       EXPECT_NEAR(g.loss, loss.item<double>(), 1e-5 * loss.item<double>());
       const int64_t Cq = cfg.num_attention_heads * cfg.head_dim, Ck = cfg.num_key_value_heads * cfg.head_dim,
                     F = cfg.intermediate_size;
@@ -126,21 +134,31 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
       std::vector<int64_t> lengths;
       for (int64_t b = 0; b < B; ++b)
         lengths.push_back(k.valid[b].nonzero().numel() == 0 ? 0 : k.valid[b].nonzero().max().item<int64_t>() + 1);
-      const PackedRows pk = pack_rows(lengths);
-      std::vector<at::Tensor> xs, ys, vs;
+      const int64_t S = shared_prefix({k.x.contiguous(), k.y}, lengths, L);
+      ASSERT_EQ(S, prefix);
+      const PackedRows pk = pack_rows(lengths, S);
+      // The (sample, position) pairs each packed row stands for: one, or every computing sample's in the prefix.
+      std::vector<std::vector<std::pair<int64_t, int64_t>>> src(static_cast<size_t>(pk.rows));
       for (int64_t b = 0; b < B; ++b) {
-        xs.push_back(k.x[b].narrow(0, 0, lengths[b]).to(at::kFloat));
-        ys.push_back(k.y[b].narrow(0, 0, lengths[b]));
-        vs.push_back(k.valid[b].narrow(0, 0, lengths[b]).to(at::kFloat));
+        if (lengths[b] == 0) continue;
+        const size_t seg = static_cast<size_t>(S > 0 ? b + 1 : b);
+        for (int64_t t = 0; t < S; ++t) src[static_cast<size_t>(t)].push_back({b, t});
+        for (int64_t j = 0; j < pk.len[seg]; ++j) src[static_cast<size_t>(pk.off[seg] + j)].push_back({b, S + j});
       }
+      at::Tensor xin = at::empty({pk.rows, cfg.hidden_size}), y_of = at::empty_like(xin), v_of = at::zeros({pk.rows});
+      at::Tensor ref_dx = at::zeros_like(xin);
+      for (int64_t r = 0; r < pk.rows; ++r)
+        for (auto [b, t] : src[static_cast<size_t>(r)]) {
+          xin[r] = k.x[b][t].to(at::kFloat), y_of[r] = k.y[b][t];
+          v_of[r] += k.valid[b][t].to(at::kFloat);
+          ref_dx[r] += ref.back()[b][t];
+        }
       BlockGradWeights wt = w;
       for (at::Tensor* t : {&wt.qkv, &wt.o, &wt.gate_up, &wt.down}) *t = t->t().contiguous().t();
       BlockTape tape;
       const at::Tensor c0 = cos[0].contiguous(), s0 = sin[0].contiguous();
-      const at::Tensor out = block_forward_cpu(cfg, wt, pk, at::cat(xs), c0, s0, &tape);
-      const at::Tensor dout = ((out - at::cat(ys)) * at::cat(vs).unsqueeze(1) * (2 / denom)).contiguous();
-      std::vector<at::Tensor> ref_dx;
-      for (int64_t b = 0; b < B; ++b) ref_dx.push_back(ref.back()[b].narrow(0, 0, lengths[b]));
+      const at::Tensor out = block_forward_cpu(cfg, wt, pk, xin, c0, s0, &tape);
+      const at::Tensor dout = ((out - y_of) * v_of.unsqueeze(1) * (2 / denom)).contiguous();
       auto expect_ref = [&](const BlockGradsT& gt, const char* what) {
         const std::vector<at::Tensor> mine_t = {gt.qkv.t().narrow(0, 0, Cq), gt.qkv.t().narrow(0, Cq, Ck),
                                                 gt.qkv.t().narrow(0, Cq + Ck, Ck), gt.o.t(),
@@ -148,7 +166,7 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
                                                 gt.down.t()};
         for (size_t i = 0; i < mine_t.size(); ++i)
           EXPECT_LE(rel_err(mine_t[i], ref[i]), 1e-4) << what << " " << names[i];
-        EXPECT_LE(rel_err(gt.dx, at::cat(ref_dx)), 1e-4) << what << " dx";
+        EXPECT_LE(rel_err(gt.dx, ref_dx), 1e-4) << what << " dx";
       };
       expect_ref(block_backward_cpu(cfg, wt, pk, tape, dout, c0, s0, true), "all rows:");
 
@@ -157,12 +175,11 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
       // (the same arithmetic in GEMMs of other shapes: ~1e-6 relative; 1e-5), and dL/dout on those rows alone gives
       // every gradient above, dL/dx included (the other rows' outputs were multiplied by 0 in the loss).
       PackedRows pk_out = pk;
-      const at::Tensor vcat = at::cat(vs);
       for (int64_t r = 0; r < pk.rows; ++r)
-        if (vcat[r].item<float>() > 0) pk_out.out.push_back(r);
+        if (v_of[r].item<float>() > 0) pk_out.out.push_back(r);
       const at::Tensor rows = at::tensor(pk_out.out, at::kLong);
       BlockTape tape_out;
-      const at::Tensor out_sub = block_forward_cpu(cfg, wt, pk_out, at::cat(xs), c0, s0, &tape_out);
+      const at::Tensor out_sub = block_forward_cpu(cfg, wt, pk_out, xin, c0, s0, &tape_out);
       ASSERT_EQ(out_sub.size(0), rows.numel());
       EXPECT_LE(rel_err(out_sub, out.index_select(0, rows)), 1e-5);
       const at::Tensor dout_sub = dout.index_select(0, rows).contiguous();
@@ -170,6 +187,24 @@ TEST(BlockGrad, LossAndGradientsMatchAutogradThroughTheLayer) {
     }
   }
   at::set_num_threads(threads);
+}
+
+// shared_prefix: the leading positions that every computing sample has byte for byte, in every tensor given, at most
+// the cap and the shortest computing sample; nothing for fewer than two computing samples.
+TEST(BlockGrad, SharedPrefixIsWhatEveryComputingSampleBeginsWith) {
+  at::manual_seed(3);
+  at::Tensor x = at::randn({3, 6, 4}), y = at::randn({3, 6, 2});
+  for (int64_t b : {1, 2}) x[b].narrow(0, 0, 5).copy_(x[0].narrow(0, 0, 5)), y[b].copy_(y[0]);
+  EXPECT_EQ(shared_prefix({x, y}, {6, 6, 6}, 6), 5);
+  EXPECT_EQ(shared_prefix({x, y}, {6, 6, 6}, 3), 3);     // the cap
+  EXPECT_EQ(shared_prefix({x, y}, {6, 4, 6}, 6), 4);     // the shortest sample
+  y[2][2][1] = 7.0f;                                       // a target differs at position 2
+  EXPECT_EQ(shared_prefix({x, y}, {6, 6, 6}, 6), 2);
+  EXPECT_EQ(shared_prefix({x}, {6, 6, 6}, 6), 5);
+  EXPECT_EQ(shared_prefix({x, y}, {6, 6, 0}, 6), 5);     // sample 2 computes nothing
+  EXPECT_EQ(shared_prefix({x, y}, {0, 6, 0}, 6), 0);     // one sample: nothing to share
+  x[1][0][0] = -x[1][0][0] - 1;
+  EXPECT_EQ(shared_prefix({x}, {6, 6, 6}, 6), 0);
 }
 
 // A batch without a loss position computes nothing: loss 0, zero gradients.

@@ -1285,18 +1285,25 @@ TEST(E2eQp, TheStepsLossIsTheSameInAnyMicroBatches) {
 // BlockGrad.LossAndGradientsMatchAutogradThroughTheLayer (fp32, other summation orders, here through two blocks and
 // the head): 1e-4 of the largest entry of each linear's dL/ds. A gradient on the wrong linear or group moves
 // entries by a large part of that scale; AdamW's first step, which only sees each gradient's sign, would not show it.
+// Then again with the training samples beginning with the same 6 tokens, none of them a loss position (a chat
+// template's system prompt), which by hand run once (PackedRows::prefix).
 TEST(E2eQp, TheStepByHandHasAutogradsGradients) {
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
   Model m0 = load_model(fixture("tiny_llama"));
-  CalibSet calib = tiny_calib(m0);
-  for (size_t i = 0; i < calib.train.size(); ++i) {  // lengths 32, 29, 26, ...
-    calib.train[i].ids.resize(32 - 3 * i);
-    calib.train[i].is_answer.resize(32 - 3 * i);
-  }
-  std::vector<CalibSample> teacher = calib.train;
-  teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
-  for (const std::string loss : {"ce", "kd"}) {
+  for (const auto& [prompted, loss] :
+       std::vector<std::pair<bool, std::string>>{{false, "ce"}, {false, "kd"}, {true, "ce"}, {true, "kd"}}) {
+    CalibSet calib = tiny_calib(m0);
+    for (size_t i = 0; i < calib.train.size(); ++i) {  // lengths 32, 29, 26, ...
+      calib.train[i].ids.resize(32 - 3 * i);
+      calib.train[i].is_answer.resize(32 - 3 * i);
+      if (!prompted) continue;
+      std::copy_n(calib.train[0].ids.begin(), 6, calib.train[i].ids.begin());
+      std::fill_n(calib.train[i].is_answer.begin(), 6, 0);
+    }
+    std::vector<CalibSample> teacher = calib.train;
+    teacher.insert(teacher.end(), calib.val.begin(), calib.val.end());
+    SCOPED_TRACE(prompted ? "a shared prompt" : "no shared prompt");
     std::vector<std::vector<at::Tensor>> grads;
     std::vector<double> first;
     const E2eOptions base = e2e_opts();
