@@ -67,8 +67,9 @@ int cmd_quantize(const Argv& argv) {
                                 "samples in one pass where that takes at most 256 MiB)", "4"},
        {"e2e-samples", "N", "E2E-QP training samples (default: --samples)", ""},
        {"e2e-steps", "N", "cap on E2E-QP optimizer steps", ""},
-       {"e2e-early-check", "F", "after this fraction of E2E-QP's steps, stop and keep Block-AP's step sizes if the "
-                                "validation loss is above Block-AP's (0: judge at the end only)", "0.25"},
+       {"e2e-early-check", "F", "after this fraction of E2E-QP's steps, stop and keep Block-AP's step sizes if "
+                                "validation is worse than Block-AP's: mean up and most samples worse (0: judge at the "
+                                "end only)", "0.25"},
        {"warmup-ratio", "R", "E2E-QP linear warmup fraction", "0.03"},
        {"max-grad-norm", "X", "E2E-QP gradient clipping", "0.3"},
        {"e2e-save-every", "N", "E2E-QP checkpoint interval in steps", "10"},

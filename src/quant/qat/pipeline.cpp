@@ -528,6 +528,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                             {"by_hand", r.by_hand},
                             {"pass_samples", r.pass_samples},
                             {"check_step", r.check_step}, {"val_loss_check", r.val_loss_check},
+                            {"val_samples_worse", r.val_worse}, {"val_samples_better", r.val_better},
                             {"peak_rss_mib", r.peak_rss_mib}};
   }
 
