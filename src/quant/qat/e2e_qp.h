@@ -81,7 +81,7 @@ struct ValLoss {
 // Whether step sizes that give `now` did worse on validation than those that gave `before` (Block-AP's), so that
 // E2E-QP restores Block-AP's: the mean rose AND more samples got worse than better (worse / better: those counts).
 // The mean alone is carried by one or two samples of a small validation set: at W2g64 on the default model it rose
-// in 4 of 10 seeds, and in each the trained step sizes were the lower on 551-566 of the 1000 test questions
+// on 4 of seeds 2-10, and on each the trained step sizes were the lower on 551-566 of the 1000 test questions
 // (models/SOURCES.md, issue 18).
 bool worse_on_validation(const ValLoss& before, const ValLoss& now, int64_t* worse = nullptr,
                          int64_t* better = nullptr);
