@@ -51,7 +51,8 @@ at::Tensor loss_of_logits(Model& m, const EmbeddedBatch& b, const at::Tensor& ma
   }
   at::Tensor target = b.ids.narrow(1, 1, L - 1).to(m.device).index({mask});  // [n]
   at::Tensor lp = logits.to(at::kFloat).log_softmax(-1);
-  return per_row ? -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1) : -lp.gather(-1, target.unsqueeze(-1)).sum();
+  const at::Tensor nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1);  // [n]
+  return per_row ? nll : nll.sum();
 }
 
 // Loss of one micro-batch, summed over its loss positions (position t predicts ids[t+1] where answer[t+1] and
@@ -332,10 +333,12 @@ E2eResult run_e2e_qp(Model& m, const CalibSet& data, const E2eOptions& opts) {
       const EmbeddedBatch eb = embed_samples(m, mb);
       auto [rows, c] = lm_loss(m, eb, teacher_rows(opts, idx), true);
       const at::Tensor r = rows.to(at::kCPU, at::kDouble).contiguous();
-      const at::Tensor per = loss_positions(eb).sum(1).cpu();  // each sample's positions, in row order
+      // each sample's loss positions, whose rows come in sample order
+      const at::Tensor per = loss_positions(eb).sum(1).to(at::kCPU, at::kLong).contiguous();
       const double* rp = r.const_data_ptr<double>();
+      const int64_t* np = per.const_data_ptr<int64_t>();
       for (size_t a = 0, row = 0; a < positions.size(); ++a) {
-        const int64_t n = per[static_cast<int64_t>(a)].item<int64_t>();
+        const int64_t n = np[a];
         double own = 0;
         for (int64_t t = 0; t < n; ++t) own += rp[row++];
         sum += own;
