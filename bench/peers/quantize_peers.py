@@ -41,9 +41,10 @@ What each row is
   i // 64; GPTQModel's in_features_groups (172, 3) in the JSON); AutoRound leaves the layer in FP (rule above).
 
 Calibration (the same samples eqat calibrates on, built here once per model and fed to both peers)
-  shapes-llava: what `eqat quantize --samples 1024` (quant-table's shapes rows, no --calib) uses: `eqat data shapes
-    --train 1088 --test 0 --seed 2` (eqat generates n_train + n_val = 1024 + 64 conversations), eqat's seeded
-    Fisher-Yates shuffle (std::mt19937_64, seed 2, reimplemented bit-exactly here), the first 1024 records. Each is
+  shapes-llava: what `eqat quantize --samples 1024` (quant-table's shapes rows, no --calib; --samples N and --seed S
+    here pick others, e.g. --samples 4096 for eqat quantize's own default) uses: `eqat data shapes --train 1088
+    --test 0 --seed 2` (eqat generates n_train + n_val = 1024 + 64 conversations), eqat's seeded Fisher-Yates
+    shuffle (std::mt19937_64, seed 2, reimplemented bit-exactly here), the first 1024 records. Each is
     tokenized as eqat's tokenize_conversation does (LLaVA-1.5 vicuna_v1):
       "<s>{system} USER: <image>\\n{question} ASSISTANT:" + " {answer}</s>" (answer tokenized on its own, + EOS),
     system = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful,
@@ -232,7 +233,8 @@ def build_shapes_calib(work: Path, eqat: str, log: Path) -> dict:
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    world = work / ("shapes-calib" if SHAPES_SEED == 2 else f"shapes-calib-seed{SHAPES_SEED}")
+    world = work / ("shapes-calib" + ("" if SHAPES_SEED == 2 else f"-seed{SHAPES_SEED}")
+                    + ("" if SHAPES_SAMPLES == 1024 else f"-n{SHAPES_SAMPLES}"))
     if not (world / "train.json").exists():
         sh([eqat, "data", "shapes", "--out", world, "--train", SHAPES_SAMPLES + SHAPES_VAL, "--test", 0,
             "--seed", SHAPES_SEED, "--overwrite"], log)
@@ -875,7 +877,7 @@ def cpu_facts() -> dict:
 
 
 def main() -> int:
-    global SHAPES_SEED
+    global SHAPES_SEED, SHAPES_SAMPLES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eqat", default=os.environ.get("EQAT", str(REPO / "build/bin/eqat")))
     ap.add_argument("--work", default="/tmp/eqat-peers", help="work directory (outside the repository)")
@@ -895,10 +897,16 @@ def main() -> int:
                          "busy core)")
     ap.add_argument("--seed", type=int, default=SHAPES_SEED,
                     help="the default VLM's calibration draw (eqat quantize --seed; the peers get the same samples)")
+    ap.add_argument("--samples", type=int, default=SHAPES_SAMPLES,
+                    help="the default VLM's calibration samples (eqat quantize --samples; the peers get the same ones; "
+                         "eqat quantize's own default is 4096)")
     ap.add_argument("--print", dest="print_json", metavar="FILE", help="only print the tables of a result JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     SHAPES_SEED = a.seed
+    if not 1 <= a.samples <= 1 << 20:
+        ap.error(f"--samples must be in [1, {1 << 20}], got {a.samples}")
+    SHAPES_SAMPLES = a.samples
     if a.print_json:
         for model, rows in json.loads(Path(a.print_json).read_text())["results"].items():
             print(f"\n### {model}\n")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The peers (AutoRound, GPTQModel) quantize eqat's models at eqat's settings; eqat scores them; see quantize_peers.py.
-#   bench/peers/quantize_peers.sh [--only REGEX] [--peers LIST] [--eqat-methods LIST] [--work DIR] [--out FILE.json]
+#   bench/peers/quantize_peers.sh [--only REGEX] [--peers LIST] [--eqat-methods LIST] [--seed S] [--samples N]
+#                                [--work DIR] [--out FILE.json]
 # EQAT=/path/to/eqat works too (default: build/bin/eqat). Writes bench/results/peers_cpu_<date>.json and prints the
 # Markdown tables on stdout; work files go under /tmp/eqat-peers (--work).
 set -euo pipefail
