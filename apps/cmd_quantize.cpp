@@ -38,14 +38,19 @@ int cmd_quantize(const Argv& argv) {
        {"samples", "N", "calibration samples", "4096"},
        {"val-samples", "N", "validation samples", "64"},
        {"seq-len", "L", "max tokens per sample (text windows are exactly L)", "2048"},
-       {"batch-size", "N", "Block-AP batch size in samples, or auto: for efficientqat at 2 and 3 bits on short samples, "
-                           "enough for about 256 tokens (at most 16), else 2; faster on ~35-token samples, but not "
-                           "always as close to the FP model (models/SOURCES.md)", "2"},
+       {"batch-size", "N", "Block-AP batch size in samples, or auto: for efficientqat at 2 and 3 bits on short "
+                           "samples, enough for about 256 tokens (at most 16), else 2 (faster on ~35-token samples, "
+                           "but not always as close to the FP model: models/SOURCES.md) (default: 4 from the default "
+                           "gptq-unrounded start, whose learning rates scale with the batch up to 4, when the "
+                           "samples are short (under 128 tokens on average) and at least 4096; else 2, the paper's)",
+        ""},
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
-                          "sit on their grid points where s and z get no gradient; 2e-5 with --init gptq-unrounded)", ""},
-       {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5; 4e-5 at 3/4/8 bits "
-                           "with --init gptq-unrounded)", ""},
+                          "sit on their grid points where s and z get no gradient; with --init gptq-unrounded 1e-5 "
+                          "per sample of --batch-size up to 4: 2e-5 at batch 2, 4e-5 at 4)", ""},
+       {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5; with --init "
+                           "gptq-unrounded 1e-5 (2 bits) or 2e-5 (3/4/8 bits) per sample of --batch-size up to 4: "
+                           "2e-5 / 4e-5 at batch 2, 4e-5 / 8e-5 at 4)", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
        {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "
                      "each group's clip range searched for the least weight error) | gptq (GPTQ's integers on the "
@@ -110,7 +115,8 @@ int cmd_quantize(const Argv& argv) {
   o.calib_opts.seed = static_cast<uint64_t>(a.i64("seed", 0, INT64_MAX));
   if (a.has("e2e-samples")) o.e2e_samples = a.i64("e2e-samples", 1, kMaxSamples);
   o.block.epochs = a.i64("epochs", 0, kMaxEpochs);
-  o.block.batch_size = a.str("batch-size") == "auto" ? 0 : a.i64("batch-size", 1, kMaxBatch);  // 0: auto_block_batch
+  if (a.has("batch-size"))  // 0: auto_block_batch; not given: default_block_batch (-1)
+    o.block.batch_size = a.str("batch-size") == "auto" ? 0 : a.i64("batch-size", 1, kMaxBatch);
   if (a.has("quant-lr")) o.block.quant_lr = a.f64("quant-lr", 0, 1);
   if (a.has("weight-lr")) o.block.weight_lr = a.f64("weight-lr", 0, 1);
   o.block.min_lr_factor = a.f64("min-lr-factor", 1, 1e6);

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 #include <limits>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -250,9 +251,11 @@ TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
 }
 
 // EfficientQAT starts Block-AP from GPTQ's unrounded weights unless --init says otherwise (issue 18); the summary
-// records the start that ran, and GPTQ's column order (--gptq-order, natural by default).
+// records the start that ran, GPTQ's column order (--gptq-order, natural by default), the batch and the rates, which
+// from that start scale with the batch up to 4 (unrounded_lr_scale; the paper's 2 and rates from min-max).
 TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
   TempDir t;
+  nlohmann::json phase;
   auto init_of = [&](const std::vector<std::string>& extra) {
     std::vector<std::string> args = {"quantize", "--model", fixture("tiny_llama"), "--bits", "2", "--group-size", "32",
                                      "--calib", data_path("text/tinyshakespeare.txt"), "--samples", "4",
@@ -261,11 +264,22 @@ TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
     args.insert(args.end(), extra.begin(), extra.end());
     RunResult r = run_eqat(args);
     EXPECT_EQ(r.code, 0) << r.err;
-    const auto phase = nlohmann::json::parse(slurp(t.str("q") + "/eqat_quantize_summary.json"))["block_phase"];
+    phase = nlohmann::json::parse(slurp(t.str("q") + "/eqat_quantize_summary.json"))["block_phase"];
     return phase["init"].get<std::string>() + "/" + phase["gptq_order"].get<std::string>();
   };
+  // batch, quant lr, weight lr as the summary records them
+  auto recipe = [&] {
+    return std::tuple(phase["batch_size"].get<int64_t>(), phase["quant_lr"].get<double>(),
+                      phase["weight_lr"].get<double>());
+  };
   EXPECT_EQ(init_of({}), "gptq-unrounded/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{2}, 2e-5, 2e-5));  // 4 samples: batches of 4 would make 1 step per epoch
+  EXPECT_EQ(init_of({"--batch-size", "4"}), "gptq-unrounded/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{4}, 4e-5, 4e-5));  // the rates double with the batch
+  EXPECT_EQ(init_of({"--batch-size", "8", "--weight-lr", "1e-4"}), "gptq-unrounded/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{8}, 4e-5, 1e-4));  // the rates stop scaling at 4; a given rate is kept
   EXPECT_EQ(init_of({"--init", "minmax"}), "minmax/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{2}, 1e-4, 2e-5));  // the paper's
   EXPECT_EQ(init_of({"--gptq-order", "gar"}), "gptq-unrounded/gar");
   expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q3"), "--gptq-order",
                               "desc", "--calib", data_path("text/tinyshakespeare.txt")}),

@@ -28,15 +28,18 @@ struct BlockApOptions {
   std::string method = "efficientqat";  // efficientqat | rtn | gptq
   QuantSpec spec;
   int64_t epochs = 2;
-  int64_t batch_size = 2;
+  int64_t batch_size = 2;  // the paper's; eqat quantize's default from gptq-unrounded is kUnroundedBatch
   // <0: 1e-4 (the paper's), or 0 with init "gptq": GPTQ's error compensation leaves every weight exactly on its
   // grid point, where the STE gradient of s and z is exactly zero; Adam normalises that zero (float noise) into
   // full-size steps in random directions (measured on the default model: block MSE up 6x). The step sizes are then
-  // left to E2E-QP. With init "gptq-unrounded": 2e-5 (measured on both models at W2, models/SOURCES.md: 1e-4 is
-  // better on stories260K, 1.62 against 2.14 held-out KL at W2g64, but leaves the default VLM behind GPTQ, 0.00069
-  // against 0.00040 answer KL; 2e-5 meets the issue-18 bars on both).
+  // left to E2E-QP. With init "gptq-unrounded": 2e-5 per 2 samples of batch (unrounded_lr_scale; measured at batch
+  // 2 on both models at W2, models/SOURCES.md: 1e-4 is better on stories260K, 1.62 against 2.14 held-out KL at
+  // W2g64, but leaves the default VLM behind GPTQ, 0.00069 against 0.00040 answer KL; 2e-5 meets the issue-18 bars
+  // on both).
   double quant_lr = -1;
-  double weight_lr = -1;  // <0: 2e-5 for 2-bit; 3/4/8-bit 1e-5 (the paper's), or 4e-5 from gptq-unrounded
+  // <0: 2e-5 for 2-bit; 3/4/8-bit 1e-5 (the paper's); from gptq-unrounded 2e-5 (2-bit) or 4e-5 (3/4/8-bit) per 2
+  // samples of batch (unrounded_lr_scale).
+  double weight_lr = -1;
   double min_lr_factor = 20;
   double gptq_damp = 0.01;
   // GPTQ's column order (gptq.h): "natural" or "gar" (group-aware reordering); for --method gptq and the gptq starts.
@@ -73,8 +76,17 @@ struct BlockRecord {
   double loss_scale = 1;      // the dynamic loss scale at the end of the block (1: no scaling, CPU)
 };
 
+// From GPTQ's unrounded start on many short samples, eqat quantize trains Block-AP in batches of 4 at twice the
+// batch-2 learning rates (the linear scaling rule; default_block_batch in pipeline.h says when). The default rates
+// scale with the batch up to 4 and stop there: batches above 4 keep the batch-4 rates, because larger ones were not
+// measured with scaled rates.
+constexpr int64_t kUnroundedBatch = 4;
+// The factor on the gptq-unrounded start's default rates (given per 2 samples): min(batch, kUnroundedBatch) / 2.
+double unrounded_lr_scale(int64_t batch_size);
+
 struct BlockApResult {
   std::vector<BlockRecord> blocks;
+  double quant_lr = 0, weight_lr = 0;  // the rates that trained (the options' or the defaults)
   double seconds = 0;
   double ms_per_iteration = 0;
   double peak_rss_mib = 0;

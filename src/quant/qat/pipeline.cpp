@@ -174,7 +174,7 @@ void validate_quantize_flags(const QuantizeOptions& o) {
   EQAT_CHECK(b.gptq_order == "natural" || b.gptq_order == "gar", "--gptq-order: expected natural or gar, got '",
              b.gptq_order, "'");
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
-  EQAT_CHECK(b.batch_size >= 0 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
+  EQAT_CHECK(b.batch_size >= -1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
              "] or auto (0), got ", b.batch_size);
   EQAT_CHECK(b.quant_lr == -1 || is_finite_nonneg(b.quant_lr), "--quant-lr must be a finite number >= 0, got ",
              b.quant_lr);
@@ -203,12 +203,27 @@ void validate_quantize_flags(const QuantizeOptions& o) {
   EQAT_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
 }
 
+namespace {
+double mean_sample_tokens(const std::vector<CalibSample>& train) {
+  int64_t tokens = 0;
+  for (const auto& smp : train) tokens = add_sat(tokens, static_cast<int64_t>(smp.ids.size()));
+  return train.empty() ? 0.0 : static_cast<double>(tokens) / static_cast<double>(train.size());
+}
+}  // namespace
+
+int64_t default_block_batch(const std::string& method, const std::string& init,
+                            const std::vector<CalibSample>& train) {
+  constexpr int64_t kPaperBatch = 2;
+  if (method != "efficientqat" || init != "gptq-unrounded") return kPaperBatch;
+  const bool short_samples = kPaperBatch * mean_sample_tokens(train) < static_cast<double>(kAutoBatchTokens);
+  const bool many = static_cast<int64_t>(train.size()) >= kUnroundedBatch * kUnroundedMinSteps;
+  return short_samples && many ? kUnroundedBatch : kPaperBatch;
+}
+
 int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train) {
   constexpr int64_t kPaperBatch = 2;
   if (method != "efficientqat" || bits >= 4 || train.empty()) return kPaperBatch;
-  int64_t tokens = 0;
-  for (const auto& smp : train) tokens = add_sat(tokens, static_cast<int64_t>(smp.ids.size()));
-  const double mean = static_cast<double>(tokens) / static_cast<double>(train.size());
+  const double mean = mean_sample_tokens(train);
   const auto want = static_cast<int64_t>(std::ceil(static_cast<double>(kAutoBatchTokens) / std::max(1.0, mean)));
   return std::clamp<int64_t>(want, kPaperBatch, kAutoBatchMax);
 }
@@ -463,6 +478,8 @@ nlohmann::json run_quantize(QuantizeOptions o) {
   if (!e2e_only) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
     const int64_t tokens = token_count(calib.train);
+    if (o.block.init.empty()) o.block.init = o.method == "efficientqat" ? kDefaultInit : "minmax";
+    if (o.block.batch_size < 0) o.block.batch_size = default_block_batch(o.method, o.block.init, calib.train);
     if (o.block.batch_size == 0) o.block.batch_size = auto_block_batch(o.method, o.spec.bits, calib.train);
     check_activation_caches_fit(o, calib, m.cfg.text.hidden_size, teacher_samples);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",
@@ -480,7 +497,6 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     BlockApOptions bo = o.block;
     if (!offload.empty()) bo.offload_dir = offload;
     bo.method = o.method;
-    if (bo.init.empty()) bo.init = o.method == "efficientqat" ? kDefaultInit : "minmax";
     bo.spec = o.spec;
     bo.state_dir = state_dir;
     bo.resume = resume;
@@ -502,6 +518,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     plots.emplace_back("eqat_quantize_blocks.png",
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
     summary["block_phase"] = {{"init", bo.init},         {"gptq_order", bo.gptq_order}, {"batch_size", bo.batch_size},
+                              {"quant_lr", r.quant_lr},  {"weight_lr", r.weight_lr},    {"epochs", bo.epochs},
                               {"seconds", r.seconds},    {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }

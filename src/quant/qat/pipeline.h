@@ -20,11 +20,12 @@
 namespace eqat {
 
 struct QuantizeOptions {
-  // Defaults that depend on the run: Block-AP's start (kDefaultInit for efficientqat), E2E-QP's epochs (-1: 1, or
-  // kDistill2BitEpochs when distilling at 2 bits; its lr likewise, see kDistill2BitLr). A Block-AP batch of 0 asks
-  // for auto_block_batch.
+  // Defaults that depend on the run: Block-AP's start (kDefaultInit for efficientqat), its batch (-1:
+  // default_block_batch; 0 asks for auto_block_batch), E2E-QP's epochs (-1: 1, or kDistill2BitEpochs when distilling
+  // at 2 bits; its lr likewise, see kDistill2BitLr).
   QuantizeOptions() {
     block.init.clear();
+    block.batch_size = -1;
     e2e.epochs = -1;
   }
   std::string model_dir;  // resolved source model
@@ -73,13 +74,29 @@ constexpr int64_t kDistill2BitEpochs = 4;
 // CLI's 4096, every distillation tried after it (2 epochs at 2e-4 or 1e-4, 4 at 1e-4) raised the validation KL and
 // was undone. Not tried after the default batch-2 Block-AP at 4096.
 
+// Block-AP's batch when --batch-size is not given: the paper's 2, or kUnroundedBatch (at twice the rates: they scale
+// with it, block_ap.h) for --method efficientqat from the gptq-unrounded start when the samples are short (two hold
+// fewer than kAutoBatchTokens tokens on average: a step's time is mostly per-step work, not tokens) and so many that
+// batches of 4 still make at least kUnroundedMinSteps steps per epoch. Measured on the default VLM (~35-token
+// samples; models/SOURCES.md, issue 18, 2026-12-05): at the CLI's 4096 samples, seeds 2-6, batches of 4 at twice
+// the rates took 0.56-0.88x Block-AP's time; their answer KL averaged over the five seeds was the lower at W2g64,
+// W3g128 and W4g128 (2.2e-4 / 4.2e-5 / 1.09e-5 against 2.7e-4 / 5.0e-5 / 1.28e-5), the lower on the questions at W2
+// on four seeds and level at W3 and W4 (2502 and 2528 of 5000), and below GPTQ's in 14 of 15 cells, as batch 2's
+// was. At 1024 samples (256 steps per epoch) they were the lower at W3 on all three seeds tried but the higher on
+// the questions at W4 on all three and on the mean at W2 on two, so smaller sets keep 2. `init` is the resolved
+// start.
+constexpr int64_t kUnroundedMinSteps = 1024;
+int64_t default_block_batch(const std::string& method, const std::string& init,
+                            const std::vector<CalibSample>& train);
+
 // Block-AP's batch with --batch-size auto (not the default): the paper's 2 samples, or, for --method efficientqat at 2
 // and 3 bits on short samples, as many as hold about kAutoBatchTokens tokens (at most kAutoBatchMax). The paper's
 // batch is 2 × 2048 tokens; two ~35-token shapes conversations make a 70-token step. Measured on the default VLM
 // (models/SOURCES.md, issue 18): with 1024 calibration samples, 8 per step kept the answer KL where 2 had it at
 // W2g64 and W3g128 (three seeds) in 0.6× the quantize's wall time, but at W4g128 it rose by 40 % on every seed, and
 // with the CLI's 4096 samples at W2g64 it was 2.7× the batch-2 KL (E2E-QP then raised the validation KL and was
-// undone). So the default stays the paper's 2.
+// undone). That was at the batch-2 learning rates; from the gptq-unrounded start the rates now scale with the batch
+// up to 4 (kUnroundedBatch), and auto's larger batches keep the batch-4 rates.
 constexpr int64_t kAutoBatchTokens = 256, kAutoBatchMax = 16;
 int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train);
 

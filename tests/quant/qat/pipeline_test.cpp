@@ -136,7 +136,7 @@ TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
 
   TempDir t;
   QuantizeOptions o = pipeline_test::rtn_options(t.str("q"));
-  EXPECT_EQ(o.block.batch_size, 2);  // the paper's, unless auto (0) is asked for
+  EXPECT_EQ(o.block.batch_size, -1);  // default_block_batch, unless auto (0) or a size is asked for
   o.block.batch_size = 0;
   EXPECT_EQ(quantize_settings(o)["--batch-size"], 0);
   o.method = "efficientqat";
@@ -150,6 +150,33 @@ TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
   o.phases = "both";
   o.block.batch_size = 0;
   EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 2);
+  o.block.batch_size = -1;
+  EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 2);
+}
+
+// Without --batch-size: 4 (kUnroundedBatch, at twice the rates) from the gptq-unrounded start on many short samples,
+// the paper's 2 otherwise.
+TEST(Pipeline, DefaultBatchIsFourOnlyForManyShortSamplesFromTheUnroundedStart) {
+  auto samples = [](size_t n, size_t length) {
+    CalibSample one;
+    one.ids.assign(length, 1);
+    return std::vector<CalibSample>(n, one);
+  };
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4096, 35)), 4);  // the CLI's default VLM run
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4095, 35)), 2);  // 1023 steps at batch 4
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(1024, 35)), 2);  // measured: keeps 2
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(8192, 127)), 4);
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(8192, 128)), 2);  // two hold 256 tokens
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4096, 2048)), 2);  // the paper's windows
+  EXPECT_EQ(default_block_batch("efficientqat", "minmax", samples(4096, 35)), 2);  // the paper's recipe
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq", samples(4096, 35)), 2);
+  EXPECT_EQ(default_block_batch("gptq", "minmax", samples(4096, 35)), 2);
+  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", {}), 2);
+  // The rates scale with the batch up to kUnroundedBatch: 1 at the batch-2 rates, 2 at 4 and above.
+  EXPECT_EQ(unrounded_lr_scale(1), 0.5);
+  EXPECT_EQ(unrounded_lr_scale(2), 1.0);
+  EXPECT_EQ(unrounded_lr_scale(4), 2.0);
+  EXPECT_EQ(unrounded_lr_scale(16), 2.0);
 }
 
 // Rows whose weights are all >= 0 have a min–max zero point of 0, which GPTQ v1 (zero − 1 in `bits` bits) cannot
