@@ -204,6 +204,8 @@ void validate_quantize_flags(const QuantizeOptions& o) {
 }
 
 namespace {
+constexpr int64_t kPaperBatch = 2;  // Block-AP's batch in the paper
+
 double mean_sample_tokens(const std::vector<CalibSample>& train) {
   int64_t tokens = 0;
   for (const auto& smp : train) tokens = add_sat(tokens, static_cast<int64_t>(smp.ids.size()));
@@ -213,7 +215,6 @@ double mean_sample_tokens(const std::vector<CalibSample>& train) {
 
 int64_t default_block_batch(const std::string& method, const std::string& init,
                             const std::vector<CalibSample>& train) {
-  constexpr int64_t kPaperBatch = 2;
   if (method != "efficientqat" || init != "gptq-unrounded") return kPaperBatch;
   const bool short_samples = kPaperBatch * mean_sample_tokens(train) < static_cast<double>(kAutoBatchTokens);
   const bool many = static_cast<int64_t>(train.size()) >= kUnroundedBatch * kUnroundedMinSteps;
@@ -221,7 +222,6 @@ int64_t default_block_batch(const std::string& method, const std::string& init,
 }
 
 int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train) {
-  constexpr int64_t kPaperBatch = 2;
   if (method != "efficientqat" || bits >= 4 || train.empty()) return kPaperBatch;
   const double mean = mean_sample_tokens(train);
   const auto want = static_cast<int64_t>(std::ceil(static_cast<double>(kAutoBatchTokens) / std::max(1.0, mean)));
