@@ -40,17 +40,19 @@ int cmd_quantize(const Argv& argv) {
        {"seq-len", "L", "max tokens per sample (text windows are exactly L)", "2048"},
        {"batch-size", "N", "Block-AP batch size in samples, or auto: for efficientqat at 2 and 3 bits on short "
                            "samples, enough for about 256 tokens (at most 16), else 2 (faster on ~35-token samples, "
-                           "but not always as close to the FP model: models/SOURCES.md) (default: 4 from the default "
-                           "gptq-unrounded start, whose learning rates scale with the batch up to 4, when the "
-                           "samples are short (under 128 tokens on average) and at least 4096; else 2, the paper's)",
+                           "but not always as close to the FP model: models/SOURCES.md) (default: 4, or 8 at 2 bits, "
+                           "from the default gptq-unrounded start, whose learning rates scale with the batch up to "
+                           "that, when the samples are short (under 128 tokens on average) and at least 4096; else "
+                           "2, the paper's)",
         ""},
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "
                           "sit on their grid points where s and z get no gradient; with --init gptq-unrounded 1e-5 "
-                          "per sample of --batch-size up to 4: 2e-5 at batch 2, 4e-5 at 4)", ""},
+                          "per sample of --batch-size up to 4 (8 at 2 bits): 2e-5 at batch 2, 4e-5 at 4, 8e-5 at "
+                          "8)", ""},
        {"weight-lr", "LR", "Block-AP lr of weights and norms (default 2e-5 at 2 bits, else 1e-5; with --init "
-                           "gptq-unrounded 1e-5 (2 bits) or 2e-5 (3/4/8 bits) per sample of --batch-size up to 4: "
-                           "2e-5 / 4e-5 at batch 2, 4e-5 / 8e-5 at 4)", ""},
+                           "gptq-unrounded 1e-5 (2 bits) or 2e-5 (3/4/8 bits) per sample of --batch-size up to 4 (8 "
+                           "at 2 bits): 2e-5 / 4e-5 at batch 2, 4e-5 / 8e-5 at 4, 8e-5 at 8 (2 bits))", ""},
        {"min-lr-factor", "F", "cosine decays to lr/F per block", "20"},
        {"init", "I", "Block-AP's start: minmax (W as loaded, s and z from min-max: the paper's) | mse (W as loaded, "
                      "each group's clip range searched for the least weight error) | gptq (GPTQ's integers on the "

@@ -252,7 +252,7 @@ TEST(Cli, QuantizeDefaultsToTheShapesWorldForLlava) {
 
 // EfficientQAT starts Block-AP from GPTQ's unrounded weights unless --init says otherwise (issue 18); the summary
 // records the start that ran, GPTQ's column order (--gptq-order, natural by default), the batch and the rates, which
-// from that start scale with the batch up to 4 (unrounded_lr_scale; the paper's 2 and rates from min-max).
+// from that start scale with the batch up to 8 at 2 bits (unrounded_lr_scale; the paper's 2 and rates from min-max).
 TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
   TempDir t;
   nlohmann::json phase;
@@ -273,11 +273,13 @@ TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
                       phase["weight_lr"].get<double>());
   };
   EXPECT_EQ(init_of({}), "gptq-unrounded/natural");
-  EXPECT_EQ(recipe(), std::tuple(int64_t{2}, 2e-5, 2e-5));  // 4 samples: batches of 4 would make 1 step per epoch
+  EXPECT_EQ(recipe(), std::tuple(int64_t{2}, 2e-5, 2e-5));  // 4 samples: too few for larger batches
   EXPECT_EQ(init_of({"--batch-size", "4"}), "gptq-unrounded/natural");
   EXPECT_EQ(recipe(), std::tuple(int64_t{4}, 4e-5, 4e-5));  // the rates double with the batch
-  EXPECT_EQ(init_of({"--batch-size", "8", "--weight-lr", "1e-4"}), "gptq-unrounded/natural");
-  EXPECT_EQ(recipe(), std::tuple(int64_t{8}, 4e-5, 1e-4));  // the rates stop scaling at 4; a given rate is kept
+  EXPECT_EQ(init_of({"--batch-size", "8"}), "gptq-unrounded/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{8}, 8e-5, 8e-5));  // and again at 8 (2 bits)
+  EXPECT_EQ(init_of({"--batch-size", "16", "--weight-lr", "1e-4"}), "gptq-unrounded/natural");
+  EXPECT_EQ(recipe(), std::tuple(int64_t{16}, 8e-5, 1e-4));  // the rates stop scaling at 8; a given rate is kept
   EXPECT_EQ(init_of({"--init", "minmax"}), "minmax/natural");
   EXPECT_EQ(recipe(), std::tuple(int64_t{2}, 1e-4, 2e-5));  // the paper's
   EXPECT_EQ(init_of({"--gptq-order", "gar"}), "gptq-unrounded/gar");

@@ -222,8 +222,10 @@ void release_block_pages(Model& m, int64_t b) {
 
 }  // namespace
 
-double unrounded_lr_scale(int64_t batch_size) {
-  return static_cast<double>(std::clamp<int64_t>(batch_size, 1, kUnroundedBatch)) / 2.0;
+int64_t unrounded_batch(int bits) { return bits == 2 ? kUnroundedBatch2Bit : kUnroundedBatch; }
+
+double unrounded_lr_scale(int64_t batch_size, int bits) {
+  return static_cast<double>(std::clamp<int64_t>(batch_size, 1, unrounded_batch(bits))) / 2.0;
 }
 
 BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const BlockApOptions& opts) {
@@ -242,7 +244,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   // models here behind GPTQ at W3: models/SOURCES.md, issue 18); 2 bits keep the paper's 2e-5, which measured best
   // there. Both scale with the batch (unrounded_lr_scale).
   const bool unrounded = opts.init == "gptq-unrounded";
-  const double scale = unrounded ? unrounded_lr_scale(opts.batch_size) : 1.0;
+  const double scale = unrounded ? unrounded_lr_scale(opts.batch_size, opts.spec.bits) : 1.0;
   const double weight_lr = opts.weight_lr >= 0 ? opts.weight_lr
                            : opts.spec.bits == 2 ? 2e-5 * scale
                            : unrounded           ? 4e-5 * scale

@@ -76,13 +76,15 @@ struct BlockRecord {
   double loss_scale = 1;      // the dynamic loss scale at the end of the block (1: no scaling, CPU)
 };
 
-// From GPTQ's unrounded start on many short samples, eqat quantize trains Block-AP in batches of 4 at twice the
-// batch-2 learning rates (the linear scaling rule; default_block_batch in pipeline.h says when). The default rates
-// scale with the batch up to 4 and stop there: batches above 4 keep the batch-4 rates, because larger ones were not
-// measured with scaled rates.
-constexpr int64_t kUnroundedBatch = 4;
-// The factor on the gptq-unrounded start's default rates (given per 2 samples): min(batch, kUnroundedBatch) / 2.
-double unrounded_lr_scale(int64_t batch_size);
+// From GPTQ's unrounded start on many short samples, eqat quantize trains Block-AP in batches of 4 (8 at 2 bits) at
+// twice (four times) the batch-2 learning rates (the linear scaling rule; default_block_batch in pipeline.h says when
+// and why). The default rates scale with the batch up to that size and stop there: larger batches keep its rates,
+// because they were not measured with scaled rates (and batches of 8 at four times the rates were measured worse at
+// W4).
+constexpr int64_t kUnroundedBatch = 4, kUnroundedBatch2Bit = 8;
+int64_t unrounded_batch(int bits);  // kUnroundedBatch2Bit at 2 bits, else kUnroundedBatch
+// The factor on the gptq-unrounded start's default rates (given per 2 samples): min(batch, unrounded_batch(bits)) / 2.
+double unrounded_lr_scale(int64_t batch_size, int bits);
 
 struct BlockApResult {
   std::vector<BlockRecord> blocks;

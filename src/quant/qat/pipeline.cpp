@@ -213,12 +213,12 @@ double mean_sample_tokens(const std::vector<CalibSample>& train) {
 }
 }  // namespace
 
-int64_t default_block_batch(const std::string& method, const std::string& init,
+int64_t default_block_batch(const std::string& method, const std::string& init, int bits,
                             const std::vector<CalibSample>& train) {
   if (method != "efficientqat" || init != "gptq-unrounded") return kPaperBatch;
   const bool short_samples = kPaperBatch * mean_sample_tokens(train) < static_cast<double>(kAutoBatchTokens);
-  const bool many = static_cast<int64_t>(train.size()) >= kUnroundedBatch * kUnroundedMinSteps;
-  return short_samples && many ? kUnroundedBatch : kPaperBatch;
+  const bool many = static_cast<int64_t>(train.size()) >= kUnroundedMinSamples;
+  return short_samples && many ? unrounded_batch(bits) : kPaperBatch;
 }
 
 int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train) {
@@ -479,7 +479,8 @@ nlohmann::json run_quantize(QuantizeOptions o) {
     CalibSet calib = load_data(m, calib_file, calib_images, o.calib_opts);
     const int64_t tokens = token_count(calib.train);
     if (o.block.init.empty()) o.block.init = o.method == "efficientqat" ? kDefaultInit : "minmax";
-    if (o.block.batch_size < 0) o.block.batch_size = default_block_batch(o.method, o.block.init, calib.train);
+    if (o.block.batch_size < 0)
+      o.block.batch_size = default_block_batch(o.method, o.block.init, o.spec.bits, calib.train);
     if (o.block.batch_size == 0) o.block.batch_size = auto_block_batch(o.method, o.spec.bits, calib.train);
     check_activation_caches_fit(o, calib, m.cfg.text.hidden_size, teacher_samples);
     std::fprintf(stderr, "calibration: %zu train + %zu val samples (%lld training tokens) from %s\n",

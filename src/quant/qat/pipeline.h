@@ -74,19 +74,21 @@ constexpr int64_t kDistill2BitEpochs = 4;
 // CLI's 4096, every distillation tried after it (2 epochs at 2e-4 or 1e-4, 4 at 1e-4) raised the validation KL and
 // was undone. Not tried after the default batch-2 Block-AP at 4096.
 
-// Block-AP's batch when --batch-size is not given: the paper's 2, or kUnroundedBatch (at twice the rates: they scale
-// with it, block_ap.h) for --method efficientqat from the gptq-unrounded start when the samples are short (two hold
-// fewer than kAutoBatchTokens tokens on average: a step's time is mostly per-step work, not tokens) and so many that
-// batches of 4 still make at least kUnroundedMinSteps steps per epoch. Measured on the default VLM (~35-token
-// samples; models/SOURCES.md, issue 18, 2026-12-05): at the CLI's 4096 samples, seeds 2-6, batches of 4 at twice
-// the rates took 0.56-0.88x Block-AP's time; their answer KL averaged over the five seeds was the lower at W2g64,
-// W3g128 and W4g128 (2.2e-4 / 4.2e-5 / 1.09e-5 against 2.7e-4 / 5.0e-5 / 1.28e-5), the lower on the questions at W2
-// on four seeds and level at W3 and W4 (2502 and 2528 of 5000), and below GPTQ's in 14 of 15 cells, as batch 2's
-// was. At 1024 samples (256 steps per epoch) they were the lower at W3 on all three seeds tried but the higher on
-// the questions at W4 on all three and on the mean at W2 on two, so smaller sets keep 2. `init` is the resolved
-// start.
-constexpr int64_t kUnroundedMinSteps = 1024;
-int64_t default_block_batch(const std::string& method, const std::string& init,
+// Block-AP's batch when --batch-size is not given: the paper's 2, or unrounded_batch(bits) (4, or 8 at 2 bits, at
+// rates that scale with it, block_ap.h) for --method efficientqat from the gptq-unrounded start when the samples are
+// short (two hold fewer than kAutoBatchTokens tokens on average: a step's time is mostly per-step work, not tokens)
+// and at least kUnroundedMinSamples. Measured on the default VLM (~35-token samples; models/SOURCES.md, issue 18,
+// 2026-12-05), at the CLI's 4096 samples, seeds 2-6, against batch 2: batches of 4 at twice the rates took 0.56-0.88x
+// Block-AP's time; their answer KL averaged over the five seeds was the lower at W2g64, W3g128 and W4g128 (2.2e-4 /
+// 4.2e-5 / 1.09e-5 against 2.7e-4 / 5.0e-5 / 1.28e-5), the lower on the questions at W2 on four seeds and level at W3
+// and W4 (2502 and 2528 of 5000), and below GPTQ's in 14 of 15 cells, as batch 2's was. At W2g64, batches of 8 at
+// four times the rates were the lower on the questions than batches of 4 on all five seeds (2635 of 5000; five-seed
+// mean 2.09e-4 against 2.16e-4) in 0.55-0.75x Block-AP's time; at W4g128 they were the higher on all three seeds tried
+// (above GPTQ's mean on all three), so 3 and 4 bits keep 4. At 1024 samples (256 steps per epoch at batch 4) batches
+// of 4 were the lower at W3 on all three seeds tried but the higher on the questions at W4 on all three and on the
+// mean at W2 on two, so smaller sets keep 2. `init` is the resolved start.
+constexpr int64_t kUnroundedMinSamples = 4096;
+int64_t default_block_batch(const std::string& method, const std::string& init, int bits,
                             const std::vector<CalibSample>& train);
 
 // Block-AP's batch with --batch-size auto (not the default): the paper's 2 samples, or, for --method efficientqat at 2
@@ -96,7 +98,7 @@ int64_t default_block_batch(const std::string& method, const std::string& init,
 // W2g64 and W3g128 (three seeds) in 0.6× the quantize's wall time, but at W4g128 it rose by 40 % on every seed, and
 // with the CLI's 4096 samples at W2g64 it was 2.7× the batch-2 KL (E2E-QP then raised the validation KL and was
 // undone). That was at the batch-2 learning rates; from the gptq-unrounded start the rates now scale with the batch
-// up to 4 (kUnroundedBatch), and auto's larger batches keep the batch-4 rates.
+// up to unrounded_batch(bits) (4, or 8 at 2 bits), and auto's larger batches keep that batch's rates.
 constexpr int64_t kAutoBatchTokens = 256, kAutoBatchMax = 16;
 int64_t auto_block_batch(const std::string& method, int bits, const std::vector<CalibSample>& train);
 

@@ -154,29 +154,44 @@ TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
   EXPECT_EQ(run_quantize(o)["block_phase"]["batch_size"], 2);
 }
 
-// Without --batch-size: 4 (kUnroundedBatch, at twice the rates) from the gptq-unrounded start on many short samples,
-// the paper's 2 otherwise.
-TEST(Pipeline, DefaultBatchIsFourOnlyForManyShortSamplesFromTheUnroundedStart) {
+// Without --batch-size: 4 (8 at 2 bits; at rates that scale with it) from the gptq-unrounded start on many short
+// samples, the paper's 2 otherwise.
+TEST(Pipeline, DefaultBatchIsLargerOnlyForManyShortSamplesFromTheUnroundedStart) {
   auto samples = [](size_t n, size_t length) {
     CalibSample one;
     one.ids.assign(length, 1);
     return std::vector<CalibSample>(n, one);
   };
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4096, 35)), 4);  // the CLI's default VLM run
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4095, 35)), 2);  // 1023 steps at batch 4
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(1024, 35)), 2);  // measured: keeps 2
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(8192, 127)), 4);
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(8192, 128)), 2);  // two hold 256 tokens
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", samples(4096, 2048)), 2);  // the paper's windows
-  EXPECT_EQ(default_block_batch("efficientqat", "minmax", samples(4096, 35)), 2);  // the paper's recipe
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq", samples(4096, 35)), 2);
-  EXPECT_EQ(default_block_batch("gptq", "minmax", samples(4096, 35)), 2);
-  EXPECT_EQ(default_block_batch("efficientqat", "gptq-unrounded", {}), 2);
-  // The rates scale with the batch up to kUnroundedBatch: 1 at the batch-2 rates, 2 at 4 and above.
-  EXPECT_EQ(unrounded_lr_scale(1), 0.5);
-  EXPECT_EQ(unrounded_lr_scale(2), 1.0);
-  EXPECT_EQ(unrounded_lr_scale(4), 2.0);
-  EXPECT_EQ(unrounded_lr_scale(16), 2.0);
+  auto batch = [](const std::string& init, int bits, const std::vector<CalibSample>& train) {
+    return default_block_batch("efficientqat", init, bits, train);
+  };
+  // The CLI's default VLM run: 8 at 2 bits, 4 at 3 and 4 bits (and at 8 bits, where neither was measured).
+  EXPECT_EQ(batch("gptq-unrounded", 2, samples(4096, 35)), 8);
+  EXPECT_EQ(batch("gptq-unrounded", 3, samples(4096, 35)), 4);
+  EXPECT_EQ(batch("gptq-unrounded", 4, samples(4096, 35)), 4);
+  EXPECT_EQ(batch("gptq-unrounded", 8, samples(4096, 35)), 4);
+  for (int bits : {2, 4}) {
+    EXPECT_EQ(batch("gptq-unrounded", bits, samples(4095, 35)), 2) << bits;  // fewer than kUnroundedMinSamples
+    EXPECT_EQ(batch("gptq-unrounded", bits, samples(1024, 35)), 2) << bits;  // measured: keeps 2
+    EXPECT_EQ(batch("gptq-unrounded", bits, samples(8192, 127)), unrounded_batch(bits)) << bits;
+    EXPECT_EQ(batch("gptq-unrounded", bits, samples(8192, 128)), 2) << bits;   // two hold 256 tokens
+    EXPECT_EQ(batch("gptq-unrounded", bits, samples(4096, 2048)), 2) << bits;  // the paper's windows
+    EXPECT_EQ(batch("minmax", bits, samples(4096, 35)), 2) << bits;            // the paper's recipe
+    EXPECT_EQ(batch("gptq", bits, samples(4096, 35)), 2) << bits;
+    EXPECT_EQ(batch("gptq-unrounded", bits, {}), 2) << bits;
+    EXPECT_EQ(default_block_batch("gptq", "minmax", bits, samples(4096, 35)), 2) << bits;
+  }
+  // The rates scale with the batch up to unrounded_batch(bits): 1 at the batch-2 rates, then 2 from batch 4 at 3 and
+  // 4 bits, 4 from batch 8 at 2 bits.
+  EXPECT_EQ(unrounded_lr_scale(1, 4), 0.5);
+  EXPECT_EQ(unrounded_lr_scale(2, 4), 1.0);
+  EXPECT_EQ(unrounded_lr_scale(4, 4), 2.0);
+  EXPECT_EQ(unrounded_lr_scale(8, 4), 2.0);
+  EXPECT_EQ(unrounded_lr_scale(8, 3), 2.0);
+  EXPECT_EQ(unrounded_lr_scale(2, 2), 1.0);
+  EXPECT_EQ(unrounded_lr_scale(4, 2), 2.0);
+  EXPECT_EQ(unrounded_lr_scale(8, 2), 4.0);
+  EXPECT_EQ(unrounded_lr_scale(16, 2), 4.0);
 }
 
 // Rows whose weights are all >= 0 have a min–max zero point of 0, which GPTQ v1 (zero − 1 in `bits` bits) cannot
