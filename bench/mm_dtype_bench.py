@@ -35,7 +35,9 @@ def main():
     ap.add_argument("--reps", type=int, default=2000)
     args = ap.parse_args()
     flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
-    res = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "cpu": platform.processor(),
+    names = [l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")]
+    res = {"what": __doc__.splitlines()[0], "torch": torch.__version__,
+           "cpu": names[0] if names else platform.processor(),
            "amx_bf16": " amx_bf16" in flags, "avx512_bf16": " avx512_bf16" in flags, "shapes_mkn": SHAPES, "runs": []}
     for threads in (1, 2):
         torch.set_num_threads(threads)

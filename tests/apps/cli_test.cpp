@@ -6,9 +6,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <tuple>
-#include <limits>
 #include <sys/stat.h>
 #include <sys/wait.h>
 

@@ -28,7 +28,7 @@ struct BlockApOptions {
   std::string method = "efficientqat";  // efficientqat | rtn | gptq
   QuantSpec spec;
   int64_t epochs = 2;
-  int64_t batch_size = 2;  // the paper's; eqat quantize's default from gptq-unrounded is kUnroundedBatch
+  int64_t batch_size = 2;  // the paper's; eqat quantize's default: default_block_batch (pipeline.h)
   // <0: 1e-4 (the paper's), or 0 with init "gptq": GPTQ's error compensation leaves every weight exactly on its
   // grid point, where the STE gradient of s and z is exactly zero; Adam normalises that zero (float noise) into
   // full-size steps in random directions (measured on the default model: block MSE up 6x). The step sizes are then
