@@ -62,6 +62,9 @@ int cmd_quantize(const Argv& argv) {
        {"gptq-order", "O", "GPTQ's column order (--method gptq and the gptq starts): natural (left to right) | gar "
                            "(group-aware reordering, GPTQModel's default: the most sensitive inputs first, each "
                            "group's columns kept together so g_idx stays sequential)", "natural"},
+       {"train-gemm", "G", "Block-AP's GEMMs in the CPU's hand-written step (small models): fp32 | bf16 (bf16 operands, "
+                           "fp32 products and sums; needs AVX512-BF16 or AMX: on an AMX CPU 0.83-0.91x the Block-AP "
+                           "time, near fp32's fidelity but not level: models/SOURCES.md)", "fp32"},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "
                           "divergence from the FP model's next-token distributions at the same positions) (default: "
@@ -125,6 +128,7 @@ int cmd_quantize(const Argv& argv) {
   o.block.offload_dir = a.str("offload-dir");
   o.block.init = a.str("init");
   o.block.gptq_order = a.str("gptq-order");
+  o.block.train_gemm = a.str("train-gemm");
   o.e2e_loss = a.str("e2e-loss");
   if (a.has("e2e-lr")) o.e2e.lr = a.f64("e2e-lr", 0, 1);
   if (a.has("e2e-epochs")) o.e2e.epochs = a.i64("e2e-epochs", 0, kMaxEpochs);

@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 
 #include "data/safetensors.h"
+#include "quant/cpu_bf16_gemm.h"
 #include "quant/cpu_qgemv.h"
 #include "apps/cli_util.h"
 #include "model_test_util.h"
@@ -286,6 +287,24 @@ TEST(Cli, EfficientQatStartsFromGptqUnroundedByDefault) {
   expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q3"), "--gptq-order",
                               "desc", "--calib", data_path("text/tinyshakespeare.txt")}),
                      "--gptq-order");
+  EXPECT_FALSE(fs::exists(t.str("q3")));
+  // The hand-written step's GEMMs (--train-gemm, fp32 by default): the summary records the ones that ran; bf16 only
+  // where the step runs by hand (data-parallel: two threads), not on one thread (LibTorch's autograd).
+  init_of({"--threads", "2"});
+  EXPECT_EQ(phase["train_gemm"], "fp32");
+  if (cpu_bf16_gemm_available()) {
+    init_of({"--threads", "2", "--train-gemm", "bf16"});
+    EXPECT_EQ(phase["train_gemm"], "bf16");
+    init_of({"--threads", "1", "--train-gemm", "bf16"});
+    EXPECT_EQ(phase["train_gemm"], "fp32");
+  } else {
+    expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q3"), "--train-gemm",
+                                "bf16", "--calib", data_path("text/tinyshakespeare.txt")}),
+                       "--train-gemm");
+  }
+  expect_input_error(run_eqat({"quantize", "--model", fixture("tiny_llama"), "--out", t.str("q3"), "--train-gemm",
+                              "fp16", "--calib", data_path("text/tinyshakespeare.txt")}),
+                     "--train-gemm");
   EXPECT_FALSE(fs::exists(t.str("q3")));
 }
 

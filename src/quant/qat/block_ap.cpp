@@ -20,6 +20,7 @@
 #include "data/json_util.h"
 #include "data/fs.h"
 #include "data/safetensors.h"
+#include "quant/cpu_bf16_gemm.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/qat/block_grad.h"
 #include "quant/qat/gptq.h"
@@ -90,10 +91,10 @@ at::Tensor masked_mse(const at::Tensor& out, const at::Tensor& y, const at::Tens
 
 // One Block-AP step by hand (block_grad.h): Ŵ of the block's linears (q/k/v and gate/up stacked), the loss of the
 // batch and its gradients, which become the gradients of W, s, z (the fused fake quantizer's backward) and of the
-// two norms' weights. Returns the loss.
+// two norms' weights. Returns the loss. bf16_gemms: BlockGradWeights::bf16_gemms.
 double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
                        const std::vector<std::pair<std::string, QuantLinear>>& lins, const at::Tensor& x,
-                       const at::Tensor& y, const at::Tensor& valid) {
+                       const at::Tensor& y, const at::Tensor& valid, bool bf16_gemms) {
   EQAT_ASSERT(lins.size() == 7 && lins[0].first == "self_attn.q_proj" && lins[4].first == "mlp.gate_proj",
               "block_grad_step: the linears in block_linears' order");
   BlockGradWeights w;
@@ -119,6 +120,7 @@ double block_grad_step(const Model& m, LlamaDecoderLayerImpl& layer,
     fake_quantize_fused_into(jobs);  // the seven Ŵ in one parallel region
     w.norm_in = layer.input_layernorm->weight.detach();
     w.norm_post = layer.post_attention_layernorm->weight.detach();
+    w.bf16_gemms = bf16_gemms;
   }
   const int64_t L = x.size(1);
   auto [cos, sin] = m.lm->model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
@@ -253,6 +255,10 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
                           : opts.init == "gptq" ? 0.0
                           : unrounded           ? 2e-5 * scale
                                                 : 1e-4;
+  EQAT_CHECK(opts.train_gemm == "fp32" || opts.train_gemm == "bf16", "--train-gemm: expected fp32 or bf16, got '",
+             opts.train_gemm, "'");
+  EQAT_CHECK(opts.train_gemm != "bf16" || cpu_bf16_gemm_available(), kNoBf16Gemm);
+  const bool bf16_gemms = opts.train_gemm == "bf16";
   const c10::ScalarType model_dtype = m.dtype;
   // Training runs on fp32 master copies of the block (P8); on CUDA the reference adds fp16 autocast + loss scaling.
   const c10::ScalarType train_dtype = at::kFloat;
@@ -540,6 +546,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
         fused_step = fused_step && fused_fake_quant_applies(lin->weight, lin->weight_scale, lin->weight_zero);
       // The hand-written step (block_grad.h) where it computes this block, LibTorch's autograd otherwise.
       const bool by_hand = fused_step && block_grad_cpu_applies(m.cfg.text);
+      if (by_hand && bf16_gemms) res.train_gemm = "bf16";
       std::vector<at::Tensor> trained = gq.params;
       trained.insert(trained.end(), gw.params.begin(), gw.params.end());
       // On CUDA the forward runs under fp16 autocast with dynamic loss scaling; a step whose gradients overflow is
@@ -563,7 +570,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
           double lv = 0;
           const int64_t B = y.size(0), parts = fused_step ? std::min<int64_t>(B, at::get_num_threads()) : 1;
           if (by_hand) {
-            lv = block_grad_step(m, layer, lins, tr.q.get(i), y, tr.valid[i]);
+            lv = block_grad_step(m, layer, lins, tr.q.get(i), y, tr.valid[i], bf16_gemms);
             check_loss(lv);
           } else if (parts == 1) {
             at::Tensor out;

@@ -52,6 +52,12 @@ struct BlockApOptions {
   // "gptq-unrounded": GPTQ's integers, s and z too, but W where GPTQ's error compensation had moved it just before
   // rounding (gptq_unrounded_start): off the grid points, so s and z get a real gradient (quant_lr above).
   std::string init = "minmax";
+  // The GEMMs of the hand-written CPU step (block_grad.h), where it runs: "fp32" (the default) or "bf16" (bf16
+  // operands, fp32 products and sums: cpu_bf16_gemm.h; needs cpu_bf16_gemm_available()). Measured on the default
+  // model at 4096 samples on an AMX CPU (models/SOURCES.md, issue 18): bf16 took 0.83-0.91x fp32's Block-AP time, level
+  // on the answer KL within the seeds' noise but the lower on only 49 % of the questions over 11 seed-settings, so
+  // fp32 stays the default. Elsewhere (autograd, CUDA) the GEMMs are those of the device and dtype.
+  std::string train_gemm = "fp32";
   // E2E-QP's distillation targets (--e2e-loss kd): these samples also ride the FP stream through every block;
   // BlockApResult::teacher_hidden returns the FP model's last hidden states at their loss positions.
   const std::vector<CalibSample>* teacher_samples = nullptr;
@@ -66,6 +72,10 @@ struct BlockApOptions {
   // Test hook: called after block b is finalised and its state saved (the kill -9 resume test uses it).
   std::function<void(int64_t block)> after_block;
 };
+
+// The error for --train-gemm bf16 where cpu_bf16_gemm_available() is false.
+inline constexpr const char* kNoBf16Gemm =
+    "--train-gemm bf16: this CPU or LibTorch has no bf16 GEMM (it needs AVX512-BF16 or AMX, and LibTorch's oneMKL)";
 
 struct BlockRecord {
   int64_t block = 0;
@@ -89,6 +99,7 @@ double unrounded_lr_scale(int64_t batch_size, int bits);
 struct BlockApResult {
   std::vector<BlockRecord> blocks;
   double quant_lr = 0, weight_lr = 0;  // the rates that trained (the options' or the defaults)
+  std::string train_gemm = "fp32";      // "bf16" when the hand-written step ran on bf16 GEMMs
   double seconds = 0;
   double ms_per_iteration = 0;
   double peak_rss_mib = 0;

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "data/error.h"
+#include "quant/cpu_bf16_gemm.h"
 #include "quant/qat/optim.h"
 
 namespace eqat {
@@ -29,6 +31,13 @@ bool block_grad_cpu_applies(const LlamaConfig& cfg) {
 
 namespace {
 
+// The hand-written steps build no graph: their ops dispatch below autograd, skipping the autograd and view-tracking
+// kernels that every view op of the attention loops (narrow, cat, mm of a head) would otherwise pass through.
+struct BelowAutograd {
+  c10::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below;
+};
+
 int64_t threads_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)); }
 
 // fn(p, r0, r1) for each thread p's share [r0, r1) of rows [0, n).
@@ -37,8 +46,9 @@ void over_rows(int64_t n, int64_t parts, const Fn& fn) {
   parallel_items(parts, [&](int64_t p) { fn(p, n * p / parts, n * (p + 1) / parts); });
 }
 
-// out = a · b. The products run on the threads, one each; with fewer products than threads, each is split by its
-// output columns (b's columns), so a thread packs only its part of the weight operand.
+// out = a · b (fp32 out; a and b both fp32, or both bf16: cpu_bf16_gemm.h). The products run on the threads, one
+// each; with fewer products than threads, each is split by its output columns (b's columns), so a thread packs only
+// its part of the weight operand.
 struct Mm {
   at::Tensor out, a, b;
 };
@@ -50,9 +60,13 @@ void run_mms(const std::vector<Mm>& mms) {
     const int64_t k = i % split, cols = m.out.size(1), c0 = cols * k / split, c1 = cols * (k + 1) / split;
     if (c1 == c0) return;
     at::Tensor out = m.out.narrow(1, c0, c1 - c0);
-    at::mm_out(out, m.a, m.b.narrow(1, c0, c1 - c0));
+    if (m.a.scalar_type() == at::kBFloat16) mm_bf16_f32(out, m.a, m.b.narrow(1, c0, c1 - c0));
+    else at::mm_out(out, m.a, m.b.narrow(1, c0, c1 - c0));
   });
 }
+
+// A GEMM input: itself, or its bf16 copy when the block's GEMMs take bf16 (BlockGradWeights::bf16_gemms).
+at::Tensor gemm_in(const at::Tensor& t, bool bf16) { return bf16 ? t.to(at::kBFloat16) : t; }
 
 // Rotate-half RoPE on a [T, D] head whose rows are `stride` floats apart, in place; backward = the transpose.
 void rope(float* p, int64_t T, int64_t stride, int64_t D, const float* cos, const float* sin, bool backward) {
@@ -212,7 +226,7 @@ int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& len
 
 at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk,
                              const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, BlockTape* tape) {
-  c10::NoGradGuard no_grad;
+  BelowAutograd below;
   const Dims d(cfg);
   const int64_t C = d.C, D = d.D, F = d.F, Cq = d.Cq, Ck = d.Ck, Cqkv = d.Cqkv, N = pk.rows;
   const int64_t B = static_cast<int64_t>(pk.len.size());
@@ -247,8 +261,16 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
       }
     }
   });
+  const bool bf = w.bf16_gemms;
+  if (bf) {
+    t.qkv_w = w.qkv.to(at::kBFloat16), t.o_w = w.o.to(at::kBFloat16);
+    t.gate_up_w = w.gate_up.to(at::kBFloat16), t.down_w = w.down.to(at::kBFloat16);
+    t.h1_b = t.h1.to(at::kBFloat16), t.xh1_b = t.xh1.to(at::kBFloat16);
+  }
+  const at::Tensor &wqkv = bf ? t.qkv_w : w.qkv, &wo = bf ? t.o_w : w.o, &wgu = bf ? t.gate_up_w : w.gate_up,
+                   &wdown = bf ? t.down_w : w.down;
   t.qkv = at::empty({N, Cqkv}, f32);
-  run_mms({{t.qkv, t.h1, w.qkv.t()}});
+  run_mms({{t.qkv, bf ? t.h1_b : t.h1, wqkv.t()}});
 
   // Attention by (key head, segment), key heads outermost so that each thread's share holds every segment; the
   // queries are the output rows. A shared prefix's queries and keys are rotated first: every segment reads its keys.
@@ -285,7 +307,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     }
   });
   t.x2 = at::empty({NQ, C}, f32), t.h2 = at::empty({NQ, C}, f32), t.r2 = at::empty({NQ}, f32);
-  run_mms({{t.x2, t.attn, w.o.t()}});
+  if (bf) t.attn_b = t.attn.to(at::kBFloat16);
+  run_mms({{t.x2, bf ? t.attn_b : t.attn, wo.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* xp = x.const_data_ptr<float>();
     const int64_t* xrow = qs.all ? nullptr : qs.rows.const_data_ptr<int64_t>();  // the residual's row
@@ -303,7 +326,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     }
   });
   t.gu = at::empty({NQ, 2 * F}, f32), t.sig = at::empty({NQ, F}, f32), t.mid = at::empty({NQ, F}, f32);
-  run_mms({{t.gu, t.h2, w.gate_up.t()}});
+  if (bf) t.h2_b = t.h2.to(at::kBFloat16);
+  run_mms({{t.gu, bf ? t.h2_b : t.h2, wgu.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     at::Tensor sg = t.sig.narrow(0, r0, r1 - r0);
     at::sigmoid_out(sg, t.gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
@@ -313,7 +337,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
       for (int64_t f = 0; f < F; ++f) mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
   });
   at::Tensor out = at::empty({NQ, C}, f32);
-  run_mms({{out, t.mid, w.down.t()}});
+  if (bf) t.mid_b = t.mid.to(at::kBFloat16);
+  run_mms({{out, bf ? t.mid_b : t.mid, wdown.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* x2p = t.x2.const_data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -329,7 +354,7 @@ namespace {
 void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const PackedRows& pk, const BlockTape& t,
                    const at::Tensor& dout, const at::Tensor& cos, const at::Tensor& sin, bool block_ap, bool want_dx,
                    BlockGrads* ga, BlockGradsT* ge) {
-  c10::NoGradGuard no_grad;
+  BelowAutograd below;
   const Dims d(cfg);
   const int64_t C = d.C, D = d.D, F = d.F, Cq = d.Cq, Ck = d.Ck, Cqkv = d.Cqkv, N = pk.rows;
   const int64_t B = static_cast<int64_t>(pk.len.size());
@@ -348,8 +373,14 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     return block_ap ? Mm{*out, dy.t(), xin} : Mm{*out, xin.t(), dy};
   };
 
+  const bool bf = w.bf16_gemms;
+  const at::Tensor &wqkv = bf ? t.qkv_w : w.qkv, &wo = bf ? t.o_w : w.o, &wgu = bf ? t.gate_up_w : w.gate_up,
+                   &wdown = bf ? t.down_w : w.down;
   at::Tensor dmid = at::empty({NQ, F}, f32);
-  run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dout, t.mid), {dmid, dout, w.down}});
+  {
+    const at::Tensor dy = gemm_in(dout, bf);
+    run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dy, bf ? t.mid_b : t.mid), {dmid, dy, wdown}});
+  }
   at::Tensor dgu = at::empty({NQ, 2 * F}, f32);
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float *gp = t.gu.const_data_ptr<float>(), *sp = t.sig.const_data_ptr<float>(),
@@ -363,7 +394,10 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
       }
   });
   at::Tensor dx2 = at::empty({NQ, C}, f32);  // dL/dh2, then dL/dx2
-  run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dgu, t.h2), {dx2, dgu, w.gate_up}});
+  {
+    const at::Tensor dy = gemm_in(dgu, bf);
+    run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dy, bf ? t.h2_b : t.h2), {dx2, dy, wgu}});
+  }
   std::vector<std::vector<double>> part_norm(static_cast<size_t>(PQ),
                                              std::vector<double>(block_ap ? static_cast<size_t>(C) : 0, 0.0));
   over_rows(NQ, PQ, [&](int64_t p, int64_t r0, int64_t r1) {
@@ -386,7 +420,10 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   });
   if (block_ap) ga->norm_post = reduce_parts(part_norm, C);
   at::Tensor dattn = at::empty({NQ, Cq}, f32);
-  run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dx2, t.attn), {dattn, dx2, w.o}});
+  {
+    const at::Tensor dy = gemm_in(dx2, bf);
+    run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dy, bf ? t.attn_b : t.attn), {dattn, dy, wo}});
+  }
   // With a subset of queries, the other rows' dL/dq (and a sample without queries' dL/dk, dL/dv) are 0.
   at::Tensor dqkv = qs.all ? at::empty({N, Cqkv}, f32) : at::zeros({N, Cqkv}, f32);
   // A segment that continues the shared prefix leaves its share of the prefix's dL/dk and dL/dv here ([S, D] each,
@@ -451,7 +488,7 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   if (block_ap) {
     // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
     ga->qkv = at::empty({Cqkv, C}, f32);
-    run_mms({{ga->qkv, dqkv.t(), t.xh1}});
+    run_mms({{ga->qkv, gemm_in(dqkv, bf).t(), bf ? t.xh1_b : t.xh1}});
     const int64_t Po = threads_for(Cqkv);
     std::vector<std::vector<double>> part_in(static_cast<size_t>(Po), std::vector<double>(static_cast<size_t>(C), 0.0));
     over_rows(Cqkv, Po, [&](int64_t p, int64_t o0, int64_t o1) {
@@ -467,12 +504,13 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     ga->norm_in = reduce_parts(part_in, C);
     return;
   }
+  const at::Tensor dqkv_in = gemm_in(dqkv, bf), &h1 = bf ? t.h1_b : t.h1;
   if (!want_dx) {
-    run_mms({weight_grad(&ge->qkv, dqkv, t.h1)});
+    run_mms({weight_grad(&ge->qkv, dqkv_in, h1)});
     return;
   }
   ge->dx = at::empty({N, C}, f32);  // dL/dh1, then dL/dx
-  run_mms({weight_grad(&ge->qkv, dqkv, t.h1), {ge->dx, dqkv, w.qkv}});
+  run_mms({weight_grad(&ge->qkv, dqkv_in, h1), {ge->dx, dqkv_in, wqkv}});
   // The residual's share: dL/dx2 at the output rows, 0 elsewhere.
   const at::Tensor dres = qs.all ? dx2 : at::zeros({N, C}, f32).index_copy_(0, qs.rows, dx2);
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {
@@ -501,7 +539,7 @@ BlockGradsT block_backward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w
 
 BlockGrads block_grad_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, const at::Tensor& x, const at::Tensor& y,
                           const at::Tensor& valid, const at::Tensor& cos, const at::Tensor& sin, double denom) {
-  c10::NoGradGuard no_grad;
+  BelowAutograd below;
   const int64_t B = x.size(0), L = x.size(1), C = cfg.hidden_size, D = cfg.head_dim;
   const Dims d(cfg);
   EQAT_ASSERT(block_grad_cpu_applies(cfg) && x.dim() == 3 && x.size(2) == C && y.sizes() == x.sizes() &&

@@ -30,6 +30,10 @@ struct BlockGradWeights {
   at::Tensor gate_up;  // [2F, C]: gate_proj's Ŵ, then up_proj's
   at::Tensor down;     // [C, F]
   at::Tensor norm_in, norm_post;  // [C]
+  // The block's GEMMs on bf16 operands with fp32 products and sums (cpu_bf16_gemm.h; the caller checks that it is
+  // available): each weight and each GEMM input is rounded to bf16 once, where it is made; everything else (norms,
+  // attention, SiLU, the residual stream, the GEMMs' outputs) stays fp32.
+  bool bf16_gemms = false;
 };
 
 // Which stacked weight above each of block_linears' seven linears (q, k, v, o, gate, up, down) is part of: 0 qkv,
@@ -84,7 +88,10 @@ int64_t shared_prefix(const std::vector<at::Tensor>& rows_of, const std::vector<
 // What the backward reads, saved by the forward.
 struct BlockTape {
   at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
-  std::vector<at::Tensor> probs;  // [the segment's output rows, start + len] per (segment, query head)
+  std::vector<at::Tensor> probs;
+  // With BlockGradWeights::bf16_gemms, in bf16 (undefined otherwise): the forward GEMMs' inputs h1, attn, h2, mid,
+  // which the backward's weight gradients read again; xh1 (Block-AP's dL/dŴqkv); the four weights.
+  at::Tensor xh1_b, h1_b, attn_b, h2_b, mid_b, qkv_w, o_w, gate_up_w, down_w;  // [the segment's output rows, start + len] per (segment, query head)
 };
 // The bytes of a BlockTape for samples of these lengths (all rows output, no shared prefix: an upper bound with one).
 int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& lengths);

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -242,7 +243,9 @@ bool data_parallel_training(const Model& m) {
 
 void parallel_items(int64_t n, const std::function<void(int64_t)>& fn) {
   const bool grad = c10::GradMode::is_enabled(), exact = ExactCpuActivations::active();
+  const c10::impl::LocalDispatchKeySet keys = c10::impl::tls_local_dispatch_key_set();
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    c10::impl::ForceDispatchKeyGuard k(keys);
     c10::AutoGradMode g(grad);
     std::optional<ExactCpuActivations> x;
     if (exact) x.emplace();

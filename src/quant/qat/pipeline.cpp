@@ -18,6 +18,7 @@
 #include "data/output.h"
 #include "data/plot.h"
 #include "data/shapes.h"
+#include "quant/cpu_bf16_gemm.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/pack.h"
 #include "quant/qat/export.h"
@@ -173,6 +174,9 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              ": only --method efficientqat trains from a starting point");
   EQAT_CHECK(b.gptq_order == "natural" || b.gptq_order == "gar", "--gptq-order: expected natural or gar, got '",
              b.gptq_order, "'");
+  EQAT_CHECK(b.train_gemm == "fp32" || b.train_gemm == "bf16", "--train-gemm: expected fp32 or bf16, got '",
+             b.train_gemm, "'");
+  EQAT_CHECK(b.train_gemm != "bf16" || cpu_bf16_gemm_available(), kNoBf16Gemm);
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
   EQAT_CHECK(b.batch_size >= -1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
              "] or auto (0), got ", b.batch_size);
@@ -251,6 +255,7 @@ nlohmann::json quantize_settings(const QuantizeOptions& o) {
       {"--min-lr-factor", o.block.min_lr_factor},
       {"--init", o.block.init},
       {"--gptq-order", o.block.gptq_order},
+      {"--train-gemm", o.block.train_gemm},
       {"--device", o.device},
       {"--dtype", o.dtype},
   };
@@ -520,6 +525,7 @@ nlohmann::json run_quantize(QuantizeOptions o) {
                        plot_png(series, o.method + ": per-block MSE (last epoch)", "block", true));
     summary["block_phase"] = {{"init", bo.init},         {"gptq_order", bo.gptq_order}, {"batch_size", bo.batch_size},
                               {"quant_lr", r.quant_lr},  {"weight_lr", r.weight_lr},    {"epochs", bo.epochs},
+                              {"train_gemm", r.train_gemm},
                               {"seconds", r.seconds},    {"ms_per_iteration", r.ms_per_iteration},
                               {"peak_rss_mib", r.peak_rss_mib}};
   }

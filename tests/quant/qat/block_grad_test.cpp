@@ -1,13 +1,18 @@
 // block_grad_cpu (Block-AP's hand-written CPU step) against LibTorch's autograd through the model's own decoder layer.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "llm/llama.h"
+#include "quant/cpu_bf16_gemm.h"
+#include "quant/qat/optim.h"
 #include "quant/qat/block_grad.h"
 
 using namespace eqat;
@@ -222,4 +227,90 @@ TEST(BlockGrad, NoValidPositionGivesZeroLossAndGradients) {
   EXPECT_EQ(g.loss, 0.0);
   for (const at::Tensor* t : {&g.qkv, &g.o, &g.gate_up, &g.down, &g.norm_in, &g.norm_post})
     EXPECT_EQ(t->abs().max().item<double>(), 0.0);
+}
+
+// With bf16 GEMMs (BlockGradWeights::bf16_gemms) the step is the fp32 one (checked against autograd above) up to the
+// GEMM inputs' rounding to bf16: relative 2⁻⁹ per operand, so each GEMM's output moves by ≲ 2·2⁻⁹ ≈ 4e-3 of
+// Σ|a||b|, and the ~6 GEMMs on the longest path of the backward compound that to ≲ 2.5e-2 of the largest entry; 5e-2
+// leaves margin, while a transposed operand read the wrong way or a gradient taken from the wrong stack moves entries
+// by their own size. The two must also differ (> 1e-6): an fp32 run under the flag would pass the bound unseen.
+// Block-AP's step, and E2E-QP's pieces on transposed weight views, at 1 and 2 threads, with a shared prefix.
+TEST(BlockGrad, Bf16GemmsStayWithinTheirRoundingOfTheFp32Step) {
+  if (!cpu_bf16_gemm_available()) GTEST_SKIP() << "no bf16 GEMM on this CPU or in this LibTorch";
+  const int threads = at::get_num_threads();
+  Case k = make_case(0);
+  for (int64_t b : {1, 3}) {
+    k.x[b].narrow(0, 0, 4).copy_(k.x[0].narrow(0, 0, 4));
+    k.y[b].narrow(0, 0, 4).copy_(k.y[0].narrow(0, 0, 4));
+  }
+  const LlamaConfig& c = k.cfg;
+  const int64_t C = c.hidden_size, Cq = c.num_attention_heads * c.head_dim,
+                Cqkv = Cq + 2 * c.num_key_value_heads * c.head_dim, F = c.intermediate_size, L = k.x.size(1);
+  at::manual_seed(13);
+  BlockGradWeights w{at::randn({Cqkv, C}) / 8, at::randn({C, Cq}) / 8, at::randn({2 * F, C}) / 8,
+                     at::randn({C, F}) / 10, 1 + 0.3 * at::randn({C}), 1 + 0.3 * at::randn({C})};
+  LlamaModel model(c);
+  auto [cos, sin] = model->rotary().cos_sin(at::arange(L, at::kLong).view({1, L}), at::kFloat, L);
+  const at::Tensor c0 = cos[0].contiguous(), s0 = sin[0].contiguous();
+  const double denom = k.valid.sum().item<double>() * C;
+  BlockGradWeights wb = w;
+  wb.bf16_gemms = true;
+  for (int nthreads : {1, 2}) {
+    at::set_num_threads(nthreads);
+    SCOPED_TRACE(testing::Message() << nthreads << " threads");
+    const BlockGrads g = block_grad_cpu(c, w, k.x, k.y, k.valid, c0, s0, denom);
+    const BlockGrads gb = block_grad_cpu(c, wb, k.x, k.y, k.valid, c0, s0, denom);
+    EXPECT_NEAR(gb.loss, g.loss, 5e-2 * g.loss);
+    const char* names[] = {"qkv", "o", "gate_up", "down", "norm_in", "norm_post"};
+    const at::Tensor* ref[] = {&g.qkv, &g.o, &g.gate_up, &g.down, &g.norm_in, &g.norm_post};
+    const at::Tensor* got[] = {&gb.qkv, &gb.o, &gb.gate_up, &gb.down, &gb.norm_in, &gb.norm_post};
+    for (size_t i = 0; i < 6; ++i) {
+      EXPECT_LE(rel_err(*got[i], *ref[i]), 5e-2) << names[i];
+      EXPECT_GT(rel_err(*got[i], *ref[i]), 1e-6) << names[i];
+    }
+
+    // E2E-QP's pieces: the forward's output, then dL/dŴᵀ and dL/dx, on transposed weight views.
+    std::vector<int64_t> lengths;
+    for (int64_t b = 0; b < k.x.size(0); ++b)
+      lengths.push_back(k.valid[b].nonzero().numel() == 0 ? 0 : k.valid[b].nonzero().max().item<int64_t>() + 1);
+    const PackedRows pk = pack_rows(lengths, shared_prefix({k.x.contiguous(), k.y}, lengths, L));
+    const at::Tensor xin = at::randn({pk.rows, C});
+    for (BlockGradWeights* v : {&w, &wb})
+      for (at::Tensor* t : {&v->qkv, &v->o, &v->gate_up, &v->down}) *t = t->t().contiguous().t();
+    BlockTape tape, tape_b;
+    const at::Tensor out = block_forward_cpu(c, w, pk, xin, c0, s0, &tape);
+    const at::Tensor out_b = block_forward_cpu(c, wb, pk, xin, c0, s0, &tape_b);
+    EXPECT_LE(rel_err(out_b, out), 5e-2);
+    EXPECT_GT(rel_err(out_b, out), 1e-6);
+    const at::Tensor dout = at::randn({pk.rows, C});
+    const BlockGradsT gt = block_backward_cpu(c, w, pk, tape, dout, c0, s0, true);
+    const BlockGradsT gtb = block_backward_cpu(c, wb, pk, tape_b, dout, c0, s0, true);
+    const at::Tensor* ref_t[] = {&gt.qkv, &gt.o, &gt.gate_up, &gt.down, &gt.dx};
+    const at::Tensor* got_t[] = {&gtb.qkv, &gtb.o, &gtb.gate_up, &gtb.down, &gtb.dx};
+    for (size_t i = 0; i < 5; ++i) {
+      EXPECT_LE(rel_err(*got_t[i], *ref_t[i]), 5e-2) << "E2E-QP piece " << i;
+      EXPECT_GT(rel_err(*got_t[i], *ref_t[i]), 1e-6) << "E2E-QP piece " << i;
+    }
+    for (BlockGradWeights* v : {&w, &wb})
+      for (at::Tensor* t : {&v->qkv, &v->o, &v->gate_up, &v->down}) *t = t->contiguous();
+  }
+  at::set_num_threads(threads);
+}
+
+// parallel_items' workers run under the caller's dispatch keys (the hand-written steps dispatch below autograd, and
+// at::parallel_for's OpenMP workers do not inherit that thread-local state by themselves). With 2 threads the second
+// half of the items runs on another thread.
+TEST(BlockGrad, ParallelItemsWorkersTakeTheCallersDispatchKeys) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  for (bool below : {false, true}) {
+    std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+    if (below) guard.emplace();
+    std::vector<char> excluded(8, 2);
+    parallel_items(8, [&](int64_t i) {
+      excluded[static_cast<size_t>(i)] = c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::ADInplaceOrView);
+    });
+    for (char e : excluded) EXPECT_EQ(e, below ? 1 : 0);
+  }
+  at::set_num_threads(threads);
 }
