@@ -63,7 +63,7 @@ int cmd_quantize(const Argv& argv) {
                            "(group-aware reordering, GPTQModel's default: the most sensitive inputs first, each "
                            "group's columns kept together so g_idx stays sequential)", "natural"},
        {"train-gemm", "G", "Block-AP's GEMMs in the CPU's hand-written step (small models): fp32 | bf16 (bf16 operands, "
-                           "fp32 products and sums; needs AVX512-BF16 or AMX: on an AMX CPU 0.83-0.91x the Block-AP "
+                           "fp32 products and sums; needs AVX512-BF16 or AMX: on an AMX CPU 0.74-0.91x the Block-AP "
                            "time, near fp32's fidelity but not level: models/SOURCES.md)", "fp32"},
        {"seed", "S", "data sampling seed", "2"},
        {"e2e-loss", "L", "E2E-QP objective: ce (cross-entropy on the data's answer tokens: the paper's) | kd (KL "

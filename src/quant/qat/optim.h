@@ -50,8 +50,9 @@ class AdamW {
 // threads instead of each sample, and no per-thread gradient copies are made.
 bool data_parallel_training(const Model& m);
 // Runs fn(i) for i in [0, n) on LibTorch's intra-op threads, each thread a contiguous range in order; with one
-// thread, inline. The workers take the caller's grad mode and exact-activation scope (both thread-local); the
-// LibTorch ops inside them run on their own thread (OpenMP does not nest).
+// thread, inline. The workers take the caller's grad mode, exact-activation scope and dispatch keys (all thread-local;
+// the hand-written training steps dispatch below autograd, block_grad.cpp); the LibTorch ops inside them run on their
+// own thread (OpenMP does not nest).
 void parallel_items(int64_t n, const std::function<void(int64_t)>& fn);
 
 // While alive (and `on`), glibc keeps freed memory in the heap: trim threshold 1 GiB, mmap threshold at its largest
