@@ -54,7 +54,7 @@ struct BlockApOptions {
   std::string init = "minmax";
   // The GEMMs of the hand-written CPU step (block_grad.h), where it runs: "fp32" (the default) or "bf16" (bf16
   // operands, fp32 products and sums: cpu_bf16_gemm.h; needs cpu_bf16_gemm_available()). Measured on the default
-  // model at 4096 samples on an AMX CPU (models/SOURCES.md, issue 18): bf16 took 0.83-0.91x fp32's Block-AP time, level
+  // model at 4096 samples on an AMX CPU (models/SOURCES.md, issue 18): bf16 took 0.74-0.91x fp32's Block-AP time, level
   // on the answer KL within the seeds' noise but the lower on only 49 % of the questions over 11 seed-settings, so
   // fp32 stays the default. Elsewhere (autograd, CUDA) the GEMMs are those of the device and dtype.
   std::string train_gemm = "fp32";

@@ -88,12 +88,13 @@ int64_t shared_prefix(const std::vector<at::Tensor>& rows_of, const std::vector<
 // What the backward reads, saved by the forward.
 struct BlockTape {
   at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
-  std::vector<at::Tensor> probs;
+  std::vector<at::Tensor> probs;  // [the segment's output rows, start + len] per (segment, query head)
   // With BlockGradWeights::bf16_gemms, in bf16 (undefined otherwise): the forward GEMMs' inputs h1, attn, h2, mid,
   // which the backward's weight gradients read again; xh1 (Block-AP's dL/dŴqkv); the four weights.
-  at::Tensor xh1_b, h1_b, attn_b, h2_b, mid_b, qkv_w, o_w, gate_up_w, down_w;  // [the segment's output rows, start + len] per (segment, query head)
+  at::Tensor xh1_b, h1_b, attn_b, h2_b, mid_b, qkv_w, o_w, gate_up_w, down_w;
 };
-// The bytes of a BlockTape for samples of these lengths (all rows output, no shared prefix: an upper bound with one).
+// The bytes of a BlockTape for samples of these lengths (all rows output, no shared prefix: an upper bound with one),
+// with fp32 GEMMs (bf16_gemms adds 2·(3C + Cq + F) bytes per row and the four weights in bf16).
 int64_t block_tape_bytes(const LlamaConfig& cfg, const std::vector<int64_t>& lengths);
 // x [rows, C] fp32 -> the block's output [rows, C] (or [out.size(), C], see PackedRows::out); fills `tape` when
 // given. The weights may be transposed views (E2E-QP's Ŵᵀ caches); cos, sin [L, D] with L ≥ the longest sample.
