@@ -226,6 +226,14 @@ void release_block_pages(Model& m, int64_t b) {
 
 int64_t unrounded_batch(int bits) { return bits == 2 ? kUnroundedBatch2Bit : kUnroundedBatch; }
 
+void check_train_gemm(const std::string& train_gemm) {
+  EQAT_CHECK(train_gemm == "fp32" || train_gemm == "bf16", "--train-gemm: expected fp32 or bf16, got '", train_gemm,
+             "'");
+  EQAT_CHECK(train_gemm != "bf16" || cpu_bf16_gemm_available(),
+             "--train-gemm bf16: this CPU or LibTorch has no bf16 GEMM (it needs AVX512-BF16 or AMX, and LibTorch's "
+             "oneMKL)");
+}
+
 double unrounded_lr_scale(int64_t batch_size, int bits) {
   return static_cast<double>(std::clamp<int64_t>(batch_size, 1, unrounded_batch(bits))) / 2.0;
 }
@@ -255,9 +263,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
                           : opts.init == "gptq" ? 0.0
                           : unrounded           ? 2e-5 * scale
                                                 : 1e-4;
-  EQAT_CHECK(opts.train_gemm == "fp32" || opts.train_gemm == "bf16", "--train-gemm: expected fp32 or bf16, got '",
-             opts.train_gemm, "'");
-  EQAT_CHECK(opts.train_gemm != "bf16" || cpu_bf16_gemm_available(), kNoBf16Gemm);
+  check_train_gemm(opts.train_gemm);
   const bool bf16_gemms = opts.train_gemm == "bf16";
   const c10::ScalarType model_dtype = m.dtype;
   // Training runs on fp32 master copies of the block (P8); on CUDA the reference adds fp16 autocast + loss scaling.

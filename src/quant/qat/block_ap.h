@@ -73,9 +73,8 @@ struct BlockApOptions {
   std::function<void(int64_t block)> after_block;
 };
 
-// The error for --train-gemm bf16 where cpu_bf16_gemm_available() is false.
-inline constexpr const char* kNoBf16Gemm =
-    "--train-gemm bf16: this CPU or LibTorch has no bf16 GEMM (it needs AVX512-BF16 or AMX, and LibTorch's oneMKL)";
+// Throws (one line naming --train-gemm) unless `train_gemm` is fp32, or bf16 where cpu_bf16_gemm_available().
+void check_train_gemm(const std::string& train_gemm);
 
 struct BlockRecord {
   int64_t block = 0;

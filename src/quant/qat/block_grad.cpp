@@ -65,7 +65,7 @@ void run_mms(const std::vector<Mm>& mms) {
   });
 }
 
-// A GEMM input: itself, or its bf16 copy when the block's GEMMs take bf16 (BlockGradWeights::bf16_gemms).
+// A GEMM operand: the tensor itself, or its bf16 copy when the block's GEMMs take bf16 (BlockGradWeights::bf16_gemms).
 at::Tensor gemm_in(const at::Tensor& t, bool bf16) { return bf16 ? t.to(at::kBFloat16) : t; }
 
 // Rotate-half RoPE on a [T, D] head whose rows are `stride` floats apart, in place; backward = the transpose.
@@ -262,15 +262,10 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     }
   });
   const bool bf = w.bf16_gemms;
-  if (bf) {
-    t.qkv_w = w.qkv.to(at::kBFloat16), t.o_w = w.o.to(at::kBFloat16);
-    t.gate_up_w = w.gate_up.to(at::kBFloat16), t.down_w = w.down.to(at::kBFloat16);
-    t.h1_b = t.h1.to(at::kBFloat16), t.xh1_b = t.xh1.to(at::kBFloat16);
-  }
-  const at::Tensor &wqkv = bf ? t.qkv_w : w.qkv, &wo = bf ? t.o_w : w.o, &wgu = bf ? t.gate_up_w : w.gate_up,
-                   &wdown = bf ? t.down_w : w.down;
+  t.qkv_g = gemm_in(w.qkv, bf), t.o_g = gemm_in(w.o, bf), t.gate_up_g = gemm_in(w.gate_up, bf);
+  t.down_g = gemm_in(w.down, bf), t.h1_g = gemm_in(t.h1, bf), t.xh1_g = gemm_in(t.xh1, bf);
   t.qkv = at::empty({N, Cqkv}, f32);
-  run_mms({{t.qkv, bf ? t.h1_b : t.h1, wqkv.t()}});
+  run_mms({{t.qkv, t.h1_g, t.qkv_g.t()}});
 
   // Attention by (key head, segment), key heads outermost so that each thread's share holds every segment; the
   // queries are the output rows. A shared prefix's queries and keys are rotated first: every segment reads its keys.
@@ -307,8 +302,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     }
   });
   t.x2 = at::empty({NQ, C}, f32), t.h2 = at::empty({NQ, C}, f32), t.r2 = at::empty({NQ}, f32);
-  if (bf) t.attn_b = t.attn.to(at::kBFloat16);
-  run_mms({{t.x2, bf ? t.attn_b : t.attn, wo.t()}});
+  t.attn_g = gemm_in(t.attn, bf);
+  run_mms({{t.x2, t.attn_g, t.o_g.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* xp = x.const_data_ptr<float>();
     const int64_t* xrow = qs.all ? nullptr : qs.rows.const_data_ptr<int64_t>();  // the residual's row
@@ -326,8 +321,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
     }
   });
   t.gu = at::empty({NQ, 2 * F}, f32), t.sig = at::empty({NQ, F}, f32), t.mid = at::empty({NQ, F}, f32);
-  if (bf) t.h2_b = t.h2.to(at::kBFloat16);
-  run_mms({{t.gu, bf ? t.h2_b : t.h2, wgu.t()}});
+  t.h2_g = gemm_in(t.h2, bf);
+  run_mms({{t.gu, t.h2_g, t.gate_up_g.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     at::Tensor sg = t.sig.narrow(0, r0, r1 - r0);
     at::sigmoid_out(sg, t.gu.narrow(0, r0, r1 - r0).narrow(1, 0, F));
@@ -337,8 +332,8 @@ at::Tensor block_forward_cpu(const LlamaConfig& cfg, const BlockGradWeights& w, 
       for (int64_t f = 0; f < F; ++f) mp[n * F + f] = gp[n * 2 * F + f] * sp[n * F + f] * gp[n * 2 * F + F + f];
   });
   at::Tensor out = at::empty({NQ, C}, f32);
-  if (bf) t.mid_b = t.mid.to(at::kBFloat16);
-  run_mms({{out, bf ? t.mid_b : t.mid, wdown.t()}});
+  t.mid_g = gemm_in(t.mid, bf);
+  run_mms({{out, t.mid_g, t.down_g.t()}});
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
     const float* x2p = t.x2.const_data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -373,13 +368,11 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     return block_ap ? Mm{*out, dy.t(), xin} : Mm{*out, xin.t(), dy};
   };
 
-  const bool bf = w.bf16_gemms;
-  const at::Tensor &wqkv = bf ? t.qkv_w : w.qkv, &wo = bf ? t.o_w : w.o, &wgu = bf ? t.gate_up_w : w.gate_up,
-                   &wdown = bf ? t.down_w : w.down;
+  const bool bf = w.bf16_gemms;  // dL/dY of each GEMM goes in as bf16 too
   at::Tensor dmid = at::empty({NQ, F}, f32);
   {
     const at::Tensor dy = gemm_in(dout, bf);
-    run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dy, bf ? t.mid_b : t.mid), {dmid, dy, wdown}});
+    run_mms({weight_grad(block_ap ? &ga->down : &ge->down, dy, t.mid_g), {dmid, dy, t.down_g}});
   }
   at::Tensor dgu = at::empty({NQ, 2 * F}, f32);
   over_rows(NQ, PQ, [&](int64_t, int64_t r0, int64_t r1) {
@@ -396,7 +389,7 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   at::Tensor dx2 = at::empty({NQ, C}, f32);  // dL/dh2, then dL/dx2
   {
     const at::Tensor dy = gemm_in(dgu, bf);
-    run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dy, bf ? t.h2_b : t.h2), {dx2, dy, wgu}});
+    run_mms({weight_grad(block_ap ? &ga->gate_up : &ge->gate_up, dy, t.h2_g), {dx2, dy, t.gate_up_g}});
   }
   std::vector<std::vector<double>> part_norm(static_cast<size_t>(PQ),
                                              std::vector<double>(block_ap ? static_cast<size_t>(C) : 0, 0.0));
@@ -422,7 +415,7 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   at::Tensor dattn = at::empty({NQ, Cq}, f32);
   {
     const at::Tensor dy = gemm_in(dx2, bf);
-    run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dy, bf ? t.attn_b : t.attn), {dattn, dy, wo}});
+    run_mms({weight_grad(block_ap ? &ga->o : &ge->o, dy, t.attn_g), {dattn, dy, t.o_g}});
   }
   // With a subset of queries, the other rows' dL/dq (and a sample without queries' dL/dk, dL/dv) are 0.
   at::Tensor dqkv = qs.all ? at::empty({N, Cqkv}, f32) : at::zeros({N, Cqkv}, f32);
@@ -488,7 +481,7 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
   if (block_ap) {
     // M = dqkvᵀ·x̂1; dL/dŴqkv = M·diag(w_in), dL/dw_in = Σ_o Ŵqkv ⊙ M.
     ga->qkv = at::empty({Cqkv, C}, f32);
-    run_mms({{ga->qkv, gemm_in(dqkv, bf).t(), bf ? t.xh1_b : t.xh1}});
+    run_mms({{ga->qkv, gemm_in(dqkv, bf).t(), t.xh1_g}});
     const int64_t Po = threads_for(Cqkv);
     std::vector<std::vector<double>> part_in(static_cast<size_t>(Po), std::vector<double>(static_cast<size_t>(C), 0.0));
     over_rows(Cqkv, Po, [&](int64_t p, int64_t o0, int64_t o1) {
@@ -504,13 +497,13 @@ void backward_impl(const LlamaConfig& cfg, const BlockGradWeights& w, const Pack
     ga->norm_in = reduce_parts(part_in, C);
     return;
   }
-  const at::Tensor dqkv_in = gemm_in(dqkv, bf), &h1 = bf ? t.h1_b : t.h1;
+  const at::Tensor dqkv_in = gemm_in(dqkv, bf);
   if (!want_dx) {
-    run_mms({weight_grad(&ge->qkv, dqkv_in, h1)});
+    run_mms({weight_grad(&ge->qkv, dqkv_in, t.h1_g)});
     return;
   }
   ge->dx = at::empty({N, C}, f32);  // dL/dh1, then dL/dx
-  run_mms({weight_grad(&ge->qkv, dqkv_in, h1), {ge->dx, dqkv_in, wqkv}});
+  run_mms({weight_grad(&ge->qkv, dqkv_in, t.h1_g), {ge->dx, dqkv_in, t.qkv_g}});
   // The residual's share: dL/dx2 at the output rows, 0 elsewhere.
   const at::Tensor dres = qs.all ? dx2 : at::zeros({N, C}, f32).index_copy_(0, qs.rows, dx2);
   over_rows(N, P, [&](int64_t, int64_t r0, int64_t r1) {

@@ -89,9 +89,10 @@ int64_t shared_prefix(const std::vector<at::Tensor>& rows_of, const std::vector<
 struct BlockTape {
   at::Tensor xh1, r1, h1, qkv, attn, x2, r2, h2, gu, sig, mid;
   std::vector<at::Tensor> probs;  // [the segment's output rows, start + len] per (segment, query head)
-  // With BlockGradWeights::bf16_gemms, in bf16 (undefined otherwise): the forward GEMMs' inputs h1, attn, h2, mid,
-  // which the backward's weight gradients read again; xh1 (Block-AP's dL/dŴqkv); the four weights.
-  at::Tensor xh1_b, h1_b, attn_b, h2_b, mid_b, qkv_w, o_w, gate_up_w, down_w;
+  // The GEMMs' operands: the forward's inputs h1, attn, h2, mid (the backward's weight gradients read them again), xh1
+  // (Block-AP's dL/dŴqkv) and the four weights; bf16 copies with BlockGradWeights::bf16_gemms, else the fp32 tensors
+  // themselves.
+  at::Tensor xh1_g, h1_g, attn_g, h2_g, mid_g, qkv_g, o_g, gate_up_g, down_g;
 };
 // The bytes of a BlockTape for samples of these lengths (all rows output, no shared prefix: an upper bound with one),
 // with fp32 GEMMs (bf16_gemms adds 2·(3C + Cq + F) bytes per row and the four weights in bf16).

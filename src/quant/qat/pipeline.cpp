@@ -18,7 +18,6 @@
 #include "data/output.h"
 #include "data/plot.h"
 #include "data/shapes.h"
-#include "quant/cpu_bf16_gemm.h"
 #include "quant/cpu_qgemv.h"
 #include "quant/pack.h"
 #include "quant/qat/export.h"
@@ -174,9 +173,7 @@ void validate_quantize_flags(const QuantizeOptions& o) {
              ": only --method efficientqat trains from a starting point");
   EQAT_CHECK(b.gptq_order == "natural" || b.gptq_order == "gar", "--gptq-order: expected natural or gar, got '",
              b.gptq_order, "'");
-  EQAT_CHECK(b.train_gemm == "fp32" || b.train_gemm == "bf16", "--train-gemm: expected fp32 or bf16, got '",
-             b.train_gemm, "'");
-  EQAT_CHECK(b.train_gemm != "bf16" || cpu_bf16_gemm_available(), kNoBf16Gemm);
+  check_train_gemm(b.train_gemm);
   EQAT_CHECK(b.epochs >= 0 && b.epochs <= kMaxEpochs, "--epochs must be in [0, ", kMaxEpochs, "], got ", b.epochs);
   EQAT_CHECK(b.batch_size >= -1 && b.batch_size <= kMaxBatch, "--batch-size must be in [1, ", kMaxBatch,
              "] or auto (0), got ", b.batch_size);
