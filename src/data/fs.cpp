@@ -96,14 +96,16 @@ void write_file_atomic(const std::string& path, const std::function<void(const s
   }
 }
 
+void write_file_in_temp_dir(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  EQAT_CHECK(out.good(), path, ": cannot open for writing (", std::strerror(errno), ")");
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  EQAT_CHECK(out.good(), path, ": write failed (disk full?)");
+}
+
 void write_file_atomic(const std::string& path, const std::string& bytes) {
-  write_file_atomic(path, [&](const std::string& tmp) {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    EQAT_CHECK(out.good(), tmp, ": cannot open for writing (", std::strerror(errno), ")");
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    EQAT_CHECK(out.good(), tmp, ": write failed (disk full?)");
-  });
+  write_file_atomic(path, [&](const std::string& tmp) { write_file_in_temp_dir(tmp, bytes); });
 }
 
 void write_dir_atomic(const std::string& dir, OutputKind kind, const std::function<void(const std::string&)>& fill) {
@@ -128,6 +130,13 @@ void write_dir_atomic(const std::string& dir, OutputKind kind, const std::functi
   try {
     fill(tmp);
     write_output_marker(tmp, kind);
+    // The files written in place (write_file_in_temp_dir) reach the disk before the rename: one syncfs for all of
+    // them (`eqat data shapes --train 4160`, the default quantize's calibration set: 2.4–2.7 s with an fsync and a
+    // rename per image, 1.4–2.0 s so).
+    if (int fd = ::open(tmp.c_str(), O_RDONLY); fd >= 0) {
+      ::syncfs(fd);
+      ::close(fd);
+    }
     fsync_path(tmp);
     check_replaceable();
     if (fs::exists(target) && !fs::is_empty(target)) {

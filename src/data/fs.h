@@ -33,6 +33,11 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 void write_dir_atomic(const std::string& dir, OutputKind kind,
                       const std::function<void(const std::string& tmp_dir)>& fill);
 
+// Writes `bytes` to `path` in place, with no fsync or rename of its own: for the many files of a write_dir_atomic
+// fill (a dataset's images), whose temp directory is flushed as a whole (syncfs) before it is renamed into place, so
+// a failed or killed run still leaves nothing behind. InputError naming the file when it cannot be written.
+void write_file_in_temp_dir(const std::string& path, const std::string& bytes);
+
 bool file_exists(const std::string& path);
 bool is_directory(const std::string& path);
 std::string path_join(const std::string& a, const std::string& b);

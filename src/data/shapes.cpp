@@ -574,7 +574,7 @@ void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_
       ShapesSample s = shapes_sample(seed, i, -1, 1, hard_choice);
       char name[32];
       std::snprintf(name, sizeof name, "train_%06lld.png", static_cast<long long>(i));
-      write_file_atomic(path_join(images, name), shapes_png(s.image));
+      write_file_in_temp_dir(path_join(images, name), shapes_png(s.image));
       // Single-turn, like the default model's training and every evaluation prompt (a later turn of a multi-turn
       // conversation could be answered from the earlier answers, which the model never learned to do).
       const auto family = static_cast<ShapesFamily>(i % static_cast<int64_t>(ShapesFamily::kNum));
@@ -592,7 +592,7 @@ void write_shapes_dataset(const std::string& dir, int64_t train_n, int64_t test_
         const ShapesQA w = shapes_choice_by_word({ShapesFamily::kChoice, it.text, it.answer});
         it.text = w.question, it.answer = w.answer;
       }
-      write_file_atomic(path_join(images, it.image), shapes_png(it.pixels));
+      write_file_in_temp_dir(path_join(images, it.image), shapes_png(it.pixels));
       questions += nlohmann::json{{"question_id", it.question_id}, {"image", it.image}, {"text", it.text},
                                   {"category", it.category}}.dump() + "\n";
       answers += nlohmann::json{{"question_id", it.question_id}, {"text", it.answer}}.dump() + "\n";

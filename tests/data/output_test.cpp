@@ -150,6 +150,30 @@ TEST(Output, WriteDirAtomicReplacesOnlyItsOwnKind) {
     EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
 }
 
+// Files written in place inside a fill (write_file_in_temp_dir: a dataset's images, no fsync or rename each) arrive
+// with the directory's rename, whole; a fill that fails after some of them leaves none behind; an unwritable path is
+// an InputError naming it.
+TEST(Output, FilesWrittenInPlaceInsideAFillArriveWithItsRename) {
+  TempDir t;
+  write_dir_atomic(t.str("ds"), OutputKind::kDataset, [](const std::string& tmp) {
+    fs::create_directory(tmp + "/images");
+    for (int i = 0; i < 3; ++i)
+      write_file_in_temp_dir(tmp + "/images/" + std::to_string(i) + ".png", std::string(i + 1, 'x'));
+  });
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(get(t.str("ds/images/" + std::to_string(i) + ".png")), std::string(i + 1, 'x'));
+  EXPECT_THROW(write_dir_atomic(t.str("ds2"), OutputKind::kDataset,
+                                [](const std::string& tmp) {
+                                  write_file_in_temp_dir(tmp + "/a.png", "a");
+                                  throw InputError("boom");
+                                }),
+               InputError);
+  EXPECT_FALSE(fs::exists(t.str("ds2")));
+  for (const auto& e : fs::directory_iterator(t.str()))
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
+  const std::string msg = input_error([&] { write_file_in_temp_dir(t.str("missing/a.png"), "a"); });
+  EXPECT_NE(msg.find(t.str("missing/a.png")), std::string::npos) << msg;
+}
+
 TEST(Output, KilledRunsLeftoversAreRemovedAndASwapIsUndone) {
   TempDir t;
   const long dead = dead_pid();

@@ -302,14 +302,29 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
     kept_embeds = at::empty({token_count(calib.train) + token_count(calib.val), m.cfg.text.hidden_size},
                             at::TensorOptions().dtype(m.dtype));
   }
+  const bool data_parallel = data_parallel_training(m);
+  // Runs fn over a stream's batch indices: on the threads when data_parallel (each batch's result is the same as
+  // in order), else in order.
+  auto each_batch = [&](size_t n, const std::function<void(int64_t)>& fn) {
+    if (data_parallel) return parallel_items(static_cast<int64_t>(n), fn);
+    for (size_t i = 0; i < n; ++i) fn(static_cast<int64_t>(i));
+  };
   {
     Progress p("embedding calibration samples",
                static_cast<int64_t>(batches_tr.size() + batches_va.size() + batches_te.size()), opts.progress);
     int64_t done = 0;
+    // The batches are embedded a chunk at a time on the threads (each_batch: a small model's vision tower and the
+    // image decoding are per-op overhead on one sample, not work worth sharing), then stored in order.
+    const size_t chunk = data_parallel ? 64 : 1;
+    std::vector<EmbeddedBatch> embedded;
     for (auto* pair : {&batches_tr, &batches_va, &batches_te}) {
       Stream& st = pair == &batches_tr ? tr : pair == &batches_va ? va : te;
       for (size_t i = 0; i < pair->size(); ++i) {
-        EmbeddedBatch e = embed_samples(m, (*pair)[i]);
+        if (i % chunk == 0) {
+          embedded.assign(std::min(chunk, pair->size() - i), EmbeddedBatch());
+          each_batch(embedded.size(), [&](int64_t j) { embedded[j] = embed_samples(m, (*pair)[i + j]); });
+        }
+        EmbeddedBatch e = std::move(embedded[i % chunk]);
         st.fp.put(i, e.embeds);
         if (pair == &batches_te) {
           st.valid.push_back(loss_positions(e));
@@ -361,14 +376,7 @@ BlockApResult run_block_quantization(Model& m, const CalibSet& calib, const Bloc
   }
 
   BlockRunner runner(m);
-  const bool data_parallel = data_parallel_training(m);
   const KeepFreedMemory keep_freed(data_parallel);  // small blocks: every step's tapes and gradients (optim.h)
-  // Runs fn over a stream's batch indices: on the threads when data_parallel (each batch's result is the same as
-  // in order), else in order.
-  auto each_batch = [&](size_t n, const std::function<void(int64_t)>& fn) {
-    if (data_parallel) return parallel_items(static_cast<int64_t>(n), fn);
-    for (size_t i = 0; i < n; ++i) fn(static_cast<int64_t>(i));
-  };
   auto advance = [&](Stream& st, LlamaDecoderLayerImpl& layer, bool fp_stream) {
     c10::NoGradGuard g;
     ActivationCache& c = fp_stream ? st.fp : st.q;
