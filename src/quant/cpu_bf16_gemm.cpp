@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "data/error.h"
+#include "quant/cpu_qgemv.h"
 
 namespace eqat {
 
@@ -18,16 +19,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 using GemmBf16 = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
                           int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 
-bool cpu_has(const char* key) {
-  static const auto caps = at::cpu::get_cpu_capabilities();
-  auto it = caps.find(key);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
-}
-bool cpu_has_bf16_dot() { return cpu_has("amx_bf16") || cpu_has("avx512_bf16"); }
-
 GemmBf16 lookup() {
   static const GemmBf16 fn = [] {
-    if (!cpu_has_bf16_dot()) return GemmBf16{nullptr};
+    if (!cpu_has_bf16_dot()) return GemmBf16{nullptr};  // AVX512-BF16, which every CPU with AMX has
     at::cpu::init_amx();  // asks the kernel for the AMX tile state; false where there is none (AVX512-BF16 serves)
     return reinterpret_cast<GemmBf16>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
   }();
