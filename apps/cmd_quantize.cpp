@@ -42,8 +42,8 @@ int cmd_quantize(const Argv& argv) {
                            "samples, enough for about 256 tokens (at most 16), else 2 (faster on ~35-token samples, "
                            "but not always as close to the FP model: models/SOURCES.md) (default: 4, or 8 at 2 bits, "
                            "from the default gptq-unrounded start, whose learning rates scale with the batch up to "
-                           "that, when the samples are short (under 128 tokens on average) and at least 4096; else "
-                           "2, the paper's)",
+                           "that, when the samples are short (under 128 tokens on average) and at least 4096 (1024 "
+                           "at 3 bits); else 2, the paper's)",
         ""},
        {"epochs", "N", "Block-AP epochs per block", "2"},
        {"quant-lr", "LR", "Block-AP lr of step sizes and zero points (default 1e-4; 0 with --init gptq, whose weights "

@@ -86,8 +86,12 @@ constexpr int64_t kDistill2BitEpochs = 4;
 // mean 2.09e-4 against 2.16e-4) in 0.55-0.75x Block-AP's time; at W4g128 they were the higher on all three seeds tried
 // (above GPTQ's mean on all three), so 3 and 4 bits keep 4. At 1024 samples (256 steps per epoch at batch 4) batches
 // of 4 were the lower at W3 on all three seeds tried but the higher on the questions at W4 on all three and on the
-// mean at W2 on two, so smaller sets keep 2. `init` is the resolved start.
-constexpr int64_t kUnroundedMinSamples = 4096;
+// mean at W2 on two, so smaller sets keep 2 at 2 and 4 bits. At 3 bits batch 4 starts at kUnrounded3BitMinSamples:
+// on two more seeds (5, 6; 2026-12-06) it had the lower mean again (3.5e-5 / 4.9e-5 against 4.1e-5 / 5.8e-5) and
+// split the questions level (493 / 505 of 1000), so over five seeds it was the lower on 2634 of 5000 questions and
+// on the mean on four; with it EfficientQAT's mean is below GPTQ's and AutoRound's on all five (at batch 2, not on
+// seeds 3 and 5), and its quantize is no slower (22-25 s against 26-28 s, 2026-12-05). `init` is the resolved start.
+constexpr int64_t kUnroundedMinSamples = 4096, kUnrounded3BitMinSamples = 1024;
 int64_t default_block_batch(const std::string& method, const std::string& init, int bits,
                             const std::vector<CalibSample>& train);
 

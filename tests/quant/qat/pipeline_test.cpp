@@ -155,7 +155,7 @@ TEST(Pipeline, AutoBatchHoldsAboutAFixedTokenCount) {
 }
 
 // Without --batch-size: 4 (8 at 2 bits; at rates that scale with it) from the gptq-unrounded start on many short
-// samples, the paper's 2 otherwise.
+// samples (at 3 bits, from 1024 of them), the paper's 2 otherwise.
 TEST(Pipeline, DefaultBatchIsLargerOnlyForManyShortSamplesFromTheUnroundedStart) {
   auto samples = [](size_t n, size_t length) {
     CalibSample one;
@@ -170,6 +170,12 @@ TEST(Pipeline, DefaultBatchIsLargerOnlyForManyShortSamplesFromTheUnroundedStart)
   EXPECT_EQ(batch("gptq-unrounded", 3, samples(4096, 35)), 4);
   EXPECT_EQ(batch("gptq-unrounded", 4, samples(4096, 35)), 4);
   EXPECT_EQ(batch("gptq-unrounded", 8, samples(4096, 35)), 4);
+  // At 3 bits from kUnrounded3BitMinSamples: 4 at the peers' 1024 samples, 2 below.
+  EXPECT_EQ(batch("gptq-unrounded", 3, samples(1024, 35)), 4);
+  EXPECT_EQ(batch("gptq-unrounded", 3, samples(4095, 35)), 4);
+  EXPECT_EQ(batch("gptq-unrounded", 3, samples(1023, 35)), 2);
+  EXPECT_EQ(batch("gptq-unrounded", 3, samples(1024, 128)), 2);  // two hold 256 tokens
+  EXPECT_EQ(batch("minmax", 3, samples(1024, 35)), 2);           // the paper's recipe
   for (int bits : {2, 4}) {
     EXPECT_EQ(batch("gptq-unrounded", bits, samples(4095, 35)), 2) << bits;  // fewer than kUnroundedMinSamples
     EXPECT_EQ(batch("gptq-unrounded", bits, samples(1024, 35)), 2) << bits;  // measured: keeps 2
