@@ -218,7 +218,7 @@ int64_t default_block_batch(const std::string& method, const std::string& init, 
                             const std::vector<CalibSample>& train) {
   if (method != "efficientqat" || init != "gptq-unrounded") return kPaperBatch;
   const bool short_samples = kPaperBatch * mean_sample_tokens(train) < static_cast<double>(kAutoBatchTokens);
-  const bool many = static_cast<int64_t>(train.size()) >= (bits == 3 ? kUnrounded3BitMinSamples : kUnroundedMinSamples);
+  const bool many = static_cast<int64_t>(train.size()) >= unrounded_min_samples(bits);
   return short_samples && many ? unrounded_batch(bits) : kPaperBatch;
 }
 

@@ -92,6 +92,10 @@ constexpr int64_t kDistill2BitEpochs = 4;
 // on the mean on four; with it EfficientQAT's mean is below GPTQ's and AutoRound's on all five (at batch 2, not on
 // seeds 3 and 5), and its quantize is no slower (22-25 s against 26-28 s, 2026-12-05). `init` is the resolved start.
 constexpr int64_t kUnroundedMinSamples = 4096, kUnrounded3BitMinSamples = 1024;
+// The fewest samples on which default_block_batch takes unrounded_batch(bits): the two constants above.
+constexpr int64_t unrounded_min_samples(int bits) {
+  return bits == 3 ? kUnrounded3BitMinSamples : kUnroundedMinSamples;
+}
 int64_t default_block_batch(const std::string& method, const std::string& init, int bits,
                             const std::vector<CalibSample>& train);
 
